@@ -1,0 +1,247 @@
+//! The event types that flow from a trainer to the daemon.
+//!
+//! In embedded mode they travel as values over a crossbeam channel; across processes they travel as
+//! versioned JSON lines (one [`Envelope`] per line, see `docs/protocol.md`). These are plain serde structs
+//! so that the plugin can depend on them without the daemon depending on libtorch.
+
+use serde::{Deserialize, Serialize};
+
+/// The wire protocol version carried in every envelope's `v` field.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One event together with the identity of the trainer that sent it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Protocol version; a daemon rejects versions it does not know.
+    pub v: u32,
+    /// Run name, e.g. `proxy-w128` or `target-w512`.
+    pub run: String,
+    /// Data-parallel rank of the sending process.
+    pub rank: u32,
+    /// Host name of the sending process.
+    pub host: String,
+    /// Optimizer step the event refers to.
+    pub step: u64,
+    /// The payload, tagged by `"type"`.
+    pub event: Event,
+}
+
+impl Envelope {
+    pub fn new(run: impl Into<String>, rank: u32, host: impl Into<String>, step: u64, event: Event) -> Self {
+        Envelope { v: PROTOCOL_VERSION, run: run.into(), rank, host: host.into(), step, event }
+    }
+}
+
+/// The payloads a trainer sends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A trainer process started (or reconnected). Marks the run/rank as up.
+    Hello(Hello),
+    /// The per-parameter decisions of the width-scaling rule. Sent once before training starts and again
+    /// whenever the rule is changed explicitly.
+    Params(ParamsTable),
+    /// One optimizer step finished.
+    Step(StepEvent),
+    /// One spectrum sample of one parameter.
+    Spectrum(SpectrumSample),
+    /// The trainer finished or is shutting down. Marks the run/rank as down.
+    Goodbye(Goodbye),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Hello {
+    /// OS process id of the trainer, for per-process GPU memory.
+    pub pid: u32,
+    /// Planned number of optimizer steps, if known (progress = step / planned_steps).
+    #[serde(default)]
+    pub planned_steps: Option<u64>,
+    /// Rule preset name (`paper`, `mup-coupled`, `mup-fixed-wd`, `standard`, `custom`).
+    pub rule: String,
+    /// Weight-decay width exponent gamma (`lambda ∝ m^gamma`); None for `standard`.
+    #[serde(default)]
+    pub gamma: Option<f64>,
+    /// Exponent alpha used for `sigma_max_normalized`.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Path or name of the reference profile in use, if any.
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// Parameter class under μP's infinite-shape test.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamClass {
+    MatrixLike,
+    VectorLike,
+}
+
+impl ParamClass {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ParamClass::MatrixLike => "matrix_like",
+            ParamClass::VectorLike => "vector_like",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ParamInfo {
+    /// Full parameter name, e.g. `blocks.3.mlp.up.weight`.
+    pub name: String,
+    /// Block index parsed from the name where one exists.
+    #[serde(default)]
+    pub layer: Option<u32>,
+    pub class: ParamClass,
+    pub shape: Vec<i64>,
+    /// Width multiplier m = fan_in / base_fan_in (1 for vector-like).
+    pub width_multiplier: f64,
+    /// Width-scaled base learning rate, before any schedule multiplier.
+    pub lr: f64,
+    /// Width-scaled base weight decay, before any schedule multiplier.
+    pub weight_decay: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ParamsTable {
+    pub params: Vec<ParamInfo>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct StepEvent {
+    /// Training loss of this step. None when it was not finite (JSON has no NaN).
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// True when the loss was NaN or ±Inf.
+    #[serde(default)]
+    pub loss_nonfinite: bool,
+    /// Tokens processed in this step (added to `gainguard_tokens_total`).
+    #[serde(default)]
+    pub tokens: u64,
+    /// Wall time of this step in seconds.
+    #[serde(default)]
+    pub duration_seconds: Option<f64>,
+    /// Unix time at which the step finished.
+    pub timestamp_seconds: f64,
+    /// Schedule multiplier applied to every parameter's base learning rate at this step.
+    #[serde(default = "one")]
+    pub lr_multiplier: f64,
+    /// Schedule multiplier applied to every parameter's base weight decay at this step.
+    #[serde(default = "one")]
+    pub wd_multiplier: f64,
+    /// Cumulative spectrum samples the plugin dropped because monitoring fell behind.
+    #[serde(default)]
+    pub spectrum_samples_dropped_total: u64,
+    /// Cumulative events the trainer's sink dropped (daemon away or its buffer full).
+    #[serde(default)]
+    pub events_dropped_total: u64,
+    /// Number of parameters that held NaN/Inf after this step (None when not checked).
+    #[serde(default)]
+    pub nonfinite_parameters: Option<u64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Singular-value quantiles from a full spectrum.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SpectrumQuantiles {
+    pub p10: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SpectrumSample {
+    /// Full parameter name.
+    pub param: String,
+    #[serde(default)]
+    pub layer: Option<u32>,
+    pub class: ParamClass,
+    /// Top singular value. None when the weights were not finite.
+    #[serde(default)]
+    pub sigma_max: Option<f64>,
+    /// Top-k singular values, descending (k is configurable; the first is sigma_max).
+    #[serde(default)]
+    pub top_k: Vec<f64>,
+    /// Subspace iterations the estimate took.
+    #[serde(default)]
+    pub iterations: u32,
+    /// sigma_max / (sqrt(lr/wd) · m^alpha); only where wd > 0.
+    #[serde(default)]
+    pub sigma_max_normalized: Option<f64>,
+    /// Reference sigma_max at the same progress (from the proxy's profile or the run's own baseline).
+    #[serde(default)]
+    pub reference_sigma_max: Option<f64>,
+    /// sigma_max / reference_sigma_max.
+    #[serde(default)]
+    pub gain_ratio: Option<f64>,
+    /// ‖W‖_F² / sigma_max² (full-spectrum samples only).
+    #[serde(default)]
+    pub stable_rank: Option<f64>,
+    /// ‖W‖_F.
+    #[serde(default)]
+    pub frobenius_norm: Option<f64>,
+    /// exp(entropy of the normalized singular values) (full-spectrum samples only).
+    #[serde(default)]
+    pub effective_rank: Option<f64>,
+    /// Singular-value quantiles (full-spectrum samples only).
+    #[serde(default)]
+    pub quantiles: Option<SpectrumQuantiles>,
+    /// ‖ΔW‖_F / ‖W‖_F for the sampled step.
+    #[serde(default)]
+    pub update_ratio: Option<f64>,
+    /// True when the sampled weights held NaN or ±Inf.
+    #[serde(default)]
+    pub nonfinite: bool,
+    /// Wall time the worker spent on this sample.
+    #[serde(default)]
+    pub duration_seconds: f64,
+    /// Training progress in [0, 1] at the sampled step, if planned steps are known.
+    #[serde(default)]
+    pub progress: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Goodbye {
+    /// `finished`, `error`, or `interrupted`.
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_round_trips_through_one_json_line() {
+        let e = Envelope::new(
+            "proxy",
+            3,
+            "node-a",
+            17,
+            Event::Step(StepEvent { loss: Some(2.5), tokens: 4096, timestamp_seconds: 1.0e9, ..Default::default() }),
+        );
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(!line.contains('\n'));
+        assert!(line.contains(r#""type":"step""#), "{line}");
+        let back: Envelope = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_step_event_without_multipliers_defaults_them_to_one() {
+        let line = r#"{"v":1,"run":"r","rank":0,"host":"h","step":1,"event":{"type":"step","timestamp_seconds":5.0}}"#;
+        let e: Envelope = serde_json::from_str(line).unwrap();
+        match e.event {
+            Event::Step(s) => {
+                assert_eq!(s.lr_multiplier, 1.0);
+                assert_eq!(s.wd_multiplier, 1.0);
+            }
+            other => panic!("expected a step event, got {other:?}"),
+        }
+    }
+}
