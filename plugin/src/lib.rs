@@ -1,1 +1,35 @@
-//! gainguard
+//! # gainguard
+//!
+//! Width-scaled AdamW for tch trainers (arXiv 2510.15262): matrix-like parameters get `lr ∝ 1/m` and
+//! `weight decay ∝ m^gamma` (gamma = 0.5 by default), vector-like parameters get the base lr and no decay,
+//! so that `(lr, wd)` tuned on a small proxy transfer to a wide target. See the README for the rule table.
+//!
+//! ```no_run
+//! use gainguard::{AdamWConfig, BaseShapes, WidthScaledAdamW};
+//! # fn demo(vs: &tch::nn::VarStore, loss: tch::Tensor) -> anyhow::Result<()> {
+//! let base = BaseShapes::from_json_file("proxy_shapes.json".as_ref())?;
+//! let mut opt = WidthScaledAdamW::new(vs, &base, AdamWConfig { lr: 3e-3, weight_decay: 0.1, ..Default::default() })?;
+//! println!("{}", opt.plan().to_table());
+//! opt.zero_grad();
+//! loss.backward();
+//! opt.step();
+//! # Ok(()) }
+//! ```
+
+pub mod classify;
+pub mod device;
+pub mod fused;
+pub mod mup;
+pub mod optim;
+pub mod plan;
+pub mod rule;
+pub mod schedule;
+
+pub use classify::{BaseShapes, Override, ParamClass};
+pub use optim::{AdamWConfig, DecayMode, StepObserver, StepReport, WidthScaledAdamW};
+pub use plan::{ParamDecision, ScalingPlan};
+pub use rule::{Preset, Rule};
+pub use schedule::Schedule;
+
+/// The event types and sinks of the daemon side, re-exported for trainers.
+pub use gainguard_daemon as daemon;
