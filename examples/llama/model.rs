@@ -114,6 +114,7 @@ fn block(vs: nn::Path, cfg: &Config) -> impl Module {
     })
 }
 
+#[derive(Debug)]
 pub struct Llama {
     tok_emb: nn::Embedding,
     blocks: Vec<Box<dyn Module>>,

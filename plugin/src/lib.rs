@@ -17,6 +17,7 @@
 //! ```
 
 pub mod classify;
+pub mod data;
 pub mod device;
 pub mod fused;
 pub mod mup;
