@@ -1,5 +1,23 @@
 //! `gainguard-daemon`: receives gainguard events and exports them as Prometheus metrics.
 //!
 //! This crate links no libtorch (DESIGN.md §2). The plugin depends on [`events`]; never the reverse.
+//!
+//! - Embedded mode: [`Daemon::spawn`] runs the exporter on its own threads inside the trainer; the trainer
+//!   sends through [`Daemon::sink`].
+//! - Standalone mode: the `gainguardd` binary ingests JSON lines ([`protocol`]) from several trainers over a
+//!   Unix socket or loopback TCP; trainers send through [`Sink::connect`].
 
+pub mod addr;
+mod daemon;
 pub mod events;
+mod http;
+mod ingest;
+pub mod protocol;
+mod runs;
+pub mod selfmetrics;
+pub mod sink;
+pub mod sources;
+
+pub use addr::{default_ingest_addr, IngestAddr};
+pub use daemon::{Daemon, DaemonConfig, DaemonError, Limits, NvmlMode};
+pub use sink::{Sink, SinkError, SinkOptions};

@@ -1,0 +1,155 @@
+//! Metric sources, one per file, in the style of node_exporter's collectors.
+//!
+//! A source registers its metric families with the registry when it is built and updates them from the
+//! events it observes (or from its own poller, like NVML). The HTTP layer only gathers the registry and
+//! knows none of them. Adding a source means adding a file with a `SPEC` and listing it in [`SOURCES`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::Registry;
+
+use crate::daemon::{DaemonConfig, DaemonError};
+use crate::events::Envelope;
+
+pub mod liveness;
+pub mod nvml;
+pub mod optimizer;
+pub mod spectra;
+pub mod training;
+
+/// Every known source, with its name and whether it runs unless disabled.
+pub const SOURCES: &[SourceSpec] = &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC];
+
+/// How to build one source.
+pub struct SourceSpec {
+    pub name: &'static str,
+    pub default_enabled: bool,
+    pub build: fn(&SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError>,
+}
+
+/// What a source may use while it is being built.
+pub struct SourceContext<'a> {
+    pub registry: &'a Registry,
+    /// This machine's host name (for node-level series such as NVML's).
+    pub host: String,
+    pub config: &'a DaemonConfig,
+}
+
+/// The identity of one trainer process: the run labels `run, rank, host`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    pub run: String,
+    pub rank: String,
+    pub host: String,
+}
+
+impl RunKey {
+    pub fn of(envelope: &Envelope) -> Self {
+        RunKey { run: envelope.run.clone(), rank: envelope.rank.to_string(), host: envelope.host.clone() }
+    }
+
+    pub fn labels(&self) -> [&str; 3] {
+        [&self.run, &self.rank, &self.host]
+    }
+}
+
+/// The per-parameter labels `param, layer, class`, fixed when the parameter is first seen so that its series
+/// never split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamLabels {
+    pub param: String,
+    pub layer: String,
+    pub class: &'static str,
+}
+
+/// Label names of run-level series.
+pub const RUN_LABELS: [&str; 3] = ["run", "rank", "host"];
+/// Label names of parameter-level series.
+pub const PARAM_LABELS: [&str; 6] = ["run", "rank", "host", "param", "layer", "class"];
+
+pub fn param_label_values<'a>(run: &'a RunKey, p: &'a ParamLabels) -> [&'a str; 6] {
+    [&run.run, &run.rank, &run.host, &p.param, &p.layer, p.class]
+}
+
+/// An admitted run as the sources see it: only parameters within the caps are listed.
+pub struct RunView<'a> {
+    pub key: &'a RunKey,
+    pub params: &'a HashMap<String, ParamLabels>,
+}
+
+/// One metric source.
+pub trait Source: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Upper bound of the series this source creates for one run, excluding per-parameter ones.
+    fn series_per_run(&self) -> usize {
+        0
+    }
+
+    /// Upper bound of the series this source creates for one parameter of one run.
+    fn series_per_param(&self) -> usize {
+        0
+    }
+
+    /// Applies one accepted event. Events whose parameters were not admitted never reach here.
+    fn observe(&self, _run: &RunView<'_>, _envelope: &Envelope) {}
+
+    /// The trainer's connection dropped without a Goodbye, or its embedded sink was dropped.
+    fn trainer_down(&self, _run: &RunKey) {}
+
+    /// The run's TTL expired: remove every series it created.
+    fn forget_run(&self, _run: &RunKey, _params: &[ParamLabels]) {}
+
+    /// The daemon is shutting down: stop any thread the source started.
+    fn stop(&self) {}
+}
+
+/// Keeps a Prometheus counter equal to a cumulative total reported by someone else (a trainer or NVML):
+/// increases are applied; a decrease means the reporter restarted, and the new total counts from zero.
+#[derive(Default)]
+pub struct CumulativeTracker {
+    last: HashMap<Vec<String>, u64>,
+}
+
+impl CumulativeTracker {
+    /// Returns the amount to add to the counter.
+    pub fn delta(&mut self, key: &[&str], total: u64) -> u64 {
+        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
+        let last = self.last.insert(key, total).unwrap_or(0);
+        if total >= last {
+            total - last
+        } else {
+            total
+        }
+    }
+
+    pub fn forget(&mut self, key: &[&str]) {
+        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
+        self.last.remove(&key);
+    }
+
+    pub fn forget_matching(&mut self, prefix: &[&str]) {
+        self.last.retain(|k, _| !(k.len() >= prefix.len() && k.iter().zip(prefix).all(|(a, b)| a == b)));
+    }
+}
+
+/// Removes a label set from a metric vec; absent series are fine (the value was never carried).
+pub fn remove<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, labels: &[&str]) {
+    let _ = vec.remove_label_values(labels);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cumulative_total_adds_only_its_increases_and_restarts_from_zero_after_a_decrease() {
+        let mut t = CumulativeTracker::default();
+        assert_eq!(t.delta(&["a"], 5), 5);
+        assert_eq!(t.delta(&["a"], 5), 0);
+        assert_eq!(t.delta(&["a"], 8), 3);
+        assert_eq!(t.delta(&["a"], 2), 2);
+        assert_eq!(t.delta(&["b"], 1), 1);
+    }
+}

@@ -1,0 +1,183 @@
+//! Spectrum samples: sigma_max and its normalisations, the gain ratio against the reference profile, and the
+//! shape of the spectrum. A value the sample does not carry leaves its series untouched (never a sentinel).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+
+use super::{
+    param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS,
+    RUN_LABELS,
+};
+use crate::daemon::DaemonError;
+use crate::events::{Envelope, Event};
+
+pub const SPEC: SourceSpec = SourceSpec { name: "spectra", default_enabled: true, build };
+
+pub const SAMPLE_DURATION_BUCKETS: [f64; 13] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// The `quantile` label values of `gainguard_singular_value_quantile`.
+pub const QUANTILES: [&str; 4] = ["0.1", "0.5", "0.9", "0.99"];
+
+pub struct Spectra {
+    sigma_max: GaugeVec,
+    sigma_max_normalized: GaugeVec,
+    reference_sigma_max: GaugeVec,
+    gain_ratio: GaugeVec,
+    stable_rank: GaugeVec,
+    frobenius_norm: GaugeVec,
+    effective_rank: GaugeVec,
+    quantile: GaugeVec,
+    update_ratio: GaugeVec,
+    iterations: GaugeVec,
+    nonfinite: GaugeVec,
+    samples: IntCounterVec,
+    last_sample_timestamp: GaugeVec,
+    sample_duration: HistogramVec,
+}
+
+fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
+    let g = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &PARAM_LABELS);
+    let mut quantile_labels = PARAM_LABELS.to_vec();
+    quantile_labels.push("quantile");
+    let s = Spectra {
+        sigma_max: g("gainguard_sigma_max", "Top singular value of the weight matrix (its sublayer gain).")?,
+        sigma_max_normalized: g(
+            "gainguard_sigma_max_normalized",
+            "sigma_max / (sqrt(lr/wd) * m^alpha), the width-invariant gain of arXiv 2510.15262.",
+        )?,
+        reference_sigma_max: g(
+            "gainguard_reference_sigma_max",
+            "sigma_max of the reference profile at the same training progress.",
+        )?,
+        gain_ratio: g("gainguard_gain_ratio", "sigma_max / reference sigma_max; drift away from 1 breaks transfer.")?,
+        stable_rank: g("gainguard_stable_rank", "||W||_F^2 / sigma_max^2 (full-spectrum samples).")?,
+        frobenius_norm: g("gainguard_frobenius_norm", "Frobenius norm ||W||_F.")?,
+        effective_rank: g(
+            "gainguard_effective_rank",
+            "exp(entropy of the normalized singular values) (full-spectrum samples).",
+        )?,
+        quantile: GaugeVec::new(
+            Opts::new("gainguard_singular_value_quantile", "Singular-value quantiles (full-spectrum samples)."),
+            &quantile_labels,
+        )?,
+        update_ratio: g("gainguard_update_ratio", "||dW||_F / ||W||_F of the sampled step.")?,
+        iterations: g("gainguard_spectrum_iterations", "Subspace iterations the latest estimate took.")?,
+        nonfinite: g("gainguard_spectrum_nonfinite", "1 when the latest sampled weights held NaN or Inf, else 0.")?,
+        samples: IntCounterVec::new(
+            Opts::new("gainguard_spectrum_samples_total", "Spectrum samples received."),
+            &RUN_LABELS,
+        )?,
+        last_sample_timestamp: GaugeVec::new(
+            Opts::new(
+                "gainguard_spectrum_last_sample_timestamp_seconds",
+                "Unix time at which the daemon received the latest spectrum sample.",
+            ),
+            &RUN_LABELS,
+        )?,
+        sample_duration: HistogramVec::new(
+            HistogramOpts::new(
+                "gainguard_spectrum_sample_duration_seconds",
+                "Wall time the plugin's worker spent on one spectrum sample.",
+            )
+            .buckets(SAMPLE_DURATION_BUCKETS.to_vec()),
+            &RUN_LABELS,
+        )?,
+    };
+    for vec in s.gauges() {
+        ctx.registry.register(Box::new(vec.clone()))?;
+    }
+    ctx.registry.register(Box::new(s.quantile.clone()))?;
+    ctx.registry.register(Box::new(s.samples.clone()))?;
+    ctx.registry.register(Box::new(s.last_sample_timestamp.clone()))?;
+    ctx.registry.register(Box::new(s.sample_duration.clone()))?;
+    Ok(Arc::new(s))
+}
+
+impl Spectra {
+    /// Per-parameter gauges with exactly the param labels.
+    fn gauges(&self) -> [&GaugeVec; 10] {
+        [
+            &self.sigma_max,
+            &self.sigma_max_normalized,
+            &self.reference_sigma_max,
+            &self.gain_ratio,
+            &self.stable_rank,
+            &self.frobenius_norm,
+            &self.effective_rank,
+            &self.update_ratio,
+            &self.iterations,
+            &self.nonfinite,
+        ]
+    }
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl Source for Spectra {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn series_per_run(&self) -> usize {
+        2 + SAMPLE_DURATION_BUCKETS.len() + 3
+    }
+
+    fn series_per_param(&self) -> usize {
+        10 + QUANTILES.len()
+    }
+
+    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
+        let Event::Spectrum(s) = &envelope.event else { return };
+        let Some(param) = run.params.get(&s.param) else { return };
+        let labels = param_label_values(run.key, param);
+        let set = |vec: &GaugeVec, v: Option<f64>| {
+            if let Some(v) = v {
+                vec.with_label_values(&labels).set(v);
+            }
+        };
+        set(&self.sigma_max, s.sigma_max);
+        set(&self.sigma_max_normalized, s.sigma_max_normalized);
+        set(&self.reference_sigma_max, s.reference_sigma_max);
+        set(&self.gain_ratio, s.gain_ratio);
+        set(&self.stable_rank, s.stable_rank);
+        set(&self.frobenius_norm, s.frobenius_norm);
+        set(&self.effective_rank, s.effective_rank);
+        set(&self.update_ratio, s.update_ratio);
+        set(&self.iterations, Some(s.iterations as f64));
+        set(&self.nonfinite, Some(if s.nonfinite { 1.0 } else { 0.0 }));
+        if let Some(q) = &s.quantiles {
+            for (name, v) in QUANTILES.iter().zip([q.p10, q.p50, q.p90, q.p99]) {
+                let mut l = labels.to_vec();
+                l.push(name);
+                self.quantile.with_label_values(&l).set(v);
+            }
+        }
+        let run_labels = run.key.labels();
+        self.samples.with_label_values(&run_labels).inc();
+        self.last_sample_timestamp.with_label_values(&run_labels).set(now_seconds());
+        self.sample_duration.with_label_values(&run_labels).observe(s.duration_seconds);
+    }
+
+    fn forget_run(&self, run: &RunKey, params: &[ParamLabels]) {
+        for p in params {
+            let labels = param_label_values(run, p);
+            for vec in self.gauges() {
+                remove(vec, &labels);
+            }
+            for q in QUANTILES {
+                let mut l = labels.to_vec();
+                l.push(q);
+                remove(&self.quantile, &l);
+            }
+        }
+        let labels = run.labels();
+        remove(&self.samples, &labels);
+        remove(&self.last_sample_timestamp, &labels);
+        remove(&self.sample_duration, &labels);
+    }
+}

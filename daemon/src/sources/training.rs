@@ -1,0 +1,181 @@
+//! Training progress from Hello and Step events: step, loss, tokens, step time, progress, drop counters.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+
+use super::{remove, CumulativeTracker, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
+use crate::daemon::DaemonError;
+use crate::events::{Envelope, Event};
+
+pub const SPEC: SourceSpec = SourceSpec { name: "training", default_enabled: true, build };
+
+/// Step-time buckets in seconds: from tiny proxy models to slow pipeline-parallel steps.
+pub const STEP_DURATION_BUCKETS: [f64; 14] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+pub struct Training {
+    step: GaugeVec,
+    loss: GaugeVec,
+    loss_nonfinite: IntCounterVec,
+    tokens: IntCounterVec,
+    step_duration: HistogramVec,
+    last_step_timestamp: GaugeVec,
+    progress: GaugeVec,
+    spectrum_dropped: IntCounterVec,
+    events_dropped: IntCounterVec,
+    nonfinite_parameters: GaugeVec,
+    run_info: GaugeVec,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    planned_steps: HashMap<RunKey, u64>,
+    /// The run_info label values currently exported per run, to replace them when a Hello changes them.
+    info: HashMap<RunKey, [String; 4]>,
+    spectrum_dropped: CumulativeTracker,
+    events_dropped: CumulativeTracker,
+}
+
+fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
+    let g = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &RUN_LABELS);
+    let c = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &RUN_LABELS);
+    let t = Training {
+        step: g("gainguard_step", "Optimizer step of the latest Step event.")?,
+        loss: g("gainguard_loss", "Training loss of the latest step; NaN when that loss was not finite.")?,
+        loss_nonfinite: c("gainguard_loss_nonfinite_total", "Steps whose loss was NaN or infinite.")?,
+        tokens: c("gainguard_tokens_total", "Tokens processed.")?,
+        step_duration: HistogramVec::new(
+            HistogramOpts::new("gainguard_step_duration_seconds", "Wall time of one optimizer step.")
+                .buckets(STEP_DURATION_BUCKETS.to_vec()),
+            &RUN_LABELS,
+        )?,
+        last_step_timestamp: g(
+            "gainguard_trainer_last_step_timestamp_seconds",
+            "Unix time at which the latest step finished, as reported by the trainer.",
+        )?,
+        progress: g("gainguard_progress_ratio", "step / planned_steps, when the trainer announced planned steps.")?,
+        spectrum_dropped: c(
+            "gainguard_spectrum_samples_dropped_total",
+            "Spectrum samples the plugin dropped because monitoring fell behind.",
+        )?,
+        events_dropped: c(
+            "gainguard_events_dropped_total",
+            "Events the trainer's sink dropped because the daemon was away or its buffer was full.",
+        )?,
+        nonfinite_parameters: g(
+            "gainguard_nonfinite_parameters",
+            "Parameters holding NaN or Inf after the latest checked step.",
+        )?,
+        run_info: GaugeVec::new(
+            Opts::new("gainguard_run_info", "Always 1; the scaling rule of the run as labels."),
+            &["run", "rank", "host", "rule", "gamma", "alpha", "reference"],
+        )?,
+        state: Mutex::new(State::default()),
+    };
+    let r = ctx.registry;
+    r.register(Box::new(t.step.clone()))?;
+    r.register(Box::new(t.loss.clone()))?;
+    r.register(Box::new(t.loss_nonfinite.clone()))?;
+    r.register(Box::new(t.tokens.clone()))?;
+    r.register(Box::new(t.step_duration.clone()))?;
+    r.register(Box::new(t.last_step_timestamp.clone()))?;
+    r.register(Box::new(t.progress.clone()))?;
+    r.register(Box::new(t.spectrum_dropped.clone()))?;
+    r.register(Box::new(t.events_dropped.clone()))?;
+    r.register(Box::new(t.nonfinite_parameters.clone()))?;
+    r.register(Box::new(t.run_info.clone()))?;
+    Ok(Arc::new(t))
+}
+
+fn opt_label(v: Option<f64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+impl Source for Training {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn series_per_run(&self) -> usize {
+        // 10 single series, the histogram (buckets + +Inf + sum + count), run_info.
+        10 + STEP_DURATION_BUCKETS.len() + 3 + 1
+    }
+
+    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
+        let labels = run.key.labels();
+        let mut state = self.state.lock().unwrap();
+        match &envelope.event {
+            Event::Hello(h) => {
+                match h.planned_steps {
+                    Some(n) => state.planned_steps.insert(run.key.clone(), n),
+                    None => state.planned_steps.remove(run.key),
+                };
+                let info = [
+                    h.rule.clone(),
+                    opt_label(h.gamma),
+                    opt_label(h.alpha),
+                    h.reference.clone().unwrap_or_default(),
+                ];
+                if let Some(old) = state.info.insert(run.key.clone(), info.clone()) {
+                    if old != info {
+                        remove(&self.run_info, &info_labels(run.key, &old));
+                    }
+                }
+                self.run_info.with_label_values(&info_labels(run.key, &info)).set(1.0);
+            }
+            Event::Step(s) => {
+                self.step.with_label_values(&labels).set(envelope.step as f64);
+                if s.loss_nonfinite {
+                    self.loss.with_label_values(&labels).set(f64::NAN);
+                    self.loss_nonfinite.with_label_values(&labels).inc();
+                } else if let Some(loss) = s.loss {
+                    self.loss.with_label_values(&labels).set(loss);
+                }
+                self.tokens.with_label_values(&labels).inc_by(s.tokens);
+                if let Some(d) = s.duration_seconds {
+                    self.step_duration.with_label_values(&labels).observe(d);
+                }
+                self.last_step_timestamp.with_label_values(&labels).set(s.timestamp_seconds);
+                if let Some(&planned) = state.planned_steps.get(run.key) {
+                    self.progress.with_label_values(&labels).set(envelope.step as f64 / planned as f64);
+                }
+                let d = state.spectrum_dropped.delta(&labels, s.spectrum_samples_dropped_total);
+                self.spectrum_dropped.with_label_values(&labels).inc_by(d);
+                let d = state.events_dropped.delta(&labels, s.events_dropped_total);
+                self.events_dropped.with_label_values(&labels).inc_by(d);
+                if let Some(n) = s.nonfinite_parameters {
+                    self.nonfinite_parameters.with_label_values(&labels).set(n as f64);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forget_run(&self, run: &RunKey, _params: &[super::ParamLabels]) {
+        let labels = run.labels();
+        remove(&self.step, &labels);
+        remove(&self.loss, &labels);
+        remove(&self.loss_nonfinite, &labels);
+        remove(&self.tokens, &labels);
+        remove(&self.step_duration, &labels);
+        remove(&self.last_step_timestamp, &labels);
+        remove(&self.progress, &labels);
+        remove(&self.spectrum_dropped, &labels);
+        remove(&self.events_dropped, &labels);
+        remove(&self.nonfinite_parameters, &labels);
+        let mut state = self.state.lock().unwrap();
+        if let Some(info) = state.info.remove(run) {
+            remove(&self.run_info, &info_labels(run, &info));
+        }
+        state.planned_steps.remove(run);
+        state.spectrum_dropped.forget(&labels);
+        state.events_dropped.forget(&labels);
+    }
+}
+
+fn info_labels<'a>(run: &'a RunKey, info: &'a [String; 4]) -> [&'a str; 7] {
+    [&run.run, &run.rank, &run.host, &info[0], &info[1], &info[2], &info[3]]
+}
