@@ -20,11 +20,14 @@ pub mod classify;
 pub mod data;
 pub mod device;
 pub mod fused;
+pub mod monitor;
 pub mod mup;
 pub mod optim;
 pub mod plan;
+pub mod reference;
 pub mod rule;
 pub mod schedule;
+pub mod spectra;
 
 pub use classify::{BaseShapes, Override, ParamClass};
 pub use optim::{AdamWConfig, DecayMode, StepObserver, StepReport, WidthScaledAdamW};

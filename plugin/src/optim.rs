@@ -130,11 +130,11 @@ pub trait StepObserver: Send {
 }
 
 pub struct WidthScaledAdamW {
-    config: AdamWConfig,
-    plan: ScalingPlan,
-    slots: Vec<ParamSlot>,
-    groups: Vec<Group>,
-    step_t: u64,
+    pub(crate) config: AdamWConfig,
+    pub(crate) plan: ScalingPlan,
+    pub(crate) slots: Vec<ParamSlot>,
+    pub(crate) groups: Vec<Group>,
+    pub(crate) step_t: u64,
     observers: Vec<Box<dyn StepObserver>>,
 }
 

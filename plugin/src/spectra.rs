@@ -1,0 +1,1 @@
+//! Singular-value spectra of weight matrices (issue 3).
