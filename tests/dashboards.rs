@@ -37,9 +37,16 @@ fn promtool() -> String {
 
 /// Runs promtool and fails the test with its whole output unless it succeeds.
 fn run_promtool(args: &[&str]) {
-    let out = Command::new(promtool()).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run `{} {}`: {e} (install the Debian package `prometheus` or set PROMTOOL)", promtool(), args.join(" "))
-    });
+    let out = Command::new(promtool())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{} {}`: {e} (install the Debian package `prometheus` or set PROMTOOL)",
+                promtool(),
+                args.join(" ")
+            )
+        });
     assert!(
         out.status.success(),
         "`promtool {}` failed ({}):\n{}\n{}",
@@ -68,7 +75,10 @@ fn alert_blocks(rules: &str) -> Vec<AlertBlock> {
         let t = line.trim_start();
         if let Some(name) = t.strip_prefix("- alert:") {
             blocks.extend(current.take());
-            current = Some(AlertBlock { name: name.trim().to_string(), text: String::new() });
+            current = Some(AlertBlock {
+                name: name.trim().to_string(),
+                text: String::new(),
+            });
         } else if t.starts_with("- record:") || t.starts_with("- name:") {
             blocks.extend(current.take());
         } else if let Some(block) = current.as_mut() {
@@ -81,7 +91,11 @@ fn alert_blocks(rules: &str) -> Vec<AlertBlock> {
 }
 
 fn recorded_names(rules: &str) -> BTreeSet<String> {
-    rules.lines().filter_map(|l| l.trim_start().strip_prefix("- record:")).map(|n| n.trim().to_string()).collect()
+    rules
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- record:"))
+        .map(|n| n.trim().to_string())
+        .collect()
 }
 
 /// Every `expr:` in a rules file, with block scalars (`|`, `>`) joined into one string.
@@ -97,7 +111,9 @@ fn rule_exprs(rules: &str) -> Vec<String> {
             if rest.starts_with('|') || rest.starts_with('>') {
                 let mut body = String::new();
                 i += 1;
-                while i < lines.len() && (lines[i].trim().is_empty() || indent(lines[i]) > indent(line)) {
+                while i < lines.len()
+                    && (lines[i].trim().is_empty() || indent(lines[i]) > indent(line))
+                {
                     body.push_str(lines[i].trim());
                     body.push(' ');
                     i += 1;
@@ -139,7 +155,9 @@ fn the_rule_unit_tests_pass() {
 fn every_panel_query_parses_as_promql() {
     // promtool has no stand-alone PromQL parser in 2.42, so each expanded panel query becomes a recording
     // rule of a throw-away rule file that `promtool check rules` must accept.
-    let queries = promql::concrete_panel_queries(&promql::grafana_dir(), &promql::default_variables()).unwrap();
+    let queries =
+        promql::concrete_panel_queries(&promql::grafana_dir(), &promql::default_variables())
+            .unwrap();
     let mut yaml = String::from("groups:\n  - name: panel-queries\n    rules:\n");
     for (i, q) in queries.iter().enumerate() {
         // JSON strings are valid YAML double-quoted scalars.
@@ -170,21 +188,51 @@ fn every_alert_has_severity_summary_description_and_a_runbook_section() {
         .map(github_anchor)
         .collect();
     let alerts = alert_blocks(&rules);
-    assert!(alerts.len() >= 12, "expected the full alert set, found {}", alerts.len());
+    assert!(
+        alerts.len() >= 12,
+        "expected the full alert set, found {}",
+        alerts.len()
+    );
     for alert in &alerts {
         for field in ["severity:", "summary:", "description:", "runbook_url:"] {
-            assert!(alert.text.contains(field), "alert {} has no `{field}`", alert.name);
+            assert!(
+                alert.text.contains(field),
+                "alert {} has no `{field}`",
+                alert.name
+            );
         }
-        let url_line = alert.text.lines().find(|l| l.contains("runbook_url:")).unwrap();
+        let url_line = alert
+            .text
+            .lines()
+            .find(|l| l.contains("runbook_url:"))
+            .unwrap();
         let anchor = url_line
             .split_once("docs/runbook.md#")
             .map(|(_, a)| a.trim_end_matches(['"', '\'', ' ']))
-            .unwrap_or_else(|| panic!("alert {}: runbook_url does not point into docs/runbook.md: {url_line}", alert.name));
-        assert_eq!(anchor, alert.name.to_lowercase(), "alert {}: runbook anchor", alert.name);
-        assert!(anchors.contains(anchor), "docs/runbook.md has no section with anchor #{anchor} (alert {})", alert.name);
+            .unwrap_or_else(|| {
+                panic!(
+                    "alert {}: runbook_url does not point into docs/runbook.md: {url_line}",
+                    alert.name
+                )
+            });
+        assert_eq!(
+            anchor,
+            alert.name.to_lowercase(),
+            "alert {}: runbook anchor",
+            alert.name
+        );
+        assert!(
+            anchors.contains(anchor),
+            "docs/runbook.md has no section with anchor #{anchor} (alert {})",
+            alert.name
+        );
         for label in ["$labels.", "$value"] {
             if alert.name != "ExporterDown" && alert.name != "NvmlDown" {
-                assert!(alert.text.contains(label), "alert {}: the description should template `{label}`", alert.name);
+                assert!(
+                    alert.text.contains(label),
+                    "alert {}: the description should template `{label}`",
+                    alert.name
+                );
             }
         }
     }
@@ -208,8 +256,16 @@ fn every_alert_is_unit_tested_firing_and_silent() {
         }
     }
     for alert in alert_blocks(&rules) {
-        assert!(fires.contains(&alert.name), "no unit test in which {} fires", alert.name);
-        assert!(silent.contains(&alert.name), "no unit test in which {} stays silent", alert.name);
+        assert!(
+            fires.contains(&alert.name),
+            "no unit test in which {} fires",
+            alert.name
+        );
+        assert!(
+            silent.contains(&alert.name),
+            "no unit test in which {} stays silent",
+            alert.name
+        );
     }
 }
 
@@ -225,8 +281,15 @@ fn gain_drift_bands_are_set_by_recording_rules() {
     ] {
         assert!(recorded.contains(band), "missing recording rule {band}");
     }
-    for alert in alert_blocks(&rules).iter().filter(|a| a.name.starts_with("GainDrift")) {
-        assert!(alert.text.contains("gain_drift"), "{} does not read its band from the recording rules", alert.name);
+    for alert in alert_blocks(&rules)
+        .iter()
+        .filter(|a| a.name.starts_with("GainDrift"))
+    {
+        assert!(
+            alert.text.contains("gain_drift"),
+            "{} does not read its band from the recording rules",
+            alert.name
+        );
     }
 }
 
@@ -236,20 +299,35 @@ fn dashboards() -> Vec<(String, Value)> {
     promql::dashboard_files(&promql::grafana_dir())
         .unwrap()
         .into_iter()
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), promql::load_dashboard(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                promql::load_dashboard(&p).unwrap(),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn the_three_dashboards_exist_with_a_modern_schema() {
     let names: BTreeSet<String> = dashboards().into_iter().map(|(n, _)| n).collect();
-    for expected in ["gainguard-overview.json", "gainguard-gain.json", "gainguard-gpu.json"] {
-        assert!(names.contains(expected), "dashboards/grafana/{expected} is missing");
+    for expected in [
+        "gainguard-overview.json",
+        "gainguard-gain.json",
+        "gainguard-gpu.json",
+    ] {
+        assert!(
+            names.contains(expected),
+            "dashboards/grafana/{expected} is missing"
+        );
     }
     for (name, d) in dashboards() {
         let schema = d["schemaVersion"].as_u64().unwrap_or(0);
         assert!(schema >= 38, "{name}: schemaVersion {schema} < 38");
-        assert!(d["uid"].as_str().is_some_and(|u| !u.is_empty()), "{name}: no uid");
+        assert!(
+            d["uid"].as_str().is_some_and(|u| !u.is_empty()),
+            "{name}: no uid"
+        );
     }
 }
 
@@ -261,10 +339,19 @@ fn every_panel_has_a_unit_and_uses_the_datasource_variable() {
         for p in panels {
             let title = p["title"].as_str().unwrap_or("?");
             let unit = p["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
-            assert!(!unit.is_empty(), "{name}: panel `{title}` has no fieldConfig.defaults.unit");
-            assert_eq!(p["datasource"]["uid"], "${datasource}", "{name}: panel `{title}` datasource");
+            assert!(
+                !unit.is_empty(),
+                "{name}: panel `{title}` has no fieldConfig.defaults.unit"
+            );
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{name}: panel `{title}` datasource"
+            );
             for t in p["targets"].as_array().into_iter().flatten() {
-                assert_eq!(t["datasource"]["uid"], "${datasource}", "{name}: panel `{title}` target datasource");
+                assert_eq!(
+                    t["datasource"]["uid"], "${datasource}",
+                    "{name}: panel `{title}` target datasource"
+                );
             }
         }
     }
@@ -275,11 +362,20 @@ fn every_target_has_an_expr() {
     for (name, d) in dashboards() {
         for p in promql::panels(&d) {
             let title = p["title"].as_str().unwrap_or("?");
-            let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{name}: panel `{title}` has no targets"));
-            assert!(!targets.is_empty(), "{name}: panel `{title}` has no targets");
+            let targets = p["targets"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name}: panel `{title}` has no targets"));
+            assert!(
+                !targets.is_empty(),
+                "{name}: panel `{title}` has no targets"
+            );
             for t in targets {
                 let expr = t["expr"].as_str().unwrap_or("");
-                assert!(!expr.trim().is_empty(), "{name}: panel `{title}` target {} has no expr", t["refId"]);
+                assert!(
+                    !expr.trim().is_empty(),
+                    "{name}: panel `{title}` target {} has no expr",
+                    t["refId"]
+                );
             }
         }
     }
@@ -294,19 +390,38 @@ fn every_dashboard_has_the_template_variables() {
             .iter()
             .map(|v| (v["name"].as_str().unwrap_or("").to_string(), v))
             .collect();
-        let ds = vars.get("datasource").unwrap_or_else(|| panic!("{name}: no `datasource` variable"));
+        let ds = vars
+            .get("datasource")
+            .unwrap_or_else(|| panic!("{name}: no `datasource` variable"));
         assert_eq!(ds["type"], "datasource", "{name}: datasource variable type");
-        assert_eq!(ds["query"], "prometheus", "{name}: datasource variable plugin");
+        assert_eq!(
+            ds["query"], "prometheus",
+            "{name}: datasource variable plugin"
+        );
         for v in ["run", "rank", "host"] {
-            let var = vars.get(v).unwrap_or_else(|| panic!("{name}: no `{v}` variable"));
+            let var = vars
+                .get(v)
+                .unwrap_or_else(|| panic!("{name}: no `{v}` variable"));
             assert_eq!(var["type"], "query", "{name}: `{v}` type");
             assert_eq!(var["multi"], true, "{name}: `{v}` must be multi-value");
             assert_eq!(var["includeAll"], true, "{name}: `{v}` must include All");
-            let query = var["definition"].as_str().or(var["query"]["query"].as_str()).or(var["query"].as_str()).unwrap_or("");
-            assert!(query.starts_with("label_values("), "{name}: `{v}` should be a label_values query, is `{query}`");
-            assert!(query.contains(&format!("{v})")), "{name}: `{v}` should list the `{v}` label, is `{query}`");
+            let query = var["definition"]
+                .as_str()
+                .or(var["query"]["query"].as_str())
+                .or(var["query"].as_str())
+                .unwrap_or("");
+            assert!(
+                query.starts_with("label_values("),
+                "{name}: `{v}` should be a label_values query, is `{query}`"
+            );
+            assert!(
+                query.contains(&format!("{v})")),
+                "{name}: `{v}` should list the `{v}` label, is `{query}`"
+            );
         }
-        let param = vars.get("param").unwrap_or_else(|| panic!("{name}: no `param` variable"));
+        let param = vars
+            .get("param")
+            .unwrap_or_else(|| panic!("{name}: no `param` variable"));
         assert_eq!(param["type"], "textbox", "{name}: `param` type");
         assert_eq!(param["query"], ".*", "{name}: `param` default");
     }
@@ -366,7 +481,11 @@ fn dashboards_and_rules_use_only_exported_or_recorded_metrics() {
             }
         }
     }
-    assert!(unknown.is_empty(), "metric names not in the contract ({source}) nor recorded by the rules:\n{}", unknown.join("\n"));
+    assert!(
+        unknown.is_empty(),
+        "metric names not in the contract ({source}) nor recorded by the rules:\n{}",
+        unknown.join("\n")
+    );
 }
 
 #[test]
@@ -378,16 +497,38 @@ fn template_variables_expand_to_concrete_promql() {
         promql::substitute(q, &values).unwrap(),
         r#"sum by (run) (rate(gainguard_tokens_total{run=~"target-w1024",rank=~".*",host=~".*"}[1m]))"#
     );
-    assert!(promql::substitute("x{a=\"$nope\"}", &values).is_err(), "an unknown variable must be an error");
+    assert!(
+        promql::substitute("x{a=\"$nope\"}", &values).is_err(),
+        "an unknown variable must be an error"
+    );
     // Every dashboard query expands with the default values, leaving no `$` behind.
     for q in promql::concrete_panel_queries(&promql::grafana_dir(), &values).unwrap() {
-        assert!(!q.expr.contains('$'), "{} / `{}`: unexpanded variable in `{}`", q.dashboard, q.panel, q.expr);
+        assert!(
+            !q.expr.contains('$'),
+            "{} / `{}`: unexpanded variable in `{}`",
+            q.dashboard,
+            q.panel,
+            q.expr
+        );
     }
 }
 
 #[test]
 fn the_url_encoding_round_trips_promql_punctuation() {
-    assert_eq!(promql::percent_encode(r#"a{b=~".*"} / 2"#), "a%7Bb%3D~%22.%2A%22%7D%20%2F%202");
+    assert_eq!(
+        promql::percent_encode(r#"a{b=~".*"} / 2"#),
+        "a%7Bb%3D~%22.%2A%22%7D%20%2F%202"
+    );
+}
+
+#[test]
+fn a_chunked_http_body_is_reassembled() {
+    let body = b"4\r\n{\"a\"\r\n6;ext=1\r\n:true}\r\n0\r\n\r\n";
+    assert_eq!(promql::dechunk(body).unwrap(), br#"{"a":true}"#);
+    assert!(
+        promql::dechunk(b"9\r\nshort\r\n").is_err(),
+        "a truncated chunk must be an error"
+    );
 }
 
 // ----------------------------------------------------------------------------------- a real Prometheus
@@ -414,13 +555,23 @@ fn prometheus_loads_the_rules_and_answers_every_panel_query() {
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
-        format!("global:\n  evaluation_interval: 1s\nrule_files:\n  - {}\n", serde_json::to_string(rules_file().to_str().unwrap()).unwrap()),
+        format!(
+            "global:\n  evaluation_interval: 1s\nrule_files:\n  - {}\n",
+            serde_json::to_string(rules_file().to_str().unwrap()).unwrap()
+        ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(&binary)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -431,24 +582,46 @@ fn prometheus_loads_the_rules_and_answers_every_panel_query() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while promql::http_get(&base, "/-/ready").map_or(true, |b| !b.contains("Ready")) {
-        assert!(Instant::now() < deadline, "prometheus on {base} not ready after 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "prometheus on {base} not ready after 30 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
     // The server loaded every alert of the file.
-    let rules: Value = serde_json::from_str(&promql::http_get(&base, "/api/v1/rules?type=alert").unwrap()).unwrap();
-    let loaded = rules["data"]["groups"].as_array().unwrap().iter().map(|g| g["rules"].as_array().unwrap().len()).sum::<usize>();
-    assert_eq!(loaded, alert_blocks(&read(&rules_file())).len(), "alert rules loaded by Prometheus");
+    let rules: Value =
+        serde_json::from_str(&promql::http_get(&base, "/api/v1/rules?type=alert").unwrap())
+            .unwrap();
+    let loaded = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["rules"].as_array().unwrap().len())
+        .sum::<usize>();
+    assert_eq!(
+        loaded,
+        alert_blocks(&read(&rules_file())).len(),
+        "alert rules loaded by Prometheus"
+    );
 
     // Every panel query evaluates (an empty TSDB answers with no series, but a bad query is an error), and
     // the constant band rules already answer with one series each.
-    let queries = promql::concrete_panel_queries(&promql::grafana_dir(), &promql::default_variables()).unwrap();
+    let queries =
+        promql::concrete_panel_queries(&promql::grafana_dir(), &promql::default_variables())
+            .unwrap();
     let results = promql::evaluate_all(&base, &queries).unwrap();
     assert_eq!(results.len(), queries.len());
     let deadline = Instant::now() + Duration::from_secs(30);
     while promql::instant_query(&base, "gainguard:gain_drift_band_upper").unwrap() != 1 {
-        assert!(Instant::now() < deadline, "the band recording rule never produced a series");
+        assert!(
+            Instant::now() < deadline,
+            "the band recording rule never produced a series"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(promql::instant_query(&base, "gainguard_no_such_metric{").is_err(), "a broken query must be an error");
+    assert!(
+        promql::instant_query(&base, "gainguard_no_such_metric{").is_err(),
+        "a broken query must be an error"
+    );
 }

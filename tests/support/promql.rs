@@ -123,7 +123,8 @@ pub fn dashboard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn load_dashboard(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -147,15 +148,28 @@ pub fn panel_queries(dir: &Path) -> Result<Vec<PanelQuery>> {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let dashboard = load_dashboard(&file)?;
         for panel in panels(&dashboard) {
-            let title = panel.get("title").and_then(Value::as_str).unwrap_or("").to_string();
-            for target in panel.get("targets").and_then(Value::as_array).into_iter().flatten() {
+            let title = panel
+                .get("title")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            for target in panel
+                .get("targets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let expr = target.get("expr").and_then(Value::as_str).ok_or_else(|| {
                     anyhow!("{name}: panel `{title}` has a target without an `expr`")
                 })?;
                 queries.push(PanelQuery {
                     dashboard: name.clone(),
                     panel: title.clone(),
-                    ref_id: target.get("refId").and_then(Value::as_str).unwrap_or("").to_string(),
+                    ref_id: target
+                        .get("refId")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                     expr: expr.to_string(),
                 });
             }
@@ -190,7 +204,10 @@ pub fn default_variables() -> BTreeMap<String, String> {
 pub fn substitute(expr: &str, values: &BTreeMap<String, String>) -> Result<String> {
     let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let lookup = |name: &str| {
-        values.get(name).cloned().ok_or_else(|| anyhow!("no value for template variable `{name}` in `{expr}`"))
+        values
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no value for template variable `{name}` in `{expr}`"))
     };
     let mut out = String::with_capacity(expr.len());
     let mut rest = expr;
@@ -198,12 +215,16 @@ pub fn substitute(expr: &str, values: &BTreeMap<String, String>) -> Result<Strin
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
         if let Some(body) = tail.strip_prefix("${") {
-            let end = body.find('}').ok_or_else(|| anyhow!("unclosed `${{` in `{expr}`"))?;
+            let end = body
+                .find('}')
+                .ok_or_else(|| anyhow!("unclosed `${{` in `{expr}`"))?;
             let name = body[..end].split(':').next().unwrap_or("");
             out.push_str(&lookup(name)?);
             rest = &body[end + 1..];
         } else if let Some(body) = tail.strip_prefix("[[") {
-            let end = body.find("]]").ok_or_else(|| anyhow!("unclosed `[[` in `{expr}`"))?;
+            let end = body
+                .find("]]")
+                .ok_or_else(|| anyhow!("unclosed `[[` in `{expr}`"))?;
             out.push_str(&lookup(body[..end].split(':').next().unwrap_or(""))?);
             rest = &body[end + 2..];
         } else if let Some(body) = tail.strip_prefix('$') {
@@ -225,11 +246,15 @@ pub fn substitute(expr: &str, values: &BTreeMap<String, String>) -> Result<Strin
 }
 
 /// Every panel query with its template variables expanded from `values`.
-pub fn concrete_panel_queries(dir: &Path, values: &BTreeMap<String, String>) -> Result<Vec<PanelQuery>> {
+pub fn concrete_panel_queries(
+    dir: &Path,
+    values: &BTreeMap<String, String>,
+) -> Result<Vec<PanelQuery>> {
     panel_queries(dir)?
         .into_iter()
         .map(|q| {
-            let expr = substitute(&q.expr, values).with_context(|| format!("{}: panel `{}`", q.dashboard, q.panel))?;
+            let expr = substitute(&q.expr, values)
+                .with_context(|| format!("{}: panel `{}`", q.dashboard, q.panel))?;
             Ok(PanelQuery { expr, ..q })
         })
         .collect()
@@ -243,20 +268,34 @@ pub fn evaluate_all(base_url: &str, queries: &[PanelQuery]) -> Result<Vec<Evalua
         .map(|q| {
             let series = instant_query(base_url, &q.expr)
                 .with_context(|| format!("{}: panel `{}`: `{}`", q.dashboard, q.panel, q.expr))?;
-            Ok(Evaluation { panel: q.panel.clone(), expr: q.expr.clone(), series })
+            Ok(Evaluation {
+                panel: q.panel.clone(),
+                expr: q.expr.clone(),
+                series,
+            })
         })
         .collect()
 }
 
 /// Number of series an instant query returns.
 pub fn instant_query(base_url: &str, expr: &str) -> Result<usize> {
-    let body = http_get(base_url, &format!("/api/v1/query?query={}", percent_encode(expr)))?;
-    let answer: Value = serde_json::from_str(&body).with_context(|| format!("Prometheus answered non-JSON: {body}"))?;
+    let body = http_get(
+        base_url,
+        &format!("/api/v1/query?query={}", percent_encode(expr)),
+    )?;
+    let answer: Value = serde_json::from_str(&body)
+        .with_context(|| format!("Prometheus answered non-JSON: {body}"))?;
     if answer["status"] != "success" {
-        bail!("Prometheus error {}: {}", answer["errorType"], answer["error"]);
+        bail!(
+            "Prometheus error {}: {}",
+            answer["errorType"],
+            answer["error"]
+        );
     }
     match answer["data"]["resultType"].as_str() {
-        Some("vector") | Some("matrix") => Ok(answer["data"]["result"].as_array().map_or(0, Vec::len)),
+        Some("vector") | Some("matrix") => {
+            Ok(answer["data"]["result"].as_array().map_or(0, Vec::len))
+        }
         Some("scalar") | Some("string") => Ok(1),
         other => bail!("unexpected resultType {other:?} in {body}"),
     }
@@ -276,10 +315,15 @@ pub fn http_get(base_url: &str, path_and_query: &str) -> Result<String> {
     if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
         bail!("base URL `{base_url}`: only loopback addresses are queried, got host `{host}`");
     }
-    let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+    let authority = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
     let authority = authority.replacen("localhost", "127.0.0.1", 1);
 
-    let mut stream = TcpStream::connect(&authority).with_context(|| format!("connecting to {authority}"))?;
+    let mut stream =
+        TcpStream::connect(&authority).with_context(|| format!("connecting to {authority}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     write!(
@@ -287,9 +331,14 @@ pub fn http_get(base_url: &str, path_and_query: &str) -> Result<String> {
         "GET {prefix}{path_and_query} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).context("reading the HTTP answer")?;
+    stream
+        .read_to_end(&mut raw)
+        .context("reading the HTTP answer")?;
 
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("HTTP answer without headers"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("HTTP answer without headers"))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let body = &raw[split + 4..];
     let status: u16 = head
@@ -302,7 +351,11 @@ pub fn http_get(base_url: &str, path_and_query: &str) -> Result<String> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     let body = String::from_utf8(body).context("HTTP body is not UTF-8")?;
     if !(200..500).contains(&status) {
         bail!("GET {path_and_query}: HTTP {status}: {body}");
@@ -310,10 +363,14 @@ pub fn http_get(base_url: &str, path_and_query: &str) -> Result<String> {
     Ok(body)
 }
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+/// Decodes an HTTP/1.1 `Transfer-Encoding: chunked` body (Prometheus chunks answers larger than its buffer).
+pub fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| anyhow!("truncated chunk header"))?;
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("truncated chunk header"))?;
         let size_text = String::from_utf8_lossy(&data[..line_end]);
         let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
             .with_context(|| format!("bad chunk size `{size_text}`"))?;
@@ -349,11 +406,43 @@ pub fn percent_encode(s: &str) -> String {
 /// function calls and keywords; what is left of the identifiers are metric names.
 pub fn metric_names(expr: &str) -> Vec<String> {
     const KEYWORDS: &[&str] = &[
-        "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-        "offset", "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
-        "topk", "quantile", "inf", "nan", "atan2", "start", "end",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "inf",
+        "nan",
+        "atan2",
+        "start",
+        "end",
     ];
-    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    const GROUPING: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
     let chars: Vec<char> = expr.chars().collect();
     let mut names = Vec::new();
     let mut i = 0;
@@ -393,7 +482,9 @@ pub fn metric_names(expr: &str) -> Vec<String> {
             last_word.clear();
         } else if c.is_ascii_alphabetic() || c == '_' || c == ':' {
             let start = i;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
                 i += 1;
             }
             let word: String = chars[start..i].iter().collect();
