@@ -37,7 +37,20 @@ impl Exporter {
         self.metrics.exported_series.set(samples as i64);
         families.extend(self.meta.gather());
         let mut body = Vec::with_capacity(samples * 128);
-        TextEncoder::new().encode(&families, &mut body).expect("text encoding into a Vec cannot fail");
+        let encoder = TextEncoder::new();
+        // gainguard_singular_value_quantile is kept as gauges but exposed as a summary: a `quantile` label is
+        // only legal on summaries (promtool), and this family is exactly a summary's quantiles of the
+        // singular values, without _sum and _count (which the text format allows).
+        let (quantiles, rest): (Vec<_>, Vec<_>) =
+            families.into_iter().partition(|f| f.name() == crate::sources::spectra::QUANTILE_FAMILY);
+        encoder.encode(&rest, &mut body).expect("text encoding into a Vec cannot fail");
+        if !quantiles.is_empty() {
+            let mut q = Vec::new();
+            encoder.encode(&quantiles, &mut q).expect("text encoding into a Vec cannot fail");
+            let gauge = format!("# TYPE {} gauge\n", crate::sources::spectra::QUANTILE_FAMILY);
+            let summary = format!("# TYPE {} summary\n", crate::sources::spectra::QUANTILE_FAMILY);
+            body.extend_from_slice(String::from_utf8_lossy(&q).replacen(&gauge, &summary, 1).as_bytes());
+        }
         body
     }
 

@@ -18,6 +18,8 @@ pub const SPEC: SourceSpec = SourceSpec { name: "spectra", default_enabled: true
 pub const SAMPLE_DURATION_BUCKETS: [f64; 13] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
+pub const QUANTILE_FAMILY: &str = "gainguard_singular_value_quantile";
+
 /// The `quantile` label values of `gainguard_singular_value_quantile`.
 pub const QUANTILES: [&str; 4] = ["0.1", "0.5", "0.9", "0.99"];
 
@@ -60,7 +62,7 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
             "exp(entropy of the normalized singular values) (full-spectrum samples).",
         )?,
         quantile: GaugeVec::new(
-            Opts::new("gainguard_singular_value_quantile", "Singular-value quantiles (full-spectrum samples)."),
+            Opts::new(QUANTILE_FAMILY, "Singular-value quantiles (full-spectrum samples)."),
             &quantile_labels,
         )?,
         update_ratio: g("gainguard_update_ratio", "||dW||_F / ||W||_F of the sampled step.")?,

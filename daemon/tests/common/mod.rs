@@ -196,7 +196,11 @@ fn encode(s: &str) -> String {
 /// Starts `gainguardd` with the given extra arguments; returns the guard and its metrics address.
 pub fn gainguardd(args: &[&str]) -> (ChildGuard, SocketAddr) {
     let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    gainguardd_at(format!("127.0.0.1:{port}").parse().unwrap(), args)
+}
+
+/// Starts `gainguardd` serving metrics on `addr`.
+pub fn gainguardd_at(addr: SocketAddr, args: &[&str]) -> (ChildGuard, SocketAddr) {
     let child = Command::new(env!("CARGO_BIN_EXE_gainguardd"))
         .arg(format!("--listen={addr}"))
         .args(args)

@@ -1,0 +1,268 @@
+//! The `gainguardd` process: start-up errors, signals, the socket file, restarts, expiry, promtool.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, gainguardd, gainguardd_at, metrics, sample, socket_in, wait_until, ChildGuard};
+use gainguard_daemon::events::*;
+use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode, Sink, SinkOptions};
+
+fn run_to_exit(args: &[&str]) -> (i32, String) {
+    let mut child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_gainguardd"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = child.wait_exit(Duration::from_secs(10)).expect("gainguardd exits on a start-up error");
+    let mut stderr = String::new();
+    use std::io::Read;
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn a_metrics_port_already_in_use_exits_with_status_2_and_names_the_port() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) =
+        run_to_exit(&["--listen", &format!("127.0.0.1:{port}"), "--ingest", &socket_in(dir.path()), "--nvml", "off"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&port.to_string()), "message must name the port: {stderr}");
+}
+
+#[test]
+fn nvml_on_without_a_driver_exits_with_status_2() {
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        return; // a GPU machine: NVML is there
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = run_to_exit(&[
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--ingest",
+        &socket_in(dir.path()),
+        "--nvml",
+        "on",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("NVML"), "{stderr}");
+}
+
+#[test]
+fn without_nvml_the_daemon_exports_nvml_up_0_logs_once_and_serves_everything_else() {
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = socket_in(dir.path());
+    let (mut daemon, addr) = gainguardd(&["--ingest", &ingest, "--nvml", "auto", "--nvml-interval", "0.1"]);
+    let sink = Sink::connect(&ingest, SinkOptions::default()).unwrap();
+    sink.send(Envelope::new("r", 0, "h", 5, Event::Step(StepEvent { timestamp_seconds: 1.0, ..Default::default() })));
+    wait_until(Duration::from_secs(5), "the step", || {
+        (sample(&metrics(addr), "gainguard_step", &[("run", "r")]) == Some(5.0)).then_some(())
+    });
+    let body = metrics(addr);
+    assert_eq!(sample(&body, "gainguard_nvml_up", &[]), Some(0.0));
+    assert!(!body.contains("gainguard_gpu_"), "no GPU series without NVML");
+    std::thread::sleep(Duration::from_millis(500)); // several poll intervals
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_exit(Duration::from_secs(5)).expect("exits on SIGTERM");
+    let mut stderr = String::new();
+    use std::io::Read;
+    daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(stderr.lines().filter(|l| l.contains("NVML")).count(), 1, "exactly one NVML log line: {stderr}");
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_removes_the_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = socket_in(dir.path());
+    let path = dir.path().join("gainguardd.sock");
+    let (mut daemon, _) = gainguardd(&["--ingest", &ingest, "--nvml", "off"]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(5)).expect("exits on SIGTERM");
+    assert!(status.success());
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_but_a_live_daemon_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gainguardd.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // leaves a stale file
+    assert!(path.exists());
+    let ingest = socket_in(dir.path());
+    let (_live, _) = gainguardd(&["--ingest", &ingest, "--nvml", "off"]);
+    let (code, stderr) =
+        run_to_exit(&["--listen", &format!("127.0.0.1:{}", free_port()), "--ingest", &ingest, "--nvml", "off"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("already listening"), "{stderr}");
+    assert!(path.exists(), "the live daemon's socket must survive");
+}
+
+#[test]
+fn a_restarted_daemon_relearns_the_run_within_5s_while_send_never_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = socket_in(dir.path());
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (first, addr) = gainguardd_at(listen, &["--ingest", &ingest, "--nvml", "off"]);
+    let sink = Sink::connect(&ingest, SinkOptions { capacity: 1024, ..Default::default() }).unwrap();
+    let hello = Hello {
+        pid: std::process::id(),
+        planned_steps: Some(1_000_000),
+        rule: "paper".into(),
+        gamma: Some(0.5),
+        alpha: None,
+        reference: None,
+    };
+    assert!(sink.send(Envelope::new("restart", 0, "h", 0, Event::Hello(hello))));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let sink = sink.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut slowest = Duration::ZERO;
+            let mut step = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                step += 1;
+                let e = Envelope::new(
+                    "restart",
+                    0,
+                    "h",
+                    step,
+                    Event::Step(StepEvent { tokens: 1, timestamp_seconds: 1.0, ..Default::default() }),
+                );
+                let t = Instant::now();
+                sink.send(e);
+                slowest = slowest.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            slowest
+        })
+    };
+    wait_until(Duration::from_secs(5), "the run", || sample(&metrics(addr), "gainguard_step", &[("run", "restart")]));
+    drop(first); // SIGKILL: no clean shutdown, the socket file stays behind
+    std::thread::sleep(Duration::from_millis(500));
+    let (_second, addr2) = gainguardd_at(listen, &["--ingest", &ingest, "--nvml", "off"]);
+    let restarted = Instant::now();
+    wait_until(Duration::from_secs(5), "the run to reappear after the restart", || {
+        let body = metrics(addr2);
+        let step = sample(&body, "gainguard_step", &[("run", "restart")])?;
+        // The Hello was replayed: the run's rule and progress are known again.
+        let info = sample(&body, "gainguard_run_info", &[("run", "restart"), ("rule", "paper")])?;
+        let progress = sample(&body, "gainguard_progress_ratio", &[("run", "restart")])?;
+        (step > 0.0 && info == 1.0 && progress > 0.0).then_some(())
+    });
+    assert!(restarted.elapsed() < Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let slowest = sender.join().unwrap();
+    assert!(slowest < Duration::from_millis(5), "the slowest send took {slowest:?}");
+}
+
+#[test]
+fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
+    let daemon = Daemon::spawn(DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        nvml: NvmlMode::Off,
+        ttl: Duration::from_millis(800),
+        ..Default::default()
+    })
+    .unwrap();
+    let addr = daemon.metrics_addr();
+    let sink = daemon.sink();
+    let e = |step, event| Envelope::new("ttl", 1, "h", step, event);
+    sink.send(e(0, Event::Hello(Hello { pid: 1, planned_steps: None, rule: "paper".into(), gamma: None, alpha: None, reference: None })));
+    sink.send(e(
+        0,
+        Event::Params(ParamsTable {
+            params: vec![ParamInfo {
+                name: "w".into(),
+                layer: Some(0),
+                class: ParamClass::MatrixLike,
+                shape: vec![4, 4],
+                width_multiplier: 1.0,
+                lr: 0.1,
+                weight_decay: 0.1,
+            }],
+        }),
+    ));
+    sink.send(e(1, Event::Step(StepEvent { loss: Some(1.0), timestamp_seconds: 1.0, ..Default::default() })));
+    sink.send(e(1, Event::Goodbye(Goodbye { reason: "finished".into() })));
+    wait_until(Duration::from_secs(5), "the goodbye", || {
+        (sample(&metrics(addr), "gainguard_trainer_up", &[("run", "ttl")]) == Some(0.0)).then_some(())
+    });
+    let body = metrics(addr);
+    assert!(sample(&body, "gainguard_param_learning_rate", &[("run", "ttl")]).is_some(), "kept during the TTL");
+    wait_until(Duration::from_secs(5), "expiry", || {
+        let body = metrics(addr);
+        (!body.lines().any(|l| !l.starts_with('#') && l.contains("run=\"ttl\""))).then_some(())
+    });
+    assert_eq!(sample(&metrics(addr), "gainguard_runs", &[]), Some(0.0));
+}
+
+#[test]
+fn promtool_finds_no_problem_in_a_realistic_metrics_body() {
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    assert!(promtool.exists(), "promtool not found: `make test` installs the Debian package `prometheus`");
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = socket_in(dir.path());
+    let (_daemon, addr) = gainguardd(&["--ingest", &ingest, "--nvml", "auto"]);
+    let status = Command::new(env!("CARGO_BIN_EXE_gainguard-send"))
+        .args(["--addr", &ingest, "--steps", "20", "--params", "4", "--goodbye", "false"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Add full-spectrum fields and a non-finite step so that every family is present.
+    let sink = Sink::connect(&ingest, SinkOptions::default()).unwrap();
+    sink.send(Envelope::new(
+        "synthetic",
+        0,
+        "localhost",
+        21,
+        Event::Spectrum(SpectrumSample {
+            param: "blocks.0.mlp.up.weight".into(),
+            layer: Some(0),
+            class: ParamClass::MatrixLike,
+            sigma_max: Some(3.0),
+            top_k: vec![3.0],
+            iterations: 0,
+            sigma_max_normalized: Some(1.0),
+            reference_sigma_max: Some(3.0),
+            gain_ratio: Some(1.0),
+            stable_rank: Some(10.0),
+            frobenius_norm: Some(9.0),
+            effective_rank: Some(100.0),
+            quantiles: Some(SpectrumQuantiles { p10: 0.1, p50: 0.5, p90: 0.9, p99: 1.0 }),
+            update_ratio: Some(0.001),
+            nonfinite: false,
+            duration_seconds: 0.2,
+            progress: Some(0.5),
+        }),
+    ));
+    drop(sink);
+    let body = wait_until(Duration::from_secs(5), "the full spectrum sample", || {
+        let body = metrics(addr);
+        sample(&body, "gainguard_stable_rank", &[]).map(|_| body)
+    });
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+}
