@@ -28,6 +28,7 @@ pub mod reference;
 pub mod rule;
 pub mod schedule;
 pub mod spectra;
+pub mod telemetry;
 
 pub use classify::{BaseShapes, Override, ParamClass};
 pub use optim::{AdamWConfig, DecayMode, StepObserver, StepReport, WidthScaledAdamW};

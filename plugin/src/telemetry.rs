@@ -1,0 +1,140 @@
+//! Training telemetry: the events a trainer sends besides spectra (hello, the rule table, steps,
+//! goodbye), through a [`Sink`] that never blocks.
+//!
+//! The sink is either an embedded daemon's ([`gainguard_daemon::Daemon::sink`]) or a connection to a
+//! standalone `gainguardd` ([`Sink::connect`]); the trainer code is the same for both.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use gainguard_daemon::events::{Envelope, Event, Goodbye, Hello, ParamInfo, ParamsTable, StepEvent};
+use gainguard_daemon::Sink;
+
+use crate::optim::StepReport;
+use crate::plan::ScalingPlan;
+
+/// Who is sending: every event carries these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunIdentity {
+    pub run: String,
+    pub rank: u32,
+    pub host: String,
+}
+
+impl RunIdentity {
+    /// A run on this host; rank from `RANK` (torchrun's convention) or 0.
+    pub fn local(run: &str) -> RunIdentity {
+        let rank = std::env::var("RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
+        RunIdentity { run: run.to_string(), rank, host: hostname() }
+    }
+
+    pub fn envelope(&self, step: u64, event: Event) -> Envelope {
+        Envelope::new(self.run.clone(), self.rank, self.host.clone(), step, event)
+    }
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Sends a run's training events. Counters of dropped spectrum samples and non-finite parameters are
+/// shared with the spectra sampler, so each step event carries their latest values.
+pub struct Telemetry {
+    sink: Sink,
+    id: RunIdentity,
+    last_step_end: Option<Instant>,
+    pub spectrum_samples_dropped: Arc<AtomicU64>,
+    /// Non-finite parameters seen in the latest spectrum round; `u64::MAX` means not checked yet.
+    pub nonfinite_parameters: Arc<AtomicU64>,
+}
+
+impl Telemetry {
+    pub fn new(sink: Sink, id: RunIdentity) -> Telemetry {
+        Telemetry {
+            sink,
+            id,
+            last_step_end: None,
+            spectrum_samples_dropped: Arc::new(AtomicU64::new(0)),
+            nonfinite_parameters: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+
+    pub fn identity(&self) -> &RunIdentity {
+        &self.id
+    }
+
+    pub fn sink(&self) -> &Sink {
+        &self.sink
+    }
+
+    /// Announces the run and its rule table. Call once before training.
+    pub fn start(&self, plan: &ScalingPlan, planned_steps: Option<u64>, alpha: f64, reference: Option<String>) {
+        self.sink.send(self.id.envelope(
+            0,
+            Event::Hello(Hello {
+                pid: std::process::id(),
+                planned_steps,
+                rule: plan.rule.preset.name().to_string(),
+                gamma: plan.rule.reported_gamma(),
+                alpha: Some(alpha),
+                reference,
+            }),
+        ));
+        self.send_params(plan);
+    }
+
+    /// Sends the rule table again (after an explicit regroup).
+    pub fn send_params(&self, plan: &ScalingPlan) {
+        let params = plan
+            .decisions
+            .iter()
+            .filter(|d| d.tied_to.is_none())
+            .map(|d| ParamInfo {
+                name: d.name.clone(),
+                layer: d.layer,
+                class: d.class,
+                shape: d.shape.clone(),
+                width_multiplier: d.width_multiplier,
+                lr: d.lr,
+                weight_decay: d.weight_decay,
+            })
+            .collect();
+        self.sink.send(self.id.envelope(0, Event::Params(ParamsTable { params })));
+    }
+
+    /// Reports one finished step. Never blocks; a full sink drops and counts.
+    pub fn step(&mut self, report: &StepReport, loss: f64, tokens: u64) {
+        let now = Instant::now();
+        let duration = self.last_step_end.map(|t| now.duration_since(t).as_secs_f64());
+        self.last_step_end = Some(now);
+        let nonfinite = self.nonfinite_parameters.load(Ordering::Relaxed);
+        let event = StepEvent {
+            loss: loss.is_finite().then_some(loss),
+            loss_nonfinite: !loss.is_finite(),
+            tokens,
+            duration_seconds: duration,
+            timestamp_seconds: unix_now(),
+            lr_multiplier: report.lr_multiplier,
+            wd_multiplier: report.wd_multiplier,
+            spectrum_samples_dropped_total: self.spectrum_samples_dropped.load(Ordering::Relaxed),
+            events_dropped_total: self.sink.dropped_total(),
+            nonfinite_parameters: (nonfinite != u64::MAX).then_some(nonfinite),
+        };
+        self.sink.send(self.id.envelope(report.step, Event::Step(event)));
+    }
+
+    pub fn finish(&self, step: u64, reason: &str) {
+        self.sink.send(self.id.envelope(step, Event::Goodbye(Goodbye { reason: reason.to_string() })));
+    }
+}
