@@ -75,7 +75,14 @@ enum Target {
     Disabled,
     Capture(Sender<Envelope>),
     Embedded { data: Sender<IngestMsg>, control: Sender<Control>, conn: ConnId, connections: IntGauge },
-    Remote { tx: Option<Sender<Envelope>>, closed: Arc<AtomicBool>, done: Arc<AtomicBool>, flush_on_drop: Duration },
+    Remote {
+        tx: Option<Sender<Envelope>>,
+        closed: Arc<AtomicBool>,
+        done: Arc<AtomicBool>,
+        flush_on_drop: Duration,
+        /// Events queued but not yet written or dropped by the writer.
+        pending: Arc<AtomicU64>,
+    },
 }
 
 impl Sink {
@@ -110,11 +117,13 @@ impl Sink {
         let (tx, rx) = crossbeam_channel::bounded(options.capacity);
         let closed = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
+        let pending = Arc::new(AtomicU64::new(0));
         let sink = Sink::with_target(Target::Remote {
             tx: Some(tx),
             closed: Arc::clone(&closed),
             done: Arc::clone(&done),
             flush_on_drop: options.flush_on_drop,
+            pending: Arc::clone(&pending),
         });
         let writer = Writer {
             addr,
@@ -122,6 +131,7 @@ impl Sink {
             rx,
             closed,
             dropped: Arc::downgrade(&sink.inner),
+            pending,
             last_hello: None,
             last_params: None,
         };
@@ -148,12 +158,34 @@ impl Sink {
             Target::Embedded { data, conn, .. } => {
                 data.try_send(IngestMsg::Event { conn: *conn, envelope, validated: false }).is_ok()
             }
-            Target::Remote { tx, .. } => tx.as_ref().is_some_and(|tx| tx.try_send(envelope).is_ok()),
+            Target::Remote { tx, pending, .. } => {
+                pending.fetch_add(1, Ordering::SeqCst);
+                let ok = tx.as_ref().is_some_and(|tx| tx.try_send(envelope).is_ok());
+                if !ok {
+                    pending.fetch_sub(1, Ordering::SeqCst);
+                }
+                ok
+            }
         };
         if !ok {
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// Waits until every event queued so far has been written to the daemon's socket (or counted as
+    /// dropped), at most `timeout`. Returns true when nothing is left. Only a remote sink ever waits; call it
+    /// at the end of training, never on the step path.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Target::Remote { pending, .. } = &self.inner.target else { return true };
+        let deadline = Instant::now() + timeout;
+        while pending.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Events this sink (all clones together) failed to deliver.
@@ -175,7 +207,7 @@ impl Drop for Inner {
                     }
                 }
             }
-            Target::Remote { tx, closed, done, flush_on_drop } => {
+            Target::Remote { tx, closed, done, flush_on_drop, .. } => {
                 drop(tx.take());
                 let deadline = Instant::now() + *flush_on_drop;
                 while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -243,6 +275,7 @@ struct Writer {
     rx: Receiver<Envelope>,
     closed: Arc<AtomicBool>,
     dropped: std::sync::Weak<Inner>,
+    pending: Arc<AtomicU64>,
     /// Encoded lines replayed after every reconnect so that a restarted daemon relearns the run.
     last_hello: Option<Vec<u8>>,
     last_params: Option<Vec<u8>>,
@@ -255,6 +288,11 @@ impl Writer {
         if let Some(inner) = self.dropped.upgrade() {
             inner.dropped.fetch_add(n as u64, Ordering::Relaxed);
         }
+    }
+
+    /// `n` events left the buffer (written or dropped).
+    fn settled(&self, n: usize) {
+        self.pending.fetch_sub(n as u64, Ordering::SeqCst);
     }
 
     fn run(mut self) {
@@ -277,7 +315,9 @@ impl Writer {
                         let deadline = Instant::now() + backoff;
                         while Instant::now() < deadline {
                             if self.closed.load(Ordering::SeqCst) || self.disconnected_and_empty() {
-                                self.count_dropped(self.rx.len());
+                                let left = self.rx.len();
+                                self.count_dropped(left);
+                                self.settled(left);
                                 return;
                             }
                             std::thread::sleep(Duration::from_millis(10).min(backoff));
@@ -299,7 +339,9 @@ impl Writer {
             };
             batch.clear();
             let mut count = 0;
+            let mut taken = 0;
             for envelope in std::iter::once(first).chain(self.rx.try_iter().take(BATCH - 1)) {
+                taken += 1;
                 let Ok(line) = encode_line(&envelope) else {
                     self.count_dropped(1);
                     continue;
@@ -317,6 +359,7 @@ impl Writer {
                 self.count_dropped(count);
                 stream = None;
             }
+            self.settled(taken);
         }
     }
 

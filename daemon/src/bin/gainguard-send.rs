@@ -133,8 +133,9 @@ fn main() -> anyhow::Result<()> {
         send(env(args.steps, Event::Goodbye(Goodbye { reason: "finished".into() })));
     }
     let elapsed = start.elapsed();
+    sink.flush(Duration::from_secs(120));
     let dropped = sink.dropped_total();
-    drop(sink); // flushes what is buffered
+    drop(sink);
     println!(
         "{{\"sent\":{sent},\"dropped\":{dropped},\"send_seconds\":{:.6},\"total_seconds\":{:.6}}}",
         elapsed.as_secs_f64(),
