@@ -19,6 +19,7 @@
 pub mod classify;
 pub mod data;
 pub mod device;
+pub mod fit;
 pub mod fused;
 pub mod monitor;
 pub mod mup;
