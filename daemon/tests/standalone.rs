@@ -129,7 +129,7 @@ fn a_restarted_daemon_relearns_the_run_within_5s_while_send_never_blocks() {
         let sink = sink.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut slowest = Duration::ZERO;
+            let mut times = Vec::new();
             let mut step = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 step += 1;
@@ -142,10 +142,11 @@ fn a_restarted_daemon_relearns_the_run_within_5s_while_send_never_blocks() {
                 );
                 let t = Instant::now();
                 sink.send(e);
-                slowest = slowest.max(t.elapsed());
+                times.push(t.elapsed());
                 std::thread::sleep(Duration::from_millis(2));
             }
-            slowest
+            times.sort();
+            times
         })
     };
     wait_until(Duration::from_secs(5), "the run", || sample(&metrics(addr), "gainguard_step", &[("run", "restart")]));
@@ -163,8 +164,13 @@ fn a_restarted_daemon_relearns_the_run_within_5s_while_send_never_blocks() {
     });
     assert!(restarted.elapsed() < Duration::from_secs(5));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let slowest = sender.join().unwrap();
-    assert!(slowest < Duration::from_millis(5), "the slowest send took {slowest:?}");
+    let times = sender.join().unwrap();
+    // Allow for the scheduler on a loaded machine in the tail, but not for waiting on the daemon (whose
+    // absence lasted over 500 ms, and the sink's write timeout is 1 s).
+    let p99 = times[times.len() * 99 / 100];
+    let slowest = *times.last().unwrap();
+    assert!(p99 < Duration::from_millis(1), "p99 send took {p99:?}");
+    assert!(slowest < Duration::from_millis(100), "the slowest send took {slowest:?}");
 }
 
 #[test]
