@@ -1,0 +1,106 @@
+//! End to end, on loopback: trainers → embedded daemon → real Prometheus (gainguard's rules, short
+//! `for:` in this test's copy only) → real Alertmanager → a webhook. A target run under the paper rule
+//! with the proxy's reference fires no gain-drift alert; a target whose weight decay is mis-scaled
+//! (wd × 10) does, and the page names the run and the parameter.
+
+#[path = "../examples/llama/model.rs"]
+mod model;
+#[allow(dead_code)]
+#[path = "support/promql.rs"]
+mod promql;
+#[path = "support/stack.rs"]
+mod stack;
+#[path = "../examples/llama/train.rs"]
+mod train;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gainguard::daemon::{Daemon, DaemonConfig, NvmlMode};
+use gainguard::data::MarkovCorpus;
+use gainguard::telemetry::{RunIdentity, Telemetry};
+use gainguard::{Rule, Schedule};
+
+/// This test's copy of the rules: minutes become seconds so the test takes one minute, not twenty.
+fn fast_rules(rules: String) -> String {
+    rules
+        .replace("for: 10m", "for: 3s")
+        .replace("for: 5m", "for: 3s")
+        .replace("avg_over_time(gainguard_gain_ratio{class=\"matrix_like\"}[5m])", "avg_over_time(gainguard_gain_ratio{class=\"matrix_like\"}[10s])")
+}
+
+fn spec(name: &str, d_model: i64, wd: f64) -> train::RunSpec {
+    train::RunSpec {
+        name: name.into(),
+        d_model,
+        base_d_model: 32,
+        layers: 2,
+        vocab: 64,
+        seq_len: 32,
+        batch: 8,
+        steps: 200,
+        lr: 1e-2,
+        wd,
+        rule: Rule::default(),
+        schedule: Schedule::Constant,
+        seed: 3,
+        device: tch::Device::Cpu,
+        sample_every: 5,
+    }
+}
+
+fn is_gain_drift(labels: &serde_json::Value) -> bool {
+    labels["alertname"].as_str().is_some_and(|a| a.starts_with("GainDrift"))
+}
+
+#[test]
+fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_the_paper_rule_does_not() {
+    tch::set_num_threads(1);
+    let dir = stack::temp_dir("alerting-e2e");
+    let webhook = stack::Webhook::start();
+    let am = stack::Alertmanager::start(&dir, webhook.addr);
+    let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
+    let prom = stack::Prometheus::start(&dir, &[daemon.metrics_addr()], Some(am.addr), fast_rules);
+
+    let corpus = MarkovCorpus::new(64, 3, 9);
+    let base_wd = 0.3;
+    // The proxy records its reference profile.
+    let proxy = train::train(&spec("proxy", 32, base_wd), &corpus, train::Monitoring { record_profile: true, alpha: 0.75, ..Default::default() }).unwrap();
+    let profile = Arc::new(proxy.profile.expect("the proxy recorded a profile"));
+    assert!(!profile.params.is_empty());
+
+    let identity = |run: &str| RunIdentity { run: run.into(), rank: 0, host: "e2e".into() };
+    for (run, wd) in [("target-paper", base_wd), ("target-wd10", base_wd * 10.0)] {
+        let monitoring = train::Monitoring {
+            telemetry: Some(Telemetry::new(daemon.sink(), identity(run))),
+            reference: Some(profile.clone()),
+            alpha: 0.75,
+            ..Default::default()
+        };
+        let r = train::train(&spec(run, 128, wd), &corpus, monitoring).unwrap();
+        let ratios: Vec<String> = r.sigma_max.iter().map(|(n, s)| format!("{n}: {:.3}", s / proxy.sigma_max[n])).collect();
+        eprintln!("{run}: final sigma_max / proxy's: {}", ratios.join(", "));
+    }
+
+    // The mis-scaled run pages, with its run and param labels.
+    let fired = stack::wait_until(Duration::from_secs(90), "a GainDrift alert for target-wd10 at the webhook", || {
+        webhook.alerts().into_iter().find(|(l, status)| is_gain_drift(l) && l["run"] == "target-wd10" && status == "firing")
+    });
+    let param = fired.0["param"].as_str().unwrap_or("");
+    assert!(param.starts_with("blocks."), "the page names a hidden parameter: {}", fired.0);
+    let gain = prom.query("gainguard_gain_ratio{run=\"target-wd10\", class=\"matrix_like\"}");
+    assert!(gain.iter().any(|(_, v)| *v < 0.8 || *v > 1.25), "the mis-scaled run's gain ratios are out of band: {gain:?}");
+
+    // The paper-rule run stays quiet: nothing delivered, nothing pending or firing, and its exported
+    // ratios sit inside the band.
+    let paper_pages: Vec<_> = webhook.alerts().into_iter().filter(|(l, _)| is_gain_drift(l) && l["run"] == "target-paper").collect();
+    assert!(paper_pages.is_empty(), "the paper rule paged: {paper_pages:?}");
+    let active = prom.query("ALERTS{alertname=~\"GainDrift.*\", run=\"target-paper\"}");
+    assert!(active.is_empty(), "gain-drift alerts active for the paper rule: {active:?}");
+    let paper = prom.query("gainguard_gain_ratio{run=\"target-paper\", class=\"matrix_like\"}");
+    assert!(!paper.is_empty(), "the paper-rule run exported gain ratios");
+    for (labels, v) in &paper {
+        assert!((0.8..=1.25).contains(v), "paper rule: {} gain ratio {v}", labels["param"]);
+    }
+    daemon.shutdown();
+}
