@@ -53,6 +53,25 @@ fn is_gain_drift(labels: &serde_json::Value) -> bool {
     labels["alertname"].as_str().is_some_and(|a| a.starts_with("GainDrift"))
 }
 
+/// Every panel of every dashboard, evaluated through Prometheus's HTTP API after the real runs: each
+/// non-GPU panel returns data; GPU panels (no GPU here) only have to parse.
+fn every_dashboard_panel_returns_data(prom: &stack::Prometheus) {
+    let mut vars = promql::default_variables();
+    vars.insert("__rate_interval".into(), "10s".into());
+    vars.insert("__interval".into(), "1s".into());
+    vars.insert("__range".into(), "5m".into());
+    let queries = promql::concrete_panel_queries(&promql::grafana_dir(), &vars).unwrap();
+    assert!(queries.len() > 20, "the dashboards have panels ({})", queries.len());
+    let results = promql::evaluate_all(&prom.url(), &queries).unwrap();
+    let empty: Vec<String> = queries
+        .iter()
+        .zip(&results)
+        .filter(|(q, r)| r.series == 0 && !(q.dashboard.contains("gpu") || q.expr.contains("gainguard_gpu_") || q.expr.contains("nvml")))
+        .map(|(q, _)| format!("{} / {}: {}", q.dashboard, q.panel, q.expr))
+        .collect();
+    assert!(empty.is_empty(), "panels without data after a real run:\n{}", empty.join("\n"));
+}
+
 #[test]
 fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_the_paper_rule_does_not() {
     tch::set_num_threads(1);
@@ -102,5 +121,7 @@ fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_the_paper_rule_does_no
     for (labels, v) in &paper {
         assert!((0.8..=1.25).contains(v), "paper rule: {} gain ratio {v}", labels["param"]);
     }
+
+    every_dashboard_panel_returns_data(&prom);
     daemon.shutdown();
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
+use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
 use gainguard::telemetry::Telemetry;
 use gainguard::{AdamWConfig, BaseShapes, ParamClass, Rule, Schedule, WidthScaledAdamW};
@@ -91,6 +92,38 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
     let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), config)?;
     let table = opt.plan().to_table();
     let recorder = monitoring.record_profile.then(ProfileRecorder::new);
+    let wants_spectra = monitoring.telemetry.is_some() || recorder.is_some();
+    let mut sampler_handle: Option<SamplerHandle> = None;
+    if spec.sample_every > 0 && wants_spectra {
+        let (id, sink) = match &monitoring.telemetry {
+            Some(t) => (t.identity().clone(), t.sink().clone()),
+            None => (gainguard::telemetry::RunIdentity::local(&spec.name), gainguard::daemon::Sink::disabled()),
+        };
+        let config = SamplerConfig {
+            run: id.run,
+            rank: id.rank,
+            host: id.host,
+            interval: spec.sample_every,
+            // A fixed interval: reference profiles need the same progress points at every width.
+            budget_fraction: None,
+            alpha: monitoring.alpha,
+            planned_steps: Some(spec.steps),
+            ..Default::default()
+        };
+        let mut sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
+        if let Some(r) = monitoring.reference.clone() {
+            sampler = sampler.with_reference(r);
+        }
+        if let Some(rec) = &recorder {
+            sampler.add_listener(rec.listener());
+        }
+        let handle = sampler.handle();
+        if let Some(t) = monitoring.telemetry.as_mut() {
+            t.attach_sampler(handle.clone());
+        }
+        sampler_handle = Some(handle);
+        opt.add_observer(Box::new(sampler));
+    }
     if let Some(t) = &monitoring.telemetry {
         t.start(opt.plan(), Some(spec.steps), monitoring.alpha, None);
     }
@@ -112,8 +145,12 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
             t.step(&report, loss, tokens);
         }
     }
+    if let Some(h) = &sampler_handle {
+        h.finish(std::time::Duration::from_secs(60));
+    }
     if let Some(t) = &monitoring.telemetry {
         t.finish(spec.steps, "finished");
+        t.sink().flush(std::time::Duration::from_secs(5));
     }
 
     let vars = vs.variables();

@@ -4,13 +4,12 @@
 //! The sink is either an embedded daemon's ([`gainguard_daemon::Daemon::sink`]) or a connection to a
 //! standalone `gainguardd` ([`Sink::connect`]); the trainer code is the same for both.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use gainguard_daemon::events::{Envelope, Event, Goodbye, Hello, ParamInfo, ParamsTable, StepEvent};
 use gainguard_daemon::Sink;
 
+use crate::monitor::SamplerHandle;
 use crate::optim::StepReport;
 use crate::plan::ScalingPlan;
 
@@ -48,15 +47,13 @@ pub fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// Sends a run's training events. Counters of dropped spectrum samples and non-finite parameters are
-/// shared with the spectra sampler, so each step event carries their latest values.
+/// Sends a run's training events. With a spectra sampler attached, each step event also carries the
+/// sampler's dropped-sample count and the non-finite parameters of its latest round.
 pub struct Telemetry {
     sink: Sink,
     id: RunIdentity,
     last_step_end: Option<Instant>,
-    pub spectrum_samples_dropped: Arc<AtomicU64>,
-    /// Non-finite parameters seen in the latest spectrum round; `u64::MAX` means not checked yet.
-    pub nonfinite_parameters: Arc<AtomicU64>,
+    sampler: Option<SamplerHandle>,
 }
 
 impl Telemetry {
@@ -65,9 +62,13 @@ impl Telemetry {
             sink,
             id,
             last_step_end: None,
-            spectrum_samples_dropped: Arc::new(AtomicU64::new(0)),
-            nonfinite_parameters: Arc::new(AtomicU64::new(u64::MAX)),
+            sampler: None,
         }
+    }
+
+    /// Reports the sampler's counters in every step event from now on.
+    pub fn attach_sampler(&mut self, sampler: SamplerHandle) {
+        self.sampler = Some(sampler);
     }
 
     pub fn identity(&self) -> &RunIdentity {
@@ -118,7 +119,6 @@ impl Telemetry {
         let now = Instant::now();
         let duration = self.last_step_end.map(|t| now.duration_since(t).as_secs_f64());
         self.last_step_end = Some(now);
-        let nonfinite = self.nonfinite_parameters.load(Ordering::Relaxed);
         let event = StepEvent {
             loss: loss.is_finite().then_some(loss),
             loss_nonfinite: !loss.is_finite(),
@@ -127,9 +127,9 @@ impl Telemetry {
             timestamp_seconds: unix_now(),
             lr_multiplier: report.lr_multiplier,
             wd_multiplier: report.wd_multiplier,
-            spectrum_samples_dropped_total: self.spectrum_samples_dropped.load(Ordering::Relaxed),
+            spectrum_samples_dropped_total: self.sampler.as_ref().map_or(0, |s| s.dropped_total()),
             events_dropped_total: self.sink.dropped_total(),
-            nonfinite_parameters: (nonfinite != u64::MAX).then_some(nonfinite),
+            nonfinite_parameters: self.sampler.as_ref().and_then(|s| s.nonfinite_parameters()),
         };
         self.sink.send(self.id.envelope(report.step, Event::Step(event)));
     }
