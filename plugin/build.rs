@@ -1,0 +1,47 @@
+//! Compiles the C++ shim to ATen's `_fused_adamw_` (csrc/fused_adamw.cpp) against the headers of the
+//! libtorch that torch-sys links. Without those headers the shim is left out and the fused step falls
+//! back to the reference path (cfg `gainguard_fused_shim` unset).
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rustc-check-cfg=cfg(gainguard_fused_shim)");
+
+    // torch-sys (`links = "tch"`) exports the lib dir it linked; LIBTORCH is the project's setting.
+    let lib_dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("LIBTORCH").map(|p| PathBuf::from(p).join("lib")));
+    let Some(lib_dir) = lib_dir else {
+        println!("cargo:warning=gainguard: neither DEP_TCH_LIBTORCH_LIB nor LIBTORCH is set; the fused AdamW step is disabled");
+        return;
+    };
+    let include = lib_dir.parent().map(|p| p.join("include")).unwrap_or_default();
+    if !include.join("ATen/ops/_fused_adamw.h").exists() {
+        println!(
+            "cargo:warning=gainguard: {} has no ATen/ops/_fused_adamw.h; the fused AdamW step is disabled",
+            include.display()
+        );
+        return;
+    }
+
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/fused_adamw.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        // The PyPI wheels (2.11) are built with the new libstdc++ ABI: torch._C._GLIBCXX_USE_CXX11_ABI == True.
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .opt_level(2)
+        .warnings(false)
+        .extra_warnings(false)
+        .compile("gainguard_fused_adamw");
+
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=gainguard_fused_shim");
+}
