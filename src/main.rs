@@ -3,11 +3,19 @@
 
 #[path = "../examples/llama/model.rs"]
 mod model;
+#[path = "../examples/llama/report.rs"]
+mod report;
 #[path = "../examples/llama/train.rs"]
 mod train;
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Parser;
+use gainguard::daemon::{Daemon, DaemonConfig};
 use gainguard::data::MarkovCorpus;
+use gainguard::reference::ReferenceProfile;
+use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::{Rule, Schedule};
 
 #[derive(Parser)]
@@ -28,6 +36,19 @@ struct Args {
     /// Where the report files go.
     #[arg(long, default_value = "out/demo")]
     out: std::path::PathBuf,
+    /// Where the embedded daemon serves /metrics during the target run (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics: std::net::SocketAddr,
+}
+
+/// One scrape of our own /metrics, to show what Prometheus will see.
+fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }
 
 fn summary(name: &str, losses: &[f64]) -> String {
@@ -66,20 +87,69 @@ fn main() -> anyhow::Result<()> {
     };
     let target = train::RunSpec { name: "target".into(), d_model: a.proxy_width * a.multiplier, ..proxy.clone() };
 
-    println!("== proxy: d_model {} ==", proxy.d_model);
-    let p = train::train(&proxy, &corpus, Default::default())?;
+    let planned = format!("{} steps each, (lr, wd) = ({}, {}), rule {}", a.steps, a.lr, a.wd, rule);
+    println!("== proxy: d_model {} ({planned}) ==", proxy.d_model);
+    let monitoring = train::Monitoring { record_profile: true, alpha: 0.75, progress: true, ..Default::default() };
+    let p = train::train(&proxy, &corpus, monitoring)?;
+    let profile = p.profile.clone().context("the proxy run recorded no spectra")?;
+    let profile_path = a.out.join("reference_profile.json");
+    profile.write_json(&profile_path)?;
     proxy.base_shapes().write_json(&a.out.join("base_shapes.json"))?;
-    println!("== target: d_model {} ({}x), (lr, wd) = ({}, {}) transferred by rule {} ==", target.d_model, a.multiplier, a.lr, a.wd, rule);
-    let t = train::train(&target, &corpus, Default::default())?;
+    println!("{}", summary("proxy", &p.losses));
+    println!("wrote {} and base_shapes.json", profile_path.display());
+
+    // The target run loads the profile back from disk, as a separate job would.
+    let reference = Arc::new(ReferenceProfile::read_json(&profile_path)?);
+    let daemon = Daemon::spawn(DaemonConfig { listen: a.metrics, ..Default::default() })
+        .with_context(|| format!("starting the embedded daemon on {} (use --metrics 127.0.0.1:0 for any free port)", a.metrics))?;
+    println!(
+        "\n== target: d_model {} ({}x), same (lr, wd) transferred by the rule; metrics on http://{}/metrics ==",
+        target.d_model,
+        a.multiplier,
+        daemon.metrics_addr()
+    );
+    let monitoring = train::Monitoring {
+        telemetry: Some(Telemetry::new(daemon.sink(), RunIdentity::local("demo-target"))),
+        reference: Some(reference),
+        alpha: 0.75,
+        progress: true,
+        ..Default::default()
+    };
+    let t = train::train(&target, &corpus, monitoring)?;
     println!("{}", t.table);
     println!("{}", summary("proxy", &p.losses));
     println!("{}", summary("target", &t.losses));
     println!("entropy floor of the corpus: {:.3} nats/token", corpus.entropy_rate());
+
+    let metrics = scrape(daemon.metrics_addr())?;
+    let gain: Vec<&str> = metrics.lines().filter(|l| l.starts_with("gainguard_gain_ratio{")).collect();
+    println!("\nexported gain ratios (sigma_target / sigma_reference at the same progress), as Prometheus scrapes them:");
+    for l in &gain {
+        println!("  {l}");
+    }
+    daemon.shutdown();
+
+    let mut text = String::new();
+    text.push_str(&format!("# gainguard demo\n\n{planned}; proxy d_model {}, target d_model {}.\n\n", proxy.d_model, target.d_model));
+    text.push_str(&format!("{}\n{}\nentropy floor {:.3} nats/token\n\n", summary("proxy", &p.losses), summary("target", &t.losses), corpus.entropy_rate()));
+    text.push_str(&format!("| parameter | proxy sigma_max | target sigma_max | target / proxy |\n|---|---|---|---|\n"));
+    let (mut names, mut sp, mut st) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, s_proxy) in &p.sigma_max {
+        let s_target = t.sigma_max.get(name).copied().unwrap_or(f64::NAN);
+        text.push_str(&format!("| {name} | {s_proxy:.4} | {s_target:.4} | {:.3} |\n", s_target / s_proxy));
+        names.push(name.clone());
+        sp.push(*s_proxy);
+        st.push(s_target);
+    }
+    let png = a.out.join("sigma_max_proxy_vs_target.png");
+    report::plot_sigma_proxy_vs_target(&png, &names, &sp, &st)?;
+    text.push_str(&format!("\n![per-layer sigma_max]({})\n", png.file_name().unwrap().to_string_lossy()));
+    std::fs::write(a.out.join("report.md"), &text)?;
     println!("\nper-layer sigma_max (float64 SVD of the final weights):");
     println!("{:<28} {:>10} {:>10} {:>8}", "parameter", "proxy", "target", "ratio");
-    for (name, sp) in &p.sigma_max {
-        let st = t.sigma_max.get(name).copied().unwrap_or(f64::NAN);
-        println!("{name:<28} {sp:>10.4} {st:>10.4} {:>8.3}", st / sp);
+    for ((n, a_), b) in names.iter().zip(&sp).zip(&st) {
+        println!("{n:<28} {a_:>10.4} {b:>10.4} {:>8.3}", b / a_);
     }
+    println!("\nreport: {} and {}", a.out.join("report.md").display(), png.display());
     Ok(())
 }

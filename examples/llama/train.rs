@@ -57,6 +57,8 @@ pub struct Monitoring {
     /// Record this run's sigma_max profile (a proxy run).
     pub record_profile: bool,
     pub alpha: f64,
+    /// Show a progress bar on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
 }
 
 pub struct RunResult {
@@ -128,6 +130,13 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
         t.start(opt.plan(), Some(spec.steps), monitoring.alpha, None);
     }
 
+    let bar = if monitoring.progress { indicatif::ProgressBar::new(spec.steps) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(spec.name.clone());
     let start = Instant::now();
     let mut losses = Vec::with_capacity(spec.steps as usize);
     let tokens = (spec.batch * spec.seq_len) as u64;
@@ -141,10 +150,13 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
         let report = opt.step();
         let loss = loss.double_value(&[]);
         losses.push(loss);
+        bar.set_message(format!("loss {loss:.3}"));
+        bar.inc(1);
         if let Some(t) = monitoring.telemetry.as_mut() {
             t.step(&report, loss, tokens);
         }
     }
+    bar.finish_and_clear();
     if let Some(h) = &sampler_handle {
         h.finish(std::time::Duration::from_secs(60));
     }
