@@ -5,6 +5,7 @@
 //!
 //! Exit code 2 means bad input; the message names the culprit.
 
+mod inspect;
 mod rules;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Print the per-parameter decision (class, width multiplier m, lr, wd) for a base and a target model.
     Rules(rules::Args),
+    /// Singular-value statistics (sigma_max, stable rank, Frobenius norm, quantiles) of every matrix in a safetensors file.
+    Inspect(inspect::Args),
 }
 
 /// A failure caused by the user's input: reported on stderr with exit code 2.
@@ -37,6 +40,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Rules(a) => rules::run(a),
+        Command::Inspect(a) => inspect::run(a),
     };
     if let Err(e) = result {
         eprintln!("gainguard: {e:#}");
