@@ -1,24 +1,28 @@
-//! The fused AdamW step: one pass per `(lr, wd)` group over parameters, gradients and both moments.
+//! The fused AdamW step: one pass per `(lr, wd)` group over parameters, gradients and both moments,
+//! instead of the reference path's ~10 tensor ops (each a full sweep over memory) per parameter.
 //!
-//! It calls ATen's `_fused_adamw_`, the kernel behind `torch.optim.AdamW(fused=True)`, through a small
-//! C++ shim (`csrc/fused_adamw.cpp`, compiled by `build.rs`). The kernel exists for CPU and CUDA; the
-//! dispatcher picks it from the tensors' device. Per element it computes the same update as the
-//! reference path ([`WidthScaledAdamW::reference_step_group`]):
-//!
-//! ```text
-//! theta ← theta · (1 − lr·wd')
-//! first_moment  ← lerp(first_moment, g, 1 − beta1)
-//! second_moment ← beta2 · second_moment + (1 − beta2) · g²
-//! theta ← theta − lr / (1 − beta1^t) · first_moment / (sqrt(second_moment) / sqrt(1 − beta2^t) + eps)
-//! ```
-//!
-//! with `wd' = wd` for coupled decay and `wd' = wd / lr` for independent decay (so `lr·wd' = wd`).
+//! Two kernels, both in the C++ shim `csrc/fused_adamw.cpp` (compiled by `build.rs`), picked by device:
+//! - **CPU**: one loop per parameter, parallel over libtorch's own thread pool, that reads θ, g, m, v
+//!   once and writes θ, m, v once, in the reference path's order of operations and roundings, without
+//!   FMA. Given the same gradients it agrees with [`WidthScaledAdamW::reference_step_group`] to ~1e-8
+//!   relative after 5 steps (not bit for bit), and it is as close to libtorch's C++ AdamW as that is:
+//!   ```text
+//!   theta ← theta · (1 − lr·wd)                       (coupled; independent: theta · (1 − wd))
+//!   first_moment  ← beta1 · first_moment  + (1 − beta1) · g
+//!   second_moment ← beta2 · second_moment + (1 − beta2) · g²
+//!   theta ← theta − (first_moment / (sqrt(second_moment) / sqrt(1 − beta2^t) + eps)) · lr / (1 − beta1^t)
+//!   ```
+//! - **CUDA**: ATen's `_fused_adamw_`, the kernel of `torch.optim.AdamW(fused=True)`, one launch per
+//!   group. It decays by `(1 − lr·wd')`, so independent decay passes `wd' = wd / lr`. It rounds
+//!   differently from the reference path (lerp, FMA), so CUDA runs agree with it to float precision, not
+//!   bit for bit. (Not exercised here: the development machine has no GPU.)
 //!
 //! Covered: dense, contiguous `f32` or `f64` parameters whose gradient and moments have the parameter's
 //! dtype and device. A group with any other member (a `bf16` or `f16` parameter with `f32` moments, a
-//! sparse or strided gradient, members on several devices), or an independent-decay group at `lr = 0`, takes the reference path, as
-//! does every group when the shim is not built or the kernel throws (logged once). The state is the same
-//! tensors in both paths, so either path resumes the other's checkpoint.
+//! sparse or strided gradient, members on several devices), an independent-decay CUDA group at `lr = 0`,
+//! every group when the shim is not built, and a group the kernel refuses (logged once) take the
+//! reference path. The state is the same tensors in both paths, so either path resumes the other's
+//! checkpoint.
 
 use std::sync::Once;
 
@@ -46,22 +50,16 @@ pub fn available() -> bool {
     cfg!(gainguard_fused_shim)
 }
 
-/// One group through the fused kernel. Returns false, having changed nothing, when the group is not
-/// covered or the kernel refused it.
+/// One group in one pass. Returns false, having changed nothing, when the group is not covered or the
+/// kernel refused it.
 fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mult: f64, report: &mut StepReport) -> bool {
     let (beta1, beta2, eps) = (opt.config.beta1, opt.config.beta2, opt.config.eps);
+    let (bias_correction1, bias_correction2) = opt.bias_corrections(t);
     let group = &opt.groups[gi];
     let lr = group.lr * lr_mult;
     let wd = group.weight_decay * wd_mult;
-    // The kernel decays by (1 − lr·wd'); independent decay (1 − wd) needs wd' = wd / lr.
-    let kernel_wd = match opt.config.decay {
-        DecayMode::Coupled => wd,
-        DecayMode::Independent if wd == 0.0 => 0.0,
-        DecayMode::Independent if lr != 0.0 => wd / lr,
-        DecayMode::Independent => return false,
-    };
 
-    // Members with a gradient; the kernel takes them in one call when they share device and dtype.
+    // Members with a gradient; one kernel call takes them all when they share device and dtype.
     let mut skipped = 0;
     let mut members: Vec<(usize, Tensor)> = Vec::with_capacity(group.members.len());
     let mut common: Option<(Device, Kind)> = None;
@@ -91,15 +89,50 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
         }
         members.push((si, grad));
     }
+    let Some((device, kind)) = common else {
+        report.skipped_without_grad += skipped;
+        return true;
+    };
 
-    let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
-    let params: Vec<_> = members.iter().map(|(si, _)| ptr(&opt.slots[*si].tensor)).collect();
-    let grads: Vec<_> = members.iter().map(|(_, g)| ptr(g)).collect();
-    let first: Vec<_> = members.iter().map(|(si, _)| ptr(&opt.slots[*si].first_moment)).collect();
-    let second: Vec<_> = members.iter().map(|(si, _)| ptr(&opt.slots[*si].second_moment)).collect();
-    if let Err(e) = shim::fused_adamw(&params, &grads, &first, &second, t as f64, lr, beta1, beta2, kernel_wd, eps) {
-        // Every member passed the kernel's own argument checks above (dtype, device, layout), so a
-        // refusal here is unexpected; the reference path then steps the group.
+    let result = if device == Device::Cpu {
+        // θ·(1 − lr·wd) or θ·(1 − wd), as the reference path computes it.
+        let decay = match opt.config.decay {
+            DecayMode::Coupled => 1.0 - lr * wd,
+            DecayMode::Independent => 1.0 - wd,
+        };
+        let raw = |t: &Tensor| t.data_ptr();
+        let params: Vec<_> = members.iter().map(|(si, _)| raw(&opt.slots[*si].tensor)).collect();
+        let grads: Vec<_> = members.iter().map(|(_, g)| raw(g)).collect();
+        let first: Vec<_> = members.iter().map(|(si, _)| raw(&opt.slots[*si].first_moment)).collect();
+        let second: Vec<_> = members.iter().map(|(si, _)| raw(&opt.slots[*si].second_moment)).collect();
+        let numels: Vec<i64> = members.iter().map(|(si, _)| opt.slots[*si].tensor.numel() as i64).collect();
+        let scalars = shim::Scalars {
+            decay,
+            beta1,
+            beta2,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+            eps,
+            step_size: lr / bias_correction1,
+        };
+        shim::adamw_cpu(&params, &grads, &first, &second, &numels, kind == Kind::Double, &scalars)
+    } else {
+        // ATen's kernel decays by (1 − lr·wd'); independent decay (1 − wd) needs wd' = wd / lr.
+        let kernel_wd = match opt.config.decay {
+            DecayMode::Coupled => wd,
+            DecayMode::Independent if wd == 0.0 => 0.0,
+            DecayMode::Independent if lr != 0.0 => wd / lr,
+            DecayMode::Independent => return false,
+        };
+        let handle = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
+        let params: Vec<_> = members.iter().map(|(si, _)| handle(&opt.slots[*si].tensor)).collect();
+        let grads: Vec<_> = members.iter().map(|(_, g)| handle(g)).collect();
+        let first: Vec<_> = members.iter().map(|(si, _)| handle(&opt.slots[*si].first_moment)).collect();
+        let second: Vec<_> = members.iter().map(|(si, _)| handle(&opt.slots[*si].second_moment)).collect();
+        shim::fused_adamw(&params, &grads, &first, &second, t as f64, lr, beta1, beta2, kernel_wd, eps)
+    };
+    if let Err(e) = result {
+        // Every member passed the kernels' argument checks above (dtype, device, layout), so a refusal
+        // here is unexpected; the reference path then steps the group.
         static LOGGED: Once = Once::new();
         LOGGED.call_once(|| eprintln!("gainguard: fused AdamW step failed, using the reference path: {e}"));
         return false;
@@ -108,11 +141,41 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
     true
 }
 
+/// The per-step scalars of the CPU loop, in f64; the loop rounds each once to the parameters' dtype.
+struct Scalars {
+    decay: f64,
+    beta1: f64,
+    beta2: f64,
+    bias_correction2_sqrt: f64,
+    eps: f64,
+    step_size: f64,
+}
+
 #[cfg(gainguard_fused_shim)]
 mod shim {
     use std::ffi::{c_char, c_int, c_void, CStr};
 
+    pub(super) use super::Scalars;
+
     extern "C" {
+        fn gainguard_adamw_cpu(
+            params: *const *mut c_void,
+            grads: *const *mut c_void,
+            exp_avgs: *const *mut c_void,
+            exp_avg_sqs: *const *mut c_void,
+            numels: *const i64,
+            n: usize,
+            is_double: c_int,
+            decay: f64,
+            beta1: f64,
+            beta2: f64,
+            bias_correction2_sqrt: f64,
+            eps: f64,
+            step_size: f64,
+            err: *mut c_char,
+            cap: usize,
+        ) -> c_int;
+
         fn gainguard_fused_adamw(
             params: *const *mut c_void,
             grads: *const *mut c_void,
@@ -128,6 +191,52 @@ mod shim {
             err: *mut c_char,
             cap: usize,
         ) -> c_int;
+    }
+
+    fn error_text(err: &[c_char]) -> String {
+        // SAFETY: the shim NUL-terminates within the buffer it was given.
+        unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()
+    }
+
+    /// The CPU loop over raw contiguous buffers that outlive the call (`numels[i]` elements each).
+    pub(super) fn adamw_cpu(
+        params: &[*mut c_void],
+        grads: &[*mut c_void],
+        exp_avgs: &[*mut c_void],
+        exp_avg_sqs: &[*mut c_void],
+        numels: &[i64],
+        is_double: bool,
+        s: &Scalars,
+    ) -> Result<(), String> {
+        let n = params.len();
+        assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n && numels.len() == n);
+        let mut err = vec![0 as c_char; 1024];
+        // SAFETY: every buffer belongs to a live, contiguous tensor of the given dtype with `numels[i]`
+        // elements, held by the caller; parameters, gradients and moments do not overlap.
+        let rc = unsafe {
+            gainguard_adamw_cpu(
+                params.as_ptr(),
+                grads.as_ptr(),
+                exp_avgs.as_ptr(),
+                exp_avg_sqs.as_ptr(),
+                numels.as_ptr(),
+                n,
+                is_double as c_int,
+                s.decay,
+                s.beta1,
+                s.beta2,
+                s.bias_correction2_sqrt,
+                s.eps,
+                s.step_size,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(error_text(&err))
+        }
     }
 
     /// `_fused_adamw_` over `at::Tensor*` handles that outlive the call; returns the C++ exception text.
@@ -169,14 +278,27 @@ mod shim {
         if rc == 0 {
             Ok(())
         } else {
-            // SAFETY: the shim NUL-terminates within `cap`.
-            Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+            Err(error_text(&err))
         }
     }
 }
 
 #[cfg(not(gainguard_fused_shim))]
 mod shim {
+    pub(super) use super::Scalars;
+
+    pub(super) fn adamw_cpu(
+        _: &[*mut std::ffi::c_void],
+        _: &[*mut std::ffi::c_void],
+        _: &[*mut std::ffi::c_void],
+        _: &[*mut std::ffi::c_void],
+        _: &[i64],
+        _: bool,
+        _: &Scalars,
+    ) -> Result<(), String> {
+        Err("built without the fused AdamW shim".into())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fused_adamw(
         _: &[*mut std::ffi::c_void],

@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""PyTorch's AdamW step time on given shapes and (lr, wd) groups, for benches/optimizer_step.rs.
+
+Reads a JSON spec from the file named by argv[1]:
+  {"shapes": [[4096, 512], ...], "groups": [{"lr": 1e-3, "weight_decay": 0.1, "members": [0, 3, ...]}, ...],
+   "warmup": 5, "steps": 30, "threads": 2, "variants": ["fused", "for-loop"]}
+and prints one JSON line per variant: {"variant": ..., "samples_ms": [...], "median_ms": ..., "threads": ...}.
+Gradients are filled once with random values; only `optimizer.step()` is timed.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in spec["shapes"]]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    for variant in spec["variants"]:
+        kwargs = {"fused": True} if variant == "fused" else {"foreach": False}
+        groups = [
+            {"params": [params[i] for i in g["members"]], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+            for g in spec["groups"]
+        ]
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+        samples = []
+        for i in range(spec["warmup"] + spec["steps"]):
+            start = time.perf_counter()
+            opt.step()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if i >= spec["warmup"]:
+                samples.append(elapsed)
+        print(json.dumps({
+            "variant": variant,
+            "samples_ms": samples,
+            "median_ms": statistics.median(samples),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
