@@ -41,11 +41,14 @@ impl RunSpec {
         model::Config::new(self.vocab, d_model, self.base_d_model, self.layers, self.seq_len)
     }
 
-    /// The base (proxy) model's shapes, from a model built at the base width.
+    /// The base (proxy) model's shapes, with delta shapes from the same model at twice the width, so
+    /// the proxy run itself knows its width dimensions.
     pub fn base_shapes(&self) -> BaseShapes {
-        let vs = VarStore::new(Device::Cpu);
-        let _ = model::llama(vs.root(), &self.model_config(self.base_d_model));
-        BaseShapes::from_var_store(&vs)
+        let base = VarStore::new(Device::Cpu);
+        let _ = model::llama(base.root(), &self.model_config(self.base_d_model));
+        let delta = VarStore::new(Device::Cpu);
+        let _ = model::llama(delta.root(), &self.model_config(2 * self.base_d_model));
+        BaseShapes::from_var_stores(&base, &delta)
     }
 }
 

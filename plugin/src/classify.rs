@@ -1,7 +1,12 @@
 //! Parameter classes and width multipliers, by μP's infinite-shape test.
 //!
 //! Each parameter's shape is compared with the same-named parameter of a base (proxy) model. A dimension
-//! whose size differs is a *width dimension*.
+//! whose size differs is a *width dimension*. Like microsoft/mup's `set_base_shapes(model, base, delta)`,
+//! the base shapes may carry *delta* shapes (the same model at another width): a dimension that differs
+//! between base and delta is a width dimension even where the target equals the base. That is what lets the
+//! proxy run itself classify its hidden matrices as matrix-like (with `m = 1`) and decay them; without delta
+//! shapes a model identical to its base has no width dimension at all, and [`crate::plan::ScalingPlan`]
+//! refuses it rather than silently turning weight decay off.
 //!
 //! - Two or more width dimensions: **matrix-like** (attention q/k/v/o, MLP up/gate/down).
 //! - One or none: **vector-like** (norm gains, biases, token embedding, readout).
@@ -39,20 +44,54 @@ pub enum ClassifyError {
     BaseShapesFile { path: String, reason: String },
 }
 
-/// The shapes of a base (proxy) model: parameter name → shape.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BaseShapes(pub BTreeMap<String, Vec<i64>>);
+pub type ShapeMap = BTreeMap<String, Vec<i64>>;
+
+/// The shapes of a base (proxy) model, and optionally of the same model at another width (delta).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BaseShapes {
+    pub base: ShapeMap,
+    pub delta: Option<ShapeMap>,
+}
+
+fn shapes_of(vs: &tch::nn::VarStore) -> ShapeMap {
+    vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect()
+}
 
 impl BaseShapes {
-    pub fn from_var_store(vs: &tch::nn::VarStore) -> BaseShapes {
-        BaseShapes(vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect())
+    pub fn new(base: ShapeMap) -> BaseShapes {
+        BaseShapes { base, delta: None }
     }
 
-    /// Parses a JSON object mapping each parameter name to its shape (an array of integers).
+    pub fn from_var_store(vs: &tch::nn::VarStore) -> BaseShapes {
+        BaseShapes::new(shapes_of(vs))
+    }
+
+    /// Base shapes with delta shapes: `delta` is the same model at another width, which declares the
+    /// width dimensions (those whose size differs from `base`).
+    pub fn from_var_stores(base: &tch::nn::VarStore, delta: &tch::nn::VarStore) -> BaseShapes {
+        BaseShapes { base: shapes_of(base), delta: Some(shapes_of(delta)) }
+    }
+
+    /// Parses either a JSON object mapping each parameter name to its shape (an array of integers), or
+    /// `{"base": {...}, "delta": {...}}` with two such objects (what [`write_json`](Self::write_json) writes
+    /// when delta shapes are known).
     pub fn from_json_str(text: &str, origin: &str) -> Result<BaseShapes, ClassifyError> {
         let err = |reason: String| ClassifyError::BaseShapesFile { path: origin.to_string(), reason };
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| err("expected a JSON object mapping parameter names to shapes".into()))?;
+        if let (Some(base), Some(delta)) = (obj.get("base").filter(|b| b.is_object()), obj.get("delta").filter(|d| d.is_object())) {
+            return Ok(BaseShapes {
+                base: Self::shape_map(base, origin)?,
+                delta: Some(Self::shape_map(delta, origin)?),
+            });
+        }
+        Ok(BaseShapes::new(Self::shape_map(&value, origin)?))
+    }
+
+    fn shape_map(value: &serde_json::Value, origin: &str) -> Result<ShapeMap, ClassifyError> {
+        let err = |reason: String| ClassifyError::BaseShapesFile { path: origin.to_string(), reason };
         let obj = value
             .as_object()
             .ok_or_else(|| err("expected a JSON object mapping parameter names to shapes".into()))?;
@@ -70,7 +109,7 @@ impl BaseShapes {
             }
             shapes.insert(name.clone(), out);
         }
-        Ok(BaseShapes(shapes))
+        Ok(shapes)
     }
 
     pub fn from_json_file(path: &Path) -> Result<BaseShapes, ClassifyError> {
@@ -82,7 +121,11 @@ impl BaseShapes {
     }
 
     pub fn to_json_string(&self) -> String {
-        serde_json::to_string_pretty(&self.0).expect("a map of strings to integer arrays serializes")
+        let value = match &self.delta {
+            None => serde_json::to_value(&self.base),
+            Some(delta) => serde_json::to_value(serde_json::json!({ "base": self.base, "delta": delta })),
+        };
+        serde_json::to_string_pretty(&value.expect("shape maps serialize")).expect("JSON values serialize")
     }
 
     /// Writes the shapes as JSON, so that a proxy run leaves the base shapes for its targets.
@@ -91,15 +134,15 @@ impl BaseShapes {
     }
 
     pub fn get(&self, name: &str) -> Option<&Vec<i64>> {
-        self.0.get(name)
+        self.base.get(name)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.base.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.base.is_empty()
     }
 }
 
@@ -213,7 +256,11 @@ pub fn classify(name: &str, shape: &[i64], base: &BaseShapes, overrides: &Overri
             return Err(ClassifyError::ZeroDim { name: name.to_string(), which, shape: s.to_vec(), dim });
         }
     }
-    let width_dims: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != base_shape[i]).collect();
+    // Width dims: where the target differs from the base, or where the delta declares one.
+    let delta_shape = base.delta.as_ref().and_then(|d| d.get(name)).filter(|d| d.len() == base_shape.len());
+    let width_dims: Vec<usize> = (0..shape.len())
+        .filter(|&i| shape[i] != base_shape[i] || delta_shape.is_some_and(|d| d[i] != base_shape[i]))
+        .collect();
     let mut class = if width_dims.len() >= 2 { ParamClass::MatrixLike } else { ParamClass::VectorLike };
     let mut fan_in_dim = width_dims.last().copied();
     let mut m_override = None;
@@ -269,7 +316,23 @@ mod tests {
     use super::*;
 
     fn base(entries: &[(&str, &[i64])]) -> BaseShapes {
-        BaseShapes(entries.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect())
+        BaseShapes::new(entries.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect())
+    }
+
+    #[test]
+    fn delta_shapes_declare_width_dims_so_the_proxy_itself_is_matrix_like_with_m_one() {
+        let b = BaseShapes::from_json_str(
+            r#"{"base": {"w": [256, 64], "g": [64]}, "delta": {"w": [512, 128], "g": [128]}}"#,
+            "t",
+        )
+        .unwrap();
+        let w = classify("w", &[256, 64], &b, &none()).unwrap();
+        assert_eq!((w.class, w.width_multiplier, w.width_dims.clone()), (ParamClass::MatrixLike, 1.0, vec![0, 1]));
+        let wide = classify("w", &[1024, 256], &b, &none()).unwrap();
+        assert_eq!((wide.class, wide.width_multiplier), (ParamClass::MatrixLike, 4.0));
+        assert_eq!(classify("g", &[64], &b, &none()).unwrap().class, ParamClass::VectorLike);
+        let again = BaseShapes::from_json_str(&b.to_json_string(), "x").unwrap();
+        assert_eq!(again, b);
     }
 
     fn none() -> Overrides {

@@ -46,6 +46,8 @@ pub enum PlanError {
     Pattern(ClassifyError),
     #[error("base {name} = {value} must be finite and >= 0")]
     BadHyper { name: &'static str, value: f64 },
+    #[error("all {0} parameters have exactly their base shapes, so no dimension is a width dimension: nothing would be matrix-like and nothing would decay. Give delta shapes (the same model at another width: `BaseShapes::from_var_stores(base, delta)`, or a `{{\"base\": ..., \"delta\": ...}}` file) so the width dimensions are known")]
+    NoWidthDims(usize),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,6 +116,9 @@ impl ScalingPlan {
         }
         if !errors.is_empty() {
             return Err(PlanError::Params(errors));
+        }
+        if base.delta.is_none() && !decisions.is_empty() && decisions.iter().all(|d| d.shape == d.base_shape) {
+            return Err(PlanError::NoWidthDims(decisions.len()));
         }
         Ok(ScalingPlan { rule, base_lr, base_weight_decay, decisions })
     }
@@ -223,6 +228,12 @@ mod tests {
         let o = Override { weight_decay: Some(0.01), ..Override::new("norm") };
         let p = ScalingPlan::build(&[spec("norm", &[256])], &base(), &[o], Rule::default(), 1e-3, 0.1).unwrap();
         assert_eq!(p.get("norm").unwrap().weight_decay, 0.01);
+    }
+
+    #[test]
+    fn a_model_identical_to_its_base_without_delta_shapes_is_refused_not_silently_undecayed() {
+        let e = ScalingPlan::build(&[spec("blocks.0.w", &[256, 64])], &base(), &[], Rule::default(), 1e-3, 0.1).unwrap_err();
+        assert!(e.to_string().contains("delta shapes"), "{e}");
     }
 
     #[test]

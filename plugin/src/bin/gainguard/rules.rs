@@ -17,7 +17,8 @@ pub enum Format {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Shapes of the base (proxy) model: a JSON object mapping each parameter name to its shape.
+    /// Shapes of the base (proxy) model: a JSON object mapping each parameter name to its shape, or
+    /// {"base": {...}, "delta": {...}} with the same model at a second width (declares the width dims).
     #[arg(long)]
     base_shapes: PathBuf,
     /// Shapes of the target model, in the same format.
@@ -53,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let specs: Vec<ParamSpec> =
-        target.0.iter().map(|(n, s)| ParamSpec { name: n.clone(), shape: s.clone(), storage: None }).collect();
+        target.base.iter().map(|(n, s)| ParamSpec { name: n.clone(), shape: s.clone(), storage: None }).collect();
     let plan = ScalingPlan::build(&specs, &base, &overrides, rule, a.lr, a.wd).map_err(|e| bad(&e))?;
     match a.format {
         Format::Table => print!("{}", plan.to_table()),
