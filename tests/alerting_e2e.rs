@@ -1,7 +1,12 @@
 //! End to end, on loopback: trainers → embedded daemon → real Prometheus (gainguard's rules, short
-//! `for:` in this test's copy only) → real Alertmanager → a webhook. A target run under the paper rule
-//! with the proxy's reference fires no gain-drift alert; a target whose weight decay is mis-scaled
-//! (wd × 10) does, and the page names the run and the parameter.
+//! `for:` in this test's copy only) → real Alertmanager → a webhook. A run whose gains match the
+//! reference profile fires no gain-drift alert; a run whose weight decay is mis-scaled (wd × 10) does,
+//! and the page names the run and the parameter.
+//!
+//! The reference is a proxy run of the same width with another initialisation. With a 4× wider target on
+//! this toy corpus, the paper rule keeps the MLP matrices' sigma_max within ~1.1–1.3× of the proxy's but
+//! not the attention matrices' (~2×; see docs/EXPERIMENTS.md), so a cross-width reference would page,
+//! rightly: that is the alert doing its job, not a property this test can assume.
 
 #[path = "../examples/llama/model.rs"]
 mod model;
@@ -29,21 +34,23 @@ fn fast_rules(rules: String) -> String {
         .replace("avg_over_time(gainguard_gain_ratio{class=\"matrix_like\"}[5m])", "avg_over_time(gainguard_gain_ratio{class=\"matrix_like\"}[10s])")
 }
 
-fn spec(name: &str, d_model: i64, wd: f64) -> train::RunSpec {
+const WIDTH: i64 = 64;
+
+fn spec(name: &str, d_model: i64, wd: f64, seed: u64) -> train::RunSpec {
     train::RunSpec {
         name: name.into(),
         d_model,
-        base_d_model: 32,
+        base_d_model: WIDTH,
         layers: 2,
         vocab: 64,
         seq_len: 32,
         batch: 8,
-        steps: 200,
+        steps: 300,
         lr: 1e-2,
         wd,
         rule: Rule::default(),
         schedule: Schedule::Constant,
-        seed: 3,
+        seed,
         device: tch::Device::Cpu,
         sample_every: 5,
     }
@@ -73,7 +80,7 @@ fn every_dashboard_panel_returns_data(prom: &stack::Prometheus) {
 }
 
 #[test]
-fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_the_paper_rule_does_not() {
+fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_a_run_matching_its_reference_does_not() {
     tch::set_num_threads(1);
     let dir = stack::temp_dir("alerting-e2e");
     let webhook = stack::Webhook::start();
@@ -82,21 +89,21 @@ fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_the_paper_rule_does_no
     let prom = stack::Prometheus::start(&dir, &[daemon.metrics_addr()], Some(am.addr), fast_rules);
 
     let corpus = MarkovCorpus::new(64, 3, 9);
-    let base_wd = 0.3;
+    let base_wd = 0.5;
     // The proxy records its reference profile.
-    let proxy = train::train(&spec("proxy", 32, base_wd), &corpus, train::Monitoring { record_profile: true, alpha: 0.75, ..Default::default() }).unwrap();
+    let proxy = train::train(&spec("proxy", WIDTH, base_wd, 3), &corpus, train::Monitoring { record_profile: true, alpha: 0.75, ..Default::default() }).unwrap();
     let profile = Arc::new(proxy.profile.expect("the proxy recorded a profile"));
     assert!(!profile.params.is_empty());
 
     let identity = |run: &str| RunIdentity { run: run.into(), rank: 0, host: "e2e".into() };
-    for (run, wd) in [("target-paper", base_wd), ("target-wd10", base_wd * 10.0)] {
+    for (run, wd) in [("target-matching", base_wd), ("target-wd10", base_wd * 10.0)] {
         let monitoring = train::Monitoring {
             telemetry: Some(Telemetry::new(daemon.sink(), identity(run))),
             reference: Some(profile.clone()),
             alpha: 0.75,
             ..Default::default()
         };
-        let r = train::train(&spec(run, 128, wd), &corpus, monitoring).unwrap();
+        let r = train::train(&spec(run, WIDTH, wd, 4), &corpus, monitoring).unwrap();
         let ratios: Vec<String> = r.sigma_max.iter().map(|(n, s)| format!("{n}: {:.3}", s / proxy.sigma_max[n])).collect();
         eprintln!("{run}: final sigma_max / proxy's: {}", ratios.join(", "));
     }
@@ -110,16 +117,16 @@ fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_the_paper_rule_does_no
     let gain = prom.query("gainguard_gain_ratio{run=\"target-wd10\", class=\"matrix_like\"}");
     assert!(gain.iter().any(|(_, v)| *v < 0.8 || *v > 1.25), "the mis-scaled run's gain ratios are out of band: {gain:?}");
 
-    // The paper-rule run stays quiet: nothing delivered, nothing pending or firing, and its exported
+    // The matching run stays quiet: nothing delivered, nothing pending or firing, and its exported
     // ratios sit inside the band.
-    let paper_pages: Vec<_> = webhook.alerts().into_iter().filter(|(l, _)| is_gain_drift(l) && l["run"] == "target-paper").collect();
-    assert!(paper_pages.is_empty(), "the paper rule paged: {paper_pages:?}");
-    let active = prom.query("ALERTS{alertname=~\"GainDrift.*\", run=\"target-paper\"}");
-    assert!(active.is_empty(), "gain-drift alerts active for the paper rule: {active:?}");
-    let paper = prom.query("gainguard_gain_ratio{run=\"target-paper\", class=\"matrix_like\"}");
-    assert!(!paper.is_empty(), "the paper-rule run exported gain ratios");
+    let paper_pages: Vec<_> = webhook.alerts().into_iter().filter(|(l, _)| is_gain_drift(l) && l["run"] == "target-matching").collect();
+    assert!(paper_pages.is_empty(), "the matching run paged: {paper_pages:?}");
+    let active = prom.query("ALERTS{alertname=~\"GainDrift.*\", run=\"target-matching\"}");
+    assert!(active.is_empty(), "gain-drift alerts active for the matching run: {active:?}");
+    let paper = prom.query("gainguard_gain_ratio{run=\"target-matching\", class=\"matrix_like\"}");
+    assert!(!paper.is_empty(), "the matching run exported gain ratios");
     for (labels, v) in &paper {
-        assert!((0.8..=1.25).contains(v), "paper rule: {} gain ratio {v}", labels["param"]);
+        assert!((0.8..=1.25).contains(v), "matching run: {} gain ratio {v}", labels["param"]);
     }
 
     every_dashboard_panel_returns_data(&prom);

@@ -125,6 +125,11 @@ impl Source for Training {
                     }
                 }
                 self.run_info.with_label_values(&info_labels(run.key, &info)).set(1.0);
+                // Counters exist from the start at 0, so `increase()` sees the first non-finite step
+                // and dashboards show 0 rather than nothing for a healthy run.
+                self.loss_nonfinite.with_label_values(&labels).inc_by(0);
+                self.spectrum_dropped.with_label_values(&labels).inc_by(0);
+                self.events_dropped.with_label_values(&labels).inc_by(0);
             }
             Event::Step(s) => {
                 self.step.with_label_values(&labels).set(envelope.step as f64);
