@@ -180,7 +180,7 @@ pub struct SpectrumSample {
     /// sigma_max / reference_sigma_max.
     #[serde(default)]
     pub gain_ratio: Option<f64>,
-    /// ‖W‖_F² / sigma_max² (full-spectrum samples only).
+    /// ‖W‖_F² / sigma_max² (every sample: exact given sigma_max and the Frobenius norm).
     #[serde(default)]
     pub stable_rank: Option<f64>,
     /// ‖W‖_F.
