@@ -3,6 +3,8 @@
 
 #[path = "../examples/llama/model.rs"]
 mod model;
+#[path = "support/compare.rs"]
+mod compare;
 
 use std::path::PathBuf;
 
@@ -30,19 +32,6 @@ fn batch(corpus: &MarkovCorpus, step: u64) -> Tensor {
     Tensor::from_slice(&corpus.batch(step, 4, 16)).view([4, 16])
 }
 
-/// Max over parameters of ‖a − b‖_∞ / ‖b‖_∞.
-fn max_rel_diff(a: &VarStore, b: &VarStore) -> (f64, String) {
-    let bv = b.variables();
-    let mut worst = (0.0, String::new());
-    for (name, t) in a.variables() {
-        let r = &bv[&name];
-        let d = (&t - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30);
-        if d > worst.0 {
-            worst = (d, name);
-        }
-    }
-    worst
-}
 
 fn config(decay: DecayMode, fused: bool) -> AdamWConfig {
     // Independent decay shrinks by (1 − wd) per step, so it takes a wd of the size of lr·wd.
@@ -117,7 +106,7 @@ fn fused_matches_reference(decay: DecayMode) {
     fused.train(&corpus, 0..STEPS);
     reference.train(&corpus, 0..STEPS);
     assert_eq!(fused.opt.step_count(), STEPS);
-    let (diff, name) = max_rel_diff(&fused.vs, &reference.vs);
+    let (diff, name) = compare::max_rel_diff(&fused.vs, &reference.vs);
     eprintln!("{decay:?}: fused vs reference after {STEPS} steps: max relative difference {diff:e} at `{name}`");
     assert!(diff <= 1e-6, "{decay:?}: fused vs reference: max relative difference {diff:e} at `{name}` after {STEPS} steps");
     for (a, b) in fused.opt.slots().iter().zip(reference.opt.slots()) {
@@ -126,7 +115,7 @@ fn fused_matches_reference(decay: DecayMode) {
             assert!(d <= 1e-5, "{decay:?}: {what} moment of `{}` differs by {d:e}", a.name);
         }
     }
-    let (moved, _) = max_rel_diff(&fused.vs, &init);
+    let (moved, _) = compare::max_rel_diff(&fused.vs, &init);
     assert!(moved > 1e-2, "training barely moved the weights ({moved:e})");
 }
 
@@ -157,7 +146,7 @@ fn resuming_a_fused_run_from_its_checkpoint_is_bit_identical_to_an_uninterrupted
     resumed.load(&dir);
     assert_eq!(resumed.opt.step_count(), half);
     resumed.train(&corpus, half..STEPS);
-    let (diff, name) = max_rel_diff(&resumed.vs, &whole.vs);
+    let (diff, name) = compare::max_rel_diff(&resumed.vs, &whole.vs);
     assert_eq!(diff, 0.0, "resumed fused run differs at `{name}` by {diff:e}");
     for (a, b) in resumed.opt.slots().iter().zip(whole.opt.slots()) {
         assert!(a.first_moment.equal(&b.first_moment) && a.second_moment.equal(&b.second_moment), "moments of `{}`", a.name);
@@ -180,7 +169,7 @@ fn cross_resume(saved_by_fused: bool) {
     let mut resumed = Run::new(&other, config(DecayMode::Independent, !saved_by_fused));
     resumed.load(&dir);
     resumed.train(&corpus, half..STEPS);
-    let (diff, name) = max_rel_diff(&resumed.vs, &whole.vs);
+    let (diff, name) = compare::max_rel_diff(&resumed.vs, &whole.vs);
     eprintln!("checkpoint saved by fused={saved_by_fused}, resumed by the other path: max relative difference {diff:e} at `{name}`");
     assert!(diff <= 1e-6, "cross-resume (saved by fused={saved_by_fused}): {diff:e} at `{name}`");
     let _ = std::fs::remove_dir_all(dir);
@@ -247,7 +236,7 @@ fn on_cpu_the_fused_step_agrees_with_the_reference_step_to_rounding_given_the_sa
                 run.opt.step();
             }
         }
-        let (diff, name) = max_rel_diff(&fused.vs, &reference.vs);
+        let (diff, name) = compare::max_rel_diff(&fused.vs, &reference.vs);
         eprintln!("{decay:?}: fixed gradients, 5 steps: max relative difference {diff:e} at `{name}`");
         assert!(diff <= 1e-7, "{decay:?}: `{name}` differs by {diff:e}");
     }

@@ -2,6 +2,8 @@
 
 #[path = "../examples/llama/model.rs"]
 mod model;
+#[path = "support/compare.rs"]
+mod compare;
 
 use gainguard::data::MarkovCorpus;
 use gainguard::{AdamWConfig, BaseShapes, DecayMode, Rule, Schedule, WidthScaledAdamW};
@@ -29,19 +31,6 @@ fn batch(corpus: &MarkovCorpus, step: u64) -> Tensor {
     Tensor::from_slice(&corpus.batch(step, 4, 16)).view([4, 16])
 }
 
-/// Max over parameters of ‖a − b‖_∞ / ‖b‖_∞.
-fn max_rel_diff(a: &VarStore, b: &VarStore) -> (f64, String) {
-    let bv = b.variables();
-    let mut worst = (0.0, String::new());
-    for (name, t) in a.variables() {
-        let r = &bv[&name];
-        let d = (&t - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30);
-        if d > worst.0 {
-            worst = (d, name);
-        }
-    }
-    worst
-}
 
 fn parity(decay: DecayMode, fused: bool) {
     let corpus = MarkovCorpus::new(48, 4, 1);
@@ -51,7 +40,7 @@ fn parity(decay: DecayMode, fused: bool) {
     vs_ref.copy(&vs_ours).unwrap();
     let (mut vs_init, _) = build(1, D);
     vs_init.copy(&vs_ours).unwrap();
-    assert_eq!(max_rel_diff(&vs_ours, &vs_ref).0, 0.0, "both models start identical");
+    assert_eq!(compare::max_rel_diff(&vs_ours, &vs_ref).0, 0.0, "both models start identical");
 
     // Independent decay shrinks by (1 − wd) per step, so it takes a wd of the size of lr·wd.
     let weight_decay = match decay {
@@ -87,11 +76,11 @@ fn parity(decay: DecayMode, fused: bool) {
         m_ref.loss(&x).backward();
         reference.step().unwrap();
     }
-    let (diff, name) = max_rel_diff(&vs_ours, &vs_ref);
+    let (diff, name) = compare::max_rel_diff(&vs_ours, &vs_ref);
     eprintln!("{decay:?} fused={fused}: max relative difference {diff:e} at `{name}`");
     assert!(diff <= 1e-5, "{decay:?} fused={fused}: max relative difference {diff:e} at `{name}` after {STEPS} steps");
     // The run must have moved the weights far more than the tolerance, or the comparison says nothing.
-    let (moved, _) = max_rel_diff(&vs_ours, &vs_init);
+    let (moved, _) = compare::max_rel_diff(&vs_ours, &vs_init);
     assert!(moved > 1e-2, "training barely moved the weights ({moved:e})");
 }
 

@@ -82,7 +82,7 @@ impl Default for SamplerConfig {
         SamplerConfig {
             run: "run".into(),
             rank: 0,
-            host: default_host(),
+            host: crate::telemetry::hostname(),
             interval: 10,
             budget_fraction: Some(0.01),
             max_params_per_sample: 16,
@@ -99,14 +99,6 @@ impl Default for SamplerConfig {
     }
 }
 
-/// This machine's host name (`HOSTNAME`, else `/etc/hostname`, else `unknown`).
-pub fn default_host() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()).filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| "unknown".into())
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
