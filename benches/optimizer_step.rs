@@ -2,7 +2,7 @@
 //! (non-fused) step, libtorch's C++ AdamW and PyTorch's `torch.optim.AdamW(fused=True)`, with the same
 //! shapes, (lr, wd) groups and thread count, against the memory-traffic floor measured in the same run.
 //!
-//! `cargo bench --bench optimizer_step` (results in benchmarks/optimizer.md). Settings by environment:
+//! `cargo bench --bench optimizer_step` (results in BENCHMARKS.md). Settings by environment:
 //! `GAINGUARD_BENCH_STEPS` (timed steps per variant, default 30), `GAINGUARD_PYTHON` (the interpreter
 //! with torch; default: the project's venv).
 

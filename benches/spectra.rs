@@ -1,4 +1,4 @@
-//! Spectra benchmarks: ratios against a baseline measured in the same run (see benchmarks/spectra.md).
+//! Spectra benchmarks: ratios against a baseline measured in the same run (see BENCHMARKS.md).
 //!
 //! 1. warm-started sigma_max (block Krylov, after a small update) vs a full SVD (singular values
 //!    only), with the relative error beside the speed ratio;
