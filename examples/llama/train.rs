@@ -63,7 +63,7 @@ pub struct RunResult {
     pub losses: Vec<f64>,
     /// Mean loss over the last 10% of steps.
     pub final_loss: f64,
-    /// Final sigma_max of every matrix-like parameter, from a float64 SVD.
+    /// Final sigma_max of every matrix-like parameter (and every hidden matrix of a base-width run), from a float64 SVD.
     pub sigma_max: BTreeMap<String, f64>,
     pub profile: Option<ReferenceProfile>,
     pub seconds: f64,
@@ -75,8 +75,27 @@ pub fn tail_mean(losses: &[f64]) -> f64 {
     tail.iter().sum::<f64>() / tail.len() as f64
 }
 
+/// The hidden matrices of the architecture: parameters with two width dimensions. Found by comparing
+/// two small widths, because at the base width itself (m = 1) no dimension differs and the plan calls
+/// every parameter vector-like; the proxy's sigma_max must still be reported.
+pub fn hidden_matrices(spec: &RunSpec) -> std::collections::BTreeSet<String> {
+    let shapes = |d: i64| {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = model::llama(vs.root(), &model::Config::new(spec.vocab.min(64), d, 16, spec.layers, spec.seq_len));
+        BaseShapes::from_var_store(&vs).0
+    };
+    let (a, b) = (shapes(16), shapes(32));
+    a.iter().filter(|(n, s)| s.len() == 2 && b.get(*n).is_some_and(|t| t[0] != s[0] && t[1] != s[1])).map(|(n, _)| n.clone()).collect()
+}
+
 /// Trains one model on the synthetic corpus.
-pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
+pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, monitoring: Monitoring) -> anyhow::Result<RunResult> {
+    train_on(spec, &|step| corpus.batch(step, spec.batch as usize, spec.seq_len as usize), monitoring)
+}
+
+/// Trains one model on any token source: `batch(step)` returns `spec.batch × spec.seq_len` ids,
+/// row-major, each below `spec.vocab` (a [`gainguard::data::TokenFile`], say).
+pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
     tch::manual_seed(spec.seed as i64);
     let vs = VarStore::new(spec.device);
     let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
@@ -99,7 +118,7 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
     let mut losses = Vec::with_capacity(spec.steps as usize);
     let tokens = (spec.batch * spec.seq_len) as u64;
     for step in 0..spec.steps {
-        let ids = Tensor::from_slice(&corpus.batch(step, spec.batch as usize, spec.seq_len as usize))
+        let ids = Tensor::from_slice(&batch(step))
             .view([spec.batch, spec.seq_len])
             .to_device(spec.device);
         opt.zero_grad();
@@ -117,11 +136,12 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
     }
 
     let vars = vs.variables();
+    let hidden = hidden_matrices(spec);
     let sigma_max = opt
         .plan()
         .decisions
         .iter()
-        .filter(|d| d.class == ParamClass::MatrixLike)
+        .filter(|d| d.class == ParamClass::MatrixLike || hidden.contains(&d.name))
         .map(|d| {
             let w = vars[&d.name].to_device(Device::Cpu).to_kind(Kind::Double);
             let (_, s, _) = w.reshape([w.size()[0], -1]).svd(true, false);
