@@ -305,6 +305,18 @@ impl<'a> Runner<'a> {
         let o = RunOutcome { final_loss: res.final_loss, sigma_max: res.sigma_max, seconds: res.seconds, trained_as: label };
         self.bar.inc(cost(self.plan, self.data.vocab(), r.width));
         self.trained += 1;
+        // indicatif draws nothing when stderr is not a terminal (a nohup log): say the same in lines.
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!(
+                "[{:>6.0} s] {:>3}% ETA {:>5.0} s  {} -> loss {:.4} ({:.1} s)",
+                self.bar.elapsed().as_secs_f64(),
+                100 * self.bar.position() / self.bar.length().unwrap_or(1).max(1),
+                self.bar.eta().as_secs_f64(),
+                o.trained_as,
+                o.final_loss,
+                o.seconds
+            );
+        }
         self.cache.insert(key, o.clone());
         Ok(o)
     }

@@ -1,10 +1,12 @@
 //! `gainguard`: the command line of the plugin.
 //!
 //! - `gainguard rules`: print the per-parameter decision of the width-scaling rule.
+//! - `gainguard calibrate MEASUREMENTS.json`: recommend gamma from sigma_max at several widths and gammas.
 //! - `gainguard inspect FILE.safetensors`: singular-value statistics of every weight matrix in a file.
 //!
 //! Exit code 2 means bad input; the message names the culprit.
 
+mod calibrate;
 mod rules;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +22,8 @@ struct Cli {
 enum Command {
     /// Print the per-parameter decision (class, width multiplier m, lr, wd) for a base and a target model.
     Rules(rules::Args),
+    /// Recommend gamma (wd ∝ m^gamma) from sigma_max measured at 3+ widths and 2+ gammas along the μP path.
+    Calibrate(calibrate::Args),
 }
 
 /// A failure caused by the user's input: reported on stderr with exit code 2.
@@ -37,6 +41,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Rules(a) => rules::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     };
     if let Err(e) = result {
         eprintln!("gainguard: {e:#}");
