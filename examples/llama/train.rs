@@ -90,12 +90,33 @@ pub fn hidden_matrices(spec: &RunSpec) -> std::collections::BTreeSet<String> {
 
 /// Trains one model on the synthetic corpus.
 pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, monitoring: Monitoring) -> anyhow::Result<RunResult> {
-    train_on(spec, &|step| corpus.batch(step, spec.batch as usize, spec.seq_len as usize), monitoring)
+    train_with(spec, &|step| corpus.batch(step, spec.batch as usize, spec.seq_len as usize), monitoring, Vec::new())
 }
 
 /// Trains one model on any token source: `batch(step)` returns `spec.batch × spec.seq_len` ids,
 /// row-major, each below `spec.vocab` (a [`gainguard::data::TokenFile`], say).
-pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
+///
+/// Unlike [`train`], a run at the base width itself (m = 1) gets its hidden matrices classified
+/// matrix-like by override: the shape test alone finds no width dimension there, calls every parameter
+/// vector-like and gives it no weight decay, so a proxy would never see the `wd` it is tuned for.
+pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, monitoring: Monitoring) -> anyhow::Result<RunResult> {
+    let overrides = if spec.d_model == spec.base_d_model {
+        hidden_matrices(spec)
+            .into_iter()
+            .map(|n| gainguard::Override { class: Some(ParamClass::MatrixLike), width_multiplier: Some(1.0), ..gainguard::Override::new(&n) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    train_with(spec, batch, monitoring, overrides)
+}
+
+fn train_with(
+    spec: &RunSpec,
+    batch: &dyn Fn(u64) -> Vec<i64>,
+    mut monitoring: Monitoring,
+    overrides: Vec<gainguard::Override>,
+) -> anyhow::Result<RunResult> {
     tch::manual_seed(spec.seed as i64);
     let vs = VarStore::new(spec.device);
     let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
@@ -105,6 +126,7 @@ pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring:
         rule: spec.rule,
         schedule: spec.schedule.clone(),
         max_grad_norm: Some(1.0),
+        overrides,
         ..Default::default()
     };
     let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), config)?;
