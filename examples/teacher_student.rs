@@ -59,6 +59,8 @@ fn sigma_max(t: &Tensor) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    // One thread: the models are small, and two threads stall badly on a shared 2-core machine.
+    tch::set_num_threads(1);
     let base = *a.widths.first().ok_or_else(|| anyhow::anyhow!("--widths is empty"))?;
     let base_vs = nn::VarStore::new(Device::Cpu);
     let _ = network(base_vs.root(), base, base);
