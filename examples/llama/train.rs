@@ -82,7 +82,14 @@ pub fn tail_mean(losses: &[f64]) -> f64 {
 }
 
 /// Trains one model on the synthetic corpus.
-pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
+pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, monitoring: Monitoring) -> anyhow::Result<RunResult> {
+    train_on(spec, &|step| corpus.batch(step, spec.batch as usize, spec.seq_len as usize), monitoring)
+}
+
+/// Trains one model on any token source: `batch(step)` returns `spec.batch × spec.seq_len` ids,
+/// row-major, each below `spec.vocab` (a [`gainguard::data::TokenFile`], say). The base shapes carry
+/// delta shapes, so a run at the base width itself (m = 1) still classifies and decays its hidden matrices.
+pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
     tch::manual_seed(spec.seed as i64);
     let vs = VarStore::new(spec.device);
     let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
@@ -144,7 +151,7 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, mut monitoring: Monitoring) 
     let mut losses = Vec::with_capacity(spec.steps as usize);
     let tokens = (spec.batch * spec.seq_len) as u64;
     for step in 0..spec.steps {
-        let ids = Tensor::from_slice(&corpus.batch(step, spec.batch as usize, spec.seq_len as usize))
+        let ids = Tensor::from_slice(&batch(step))
             .view([spec.batch, spec.seq_len])
             .to_device(spec.device);
         opt.zero_grad();

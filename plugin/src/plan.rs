@@ -117,7 +117,9 @@ impl ScalingPlan {
         if !errors.is_empty() {
             return Err(PlanError::Params(errors));
         }
-        if base.delta.is_none() && !decisions.is_empty() && decisions.iter().all(|d| d.shape == d.base_shape) {
+        let no_width_dims = decisions.iter().all(|d| d.shape == d.base_shape);
+        let none_matrix_like = decisions.iter().all(|d| d.class != ParamClass::MatrixLike);
+        if base.delta.is_none() && !decisions.is_empty() && no_width_dims && none_matrix_like {
             return Err(PlanError::NoWidthDims(decisions.len()));
         }
         Ok(ScalingPlan { rule, base_lr, base_weight_decay, decisions })

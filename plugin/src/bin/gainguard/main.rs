@@ -1,11 +1,13 @@
 //! `gainguard`: the command line of the plugin.
 //!
 //! - `gainguard rules`: print the per-parameter decision of the width-scaling rule.
+//! - `gainguard calibrate MEASUREMENTS.json`: recommend gamma from sigma_max at several widths and gammas.
 //! - `gainguard inspect FILE.safetensors`: singular-value statistics of every weight matrix in a file.
 //!
 //! Exit code 2 means bad input; the message names the culprit.
 
 mod inspect;
+mod calibrate;
 mod rules;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +25,8 @@ enum Command {
     Rules(rules::Args),
     /// Singular-value statistics (sigma_max, stable rank, Frobenius norm, quantiles) of every matrix in a safetensors file.
     Inspect(inspect::Args),
+    /// Recommend gamma (wd ∝ m^gamma) from sigma_max measured at 3+ widths and 2+ gammas along the μP path.
+    Calibrate(calibrate::Args),
 }
 
 /// A failure caused by the user's input: reported on stderr with exit code 2.
@@ -41,6 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Rules(a) => rules::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     };
     if let Err(e) = result {
         eprintln!("gainguard: {e:#}");

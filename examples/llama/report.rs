@@ -1,0 +1,223 @@
+//! PNG plots for the experiment reports and the demo, drawn with plotters' bitmap backend.
+//!
+//! Text goes through ab_glyph with DejaVu Sans read at run time from [`FONT_PATH`], so nothing depends
+//! on fontconfig or on a font found by guessing. Logarithmic axes are drawn by plotting `log10(v)` and
+//! labelling ticks with `v`.
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+pub const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const FONT: &str = "sans-serif";
+
+/// Reads and registers the font once per process.
+pub fn ensure_font() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = std::fs::read(FONT_PATH).map_err(|e| {
+            format!("cannot read the plot font {FONT_PATH}: {e}; install the Debian package `fonts-dejavu-core`")
+        })?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font(FONT, FontStyle::Normal, bytes)
+            .map_err(|_| format!("{FONT_PATH} is not a font ab_glyph can read; reinstall `fonts-dejavu-core`"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// One line of points.
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    /// Optional symmetric error bars on y, one per point.
+    pub y_err: Option<Vec<f64>>,
+}
+
+impl Series {
+    pub fn new(label: impl Into<String>, points: Vec<(f64, f64)>) -> Series {
+        Series { label: label.into(), points, y_err: None }
+    }
+}
+
+/// One chart of a figure.
+#[derive(Clone, Debug, Default)]
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<Series>,
+    /// Horizontal reference lines (label, y), drawn dashed: a loss floor, a ratio of 1.
+    pub hlines: Vec<(String, f64)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Axes<'a> {
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub log_x: bool,
+    pub log_y: bool,
+}
+
+fn tf(log: bool, v: f64) -> f64 {
+    if log {
+        v.log10()
+    } else {
+        v
+    }
+}
+
+fn tick_label(log: bool, v: f64) -> String {
+    let v = if log { 10f64.powf(v) } else { v };
+    if v != 0.0 && (v.abs() < 1e-2 || v.abs() >= 1e4) {
+        format!("{v:.1e}")
+    } else {
+        format!("{}", (v * 1000.0).round() / 1000.0)
+    }
+}
+
+fn palette(i: usize) -> RGBColor {
+    const C: [RGBColor; 10] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+    ];
+    C[i % C.len()]
+}
+
+fn range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if !lo.is_finite() {
+        return None;
+    }
+    let pad = if hi > lo { 0.06 * (hi - lo) } else { 0.5 * lo.abs().max(0.1) };
+    Some((lo - pad, hi + pad))
+}
+
+/// Draws `panels` side by side (up to `columns` per row) into one PNG.
+pub fn plot_panels(path: &Path, title: &str, axes: Axes, panels: &[Panel], columns: usize) -> Result<()> {
+    ensure_font()?;
+    if panels.is_empty() {
+        bail!("plot {}: no panels", path.display());
+    }
+    let columns = columns.clamp(1, panels.len());
+    let rows = panels.len().div_ceil(columns);
+    let (w, h) = (420 * columns as u32, 330 * rows as u32 + 40);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, (FONT, 20))?;
+    let areas = root.split_evenly((rows, columns));
+    for (panel, area) in panels.iter().zip(areas) {
+        draw_panel(&area, panel, axes).with_context(|| format!("plot {} panel `{}`", path.display(), panel.title))?;
+    }
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, panel: &Panel, axes: Axes) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let xs = panel.series.iter().flat_map(|s| s.points.iter().map(|p| tf(axes.log_x, p.0)));
+    let ys = panel.series.iter().flat_map(|s| {
+        s.points.iter().enumerate().flat_map(move |(i, p)| {
+            let e = s.y_err.as_ref().map_or(0.0, |e| e[i]);
+            [tf(axes.log_y, p.1 - e), tf(axes.log_y, p.1 + e)]
+        })
+    });
+    let hl = panel.hlines.iter().map(|h| tf(axes.log_y, h.1));
+    let Some((x0, x1)) = range(xs) else { return Ok(()) };
+    let (y0, y1) = range(ys.chain(hl)).unwrap_or((0.0, 1.0));
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, (FONT, 15))
+        .margin(8)
+        .x_label_area_size(34)
+        .y_label_area_size(52)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    chart
+        .configure_mesh()
+        .x_desc(axes.x_label)
+        .y_desc(axes.y_label)
+        .label_style((FONT, 11))
+        .axis_desc_style((FONT, 12))
+        .x_labels(6)
+        .y_labels(6)
+        .x_label_formatter(&|v| tick_label(axes.log_x, *v))
+        .y_label_formatter(&|v| tick_label(axes.log_y, *v))
+        .draw()?;
+    for (i, (label, y)) in panel.hlines.iter().enumerate() {
+        let y = tf(axes.log_y, *y);
+        let color = RGBColor(90, 90, 90);
+        let n = 40;
+        let dashes = (0..n).step_by(2).map(|k| {
+            let a = x0 + (x1 - x0) * k as f64 / n as f64;
+            let b = x0 + (x1 - x0) * (k + 1) as f64 / n as f64;
+            PathElement::new(vec![(a, y), (b, y)], color.stroke_width(1))
+        });
+        chart.draw_series(dashes)?;
+        chart.draw_series(std::iter::once(Text::new(
+            label.clone(),
+            (x0 + 0.02 * (x1 - x0), y + (0.012 + 0.04 * i as f64) * (y1 - y0)),
+            (FONT, 11).into_font().color(&color),
+        )))?;
+    }
+    for (i, s) in panel.series.iter().enumerate() {
+        let color = palette(i);
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (tf(axes.log_x, p.0), tf(axes.log_y, p.1))).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+        if let Some(err) = &s.y_err {
+            let bars = s.points.iter().zip(err).map(|(p, e)| {
+                let x = tf(axes.log_x, p.0);
+                PathElement::new(vec![(x, tf(axes.log_y, p.1 - e)), (x, tf(axes.log_y, p.1 + e))], color.stroke_width(1))
+            });
+            chart.draw_series(bars)?;
+        }
+    }
+    if panel.series.iter().any(|s| !s.label.is_empty()) {
+        chart
+            .configure_series_labels()
+            .label_font((FONT, 10))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// The demo's diagnostic: each hidden matrix's final sigma_max in the proxy and in the target, and
+/// their ratio (the gain ratio, 1 when the transfer holds). `names[i]` labels `proxy[i]`, `target[i]`.
+pub fn plot_sigma_proxy_vs_target(path: &Path, names: &[String], proxy: &[f64], target: &[f64]) -> Result<()> {
+    if names.len() != proxy.len() || names.len() != target.len() {
+        bail!("plot {}: {} names but {} proxy and {} target values", path.display(), names.len(), proxy.len(), target.len());
+    }
+    let idx = |v: &[f64]| v.iter().enumerate().map(|(i, s)| (i as f64, *s)).collect::<Vec<_>>();
+    let ratio: Vec<(f64, f64)> = proxy.iter().zip(target).enumerate().map(|(i, (p, t))| (i as f64, t / p)).collect();
+    let legend = names.iter().enumerate().map(|(i, n)| format!("{i}: {n}")).collect::<Vec<_>>().join("   ");
+    let panels = [
+        Panel {
+            title: "sigma_max per hidden matrix".into(),
+            series: vec![Series::new("proxy", idx(proxy)), Series::new("target", idx(target))],
+            hlines: vec![],
+        },
+        Panel {
+            title: "gain ratio sigma_target / sigma_proxy".into(),
+            series: vec![Series::new("ratio", ratio)],
+            hlines: vec![("1".into(), 1.0)],
+        },
+    ];
+    let title = if legend.len() < 160 { legend } else { "hidden matrices by index (see the table)".into() };
+    plot_panels(path, &title, Axes { x_label: "matrix index", y_label: "", log_x: false, log_y: false }, &panels, 2)
+}
