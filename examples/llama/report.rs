@@ -110,7 +110,8 @@ pub fn plot_panels(path: &Path, title: &str, axes: Axes, panels: &[Panel], colum
     }
     let columns = columns.clamp(1, panels.len());
     let rows = panels.len().div_ceil(columns);
-    let (w, h) = (420 * columns as u32, 330 * rows as u32 + 40);
+    // At least 760 px wide so a one-panel figure keeps its whole title.
+    let (w, h) = ((420 * columns as u32).max(760), 330 * rows as u32 + 40);
     let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, (FONT, 20))?;
