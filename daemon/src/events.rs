@@ -206,6 +206,32 @@ pub struct SpectrumSample {
     pub progress: Option<f64>,
 }
 
+impl SpectrumSample {
+    /// A sample of `param` that carries no measurement yet: fill in what was measured with struct update
+    /// syntax, `SpectrumSample { sigma_max: Some(s), ..SpectrumSample::empty(name, layer, class) }`.
+    pub fn empty(param: impl Into<String>, layer: Option<u32>, class: ParamClass) -> SpectrumSample {
+        SpectrumSample {
+            param: param.into(),
+            layer,
+            class,
+            sigma_max: None,
+            top_k: Vec::new(),
+            iterations: 0,
+            sigma_max_normalized: None,
+            reference_sigma_max: None,
+            gain_ratio: None,
+            stable_rank: None,
+            frobenius_norm: None,
+            effective_rank: None,
+            quantiles: None,
+            update_ratio: None,
+            nonfinite: false,
+            duration_seconds: 0.0,
+            progress: None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Goodbye {
     /// `finished`, `error`, or `interrupted`.

@@ -194,23 +194,9 @@ fn a_hundred_thousand_distinct_param_names_stop_at_the_per_run_cap() {
                 "h",
                 1,
                 Event::Spectrum(SpectrumSample {
-                    param: format!("p{j}"),
-                    layer: None,
-                    class: ParamClass::MatrixLike,
                     sigma_max: Some(1.0),
-                    top_k: vec![],
                     iterations: 1,
-                    sigma_max_normalized: None,
-                    reference_sigma_max: None,
-                    gain_ratio: None,
-                    stable_rank: None,
-                    frobenius_norm: None,
-                    effective_rank: None,
-                    quantiles: None,
-                    update_ratio: None,
-                    nonfinite: false,
-                    duration_seconds: 0.0,
-                    progress: None,
+                    ..SpectrumSample::empty(format!("p{j}"), None, ParamClass::MatrixLike)
                 }),
             );
             s.write_all(&encode_line(&e).unwrap()).unwrap();

@@ -580,23 +580,8 @@ impl Worker {
         let started = Instant::now();
         let info = &snap.info;
         let mut sample = SpectrumSample {
-            param: info.name.clone(),
-            layer: info.layer,
-            class: info.class,
-            sigma_max: None,
-            top_k: Vec::new(),
-            iterations: 0,
-            sigma_max_normalized: None,
-            reference_sigma_max: None,
-            gain_ratio: None,
-            stable_rank: None,
-            frobenius_norm: None,
-            effective_rank: None,
-            quantiles: None,
-            update_ratio: None,
-            nonfinite: false,
-            duration_seconds: 0.0,
             progress: self.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64),
+            ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
         };
         let estimator = self.estimators.entry(info.name.clone()).or_insert_with(|| Estimator::new(self.estimator_config.clone()));
         let matrix = match info.layout.apply(&snap.after) {

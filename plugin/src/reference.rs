@@ -243,23 +243,12 @@ mod tests {
 
     fn sample(param: &str, progress: f64, sigma: f64, normalized: Option<f64>) -> SpectrumSample {
         SpectrumSample {
-            param: param.into(),
-            layer: None,
-            class: ParamClass::MatrixLike,
             sigma_max: Some(sigma),
             top_k: vec![sigma],
             iterations: 1,
             sigma_max_normalized: normalized,
-            reference_sigma_max: None,
-            gain_ratio: None,
-            stable_rank: None,
-            frobenius_norm: None,
-            effective_rank: None,
-            quantiles: None,
-            update_ratio: None,
-            nonfinite: false,
-            duration_seconds: 0.0,
             progress: Some(progress),
+            ..SpectrumSample::empty(param, None, ParamClass::MatrixLike)
         }
     }
 

@@ -92,23 +92,10 @@ fn main() -> anyhow::Result<()> {
             send(env(
                 i,
                 Event::Spectrum(SpectrumSample {
-                    param: param_name(j),
-                    layer: Some(j as u32),
-                    class: ParamClass::MatrixLike,
                     sigma_max: Some(args.sigma_base * (j + 1) as f64),
-                    top_k: vec![],
                     iterations: 2,
-                    sigma_max_normalized: None,
-                    reference_sigma_max: None,
-                    gain_ratio: None,
-                    stable_rank: None,
-                    frobenius_norm: None,
-                    effective_rank: None,
-                    quantiles: None,
-                    update_ratio: None,
-                    nonfinite: false,
                     duration_seconds: 0.001,
-                    progress: None,
+                    ..SpectrumSample::empty(param_name(j), Some(j as u32), ParamClass::MatrixLike)
                 }),
             ));
         }
