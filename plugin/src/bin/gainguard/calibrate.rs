@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use crate::rules::Format;
+use crate::Format;
 use crate::BadInput;
 
 const FORMAT_HELP: &str = "\

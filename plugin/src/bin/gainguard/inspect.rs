@@ -6,7 +6,6 @@
 //! shapes there is no width information to do better.
 
 use anyhow::Result;
-use clap::ValueEnum;
 use gainguard::spectra::{all_finite, frobenius_norm, full_spectrum, Estimator, EstimatorConfig, FullPrecision, MatrixLayout};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -14,13 +13,7 @@ use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-use crate::BadInput;
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-}
+use crate::{BadInput, Format};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -29,6 +29,13 @@ enum Command {
     Calibrate(calibrate::Args),
 }
 
+/// Output format of the subcommands: `table` for people, `json` for programs.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
 /// A failure caused by the user's input: reported on stderr with exit code 2.
 #[derive(Debug)]
 pub struct BadInput(pub String);

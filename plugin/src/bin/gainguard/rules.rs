@@ -1,19 +1,12 @@
 //! `gainguard rules --base-shapes BASE.json --shapes TARGET.json --lr LR --wd WD --rule RULE`
 
 use anyhow::Result;
-use clap::ValueEnum;
 use gainguard::classify::{BaseShapes, Override};
 use gainguard::plan::{ParamSpec, ScalingPlan};
 use gainguard::Rule;
 use std::path::PathBuf;
 
-use crate::BadInput;
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-}
+use crate::{BadInput, Format};
 
 #[derive(clap::Args)]
 pub struct Args {
