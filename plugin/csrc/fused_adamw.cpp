@@ -22,6 +22,7 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,18 +73,25 @@ void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *c
   const T d = static_cast<T>(decay), b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1),
           b2 = static_cast<T>(beta2), omb2 = static_cast<T>(1.0 - beta2), bc2 = static_cast<T>(bias_correction2_sqrt),
           e = static_cast<T>(eps), s = static_cast<T>(step_size);
-  // 16 Ki elements per task: small enough to split a 512×512 matrix over threads, large enough that
-  // scheduling is noise.
-  constexpr int64_t grain = 1 << 14;
-  for (size_t t = 0; t < n; ++t) {
-    T *p = static_cast<T *>(params[t]);
-    const T *g = static_cast<const T *>(grads[t]);
-    T *m = static_cast<T *>(exp_avgs[t]);
-    T *v = static_cast<T *>(exp_avg_sqs[t]);
-    at::parallel_for(0, numels[t], grain, [&](int64_t begin, int64_t end) {
-      loop(p + begin, g + begin, m + begin, v + begin, end - begin, d, b1, omb1, b2, omb2, bc2, e, s);
-    });
-  }
+  // One parallel region over the concatenation of all the group's tensors (one fork/join per group, not
+  // per tensor); each task walks the tensor segments its range covers. 64 Ki elements per task.
+  constexpr int64_t grain = 1 << 16;
+  std::vector<int64_t> start(n + 1, 0);
+  for (size_t t = 0; t < n; ++t) start[t + 1] = start[t] + numels[t];
+  at::parallel_for(0, start[n], grain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (int64_t at = begin; at < end; ++t) {
+      const int64_t lo = at - start[t], hi = std::min(end, start[t + 1]) - start[t];
+      if (hi > lo) {
+        T *p = static_cast<T *>(params[t]);
+        const T *g = static_cast<const T *>(grads[t]);
+        T *m = static_cast<T *>(exp_avgs[t]);
+        T *v = static_cast<T *>(exp_avg_sqs[t]);
+        loop(p + lo, g + lo, m + lo, v + lo, hi - lo, d, b1, omb1, b2, omb2, bc2, e, s);
+      }
+      at = start[t] + hi;
+    }
+  });
 }
 
 }  // namespace
