@@ -6,6 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Seconds since the Unix epoch, the clock of every `*_timestamp_seconds` field and metric.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
 /// The wire protocol version carried in every envelope's `v` field.
 pub const PROTOCOL_VERSION: u32 = 1;
 

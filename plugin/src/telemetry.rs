@@ -4,7 +4,7 @@
 //! The sink is either an embedded daemon's ([`gainguard_daemon::Daemon::sink`]) or a connection to a
 //! standalone `gainguardd` ([`Sink::connect`]); the trainer code is the same for both.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use gainguard_daemon::events::{Envelope, Event, Goodbye, Hello, ParamInfo, ParamsTable, StepEvent};
 use gainguard_daemon::Sink;
@@ -43,9 +43,7 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-pub fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
+pub use gainguard_daemon::events::unix_now;
 
 /// Sends a run's training events. With a spectra sampler attached, each step event also carries the
 /// sampler's dropped-sample count and the non-finite parameters of its latest round.

@@ -2,7 +2,6 @@
 //! shape of the spectrum. A value the sample does not carry leaves its series untouched (never a sentinel).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
@@ -116,10 +115,6 @@ impl Spectra {
     }
 }
 
-fn now_seconds() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
 impl Source for Spectra {
     fn name(&self) -> &'static str {
         SPEC.name
@@ -161,7 +156,7 @@ impl Source for Spectra {
         }
         let run_labels = run.key.labels();
         self.samples.with_label_values(&run_labels).inc();
-        self.last_sample_timestamp.with_label_values(&run_labels).set(now_seconds());
+        self.last_sample_timestamp.with_label_values(&run_labels).set(crate::events::unix_now());
         self.sample_duration.with_label_values(&run_labels).observe(s.duration_seconds);
     }
 
