@@ -19,20 +19,9 @@ pub enum CudaBackend {
 
 static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
 
+/// The directory of the `libtorch_cpu.so` this process has mapped (tch's own shim is linked statically
+/// into the executable, so the loader's view of the mapped libraries is where libtorch's path is found).
 fn libtorch_lib_dir() -> Option<std::path::PathBuf> {
-    // Take the address of a libtorch_cpu symbol that tch is linked against and ask the loader for its file.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    let sym = torch_sys::at_manual_seed as *const libc::c_void;
-    if unsafe { libc::dladdr(sym, &mut info) } == 0 || info.dli_fname.is_null() {
-        return None;
-    }
-    let file = unsafe { CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned();
-    let path = std::fs::canonicalize(&file).ok()?;
-    // at_manual_seed lives in tch's static shim, linked into the executable itself; fall back to the
-    // libtorch_cpu.so mapping in that case.
-    if path.file_name().map_or(false, |n| n.to_string_lossy().starts_with("libtorch")) {
-        return path.parent().map(|p| p.to_path_buf());
-    }
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|l| l.split_whitespace().nth(5))
