@@ -405,43 +405,11 @@ pub fn percent_encode(s: &str) -> String {
 /// brackets `[…]`, grouping label lists after `by`/`without`/`on`/`ignoring`/`group_left`/`group_right`,
 /// function calls and keywords; what is left of the identifiers are metric names.
 pub fn metric_names(expr: &str) -> Vec<String> {
+    // Words before a parenthesised label list; keywords too.
+    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
     const KEYWORDS: &[&str] = &[
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
-        "bool",
-        "and",
-        "or",
-        "unless",
-        "offset",
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "group",
-        "stddev",
-        "stdvar",
-        "count",
-        "count_values",
-        "bottomk",
-        "topk",
-        "quantile",
-        "inf",
-        "nan",
-        "atan2",
-        "start",
-        "end",
-    ];
-    const GROUPING: &[&str] = &[
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
+        "bool", "and", "or", "unless", "offset", "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
+        "count_values", "bottomk", "topk", "quantile", "inf", "nan", "atan2", "start", "end",
     ];
     let chars: Vec<char> = expr.chars().collect();
     let mut names = Vec::new();
@@ -496,7 +464,7 @@ pub fn metric_names(expr: &str) -> Vec<String> {
             let lower = word.to_ascii_lowercase();
             // `offset 5m`, `1e3` and similar: the previous token decides.
             let after_offset = last_word == "offset";
-            if !is_call && !KEYWORDS.contains(&lower.as_str()) && !after_offset {
+            if !is_call && !KEYWORDS.contains(&lower.as_str()) && !GROUPING.contains(&lower.as_str()) && !after_offset {
                 names.push(word.clone());
             }
             last_word = lower;
