@@ -1,10 +1,11 @@
-//! Optimizer step time on the example LLaMA at ~23M parameters on CPU: our fused step, our reference
-//! (non-fused) step, libtorch's C++ AdamW and PyTorch's `torch.optim.AdamW(fused=True)`, with the same
-//! shapes, (lr, wd) groups and thread count, against the memory-traffic floor measured in the same run.
+//! Optimizer step time on the example LLaMA at ~23M parameters: our fused step (both CPU kernels), our
+//! reference (non-fused) step, libtorch's C++ AdamW and PyTorch's `torch.optim.AdamW(fused=True)`, with the
+//! same shapes, (lr, wd) groups and thread count, against the memory-traffic floor measured in the same run.
 //!
 //! `cargo bench --bench optimizer_step` (results in BENCHMARKS.md). Settings by environment:
 //! `GAINGUARD_BENCH_STEPS` (timed steps per variant, default 30), `GAINGUARD_PYTHON` (the interpreter
-//! with torch; default: the project's venv).
+//! with torch; default: the project's venv), `GAINGUARD_BENCH_DEVICE` (`cpu`, default, or `cuda`),
+//! `GAINGUARD_BENCH_D_MODEL` (default 512; the base width stays 128).
 
 #[path = "../examples/llama/model.rs"]
 mod model;
@@ -13,12 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use gainguard::{AdamWConfig, BaseShapes, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, CpuKernel, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{COptimizer, Device, Kind, Tensor};
 
 const VOCAB: i64 = 4096;
-const D: i64 = 512;
 const BASE_D: i64 = 128;
 const LAYERS: i64 = 6;
 const WARMUP: usize = 5;
@@ -35,27 +35,64 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
-fn build(d: i64) -> VarStore {
-    let vs = VarStore::new(Device::Cpu);
+fn build(d: i64, device: Device) -> VarStore {
+    let vs = VarStore::new(device);
     let _ = model::llama(vs.root(), &model::Config::new(VOCAB, d, BASE_D, LAYERS, 64));
     vs
 }
 
-/// Copy bandwidth in bytes/s: a 256 MiB fp32 `copy_`, counting 2× its size (read + write).
-fn copy_bandwidth() -> f64 {
-    let n = 64 << 20;
-    let src = Tensor::rand([n], (Kind::Float, Device::Cpu));
-    let mut dst = Tensor::zeros([n], (Kind::Float, Device::Cpu));
-    let mut samples = Vec::new();
-    for i in 0..12 {
-        let t = Instant::now();
-        dst.copy_(&src);
-        let s = t.elapsed().as_secs_f64();
-        if i >= 2 {
-            samples.push(s);
-        }
+/// Waits for the device's queued work (a no-op on CPU), so wall time covers the kernels.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
     }
-    (2 * 4 * n) as f64 / median(&samples)
+}
+
+/// Streaming bandwidth in bytes/s, measured two ways on 256 MiB fp32 buffers with libtorch's own
+/// multi-threaded kernels, returning (copy, in-place add):
+/// - `dst.copy_(src)`, counted as 2 × size. On CPU the write also reads `dst` first (write-allocate), so
+///   this undercounts the traffic by up to a third;
+/// - `a.add_(b)`, counted as 3 × size (read a, read b, write a). It reads every line it writes, as the
+///   AdamW step does (θ, m, v are read, then written in place), so it is the like-for-like floor.
+fn bandwidths(device: Device) -> (f64, f64) {
+    let n = 64 << 20;
+    let src = Tensor::rand([n], (Kind::Float, device));
+    let mut dst = Tensor::zeros([n], (Kind::Float, device));
+    let time = |f: &mut dyn FnMut()| {
+        let mut samples = Vec::new();
+        for i in 0..12 {
+            sync(device);
+            let t = Instant::now();
+            f();
+            sync(device);
+            if i >= 2 {
+                samples.push(t.elapsed().as_secs_f64());
+            }
+        }
+        median(&samples)
+    };
+    let copy = (2 * 4 * n) as f64 / time(&mut || {
+        dst.copy_(&src);
+    });
+    let add = (3 * 4 * n) as f64 / time(&mut || {
+        let _ = dst.g_add_(&src);
+    });
+    (copy, add)
+}
+
+/// Median time (ms) of `gainguard::fused::stream_probe` over the optimizer's own buffers: the step's
+/// memory traffic, in the step's split over threads, with no arithmetic.
+fn stream_probe_ms(opt: &WidthScaledAdamW, numel: usize) -> f64 {
+    let mut samples = Vec::new();
+    for i in 0..15 {
+        let t = Instant::now();
+        let moved = gainguard::fused::stream_probe(opt).unwrap();
+        if i >= 3 {
+            samples.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        assert_eq!(moved, numel, "the probe must cover every parameter");
+    }
+    median(&samples)
 }
 
 fn python() -> Option<PathBuf> {
@@ -104,28 +141,44 @@ fn load_average() -> String {
 }
 
 fn main() {
-    let steps: usize = std::env::var("GAINGUARD_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let env = |k: &str| std::env::var(k).ok();
+    let steps: usize = env("GAINGUARD_BENCH_STEPS").and_then(|s| s.parse().ok()).unwrap_or(30);
+    let d_model: i64 = env("GAINGUARD_BENCH_D_MODEL").and_then(|s| s.parse().ok()).unwrap_or(512);
+    let device = match env("GAINGUARD_BENCH_DEVICE").as_deref() {
+        None | Some("cpu") => Device::Cpu,
+        Some(other) => gainguard::device::parse_device(other).unwrap_or_else(|e| panic!("GAINGUARD_BENCH_DEVICE: {e}")),
+    };
     let threads = tch::get_num_threads();
     println!("load average before: {}", load_average());
-    println!("threads: {threads} (libtorch's default here; PyTorch is set to the same)");
+    println!("device: {device:?}; threads: {threads} (libtorch's default here; PyTorch is set to the same)");
+    if let Device::Cuda(_) = device {
+        let smi = Command::new("nvidia-smi").args(["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]).output();
+        if let Ok(o) = smi {
+            println!("card: {}", String::from_utf8_lossy(&o.stdout).trim());
+        }
+    }
 
-    let base = BaseShapes::from_var_store(&build(BASE_D));
-    let vs = build(D);
+    let base = BaseShapes::from_var_store(&build(BASE_D, Device::Cpu));
+    let vs = build(d_model, device);
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let numel: usize = named.iter().map(|(_, t)| t.numel()).sum();
-    println!("model: LLaMA d_model {D}, {LAYERS} layers, vocab {VOCAB}: {numel} parameters in {} tensors", named.len());
+    println!("model: LLaMA d_model {d_model}, {LAYERS} layers, vocab {VOCAB}: {numel} parameters in {} tensors", named.len());
 
     // Gradients filled once with random values: d/dp Σ p·r = r.
     tch::manual_seed(0);
     for (_, p) in &named {
-        let r = Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 1e-3;
+        let r = Tensor::randn(p.size(), (Kind::Float, device)) * 1e-3;
         (p * r).sum(Kind::Float).backward();
     }
 
     let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, ..Default::default() };
     let mut fused = WidthScaledAdamW::new(&vs, &base, AdamWConfig { fused: true, ..cfg.clone() }).unwrap();
     let mut reference = WidthScaledAdamW::new(&vs, &base, AdamWConfig { fused: false, ..cfg.clone() }).unwrap();
+    // On CPU, the fused step with ATen's kernel (the one PyTorch's fused=True runs) called from this
+    // process: it separates "our loop vs ATen's loop" from "this process vs the Python one".
+    let mut aten = (device == Device::Cpu)
+        .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { cpu_kernel: CpuKernel::Aten, ..cfg.clone() }).unwrap());
     assert!(gainguard::fused::available(), "built without the fused AdamW shim");
     let mut libtorch = COptimizer::adamw(cfg.lr, cfg.beta1, cfg.beta2, 0.0, cfg.eps, false).unwrap();
     let mut groups_json = Vec::new();
@@ -142,19 +195,27 @@ fn main() {
     let shapes: Vec<Vec<i64>> = named.iter().map(|(_, t)| t.size()).collect();
     let spec = serde_json::json!({
         "shapes": shapes, "groups": groups_json, "warmup": WARMUP, "steps": steps, "threads": threads,
-        "variants": ["fused", "for-loop"],
+        "device": if device == Device::Cpu { "cpu".to_string() } else { format!("cuda:{}", match device { Device::Cuda(i) => i, _ => 0 }) },
+        "variants": if device == Device::Cpu { vec!["fused", "for-loop"] } else { vec!["fused", "foreach", "for-loop"] },
     });
 
-    let bandwidth = copy_bandwidth();
-    let floor_ms = (BYTES_PER_ELEMENT * numel) as f64 / bandwidth * 1e3;
+    let (copy_bw, add_bw) = bandwidths(device);
+    let probe_ms = (device == Device::Cpu).then(|| stream_probe_ms(&fused, numel));
+    let traffic = (BYTES_PER_ELEMENT * numel) as f64;
+    // The floor: on CPU the probe with the step's own traffic; on CUDA the better of the two streams.
+    let floor_ms = probe_ms.unwrap_or_else(|| traffic / copy_bw.max(add_bw) * 1e3);
 
     // PyTorch before and after ours, to see drift from other load; ours interleaved step by step.
     let mut py = pytorch_samples(&spec);
-    let names = ["ours fused", "ours reference (non-fused)", "libtorch AdamW (tch::COptimizer)"];
+    let mut names = vec!["ours fused (default)", "ours reference (non-fused)", "libtorch AdamW (tch::COptimizer)"];
+    if aten.is_some() {
+        names.push("ours fused, cpu_kernel: Aten");
+    }
     let mut ours: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 0..WARMUP + steps {
         for k in 0..names.len() {
             let v = (k + round) % names.len();
+            sync(device);
             let t = Instant::now();
             match v {
                 0 => {
@@ -163,8 +224,12 @@ fn main() {
                 1 => {
                     reference.step();
                 }
-                _ => libtorch.step().unwrap(),
+                2 => libtorch.step().unwrap(),
+                _ => {
+                    aten.as_mut().unwrap().step();
+                }
             }
+            sync(device);
             if round >= WARMUP {
                 ours[v].push(t.elapsed().as_secs_f64() * 1e3);
             }
@@ -185,10 +250,22 @@ fn main() {
 
     println!();
     println!(
-        "memory-traffic floor: {BYTES_PER_ELEMENT} B/param × {numel} = {:.0} MB per step at {:.1} GB/s copy bandwidth = {floor_ms:.2} ms",
-        (BYTES_PER_ELEMENT * numel) as f64 / 1e6,
-        bandwidth / 1e9
+        "bandwidth: copy_ {:.1} GB/s (2 × size), in-place add_ {:.1} GB/s (3 × size); the higher is the floor's",
+        copy_bw / 1e9,
+        add_bw / 1e9
     );
+    match probe_ms {
+        Some(ms) => println!(
+            "memory-traffic floor: {BYTES_PER_ELEMENT} B/param × {numel} = {:.0} MB per step; the stream probe moving exactly that (reads p, g, m, v, writes p, m, v, no math) takes {ms:.2} ms = {:.1} GB/s",
+            traffic / 1e6,
+            traffic / ms / 1e6
+        ),
+        None => println!(
+            "memory-traffic floor: {BYTES_PER_ELEMENT} B/param × {numel} = {:.0} MB per step at {:.1} GB/s = {floor_ms:.2} ms",
+            traffic / 1e6,
+            copy_bw.max(add_bw) / 1e9
+        ),
+    }
     println!("{:<50} {:>10} {:>8} {:>12} {:>12} {:>9}", "variant", "median ms", "steps", "÷ PT fused", "÷ libtorch", "÷ floor");
     for (name, ms, n) in &rows {
         let vs_py = pytorch_fused.map_or("-".to_string(), |p| format!("{:.2}×", ms / p));

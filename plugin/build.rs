@@ -40,6 +40,9 @@ fn main() {
         // an FMA, whose single rounding departs from the reference path (libtorch rounds a·b, then adds).
         .flag("-fno-math-errno")
         .flag("-ffp-contract=off")
+        // at::parallel_for is an inline template whose `#pragma omp parallel` (ATen/ParallelOpenMP.h) is
+        // compiled into this object: without -fopenmp it silently runs on one thread.
+        .flag("-fopenmp")
         .warnings(false)
         .extra_warnings(false)
         .compile("gainguard_fused_adamw");
@@ -47,5 +50,12 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    // The OpenMP runtime libtorch itself uses (the wheel's torch/lib/libgomp.so.1, which has no
+    // unversioned libgomp.so beside it), so the shim and ATen share one thread pool.
+    if lib_dir.join("libgomp.so.1").exists() {
+        println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
+    } else {
+        println!("cargo:rustc-link-lib=dylib=gomp");
+    }
     println!("cargo:rustc-cfg=gainguard_fused_shim");
 }

@@ -3,9 +3,10 @@
 
 Reads a JSON spec from the file named by argv[1]:
   {"shapes": [[4096, 512], ...], "groups": [{"lr": 1e-3, "weight_decay": 0.1, "members": [0, 3, ...]}, ...],
-   "warmup": 5, "steps": 30, "threads": 2, "variants": ["fused", "for-loop"]}
+   "warmup": 5, "steps": 30, "threads": 2, "device": "cpu", "variants": ["fused", "foreach", "for-loop"]}
 and prints one JSON line per variant: {"variant": ..., "samples_ms": [...], "median_ms": ..., "threads": ...}.
-Gradients are filled once with random values; only `optimizer.step()` is timed.
+Gradients are filled once with random values; only `optimizer.step()` is timed (on CUDA, between two
+`torch.cuda.synchronize()`).
 """
 import json
 import statistics
@@ -19,11 +20,13 @@ def main() -> None:
     spec = json.load(open(sys.argv[1]))
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in spec["shapes"]]
+    device = torch.device(spec.get("device", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in spec["shapes"]]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     for variant in spec["variants"]:
-        kwargs = {"fused": True} if variant == "fused" else {"foreach": False}
+        kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[variant]
         groups = [
             {"params": [params[i] for i in g["members"]], "lr": g["lr"], "weight_decay": g["weight_decay"]}
             for g in spec["groups"]
@@ -31,8 +34,10 @@ def main() -> None:
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **kwargs)
         samples = []
         for i in range(spec["warmup"] + spec["steps"]):
+            sync()
             start = time.perf_counter()
             opt.step()
+            sync()
             elapsed = (time.perf_counter() - start) * 1e3
             if i >= spec["warmup"]:
                 samples.append(elapsed)
@@ -42,6 +47,7 @@ def main() -> None:
             "median_ms": statistics.median(samples),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "device": str(device),
         }), flush=True)
 
 

@@ -9,7 +9,7 @@ mod compare;
 use std::path::PathBuf;
 
 use gainguard::data::MarkovCorpus;
-use gainguard::{AdamWConfig, BaseShapes, DecayMode, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, CpuKernel, DecayMode, Schedule, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -239,5 +239,72 @@ fn on_cpu_the_fused_step_agrees_with_the_reference_step_to_rounding_given_the_sa
         let (diff, name) = compare::max_rel_diff(&fused.vs, &reference.vs);
         eprintln!("{decay:?}: fixed gradients, 5 steps: max relative difference {diff:e} at `{name}`");
         assert!(diff <= 1e-7, "{decay:?}: `{name}` differs by {diff:e}");
+    }
+}
+
+/// Large tensors whose elements the CPU loop splits over several threads (64 Ki elements per task, split
+/// points inside tensors), stepped by the fused path, by the reference path and by ATen's kernel
+/// (`CpuKernel::Aten`), with the same fixed gradients.
+fn large_tensors_stepped(config: AdamWConfig) -> Vec<Tensor> {
+    tch::manual_seed(11);
+    let shapes: [&[i64]; 4] = [&[1000, 700], &[300_001], &[65_537, 3], &[5]];
+    let params: Vec<Tensor> = shapes.iter().map(|s| (Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true)).collect();
+    let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 1e-3).collect();
+    let named: Vec<(String, Tensor)> = params.iter().enumerate().map(|(i, p)| (format!("p{i}.weight"), p.shallow_clone())).collect();
+    let base = BaseShapes::from_json_str(r#"{"p0.weight": [250, 175], "p1.weight": [300001], "p2.weight": [65537, 3], "p3.weight": [5]}"#, "test").unwrap();
+    let mut opt = WidthScaledAdamW::from_named(named, &base, config).unwrap();
+    for _ in 0..3 {
+        opt.zero_grad();
+        for (p, g) in params.iter().zip(&grads) {
+            (p * g).sum(tch::Kind::Float).backward();
+        }
+        opt.step();
+    }
+    params.iter().map(|p| p.detach().copy()).collect()
+}
+
+fn max_rel(a: &[Tensor], b: &[Tensor]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs().max().double_value(&[]) / y.abs().max().double_value(&[]).max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn tensors_split_over_threads_step_as_on_the_reference_path_with_either_cpu_kernel() {
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(threads.max(2));
+    let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+    let reference = large_tensors_stepped(AdamWConfig { fused: false, ..cfg.clone() });
+    let exact = large_tensors_stepped(AdamWConfig { fused: true, cpu_kernel: CpuKernel::Exact, ..cfg.clone() });
+    let aten = large_tensors_stepped(AdamWConfig { fused: true, cpu_kernel: CpuKernel::Aten, ..cfg.clone() });
+    let initial = {
+        tch::manual_seed(11);
+        (Tensor::randn([1000, 700], (tch::Kind::Float, Device::Cpu)) * 0.02).copy()
+    };
+    tch::set_num_threads(threads);
+    let (d_exact, d_aten) = (max_rel(&exact, &reference), max_rel(&aten, &reference));
+    eprintln!("3 steps over {} threads: exact kernel vs reference {d_exact:e}, ATen kernel vs reference {d_aten:e}", threads.max(2));
+    // A segment skipped or stepped twice would differ by ~1e-1; roundings (libtorch's sqrt is MKL's, the
+    // loop's is the CPU's) stay near 1e-7.
+    assert!(d_exact <= 1e-6, "the exact CPU kernel differs from the reference path by {d_exact:e}");
+    assert!(d_aten <= 1e-5, "ATen's CPU kernel differs from the reference path by {d_aten:e}");
+    let moved = (&reference[0] - &initial).abs().max().double_value(&[]);
+    assert!(moved > 1e-3, "the steps barely moved the weights ({moved:e})");
+}
+
+#[test]
+fn the_stream_probe_moves_every_element_and_changes_none() {
+    let init = initial_weights();
+    let mut run = Run::new(&init, config(DecayMode::Coupled, true));
+    let corpus = MarkovCorpus::new(48, 4, 1);
+    run.train(&corpus, 0..2);
+    let before: Vec<Tensor> = run.opt.slots().iter().flat_map(|s| [s.tensor.copy(), s.first_moment.copy(), s.second_moment.copy()]).collect();
+    let moved = gainguard::fused::stream_probe(&run.opt).unwrap();
+    let total: usize = run.opt.slots().iter().map(|s| s.tensor.numel()).sum();
+    assert_eq!(moved, total);
+    let after: Vec<Tensor> = run.opt.slots().iter().flat_map(|s| [s.tensor.copy(), s.first_moment.copy(), s.second_moment.copy()]).collect();
+    for (a, b) in before.iter().zip(&after) {
+        assert!(a.equal(b), "the probe changed a value");
     }
 }

@@ -10,7 +10,7 @@
 // `step` is read from `state_steps` and not incremented (Python's caller increments it first).
 //
 // On CPU, `gainguard_adamw_cpu_*` is used instead: one pass per parameter, parallel over torch's own
-// thread pool (at::parallel_for), in exactly the reference path's order of roundings (libtorch's AdamW:
+// OpenMP thread pool (at::parallel_for; this file must be compiled with -fopenmp, see build.rs), in exactly the reference path's order of roundings (libtorch's AdamW:
 // mul, add, mul, add, sqrt, div, add, div, mul, sub, each rounded to the parameter's dtype, no FMA), so
 // that it follows the reference path and libtorch's C++ AdamW to a rounding (~1e-8 relative after 5 steps). ATen's CPU fused kernel
 // uses lerp and FMA instead, which drifts from libtorch's AdamW by ~2e-5 relative over 200 steps.
@@ -65,6 +65,38 @@ std::vector<at::Tensor> gather(void *const *ptrs, size_t n) {
 GAINGUARD_ADAMW_LOOP(float, adamw_loop_f32)
 GAINGUARD_ADAMW_LOOP(double, adamw_loop_f64)
 
+// The step's memory traffic with no arithmetic that changes a value: reads p, g, m, v, writes p, m, v
+// (each x + g·0, which the compiler may not fold away). Used only to measure the step's floor.
+__attribute__((target_clones("avx2", "default"))) void stream_probe_loop(float *__restrict p,
+                                                                           const float *__restrict g,
+                                                                           float *__restrict m,
+                                                                           float *__restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float z = g[i] * 0.0f;
+    p[i] = p[i] + z;
+    m[i] = m[i] + z;
+    v[i] = v[i] + z;
+  }
+}
+
+// Runs `body(t, lo, hi)` over elements [lo, hi) of tensor t for every tensor of a group, in one parallel
+// region over the concatenation of the group's tensors (one fork/join per group, not per tensor); each
+// task walks the tensor segments its range covers. 64 Ki elements per task.
+template <typename Body>
+void for_each_segment(const int64_t *numels, size_t n, Body body) {
+  constexpr int64_t grain = 1 << 16;
+  std::vector<int64_t> start(n + 1, 0);
+  for (size_t t = 0; t < n; ++t) start[t + 1] = start[t] + numels[t];
+  at::parallel_for(0, start[n], grain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (int64_t at = begin; at < end; ++t) {
+      const int64_t lo = at - start[t], hi = std::min(end, start[t + 1]) - start[t];
+      if (hi > lo) body(t, lo, hi);
+      at = start[t] + hi;
+    }
+  });
+}
+
 // Scalars arrive as double and are rounded to T once, as ATen rounds a Python/C++ scalar operand.
 template <typename T, typename Loop>
 void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
@@ -73,24 +105,12 @@ void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *c
   const T d = static_cast<T>(decay), b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1),
           b2 = static_cast<T>(beta2), omb2 = static_cast<T>(1.0 - beta2), bc2 = static_cast<T>(bias_correction2_sqrt),
           e = static_cast<T>(eps), s = static_cast<T>(step_size);
-  // One parallel region over the concatenation of all the group's tensors (one fork/join per group, not
-  // per tensor); each task walks the tensor segments its range covers. 64 Ki elements per task.
-  constexpr int64_t grain = 1 << 16;
-  std::vector<int64_t> start(n + 1, 0);
-  for (size_t t = 0; t < n; ++t) start[t + 1] = start[t] + numels[t];
-  at::parallel_for(0, start[n], grain, [&](int64_t begin, int64_t end) {
-    size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (int64_t at = begin; at < end; ++t) {
-      const int64_t lo = at - start[t], hi = std::min(end, start[t + 1]) - start[t];
-      if (hi > lo) {
-        T *p = static_cast<T *>(params[t]);
-        const T *g = static_cast<const T *>(grads[t]);
-        T *m = static_cast<T *>(exp_avgs[t]);
-        T *v = static_cast<T *>(exp_avg_sqs[t]);
-        loop(p + lo, g + lo, m + lo, v + lo, hi - lo, d, b1, omb1, b2, omb2, bc2, e, s);
-      }
-      at = start[t] + hi;
-    }
+  for_each_segment(numels, n, [&](size_t t, int64_t lo, int64_t hi) {
+    T *p = static_cast<T *>(params[t]);
+    const T *g = static_cast<const T *>(grads[t]);
+    T *m = static_cast<T *>(exp_avgs[t]);
+    T *v = static_cast<T *>(exp_avg_sqs[t]);
+    loop(p + lo, g + lo, m + lo, v + lo, hi - lo, d, b1, omb1, b2, omb2, bc2, e, s);
   });
 }
 
@@ -118,6 +138,22 @@ int gainguard_adamw_cpu(void *const *params, const void *const *grads, void *con
     return 1;
   } catch (...) {
     write_error(err, cap, "unknown C++ exception in the CPU AdamW loop");
+    return 1;
+  }
+}
+
+// The step's memory traffic over the same f32 buffers and the same split as gainguard_adamw_cpu, with
+// no arithmetic that changes a value; its time is the step's floor (benches/optimizer_step.rs).
+int gainguard_stream_probe(void *const *params, void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
+                           const int64_t *numels, size_t n, char *err, size_t cap) {
+  try {
+    for_each_segment(numels, n, [&](size_t t, int64_t lo, int64_t hi) {
+      stream_probe_loop(static_cast<float *>(params[t]) + lo, static_cast<const float *>(grads[t]) + lo,
+                        static_cast<float *>(exp_avgs[t]) + lo, static_cast<float *>(exp_avg_sqs[t]) + lo, hi - lo);
+    });
+    return 0;
+  } catch (const std::exception &e) {
+    write_error(err, cap, e.what());
     return 1;
   }
 }

@@ -2,7 +2,7 @@
 //! instead of the reference path's ~10 tensor ops (each a full sweep over memory) per parameter.
 //!
 //! Two kernels, both in the C++ shim `csrc/fused_adamw.cpp` (compiled by `build.rs`), picked by device:
-//! - **CPU**: one loop per parameter, parallel over libtorch's own thread pool, that reads θ, g, m, v
+//! - **CPU**: one loop per group, parallel over libtorch's own OpenMP thread pool, that reads θ, g, m, v
 //!   once and writes θ, m, v once, in the reference path's order of operations and roundings, without
 //!   FMA. Given the same gradients it agrees with [`WidthScaledAdamW::reference_step_group`] to ~1e-8
 //!   relative after 5 steps (not bit for bit), and it is as close to libtorch's C++ AdamW as that is:
@@ -12,8 +12,8 @@
 //!   second_moment ← beta2 · second_moment + (1 − beta2) · g²
 //!   theta ← theta − (first_moment / (sqrt(second_moment) / sqrt(1 − beta2^t) + eps)) · lr / (1 − beta1^t)
 //!   ```
-//! - **CUDA**: ATen's `_fused_adamw_`, the kernel of `torch.optim.AdamW(fused=True)`, one launch per
-//!   group. It decays by `(1 − lr·wd')`, so independent decay passes `wd' = wd / lr`. It rounds
+//! - **CUDA** (and CPU with [`CpuKernel::Aten`]): ATen's `_fused_adamw_`, the kernel of
+//!   `torch.optim.AdamW(fused=True)`, one call per group. It decays by `(1 − lr·wd')`, so independent decay passes `wd' = wd / lr`. It rounds
 //!   differently from the reference path (lerp, FMA), so CUDA runs agree with it to float precision, not
 //!   bit for bit. (Not exercised here: the development machine has no GPU.)
 //!
@@ -28,7 +28,7 @@ use std::sync::Once;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::optim::{DecayMode, StepReport, WidthScaledAdamW};
+use crate::optim::{CpuKernel, DecayMode, StepReport, WidthScaledAdamW};
 
 /// Steps every group, with the fused kernel where it covers the group and the reference path
 /// elsewhere. Returns false when the fused kernel is not available at all, in which case the caller runs
@@ -50,29 +50,31 @@ pub fn available() -> bool {
     cfg!(gainguard_fused_shim)
 }
 
-/// One group in one pass. Returns false, having changed nothing, when the group is not covered or the
-/// kernel refused it.
-fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mult: f64, report: &mut StepReport) -> bool {
-    let (beta1, beta2, eps) = (opt.config.beta1, opt.config.beta2, opt.config.eps);
-    let (bias_correction1, bias_correction2) = opt.bias_corrections(t);
-    let group = &opt.groups[gi];
-    let lr = group.lr * lr_mult;
-    let wd = group.weight_decay * wd_mult;
+/// A group's members with a gradient, all of which one kernel call can take.
+struct Covered {
+    /// (slot index, its gradient).
+    members: Vec<(usize, Tensor)>,
+    /// Members without a gradient.
+    skipped: usize,
+    /// The members' device and dtype; None when no member has a gradient.
+    common: Option<(Device, Kind)>,
+}
 
-    // Members with a gradient; one kernel call takes them all when they share device and dtype.
-    let mut skipped = 0;
-    let mut members: Vec<(usize, Tensor)> = Vec::with_capacity(group.members.len());
-    let mut common: Option<(Device, Kind)> = None;
+/// The group's members with a gradient, or None when one of them is not covered by the fused kernels
+/// (dtype, device, layout), in which case the whole group takes the reference path.
+fn covered_members(opt: &WidthScaledAdamW, gi: usize) -> Option<Covered> {
+    let group = &opt.groups[gi];
+    let mut covered = Covered { members: Vec::with_capacity(group.members.len()), skipped: 0, common: None };
     for &si in &group.members {
         let slot = &opt.slots[si];
         let grad = slot.tensor.grad();
         if !grad.defined() {
-            skipped += 1;
+            covered.skipped += 1;
             continue;
         }
         let (kind, device) = (slot.tensor.kind(), slot.tensor.device());
-        let covered = matches!(kind, Kind::Float | Kind::Double)
-            && *common.get_or_insert((device, kind)) == (device, kind)
+        let ok = matches!(kind, Kind::Float | Kind::Double)
+            && *covered.common.get_or_insert((device, kind)) == (device, kind)
             && slot.first_moment.kind() == kind
             && slot.second_moment.kind() == kind
             && grad.kind() == kind
@@ -84,28 +86,70 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
             && grad.is_contiguous()
             && slot.first_moment.is_contiguous()
             && slot.second_moment.is_contiguous();
-        if !covered {
-            return false;
+        if !ok {
+            return None;
         }
-        members.push((si, grad));
+        covered.members.push((si, grad));
     }
+    Some(covered)
+}
+
+/// Raw buffers of a CPU group for the shim: (params, grads, first moments, second moments, numels).
+type RawGroup = (Vec<*mut std::ffi::c_void>, Vec<*mut std::ffi::c_void>, Vec<*mut std::ffi::c_void>, Vec<*mut std::ffi::c_void>, Vec<i64>);
+
+fn raw_buffers(opt: &WidthScaledAdamW, members: &[(usize, Tensor)]) -> RawGroup {
+    let raw = |t: &Tensor| t.data_ptr();
+    (
+        members.iter().map(|(si, _)| raw(&opt.slots[*si].tensor)).collect(),
+        members.iter().map(|(_, g)| raw(g)).collect(),
+        members.iter().map(|(si, _)| raw(&opt.slots[*si].first_moment)).collect(),
+        members.iter().map(|(si, _)| raw(&opt.slots[*si].second_moment)).collect(),
+        members.iter().map(|(si, _)| opt.slots[*si].tensor.numel() as i64).collect(),
+    )
+}
+
+/// The CPU fused step's memory traffic with no arithmetic that changes a value: over the same buffers,
+/// in the same split over threads, it reads θ, g, m, v and writes θ, m, v back (each `x + g·0`), for
+/// every group the fused CPU kernel covers with `f32` members. Its time is the step's memory-traffic
+/// floor on this machine (28 bytes per element); `benches/optimizer_step.rs` reports the step against it.
+/// Returns the number of elements it moved.
+pub fn stream_probe(opt: &WidthScaledAdamW) -> Result<usize, String> {
+    let mut elements = 0;
+    for gi in 0..opt.groups.len() {
+        let Some(Covered { members, common: Some((Device::Cpu, Kind::Float)), .. }) = covered_members(opt, gi) else {
+            continue;
+        };
+        let (params, grads, first, second, numels) = raw_buffers(opt, &members);
+        shim::stream_probe(&params, &grads, &first, &second, &numels)?;
+        elements += numels.iter().sum::<i64>() as usize;
+    }
+    Ok(elements)
+}
+
+/// One group in one pass. Returns false, having changed nothing, when the group is not covered or the
+/// kernel refused it.
+fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mult: f64, report: &mut StepReport) -> bool {
+    let (beta1, beta2, eps) = (opt.config.beta1, opt.config.beta2, opt.config.eps);
+    let (bias_correction1, bias_correction2) = opt.bias_corrections(t);
+    let group = &opt.groups[gi];
+    let lr = group.lr * lr_mult;
+    let wd = group.weight_decay * wd_mult;
+
+    let Some(Covered { members, skipped, common }) = covered_members(opt, gi) else {
+        return false;
+    };
     let Some((device, kind)) = common else {
         report.skipped_without_grad += skipped;
         return true;
     };
 
-    let result = if device == Device::Cpu {
+    let result = if device == Device::Cpu && opt.config.cpu_kernel == CpuKernel::Exact {
         // θ·(1 − lr·wd) or θ·(1 − wd), as the reference path computes it.
         let decay = match opt.config.decay {
             DecayMode::Coupled => 1.0 - lr * wd,
             DecayMode::Independent => 1.0 - wd,
         };
-        let raw = |t: &Tensor| t.data_ptr();
-        let params: Vec<_> = members.iter().map(|(si, _)| raw(&opt.slots[*si].tensor)).collect();
-        let grads: Vec<_> = members.iter().map(|(_, g)| raw(g)).collect();
-        let first: Vec<_> = members.iter().map(|(si, _)| raw(&opt.slots[*si].first_moment)).collect();
-        let second: Vec<_> = members.iter().map(|(si, _)| raw(&opt.slots[*si].second_moment)).collect();
-        let numels: Vec<i64> = members.iter().map(|(si, _)| opt.slots[*si].tensor.numel() as i64).collect();
+        let (params, grads, first, second, numels) = raw_buffers(opt, &members);
         let scalars = shim::Scalars {
             decay,
             beta1,
@@ -116,7 +160,8 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
         };
         shim::adamw_cpu(&params, &grads, &first, &second, &numels, kind == Kind::Double, &scalars)
     } else {
-        // ATen's kernel decays by (1 − lr·wd'); independent decay (1 − wd) needs wd' = wd / lr.
+        // CUDA, or CPU with `CpuKernel::Aten`: ATen's kernel, which decays by (1 − lr·wd'); independent
+        // decay (1 − wd) needs wd' = wd / lr.
         let kernel_wd = match opt.config.decay {
             DecayMode::Coupled => wd,
             DecayMode::Independent if wd == 0.0 => 0.0,
@@ -172,6 +217,17 @@ mod shim {
             bias_correction2_sqrt: f64,
             eps: f64,
             step_size: f64,
+            err: *mut c_char,
+            cap: usize,
+        ) -> c_int;
+
+        fn gainguard_stream_probe(
+            params: *const *mut c_void,
+            grads: *const *mut c_void,
+            exp_avgs: *const *mut c_void,
+            exp_avg_sqs: *const *mut c_void,
+            numels: *const i64,
+            n: usize,
             err: *mut c_char,
             cap: usize,
         ) -> c_int;
@@ -239,6 +295,37 @@ mod shim {
         }
     }
 
+    /// The probe over f32 buffers as [`adamw_cpu`] takes them.
+    pub(super) fn stream_probe(
+        params: &[*mut c_void],
+        grads: &[*mut c_void],
+        exp_avgs: &[*mut c_void],
+        exp_avg_sqs: &[*mut c_void],
+        numels: &[i64],
+    ) -> Result<(), String> {
+        let n = params.len();
+        assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n && numels.len() == n);
+        let mut err = vec![0 as c_char; 1024];
+        // SAFETY: as for adamw_cpu: live, contiguous, non-overlapping f32 buffers of `numels[i]` elements.
+        let rc = unsafe {
+            gainguard_stream_probe(
+                params.as_ptr(),
+                grads.as_ptr(),
+                exp_avgs.as_ptr(),
+                exp_avg_sqs.as_ptr(),
+                numels.as_ptr(),
+                n,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(error_text(&err))
+        }
+    }
+
     /// `_fused_adamw_` over `at::Tensor*` handles that outlive the call; returns the C++ exception text.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fused_adamw(
@@ -295,6 +382,16 @@ mod shim {
         _: &[i64],
         _: bool,
         _: &Scalars,
+    ) -> Result<(), String> {
+        Err("built without the fused AdamW shim".into())
+    }
+
+    pub(super) fn stream_probe(
+        _: &[*mut std::ffi::c_void],
+        _: &[*mut std::ffi::c_void],
+        _: &[*mut std::ffi::c_void],
+        _: &[*mut std::ffi::c_void],
+        _: &[i64],
     ) -> Result<(), String> {
         Err("built without the fused AdamW shim".into())
     }
