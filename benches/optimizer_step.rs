@@ -119,7 +119,12 @@ fn pytorch_samples(spec: &serde_json::Value) -> Vec<(String, Vec<f64>)> {
     };
     let spec_path = std::env::temp_dir().join(format!("gainguard-bench-spec-{}.json", std::process::id()));
     std::fs::write(&spec_path, spec.to_string()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_adamw.py");
+    // The checkout it was built in, else the working directory (a binary carried to another machine).
+    let script = [Path::new(env!("CARGO_MANIFEST_DIR")), Path::new(".")]
+        .iter()
+        .map(|root| root.join("scripts/bench_torch_adamw.py"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("scripts/bench_torch_adamw.py"));
     let out = Command::new(&py).arg(&script).arg(&spec_path).output().expect("running the PyTorch bench");
     let _ = std::fs::remove_file(&spec_path);
     if !out.status.success() {

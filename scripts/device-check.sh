@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU checks, in one script for a machine with an NVIDIA GPU, PyTorch 2.11 in its `python3`, and no
+# cargo: build here with `scripts/device-check.sh --build` (copies stripped binaries and a compressed
+# promtool to target/devcheck/), carry target/devcheck/ to the GPU machine, and run
+# `scripts/device-check.sh` from the repository root there. Results are written to $OUT (default
+# ./out/devcheck). What it checks:
+#   1. examples/device_check: CUDA spectra and the sampler vs float64 CPU SVDs, the fused step on CUDA vs the
+#      reference path;
+#   2. the optimizer benchmark on CUDA (d_model 512 and 2048) and on the machine's CPUs;
+#   3. gainguardd --nvml on fed by the example trainer on CUDA: GPU metrics scraped under load, promtool
+#      check metrics on the body.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=target/devcheck
+
+if [[ "${1:-}" == "--build" ]]; then
+  set -e
+  cargo build --release -p gainguard-suite --example device_check --example llama --bench optimizer_step
+  cargo build --release -p gainguard-daemon --bin gainguardd
+  mkdir -p "$B"
+  bench=$(ls -t target/release/deps/optimizer_step-* | grep -v '\.d$' | head -1)
+  for f in target/release/examples/device_check target/release/examples/llama "$bench" target/release/gainguardd; do
+    strip -o "$B/$(basename "$f" | sed 's/-[0-9a-f]*$//')" "$f"
+  done
+  gzip -c "$(command -v promtool)" > "$B/promtool.gz"
+  du -sh "$B"
+  exit 0
+fi
+
+OUT=${OUT:-out/devcheck}
+mkdir -p "$OUT"
+TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+gunzip -c "$B/promtool.gz" > "$B/promtool" && chmod +x "$B/promtool"
+failed=0
+step() { echo; echo "=== $1 ==="; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv | tee "$OUT/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' | tee -a "$OUT/gpu.txt"
+nproc | sed 's/^/cpus: /' | tee -a "$OUT/gpu.txt"
+
+step "1. CUDA spectra, sampler and fused step vs CPU references"
+timeout 180 "$B/device_check" 2>&1 | tee "$OUT/device_check.txt" || failed=1
+
+step "2. optimizer step on CUDA, d_model 512 (23.1M params) and 2048"
+GAINGUARD_BENCH_DEVICE=cuda GAINGUARD_PYTHON=python3 GAINGUARD_BENCH_STEPS=50 timeout 120 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cuda_512.txt" || failed=1
+GAINGUARD_BENCH_DEVICE=cuda GAINGUARD_PYTHON=python3 GAINGUARD_BENCH_STEPS=30 GAINGUARD_BENCH_D_MODEL=2048 timeout 150 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cuda_2048.txt" || failed=1
+step "2b. optimizer step on this machine's CPUs, d_model 512"
+GAINGUARD_PYTHON=python3 timeout 120 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cpu_512.txt" || failed=1
+
+step "3. gainguardd --nvml on, fed by the example trainer on CUDA"
+"$B/gainguardd" --listen 127.0.0.1:19464 --ingest tcp:127.0.0.1:19465 --nvml on --nvml-interval 1 > "$OUT/gainguardd.log" 2>&1 &
+daemon=$!
+sleep 1
+timeout 150 "$B/llama" --device cuda --d-model 1024 --base-d-model 128 --layers 4 --steps 400 --gainguardd tcp:127.0.0.1:19465 --run devcheck > "$OUT/llama_cuda.txt" 2>&1 &
+trainer=$!
+python3 - "$OUT" <<'EOF'
+import sys, time, urllib.request
+out = sys.argv[1]
+def scrape():
+    return urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=5).read().decode()
+best = ""
+for _ in range(60):  # up to ~60 s: wait until the trainer's spectra and the GPU's load show up
+    time.sleep(1)
+    try:
+        body = scrape()
+    except Exception as e:
+        print("scrape failed:", e)
+        continue
+    best = body
+    util = [l for l in body.splitlines() if l.startswith("gainguard_gpu_utilization_ratio")]
+    if any(float(l.split()[-1]) > 0 for l in util) and "gainguard_sigma_max{" in body:
+        break
+open(f"{out}/metrics_under_load.txt", "w").write(best)
+for l in best.splitlines():
+    if l.startswith(("gainguard_gpu_", "gainguard_nvml_", "gainguard_process_gpu", "gainguard_samples_dropped", "gainguard_spectrum_samples_dropped")):
+        print(l)
+print("sigma_max series:", sum(1 for l in best.splitlines() if l.startswith("gainguard_sigma_max{")))
+EOF
+"$B/promtool" check metrics < "$OUT/metrics_under_load.txt" && echo "promtool check metrics: clean" || { echo "promtool check metrics: problems"; failed=1; }
+wait $trainer || { echo "trainer failed"; failed=1; }
+tail -5 "$OUT/llama_cuda.txt"
+kill -TERM $daemon; wait $daemon; echo "gainguardd exit status $?"
+tail -5 "$OUT/gainguardd.log"
+
+echo; echo "device-check: $([[ $failed == 0 ]] && echo OK || echo FAILED)"
+exit $failed
