@@ -22,6 +22,9 @@ const VOCAB: i64 = 4096;
 const BASE_D: i64 = 128;
 const LAYERS: i64 = 6;
 const WARMUP: usize = 5;
+/// Blocks of our interleaved steps, with a PyTorch run before each and after the last.
+const ROUNDS: usize = 3;
+const PROBE: &str = "stream probe: the step's traffic, no math (floor)";
 const BYTES_PER_ELEMENT: usize = 28; // fp32: param r+w 8, grad r 4, first moment r+w 8, second moment r+w 8
 
 fn median(xs: &[f64]) -> f64 {
@@ -78,21 +81,6 @@ fn bandwidths(device: Device) -> (f64, f64) {
         let _ = dst.g_add_(&src);
     });
     (copy, add)
-}
-
-/// Median time (ms) of `gainguard::fused::stream_probe` over the optimizer's own buffers: the step's
-/// memory traffic, in the step's split over threads, with no arithmetic.
-fn stream_probe_ms(opt: &WidthScaledAdamW, numel: usize) -> f64 {
-    let mut samples = Vec::new();
-    for i in 0..15 {
-        let t = Instant::now();
-        let moved = gainguard::fused::stream_probe(opt).unwrap();
-        if i >= 3 {
-            samples.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        assert_eq!(moved, numel, "the probe must cover every parameter");
-    }
-    median(&samples)
 }
 
 fn python() -> Option<PathBuf> {
@@ -205,53 +193,71 @@ fn main() {
     });
 
     let (copy_bw, add_bw) = bandwidths(device);
-    let probe_ms = (device == Device::Cpu).then(|| stream_probe_ms(&fused, numel));
     let traffic = (BYTES_PER_ELEMENT * numel) as f64;
-    // The floor: on CPU the probe with the step's own traffic; on CUDA the better of the two streams.
-    let floor_ms = probe_ms.unwrap_or_else(|| traffic / copy_bw.max(add_bw) * 1e3);
+    if device == Device::Cpu {
+        assert_eq!(gainguard::fused::stream_probe(&fused).unwrap(), numel, "the probe must cover every parameter");
+    }
 
     // PyTorch before and after ours, to see drift from other load; ours interleaved step by step.
-    let mut py = pytorch_samples(&spec);
+    // PyTorch runs in its own process between ROUNDS blocks of ours (and after the last), so slow drift
+    // in the machine's load reaches both sides alike; ours are interleaved step by step, with the stream
+    // probe (the floor, CPU only) as one more variant.
     let mut names = vec!["ours fused (default)", "ours reference (non-fused)", "libtorch AdamW (tch::COptimizer)"];
     if aten.is_some() {
         names.push("ours fused, cpu_kernel: Aten");
+        names.push(PROBE);
     }
+    let mut py: Vec<(String, Vec<f64>)> = Vec::new();
+    let add_python = |py: &mut Vec<(String, Vec<f64>)>| {
+        for (name, samples) in pytorch_samples(&spec) {
+            match py.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, s)) => s.extend(samples),
+                None => py.push((name, samples)),
+            }
+        }
+    };
     let mut ours: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    for round in 0..WARMUP + steps {
-        for k in 0..names.len() {
-            let v = (k + round) % names.len();
-            sync(device);
-            let t = Instant::now();
-            match v {
-                0 => {
-                    fused.step();
+    let per_round = steps.div_ceil(ROUNDS);
+    for block in 0..ROUNDS {
+        add_python(&mut py);
+        let warmup = if block == 0 { WARMUP } else { 0 };
+        for round in 0..warmup + per_round {
+            for k in 0..names.len() {
+                let v = (k + round) % names.len();
+                sync(device);
+                let t = Instant::now();
+                match v {
+                    0 => {
+                        fused.step();
+                    }
+                    1 => {
+                        reference.step();
+                    }
+                    2 => libtorch.step().unwrap(),
+                    3 => {
+                        aten.as_mut().unwrap().step();
+                    }
+                    _ => {
+                        gainguard::fused::stream_probe(&fused).unwrap();
+                    }
                 }
-                1 => {
-                    reference.step();
+                sync(device);
+                if round >= warmup {
+                    ours[v].push(t.elapsed().as_secs_f64() * 1e3);
                 }
-                2 => libtorch.step().unwrap(),
-                _ => {
-                    aten.as_mut().unwrap().step();
-                }
-            }
-            sync(device);
-            if round >= WARMUP {
-                ours[v].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
     }
-    for (name, samples) in pytorch_samples(&spec) {
-        match py.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, s)) => s.extend(samples),
-            None => py.push((name, samples)),
-        }
-    }
+    add_python(&mut py);
 
     let mut rows: Vec<(String, f64, usize)> =
         names.iter().zip(&ours).map(|(n, s)| (n.to_string(), median(s), s.len())).collect();
     rows.extend(py.iter().map(|(n, s)| (n.clone(), median(s), s.len())));
     let pytorch_fused = rows.iter().find(|r| r.0.contains("fused (torch")).map(|r| r.1);
     let libtorch_ms = rows[2].1;
+    // The floor: on CPU the probe with the step's own traffic; on CUDA the better of the two streams.
+    let probe_ms = rows.iter().find(|r| r.0 == PROBE).map(|r| r.1);
+    let floor_ms = probe_ms.unwrap_or_else(|| traffic / copy_bw.max(add_bw) * 1e3);
 
     println!();
     println!(
