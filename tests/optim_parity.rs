@@ -6,7 +6,7 @@ mod model;
 mod compare;
 
 use gainguard::data::MarkovCorpus;
-use gainguard::{AdamWConfig, BaseShapes, DecayMode, Rule, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, CpuKernel, DecayMode, Rule, Schedule, WidthScaledAdamW};
 use tch::nn::{self, VarStore};
 use tch::{COptimizer, Device, Tensor};
 
@@ -33,6 +33,11 @@ fn batch(corpus: &MarkovCorpus, step: u64) -> Tensor {
 
 
 fn parity(decay: DecayMode, fused: bool) {
+    parity_with(decay, fused, CpuKernel::Exact, 1e-5);
+}
+
+/// Ours (with the given CPU kernel) vs libtorch's AdamW after 200 steps; fails above `bar`.
+fn parity_with(decay: DecayMode, fused: bool, cpu_kernel: CpuKernel, bar: f64) {
     let corpus = MarkovCorpus::new(48, 4, 1);
     let (vs_ours, m_ours) = build(1, D);
     // Tests run on parallel threads that share libtorch's RNG, so copy the weights rather than re-seed.
@@ -47,7 +52,7 @@ fn parity(decay: DecayMode, fused: bool) {
         DecayMode::Coupled => 0.1,
         DecayMode::Independent => 3e-4,
     };
-    let cfg = AdamWConfig { lr: 3e-3, weight_decay, decay, rule: Rule::default(), fused, ..Default::default() };
+    let cfg = AdamWConfig { lr: 3e-3, weight_decay, decay, rule: Rule::default(), fused, cpu_kernel, ..Default::default() };
     let mut ours = WidthScaledAdamW::new(&vs_ours, &base_shapes(), cfg.clone()).unwrap();
     assert!(ours.groups().len() >= 2, "the model has matrix-like and vector-like groups");
 
@@ -77,8 +82,8 @@ fn parity(decay: DecayMode, fused: bool) {
         reference.step().unwrap();
     }
     let (diff, name) = compare::max_rel_diff(&vs_ours, &vs_ref);
-    eprintln!("{decay:?} fused={fused}: max relative difference {diff:e} at `{name}`");
-    assert!(diff <= 1e-5, "{decay:?} fused={fused}: max relative difference {diff:e} at `{name}` after {STEPS} steps");
+    eprintln!("{decay:?} fused={fused} {cpu_kernel:?}: max relative difference {diff:e} at `{name}`");
+    assert!(diff <= bar, "{decay:?} fused={fused} {cpu_kernel:?}: max relative difference {diff:e} at `{name}` after {STEPS} steps");
     // The run must have moved the weights far more than the tolerance, or the comparison says nothing.
     let (moved, _) = compare::max_rel_diff(&vs_ours, &vs_init);
     assert!(moved > 1e-2, "training barely moved the weights ({moved:e})");
@@ -97,6 +102,13 @@ fn reference_path_matches_libtorch_adamw_for_independent_decay() {
 #[test]
 fn fused_path_matches_libtorch_adamw_for_coupled_decay() {
     parity(DecayMode::Coupled, true);
+}
+
+#[test]
+fn atens_cpu_kernel_follows_libtorch_adamw_to_within_its_own_roundings() {
+    // ATen's `_fused_adamw_` computes the same update with lerp and FMA; over 200 steps the roundings
+    // add up to ~2.5e-5 relative (a wrong lr, wd or bias correction would be off by far more than 1e-4).
+    parity_with(DecayMode::Coupled, true, CpuKernel::Aten, 1e-4);
 }
 
 #[test]

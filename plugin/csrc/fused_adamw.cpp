@@ -22,12 +22,19 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <vector>
+
+// MKL's per-thread setting, exported by x86 libtorch builds that bundle MKL; weak, so builds without MKL
+// link and skip it. The C entry point is MKL_Set_Num_Threads_Local (mkl.h maps mkl_set_num_threads_local to
+// it); the lower-case symbol libtorch exports is the Fortran one, which takes a pointer.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
 
@@ -140,6 +147,16 @@ int gainguard_adamw_cpu(void *const *params, const void *const *grads, void *con
     write_error(err, cap, "unknown C++ exception in the CPU AdamW loop");
     return 1;
   }
+}
+
+// Limits libtorch's intra-op parallelism for the calling thread only. ATen initialises a thread's OpenMP
+// setting lazily on its first parallel op (from the process-wide default), so that runs first; after it,
+// omp_set_num_threads changes only this thread's ICV and MKL_Set_Num_Threads_Local only this thread's MKL
+// setting. at::set_num_threads would also change the default every thread started later inherits.
+void gainguard_limit_this_thread(int threads) {
+  (void)at::get_num_threads();
+  omp_set_num_threads(threads);
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(threads);
 }
 
 // The step's memory traffic over the same f32 buffers and the same split as gainguard_adamw_cpu, with

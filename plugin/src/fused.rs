@@ -186,6 +186,14 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
     true
 }
 
+/// Limits libtorch's intra-op parallelism (its OpenMP team and MKL's) **for the calling thread only** to
+/// `threads`, leaving every other thread's setting, and the process-wide default that `tch::set_num_threads`
+/// would change, as they are. Used by the spectra worker. Returns false when this build has no shim.
+/// (It lives here because it is part of the C++ shim.)
+pub fn limit_this_thread(threads: usize) -> bool {
+    shim::limit_this_thread(threads.clamp(1, i32::MAX as usize) as i32)
+}
+
 /// The per-step scalars of the CPU loop, in f64; the loop rounds each once to the parameters' dtype.
 struct Scalars {
     decay: f64,
@@ -220,6 +228,8 @@ mod shim {
             err: *mut c_char,
             cap: usize,
         ) -> c_int;
+
+        fn gainguard_limit_this_thread(threads: c_int);
 
         fn gainguard_stream_probe(
             params: *const *mut c_void,
@@ -293,6 +303,12 @@ mod shim {
         } else {
             Err(error_text(&err))
         }
+    }
+
+    pub(super) fn limit_this_thread(threads: c_int) -> bool {
+        // SAFETY: sets thread-local runtime settings only.
+        unsafe { gainguard_limit_this_thread(threads) };
+        true
     }
 
     /// The probe over f32 buffers as [`adamw_cpu`] takes them.
@@ -384,6 +400,10 @@ mod shim {
         _: &Scalars,
     ) -> Result<(), String> {
         Err("built without the fused AdamW shim".into())
+    }
+
+    pub(super) fn limit_this_thread(_: i32) -> bool {
+        false
     }
 
     pub(super) fn stream_probe(

@@ -54,7 +54,8 @@ pub struct SamplerConfig {
     /// `2·interval`, … are sampled.
     pub interval: u64,
     /// Keep the worker's cost at or below this fraction of the measured step time by stretching the
-    /// interval. None: fixed interval.
+    /// interval. The cost of a round is the worker thread's CPU time for CPU tensors, its wall time for
+    /// device tensors. None: fixed interval.
     pub budget_fraction: Option<f64>,
     /// Parameters per sampling step; a model with more matrices is covered round-robin.
     pub max_params_per_sample: usize,
@@ -75,6 +76,15 @@ pub struct SamplerConfig {
     pub planned_steps: Option<u64>,
     /// How long `finish` (and Drop) lets the worker drain the queue before giving up on it.
     pub shutdown_timeout: Duration,
+    /// libtorch intra-op (OpenMP and MKL) threads of the worker thread alone; the trainer's own setting is
+    /// untouched. 0 leaves libtorch's default (every core), which on a CPU-bound trainer makes the worker's
+    /// thread team fight the trainer's for the same cores.
+    pub worker_threads: usize,
+    /// Linux nice value of the worker thread (0–19; 0 leaves it as is). At 19 the scheduler gives the worker
+    /// about 1.5% of a core that the trainer also wants, and the whole core when the trainer leaves it idle
+    /// (GPU training): the trainer never waits for monitoring, and a worker that falls behind drops and
+    /// counts samples.
+    pub worker_nice: i32,
 }
 
 impl Default for SamplerConfig {
@@ -95,6 +105,8 @@ impl Default for SamplerConfig {
             alpha: 0.75,
             planned_steps: None,
             shutdown_timeout: Duration::from_secs(5),
+            worker_threads: 1,
+            worker_nice: 19,
         }
     }
 }
@@ -312,9 +324,11 @@ impl SpectrumSampler {
             planned_steps: config.planned_steps,
             shutdown_timeout: config.shutdown_timeout,
         };
+        let (threads, nice) = (config.worker_threads, config.worker_nice);
         let handle = std::thread::Builder::new()
             .name("gainguard-spectra".into())
             .spawn(move || {
+                configure_worker_thread(threads, nice);
                 worker.run();
                 let _ = done_tx.send(());
             })
@@ -405,6 +419,38 @@ fn device_copy(t: &Tensor) -> Tensor {
         c.copy_(t);
         c
     })
+}
+
+/// CPU time the calling thread has used (Linux `CLOCK_THREAD_CPUTIME_ID`); None elsewhere.
+fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: writes into the timespec we own.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+        }
+    }
+    None
+}
+
+/// Applies [`SamplerConfig::worker_threads`] and [`SamplerConfig::worker_nice`] to the calling thread.
+/// Either can fail (no shim, a nice the process may not set); the worker then runs as it is, after one
+/// log line.
+fn configure_worker_thread(threads: usize, nice: i32) {
+    if threads > 0 && !crate::fused::limit_this_thread(threads) {
+        eprintln!("gainguard: cannot limit the spectra worker to {threads} libtorch thread(s) in this build; it uses libtorch's default");
+    }
+    #[cfg(target_os = "linux")]
+    if nice != 0 {
+        // SAFETY: setpriority on this thread's own id; no memory is shared.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+        if rc != 0 {
+            eprintln!("gainguard: cannot set the spectra worker's nice to {nice}: {}", std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 impl StepObserver for SpectrumSampler {
@@ -553,6 +599,11 @@ impl Worker {
 
     fn process(&mut self, round: Round) {
         let started = Instant::now();
+        let cpu_started = thread_cpu_time();
+        // What a round costs the trainer: on CPU the worker's own CPU time (a niced worker waiting for a
+        // core costs nothing, and its wall time would stretch the interval for that wait); on a GPU its
+        // wall time, which covers the device work it queued and waited for.
+        let on_cpu = round.snapshots.first().is_some_and(|s| s.after.device() == tch::Device::Cpu);
         let mut nonfinite = 0;
         let bytes = round.bytes;
         for snap in round.snapshots {
@@ -573,7 +624,11 @@ impl Worker {
         self.shared.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.shared.nonfinite.store(nonfinite, Ordering::Relaxed);
         self.shared.nonfinite_known.store(true, Ordering::Release);
-        ema(&self.shared.worker_ns_per_round, started.elapsed().as_nanos() as u64);
+        let cost = match (on_cpu, cpu_started, thread_cpu_time()) {
+            (true, Some(a), Some(b)) => b.saturating_sub(a),
+            _ => started.elapsed(),
+        };
+        ema(&self.shared.worker_ns_per_round, cost.as_nanos() as u64);
     }
 
     fn sample(&mut self, snap: &Snapshot, step: u64) -> SpectrumSample {

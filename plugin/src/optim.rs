@@ -65,7 +65,7 @@ pub enum CpuKernel {
     #[default]
     Exact,
     /// ATen's `_fused_adamw_`, the kernel behind `torch.optim.AdamW(fused=True)` (lerp and FMA): the same
-    /// update rounded differently, so it drifts from libtorch's AdamW by ~1e-5 relative over 200 steps.
+    /// update rounded differently, so it drifts from libtorch's AdamW by ~2.5e-5 relative over 200 steps (measured on the example model).
     Aten,
 }
 

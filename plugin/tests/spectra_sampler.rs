@@ -334,3 +334,21 @@ fn finish_returns_within_its_timeout_even_when_the_worker_is_stuck() {
     drop(opt); // Drop of the sampler must not wait either
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+#[test]
+fn limiting_the_worker_threads_leaves_the_trainer_threads_and_the_default_alone() {
+    let trainer_before = tch::get_num_threads();
+    let in_worker = std::thread::spawn(|| {
+        let before = tch::get_num_threads();
+        assert!(gainguard::fused::limit_this_thread(1), "this build has the shim");
+        // An op that runs ATen's parallel code after the limit must not undo it.
+        let _ = Tensor::randn([256, 256], (Kind::Float, Device::Cpu)).matmul(&Tensor::randn([256, 256], (Kind::Float, Device::Cpu)));
+        (before, tch::get_num_threads())
+    })
+    .join()
+    .unwrap();
+    let a_later_thread = std::thread::spawn(tch::get_num_threads).join().unwrap();
+    assert_eq!(in_worker.1, 1, "the limited thread");
+    assert_eq!(tch::get_num_threads(), trainer_before, "the calling (trainer) thread");
+    assert_eq!(a_later_thread, in_worker.0, "a thread started later still gets the default");
+}
