@@ -233,7 +233,8 @@ fn a_client_that_disconnects_mid_line_is_counted_and_its_run_goes_down() {
     wait_until(Duration::from_secs(5), "the cut run to go down", || {
         let body = metrics(daemon.metrics_addr());
         (sample(&body, "gainguard_step", &[("run", "cut")]) == Some(1.0)
-            && sample(&body, "gainguard_trainer_up", &[("run", "cut")]) == Some(0.0))
+            && sample(&body, "gainguard_trainer_up", &[("run", "cut")]) == Some(0.0)
+            && sample(&body, "gainguard_trainer_exit_info", &[("run", "cut"), ("reason", "vanished")]) == Some(1.0))
         .then_some(())
     });
 }

@@ -157,6 +157,8 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
     // Embedded mode: the trainer is up while its sink lives.
     drop(sink);
     prom.expect(&format!("gainguard_trainer_up{{{run}}}"), 0.0);
+    // Gone without a Goodbye.
+    prom.expect(&format!("gainguard_trainer_exit_info{{{run},reason=\"vanished\"}}"), 1.0);
     daemon.shutdown();
 }
 

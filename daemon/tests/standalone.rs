@@ -207,11 +207,49 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
     });
     let body = metrics(addr);
     assert!(sample(&body, "gainguard_param_learning_rate", &[("run", "ttl")]).is_some(), "kept during the TTL");
+    assert_eq!(sample(&body, "gainguard_trainer_exit_info", &[("run", "ttl"), ("reason", "finished")]), Some(1.0));
     wait_until(Duration::from_secs(5), "expiry", || {
         let body = metrics(addr);
         (!body.lines().any(|l| !l.starts_with('#') && l.contains("run=\"ttl\""))).then_some(())
     });
     assert_eq!(sample(&metrics(addr), "gainguard_runs", &[]), Some(0.0));
+}
+
+#[test]
+fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_clears_it() {
+    let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
+    let addr = daemon.metrics_addr();
+    let sink = daemon.sink();
+    let e = |step, event| Envelope::new("exits", 0, "h", step, event);
+    let hello = || Event::Hello(Hello { pid: 1, planned_steps: None, rule: "paper".into(), gamma: None, alpha: None, reference: None });
+    let reasons = || {
+        let body = metrics(addr);
+        body.lines()
+            .filter(|l| l.starts_with("gainguard_trainer_exit_info{") && l.contains("run=\"exits\""))
+            .map(|l| l.split("reason=\"").nth(1).unwrap().split('"').next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let wait_for = |want: Vec<&str>| {
+        wait_until(Duration::from_secs(5), &format!("exit reasons {want:?}"), || (reasons() == want).then_some(()));
+    };
+    sink.send(e(0, hello()));
+    sink.send(e(1, Event::Step(StepEvent { loss: Some(1.0), timestamp_seconds: 1.0, ..Default::default() })));
+    wait_until(Duration::from_secs(5), "the run", || sample(&metrics(addr), "gainguard_trainer_up", &[("run", "exits")]).filter(|v| *v == 1.0));
+    assert!(reasons().is_empty(), "no exit reason while running");
+    sink.send(e(2, Event::Goodbye(Goodbye { reason: "error".into() })));
+    wait_for(vec!["error"]);
+    // The same run and rank started again: running, no reason.
+    sink.send(e(0, hello()));
+    wait_until(Duration::from_secs(5), "up again", || sample(&metrics(addr), "gainguard_trainer_up", &[("run", "exits")]).filter(|v| *v == 1.0));
+    wait_for(vec![]);
+    // A reason outside the protocol's list does not become a label value.
+    sink.send(e(3, Event::Goodbye(Goodbye { reason: "out of memory".into() })));
+    wait_for(vec!["other"]);
+    // Its embedded sink going away keeps the reason the trainer gave.
+    drop(sink);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(reasons(), vec!["other"]);
+    daemon.shutdown();
 }
 
 #[test]

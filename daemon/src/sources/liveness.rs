@@ -1,7 +1,9 @@
 //! Whether each trainer is alive: up after Hello or Step, down after Goodbye or when its connection (or
-//! embedded sink) goes away without one.
+//! embedded sink) goes away without one; and, once it is down, why (`gainguard_trainer_exit_info`), so that
+//! a run that said `finished` is not paged as a crash even when it never reported its planned steps.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{GaugeVec, Opts};
 
@@ -13,6 +15,18 @@ pub const SPEC: SourceSpec = SourceSpec { name: "liveness", default_enabled: tru
 
 pub struct Liveness {
     up: GaugeVec,
+    exit: GaugeVec,
+    /// The reason each down run's series carries, to replace it (and not add a second) or keep it.
+    reasons: Mutex<HashMap<RunKey, &'static str>>,
+}
+
+/// Values of the `reason` label: a Goodbye's reason when it is one of the protocol's, `other` for any
+/// other text (so a client cannot grow the label set), `vanished` when the connection went away without
+/// a Goodbye.
+pub const EXIT_REASONS: [&str; 5] = ["finished", "error", "interrupted", "other", "vanished"];
+
+fn exit_reason(goodbye: &str) -> &'static str {
+    EXIT_REASONS[..3].iter().copied().find(|r| *r == goodbye).unwrap_or("other")
 }
 
 fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
@@ -24,7 +38,35 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
         &RUN_LABELS,
     )?;
     ctx.registry.register(Box::new(up.clone()))?;
-    Ok(Arc::new(Liveness { up }))
+    let exit = GaugeVec::new(
+        Opts::new(
+            "gainguard_trainer_exit_info",
+            "1 for how the trainer's last process ended: reason = finished, error, interrupted, other (from its Goodbye) or vanished (no Goodbye). Absent while it runs.",
+        ),
+        &["run", "rank", "host", "reason"],
+    )?;
+    ctx.registry.register(Box::new(exit.clone()))?;
+    Ok(Arc::new(Liveness { up, exit, reasons: Mutex::new(HashMap::new()) }))
+}
+
+impl Liveness {
+    fn reasons(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, &'static str>> {
+        self.reasons.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn clear_exit(&self, run: &RunKey) {
+        if let Some(reason) = self.reasons().remove(run) {
+            let [r, k, h] = run.labels();
+            remove(&self.exit, &[r, k, h, reason]);
+        }
+    }
+
+    fn set_exit(&self, run: &RunKey, reason: &'static str) {
+        self.clear_exit(run);
+        let [r, k, h] = run.labels();
+        self.exit.with_label_values(&[r, k, h, reason]).set(1.0);
+        self.reasons().insert(run.clone(), reason);
+    }
 }
 
 impl Source for Liveness {
@@ -33,23 +75,36 @@ impl Source for Liveness {
     }
 
     fn series_per_run(&self) -> usize {
-        1
+        2
     }
 
     fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
-        let value = match envelope.event {
-            Event::Hello(_) | Event::Step(_) => 1.0,
-            Event::Goodbye(_) => 0.0,
+        let value = match &envelope.event {
+            Event::Hello(_) => {
+                // A new process for the same run and rank: it is running again.
+                self.clear_exit(run.key);
+                1.0
+            }
+            Event::Step(_) => 1.0,
+            Event::Goodbye(g) => {
+                self.set_exit(run.key, exit_reason(&g.reason));
+                0.0
+            }
             _ => return,
         };
         self.up.with_label_values(&run.key.labels()).set(value);
     }
 
     fn trainer_down(&self, run: &RunKey) {
+        // After a Goodbye the connection closes too: keep the reason the trainer gave.
+        if !self.reasons().contains_key(run) {
+            self.set_exit(run, "vanished");
+        }
         self.up.with_label_values(&run.labels()).set(0.0);
     }
 
     fn forget_run(&self, run: &RunKey, _params: &[ParamLabels]) {
         remove(&self.up, &run.labels());
+        self.clear_exit(run);
     }
 }
