@@ -307,7 +307,14 @@ impl Source for Nvml {
 
 /// The real backend: `nvml-wrapper` over the driver's `libnvidia-ml.so`.
 pub struct RealNvml {
-    nvml: nvml_wrapper::Nvml,
+    /// Leaked once per backend (one per daemon) so that the Xid event set, which borrows it, can live
+    /// beside it.
+    nvml: &'static nvml_wrapper::Nvml,
+    /// Subscription to Xid critical errors on every GPU that supports them (Linux only); None when NVML
+    /// refused it (logged once), in which case `gainguard_gpu_xid_errors_total` is absent.
+    xid_events: Option<nvml_wrapper::event::EventSet<'static>>,
+    /// Xid errors seen since the daemon started, by GPU UUID, for the GPUs subscribed.
+    xid_counts: HashMap<String, u64>,
 }
 
 impl RealNvml {
@@ -317,14 +324,71 @@ impl RealNvml {
         if count == 0 {
             return Err("NVML reports no GPU".to_string());
         }
-        Ok(RealNvml { nvml })
+        let nvml: &'static nvml_wrapper::Nvml = Box::leak(Box::new(nvml));
+        let (xid_events, xid_counts) = match subscribe_xid(nvml, count) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("gainguardd: no Xid error events from NVML ({e}); gainguard_gpu_xid_errors_total is not exported");
+                (None, HashMap::new())
+            }
+        };
+        Ok(RealNvml { nvml, xid_events, xid_counts })
     }
+
+    /// Counts the Xid events queued since the last poll, without waiting.
+    fn drain_xid_events(&mut self) {
+        use nvml_wrapper::bitmasks::event::EventTypes;
+        let Some(set) = &self.xid_events else { return };
+        // Bounded, in case a broken driver never reports an empty queue.
+        for _ in 0..10_000 {
+            let Ok(event) = set.wait(0) else { break };
+            if !event.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+                continue;
+            }
+            let uuid = event.device.uuid().unwrap_or_default();
+            eprintln!("gainguardd: GPU {uuid}: Xid error {:?}", event.event_data);
+            if let Some(n) = self.xid_counts.get_mut(&uuid) {
+                *n += 1;
+            }
+        }
+    }
+}
+
+/// An event set with every GPU that supports Xid critical-error events registered, and a zero count per
+/// registered GPU (so that the counter exists, at 0, before the first error).
+#[cfg(target_os = "linux")]
+type XidSubscription = (Option<nvml_wrapper::event::EventSet<'static>>, HashMap<String, u64>);
+
+#[cfg(target_os = "linux")]
+fn subscribe_xid(nvml: &'static nvml_wrapper::Nvml, count: u32) -> Result<XidSubscription, String> {
+    use nvml_wrapper::bitmasks::event::EventTypes;
+    let mut set = nvml.create_event_set().map_err(|e| e.to_string())?;
+    let mut counts = HashMap::new();
+    for index in 0..count {
+        let Ok(device) = nvml.device_by_index(index) else { continue };
+        if !device.supported_event_types().is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR)) {
+            continue;
+        }
+        // A failed registration frees the whole set (NVML's rule), so it ends the subscription.
+        set = device.register_events(EventTypes::CRITICAL_XID_ERROR, set).map_err(|e| format!("GPU {index}: {e}"))?;
+        counts.insert(device.uuid().map_err(|e| e.to_string())?, 0);
+    }
+    if counts.is_empty() {
+        return Err("no GPU supports Xid critical-error events".into());
+    }
+    Ok((Some(set), counts))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn subscribe_xid(_: &'static nvml_wrapper::Nvml, _: u32) -> Result<(Option<nvml_wrapper::event::EventSet<'static>>, HashMap<String, u64>), String> {
+    Err("NVML events exist on Linux only".into())
 }
 
 impl GpuBackend for RealNvml {
     #[allow(deprecated)]
     fn read(&mut self) -> Result<Vec<GpuReading>, String> {
         use nvml_wrapper::bitmasks::device::ThrottleReasons as T;
+        self.drain_xid_events();
         use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
         use nvml_wrapper::enums::device::UsedGpuMemory;
         let count = self.nvml.device_count().map_err(|e| e.to_string())?;
@@ -353,9 +417,11 @@ impl GpuBackend for RealNvml {
                     processes.push((p.pid, bytes));
                 }
             }
+            let uuid = d.uuid().unwrap_or_default();
             out.push(GpuReading {
                 index,
-                uuid: d.uuid().unwrap_or_default(),
+                xid_errors: self.xid_counts.get(&uuid).copied(),
+                uuid,
                 name: d.name().unwrap_or_default(),
                 utilization_percent: util.as_ref().map(|u| u.gpu),
                 memory_utilization_percent: util.as_ref().map(|u| u.memory),
@@ -370,8 +436,6 @@ impl GpuBackend for RealNvml {
                 throttle,
                 ecc_corrected: d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile).ok(),
                 ecc_uncorrected: d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile).ok(),
-                // Xid errors arrive through NVML event sets, which this poller does not subscribe to yet.
-                xid_errors: None,
                 processes,
             });
         }
