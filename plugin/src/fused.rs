@@ -13,9 +13,10 @@
 //!   theta ← theta − (first_moment / (sqrt(second_moment) / sqrt(1 − beta2^t) + eps)) · lr / (1 − beta1^t)
 //!   ```
 //! - **CUDA** (and CPU with [`CpuKernel::Aten`]): ATen's `_fused_adamw_`, the kernel of
-//!   `torch.optim.AdamW(fused=True)`, one call per group. It decays by `(1 − lr·wd')`, so independent decay passes `wd' = wd / lr`. It rounds
-//!   differently from the reference path (lerp, FMA), so CUDA runs agree with it to float precision, not
-//!   bit for bit. (Not exercised here: the development machine has no GPU.)
+//!   `torch.optim.AdamW(fused=True)`, one call per group. It decays by `(1 − lr·wd')`, so independent
+//!   decay passes `wd' = wd / lr`. It rounds differently from the reference path (lerp, FMA), so such
+//!   runs agree with it to float precision, not bit for bit. (The CUDA path has not run yet: the
+//!   development machine has no GPU; `scripts/device-check.sh` checks it on one.)
 //!
 //! Covered: dense, contiguous `f32` or `f64` parameters whose gradient and moments have the parameter's
 //! dtype and device. A group with any other member (a `bf16` or `f16` parameter with `f32` moments, a
