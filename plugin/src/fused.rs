@@ -120,9 +120,9 @@ pub fn stream_probe(opt: &WidthScaledAdamW) -> Result<usize, String> {
         let Some(Covered { members, common: Some((Device::Cpu, Kind::Float)), .. }) = covered_members(opt, gi) else {
             continue;
         };
-        let (params, grads, first, second, numels) = raw_buffers(opt, &members);
-        shim::stream_probe(&params, &grads, &first, &second, &numels)?;
-        elements += numels.iter().sum::<i64>() as usize;
+        let group = raw_buffers(opt, &members);
+        shim::stream_probe(&group)?;
+        elements += group.4.iter().sum::<i64>() as usize;
     }
     Ok(elements)
 }
@@ -150,7 +150,7 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
             DecayMode::Coupled => 1.0 - lr * wd,
             DecayMode::Independent => 1.0 - wd,
         };
-        let (params, grads, first, second, numels) = raw_buffers(opt, &members);
+        let group = raw_buffers(opt, &members);
         let scalars = shim::Scalars {
             decay,
             beta1,
@@ -159,7 +159,7 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
             eps,
             step_size: lr / bias_correction1,
         };
-        shim::adamw_cpu(&params, &grads, &first, &second, &numels, kind == Kind::Double, &scalars)
+        shim::adamw_cpu(&group, kind == Kind::Double, &scalars)
     } else {
         // CUDA, or CPU with `CpuKernel::Aten`: ATen's kernel, which decays by (1 − lr·wd'); independent
         // decay (1 − wd) needs wd' = wd / lr.
@@ -209,7 +209,7 @@ struct Scalars {
 mod shim {
     use std::ffi::{c_char, c_int, c_void, CStr};
 
-    pub(super) use super::Scalars;
+    pub(super) use super::{RawGroup, Scalars};
 
     extern "C" {
         fn gainguard_adamw_cpu(
@@ -265,22 +265,24 @@ mod shim {
         unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()
     }
 
+    /// Runs a shim call that reports failure as 1 and a message in the buffer it is given.
+    fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+        let mut err = vec![0 as c_char; 1024];
+        if call(err.as_mut_ptr(), err.len()) == 0 {
+            Ok(())
+        } else {
+            Err(error_text(&err))
+        }
+    }
+
     /// The CPU loop over raw contiguous buffers that outlive the call (`numels[i]` elements each).
-    pub(super) fn adamw_cpu(
-        params: &[*mut c_void],
-        grads: &[*mut c_void],
-        exp_avgs: &[*mut c_void],
-        exp_avg_sqs: &[*mut c_void],
-        numels: &[i64],
-        is_double: bool,
-        s: &Scalars,
-    ) -> Result<(), String> {
+    pub(super) fn adamw_cpu(group: &RawGroup, is_double: bool, s: &Scalars) -> Result<(), String> {
+        let (params, grads, exp_avgs, exp_avg_sqs, numels) = group;
         let n = params.len();
         assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n && numels.len() == n);
-        let mut err = vec![0 as c_char; 1024];
         // SAFETY: every buffer belongs to a live, contiguous tensor of the given dtype with `numels[i]`
         // elements, held by the caller; parameters, gradients and moments do not overlap.
-        let rc = unsafe {
+        checked(|err, cap| unsafe {
             gainguard_adamw_cpu(
                 params.as_ptr(),
                 grads.as_ptr(),
@@ -295,15 +297,10 @@ mod shim {
                 s.bias_correction2_sqrt,
                 s.eps,
                 s.step_size,
-                err.as_mut_ptr(),
-                err.len(),
+                err,
+                cap,
             )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(error_text(&err))
-        }
+        })
     }
 
     pub(super) fn limit_this_thread(threads: c_int) -> bool {
@@ -313,34 +310,14 @@ mod shim {
     }
 
     /// The probe over f32 buffers as [`adamw_cpu`] takes them.
-    pub(super) fn stream_probe(
-        params: &[*mut c_void],
-        grads: &[*mut c_void],
-        exp_avgs: &[*mut c_void],
-        exp_avg_sqs: &[*mut c_void],
-        numels: &[i64],
-    ) -> Result<(), String> {
+    pub(super) fn stream_probe(group: &RawGroup) -> Result<(), String> {
+        let (params, grads, exp_avgs, exp_avg_sqs, numels) = group;
         let n = params.len();
         assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n && numels.len() == n);
-        let mut err = vec![0 as c_char; 1024];
         // SAFETY: as for adamw_cpu: live, contiguous, non-overlapping f32 buffers of `numels[i]` elements.
-        let rc = unsafe {
-            gainguard_stream_probe(
-                params.as_ptr(),
-                grads.as_ptr(),
-                exp_avgs.as_ptr(),
-                exp_avg_sqs.as_ptr(),
-                numels.as_ptr(),
-                n,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(error_text(&err))
-        }
+        checked(|err, cap| unsafe {
+            gainguard_stream_probe(params.as_ptr(), grads.as_ptr(), exp_avgs.as_ptr(), exp_avg_sqs.as_ptr(), numels.as_ptr(), n, err, cap)
+        })
     }
 
     /// `_fused_adamw_` over `at::Tensor*` handles that outlive the call; returns the C++ exception text.
@@ -359,10 +336,9 @@ mod shim {
     ) -> Result<(), String> {
         let n = params.len();
         assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n);
-        let mut err = vec![0 as c_char; 1024];
         // SAFETY: every pointer is a live `at::Tensor*` owned by a tch `Tensor` the caller holds; the shim
         // catches all C++ exceptions.
-        let rc = unsafe {
+        checked(|err, cap| unsafe {
             gainguard_fused_adamw(
                 params.as_ptr(),
                 grads.as_ptr(),
@@ -375,46 +351,29 @@ mod shim {
                 beta2,
                 weight_decay,
                 eps,
-                err.as_mut_ptr(),
-                err.len(),
+                err,
+                cap,
             )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(error_text(&err))
-        }
+        })
     }
 }
 
 #[cfg(not(gainguard_fused_shim))]
 mod shim {
-    pub(super) use super::Scalars;
+    pub(super) use super::{RawGroup, Scalars};
 
-    pub(super) fn adamw_cpu(
-        _: &[*mut std::ffi::c_void],
-        _: &[*mut std::ffi::c_void],
-        _: &[*mut std::ffi::c_void],
-        _: &[*mut std::ffi::c_void],
-        _: &[i64],
-        _: bool,
-        _: &Scalars,
-    ) -> Result<(), String> {
-        Err("built without the fused AdamW shim".into())
+    const NO_SHIM: &str = "built without the fused AdamW shim";
+
+    pub(super) fn adamw_cpu(_: &RawGroup, _: bool, _: &Scalars) -> Result<(), String> {
+        Err(NO_SHIM.into())
     }
 
     pub(super) fn limit_this_thread(_: i32) -> bool {
         false
     }
 
-    pub(super) fn stream_probe(
-        _: &[*mut std::ffi::c_void],
-        _: &[*mut std::ffi::c_void],
-        _: &[*mut std::ffi::c_void],
-        _: &[*mut std::ffi::c_void],
-        _: &[i64],
-    ) -> Result<(), String> {
-        Err("built without the fused AdamW shim".into())
+    pub(super) fn stream_probe(_: &RawGroup) -> Result<(), String> {
+        Err(NO_SHIM.into())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -430,6 +389,6 @@ mod shim {
         _: f64,
         _: f64,
     ) -> Result<(), String> {
-        Err("built without the fused AdamW shim".into())
+        Err(NO_SHIM.into())
     }
 }
