@@ -23,6 +23,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <omp.h>
 
@@ -74,6 +76,25 @@ std::vector<at::Tensor> gather(void *const *ptrs, size_t n) {
 GAINGUARD_ADAMW_LOOP(float, adamw_loop_f32)
 GAINGUARD_ADAMW_LOOP(double, adamw_loop_f64)
 
+// Mixed precision: a bf16 or f16 parameter and gradient with f32 moments. The reference path widens θ and
+// g to f32 (exactly), steps in f32 as above, and rounds θ back (to nearest even) when it copies it into the
+// parameter; this does the same per element, in one pass.
+template <typename P>
+void adamw_loop_mixed(P *__restrict p, const P *__restrict g, float *__restrict m, float *__restrict v, int64_t n,
+                      float decay, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+                      float bias_correction2_sqrt, float eps, float step_size) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = static_cast<float>(g[i]), p0 = static_cast<float>(p[i]), m0 = m[i], v0 = v[i];
+    const float pi = p0 * decay;
+    const float mi = m0 * beta1 + gi * one_minus_beta1;
+    const float vi = v0 * beta2 + (gi * gi) * one_minus_beta2;
+    const float denom = std::sqrt(vi) / bias_correction2_sqrt + eps;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = static_cast<P>(pi - (mi / denom) * step_size);
+  }
+}
+
 // The step's memory traffic with no arithmetic that changes a value: reads p, g, m, v, writes p, m, v
 // (each x + g·0, which the compiler may not fold away). Used only to measure the step's floor.
 __attribute__((target_clones("avx2", "default"))) void stream_probe_loop(float *__restrict p,
@@ -106,8 +127,9 @@ void for_each_segment(const int64_t *numels, size_t n, Body body) {
   });
 }
 
-// Scalars arrive as double and are rounded to T once, as ATen rounds a Python/C++ scalar operand.
-template <typename T, typename Loop>
+// P is the parameter (and gradient) type, T the moments' and the arithmetic's. Scalars arrive as double and
+// are rounded to T once, as ATen rounds a Python/C++ scalar operand.
+template <typename P, typename T, typename Loop>
 void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
                const int64_t *numels, size_t n, double decay, double beta1, double beta2, double bias_correction2_sqrt,
                double eps, double step_size) {
@@ -115,8 +137,8 @@ void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *c
           b2 = static_cast<T>(beta2), omb2 = static_cast<T>(1.0 - beta2), bc2 = static_cast<T>(bias_correction2_sqrt),
           e = static_cast<T>(eps), s = static_cast<T>(step_size);
   for_each_segment(numels, n, [&](size_t t, int64_t lo, int64_t hi) {
-    T *p = static_cast<T *>(params[t]);
-    const T *g = static_cast<const T *>(grads[t]);
+    P *p = static_cast<P *>(params[t]);
+    const P *g = static_cast<const P *>(grads[t]);
     T *m = static_cast<T *>(exp_avgs[t]);
     T *v = static_cast<T *>(exp_avg_sqs[t]);
     loop(p + lo, g + lo, m + lo, v + lo, hi - lo, d, b1, omb1, b2, omb2, bc2, e, s);
@@ -127,20 +149,36 @@ void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *c
 
 extern "C" {
 
-// Steps `n` contiguous CPU parameters of one dtype (`is_double` selects f64 over f32) given their raw
-// buffers and element counts. `decay` is the factor theta is multiplied by (1 − lr·wd or 1 − wd);
+// Steps `n` contiguous CPU parameters of one dtype given their raw buffers and element counts. `dtype`:
+// 0 = f32 (f32 moments), 1 = f64 (f64 moments), 2 = bf16 and 3 = f16 (gradients of the parameter's dtype,
+// f32 moments). `decay` is the factor theta is multiplied by (1 − lr·wd or 1 − wd);
 // `step_size` = lr / (1 − beta1^t). Returns 0, or 1 with the exception text in `err`.
 int gainguard_adamw_cpu(void *const *params, const void *const *grads, void *const *exp_avgs,
-                        void *const *exp_avg_sqs, const int64_t *numels, size_t n, int is_double, double decay,
+                        void *const *exp_avg_sqs, const int64_t *numels, size_t n, int dtype, double decay,
                         double beta1, double beta2, double bias_correction2_sqrt, double eps, double step_size,
                         char *err, size_t cap) {
   try {
-    if (is_double)
-      adamw_cpu<double>(adamw_loop_f64, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1, beta2,
-                        bias_correction2_sqrt, eps, step_size);
-    else
-      adamw_cpu<float>(adamw_loop_f32, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1, beta2,
-                       bias_correction2_sqrt, eps, step_size);
+    switch (dtype) {
+      case 0:
+        adamw_cpu<float, float>(adamw_loop_f32, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1, beta2,
+                                bias_correction2_sqrt, eps, step_size);
+        break;
+      case 1:
+        adamw_cpu<double, double>(adamw_loop_f64, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1,
+                                  beta2, bias_correction2_sqrt, eps, step_size);
+        break;
+      case 2:
+        adamw_cpu<c10::BFloat16, float>(adamw_loop_mixed<c10::BFloat16>, params, grads, exp_avgs, exp_avg_sqs, numels,
+                                        n, decay, beta1, beta2, bias_correction2_sqrt, eps, step_size);
+        break;
+      case 3:
+        adamw_cpu<c10::Half, float>(adamw_loop_mixed<c10::Half>, params, grads, exp_avgs, exp_avg_sqs, numels, n,
+                                    decay, beta1, beta2, bias_correction2_sqrt, eps, step_size);
+        break;
+      default:
+        write_error(err, cap, "gainguard_adamw_cpu: unknown dtype code");
+        return 1;
+    }
     return 0;
   } catch (const std::exception &e) {
     write_error(err, cap, e.what());

@@ -19,11 +19,12 @@
 //!   development machine has no GPU; `scripts/device-check.sh` checks it on one.)
 //!
 //! Covered: dense, contiguous `f32` or `f64` parameters whose gradient and moments have the parameter's
-//! dtype and device. A group with any other member (a `bf16` or `f16` parameter with `f32` moments, a
-//! sparse or strided gradient, members on several devices), an independent-decay CUDA group at `lr = 0`,
-//! every group when the shim is not built, and a group the kernel refuses (logged once) take the
-//! reference path. The state is the same tensors in both paths, so either path resumes the other's
-//! checkpoint.
+//! dtype and device; on the CPU also mixed precision, `bf16` or `f16` parameters and gradients with `f32`
+//! moments (the loop widens θ and g to f32, steps in f32 and rounds θ back to nearest even, as the
+//! reference path does). A group with any other member (mixed precision on CUDA, a sparse or strided
+//! gradient, members on several devices), an independent-decay CUDA group at `lr = 0`, every group when
+//! the shim is not built, and a group the kernel refuses (logged once) take the reference path. The state
+//! is the same tensors in both paths, so either path resumes the other's checkpoint.
 
 use std::sync::Once;
 
@@ -74,10 +75,15 @@ fn covered_members(opt: &WidthScaledAdamW, gi: usize) -> Option<Covered> {
             continue;
         }
         let (kind, device) = (slot.tensor.kind(), slot.tensor.device());
-        let ok = matches!(kind, Kind::Float | Kind::Double)
+        // f32/f64 with moments of the same dtype anywhere; bf16/f16 with f32 moments on the CPU only (ATen's
+        // kernel wants one dtype for all four).
+        let moment_kind = match kind {
+            Kind::Float | Kind::Double => Some(kind),
+            Kind::BFloat16 | Kind::Half if device == Device::Cpu => Some(Kind::Float),
+            _ => None,
+        };
+        let ok = moment_kind.is_some_and(|mk| slot.first_moment.kind() == mk && slot.second_moment.kind() == mk)
             && *covered.common.get_or_insert((device, kind)) == (device, kind)
-            && slot.first_moment.kind() == kind
-            && slot.second_moment.kind() == kind
             && grad.kind() == kind
             && grad.device() == device
             && slot.first_moment.device() == device
@@ -144,7 +150,8 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
         return true;
     };
 
-    let result = if device == Device::Cpu && opt.config.cpu_kernel == CpuKernel::Exact {
+    let mixed = matches!(kind, Kind::BFloat16 | Kind::Half);
+    let result = if device == Device::Cpu && (opt.config.cpu_kernel == CpuKernel::Exact || mixed) {
         // θ·(1 − lr·wd) or θ·(1 − wd), as the reference path computes it.
         let decay = match opt.config.decay {
             DecayMode::Coupled => 1.0 - lr * wd,
@@ -159,7 +166,13 @@ fn step_group(opt: &mut WidthScaledAdamW, gi: usize, t: u64, lr_mult: f64, wd_mu
             eps,
             step_size: lr / bias_correction1,
         };
-        shim::adamw_cpu(&group, kind == Kind::Double, &scalars)
+        let dtype = match kind {
+            Kind::Float => shim::DType::F32,
+            Kind::Double => shim::DType::F64,
+            Kind::BFloat16 => shim::DType::BF16,
+            _ => shim::DType::F16,
+        };
+        shim::adamw_cpu(&group, dtype, &scalars)
     } else {
         // CUDA, or CPU with `CpuKernel::Aten`: ATen's kernel, which decays by (1 − lr·wd'); independent
         // decay (1 − wd) needs wd' = wd / lr.
@@ -195,6 +208,19 @@ pub fn limit_this_thread(threads: usize) -> bool {
     shim::limit_this_thread(threads.clamp(1, i32::MAX as usize) as i32)
 }
 
+/// The parameter dtype codes of the shim's CPU loop (`gainguard_adamw_cpu`'s `dtype`).
+#[derive(Clone, Copy)]
+enum DType {
+    /// f32 parameters and moments.
+    F32 = 0,
+    /// f64 parameters and moments.
+    F64 = 1,
+    /// bf16 parameters and gradients, f32 moments.
+    BF16 = 2,
+    /// f16 parameters and gradients, f32 moments.
+    F16 = 3,
+}
+
 /// The per-step scalars of the CPU loop, in f64; the loop rounds each once to the parameters' dtype.
 struct Scalars {
     decay: f64,
@@ -209,7 +235,7 @@ struct Scalars {
 mod shim {
     use std::ffi::{c_char, c_int, c_void, CStr};
 
-    pub(super) use super::{RawGroup, Scalars};
+    pub(super) use super::{DType, RawGroup, Scalars};
 
     extern "C" {
         fn gainguard_adamw_cpu(
@@ -219,7 +245,7 @@ mod shim {
             exp_avg_sqs: *const *mut c_void,
             numels: *const i64,
             n: usize,
-            is_double: c_int,
+            dtype: c_int,
             decay: f64,
             beta1: f64,
             beta2: f64,
@@ -276,7 +302,7 @@ mod shim {
     }
 
     /// The CPU loop over raw contiguous buffers that outlive the call (`numels[i]` elements each).
-    pub(super) fn adamw_cpu(group: &RawGroup, is_double: bool, s: &Scalars) -> Result<(), String> {
+    pub(super) fn adamw_cpu(group: &RawGroup, dtype: DType, s: &Scalars) -> Result<(), String> {
         let (params, grads, exp_avgs, exp_avg_sqs, numels) = group;
         let n = params.len();
         assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n && numels.len() == n);
@@ -290,7 +316,7 @@ mod shim {
                 exp_avg_sqs.as_ptr(),
                 numels.as_ptr(),
                 n,
-                is_double as c_int,
+                dtype as c_int,
                 s.decay,
                 s.beta1,
                 s.beta2,
@@ -360,11 +386,11 @@ mod shim {
 
 #[cfg(not(gainguard_fused_shim))]
 mod shim {
-    pub(super) use super::{RawGroup, Scalars};
+    pub(super) use super::{DType, RawGroup, Scalars};
 
     const NO_SHIM: &str = "built without the fused AdamW shim";
 
-    pub(super) fn adamw_cpu(_: &RawGroup, _: bool, _: &Scalars) -> Result<(), String> {
+    pub(super) fn adamw_cpu(_: &RawGroup, _: DType, _: &Scalars) -> Result<(), String> {
         Err(NO_SHIM.into())
     }
 
