@@ -6,22 +6,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub struct ChildGuard(pub Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+// ChildGuard, free_port and wait_until: the same helpers the daemon's own tests use.
+#[path = "../../daemon/tests/common/process.rs"]
+mod process;
+pub use process::{free_port, spawn_prometheus, wait_until, ChildGuard};
 
 pub fn binary(env: &str, default: &str, package: &str) -> PathBuf {
     let p = PathBuf::from(std::env::var(env).unwrap_or_else(|_| default.into()));
@@ -29,16 +21,6 @@ pub fn binary(env: &str, default: &str, package: &str) -> PathBuf {
     p
 }
 
-pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 pub fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gainguard-{tag}-{}", std::process::id()));
@@ -167,17 +149,8 @@ impl Prometheus {
         }
         let cfg = dir.join("prometheus.yml");
         std::fs::write(&cfg, config).unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("prom-data").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting prometheus");
-        let p = Prometheus { addr, _child: ChildGuard(child) };
+        let (child, addr) = spawn_prometheus(&bin, &cfg, &dir.join("prom-data"));
+        let p = Prometheus { addr, _child: child };
         wait_until(Duration::from_secs(30), "prometheus to become ready", || {
             crate::promql::http_get(&p.url(), "/-/ready").ok()
         });
