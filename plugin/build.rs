@@ -50,12 +50,19 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
-    // The OpenMP runtime libtorch itself uses (the wheel's torch/lib/libgomp.so.1, which has no
-    // unversioned libgomp.so beside it), so the shim and ATen share one thread pool.
-    if lib_dir.join("libgomp.so.1").exists() {
-        println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
-    } else {
-        println!("cargo:rustc-link-lib=dylib=gomp");
+    // The OpenMP runtime libtorch itself uses, so that the shim and ATen share one thread pool: the wheel's
+    // torch/lib/libgomp.so.1 (no unversioned libgomp.so beside it), or the hashed libgomp-<hash>.so.1 of
+    // the libtorch zip distributions; the system's libgomp only when libtorch ships none.
+    let bundled = std::fs::read_dir(&lib_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("libgomp") && n.contains(".so"))
+        .min_by_key(|n| n.len());
+    match bundled {
+        Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
+        None => println!("cargo:rustc-link-lib=dylib=gomp"),
     }
     println!("cargo:rustc-cfg=gainguard_fused_shim");
 }
