@@ -157,7 +157,18 @@ fn sampler(c: &mut Checks, device: Device) {
     let (vs, m) = llama(64, device);
     let mut opt = WidthScaledAdamW::new(&vs, &base_shapes(), config(DecayMode::Coupled, true, 100)).unwrap();
     let samples: Arc<Mutex<Vec<(u64, String, f64)>>> = Arc::default();
-    let cfg = SamplerConfig { interval: 25, budget_fraction: None, full_spectrum_every: 2, ..Default::default() };
+    // Every round must arrive (the last is compared with the final weights): room for all four rounds in
+    // the queue, a worker at normal priority, and time to drain at the end on a busy machine, since this
+    // checks values, not scheduling.
+    let cfg = SamplerConfig {
+        interval: 25,
+        budget_fraction: None,
+        full_spectrum_every: 2,
+        queue_capacity: 8,
+        worker_nice: 0,
+        shutdown_timeout: std::time::Duration::from_secs(60),
+        ..Default::default()
+    };
     let mut s = SpectrumSampler::new(cfg, opt.plan(), gainguard::daemon::Sink::disabled()).unwrap();
     let seen = samples.clone();
     s.add_listener(Box::new(move |sample, step| {
@@ -173,7 +184,7 @@ fn sampler(c: &mut Checks, device: Device) {
         m.loss(&batch(&corpus, step, device)).backward();
         opt.step();
     }
-    let drained = handle.finish(std::time::Duration::from_secs(30));
+    let drained = handle.finish(std::time::Duration::from_secs(90));
     let got = samples.lock().unwrap().clone();
     let last_step = got.iter().map(|x| x.0).max().unwrap_or(0);
     let vars = vs.variables();

@@ -49,3 +49,26 @@ fn the_width_transfer_smoke_preset_writes_a_report_and_a_plot() {
     assert!(pngs >= 1, "no PNG in {}", dir.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
+    // scripts/device-check.sh runs this example on a GPU machine, where time is short: a broken check
+    // must show up here first. With --cpu it runs every comparison on the CPU.
+    let mut cmd = example("device_check");
+    cmd.arg("--cpu");
+    let out = run_ok(cmd);
+    let passes = out.lines().filter(|l| l.starts_with("PASS ")).count();
+    assert!(passes >= 15 && !out.lines().any(|l| l.starts_with("FAIL ")), "{out}");
+    assert!(out.contains("0 check(s) failed"), "{out}");
+}
+
+#[test]
+fn the_gpu_check_says_so_and_fails_without_cuda() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let out = example("device_check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.contains("CUDA is not available") && text.contains("--cpu"), "{text}");
+}
