@@ -52,11 +52,12 @@ fn sync(device: Device) {
 }
 
 /// Streaming bandwidth in bytes/s, measured two ways on 256 MiB fp32 buffers with libtorch's own
-/// multi-threaded kernels, returning (copy, in-place add):
+/// multi-threaded kernels, returning (copy, in-place add). Context on CPU, where the floor is the stream
+/// probe (the step's own traffic); on CUDA the higher of the two sets the floor.
 /// - `dst.copy_(src)`, counted as 2 × size. On CPU the write also reads `dst` first (write-allocate), so
 ///   this undercounts the traffic by up to a third;
 /// - `a.add_(b)`, counted as 3 × size (read a, read b, write a). It reads every line it writes, as the
-///   AdamW step does (θ, m, v are read, then written in place), so it is the like-for-like floor.
+///   AdamW step does (θ, m, v are read, then written in place).
 fn bandwidths(device: Device) -> (f64, f64) {
     let n = 64 << 20;
     let src = Tensor::rand([n], (Kind::Float, device));
@@ -261,7 +262,7 @@ fn main() {
 
     println!();
     println!(
-        "bandwidth: copy_ {:.1} GB/s (2 × size), in-place add_ {:.1} GB/s (3 × size); the higher is the floor's",
+        "bandwidth: copy_ {:.1} GB/s (2 × size), in-place add_ {:.1} GB/s (3 × size) (the floor: on CPU the probe below, on CUDA the higher of these)",
         copy_bw / 1e9,
         add_bw / 1e9
     );
