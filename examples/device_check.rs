@@ -17,6 +17,8 @@
 
 #[path = "llama/model.rs"]
 mod model;
+#[path = "../tests/support/compare.rs"]
+mod compare;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -125,20 +127,6 @@ fn batch(corpus: &MarkovCorpus, step: u64, device: Device) -> Tensor {
     Tensor::from_slice(&corpus.batch(step, 4, 16)).view([4, 16]).to_device(device)
 }
 
-fn max_rel_diff(a: &VarStore, b: &VarStore) -> (f64, String) {
-    let bv = b.variables();
-    let mut worst = (0.0, String::new());
-    for (name, x) in a.variables() {
-        let y = bv[&name].to_device(Device::Cpu);
-        let x = x.to_device(Device::Cpu);
-        let d = (&x - &y).abs().max().double_value(&[]) / y.abs().max().double_value(&[]).max(1e-30);
-        if d > worst.0 {
-            worst = (d, name);
-        }
-    }
-    worst
-}
-
 fn config(decay: DecayMode, fused: bool, steps: u64) -> AdamWConfig {
     AdamWConfig {
         lr: 3e-3,
@@ -234,9 +222,9 @@ fn fused(c: &mut Checks, device: Device) {
                 opt.step();
             }
         }
-        let (d, at) = max_rel_diff(&runs[0].0, &runs[1].0);
+        let (d, at) = compare::max_rel_diff(&runs[0].0, &runs[1].0);
         c.check(d <= 1e-6, format!("{decay:?}, fixed gradients, 5 steps: fused vs reference on {device:?}: {d:.2e} at `{at}` (bar 1e-6)"));
-        let (d, at) = max_rel_diff(&runs[1].0, &runs[2].0);
+        let (d, at) = compare::max_rel_diff(&runs[1].0, &runs[2].0);
         c.check(d <= 1e-6, format!("{decay:?}, fixed gradients, 5 steps: reference on {device:?} vs reference on CPU: {d:.2e} at `{at}` (bar 1e-6)"));
 
         // 200 training steps with warmup-cosine and clipping (forward/backward on the device too).
@@ -253,8 +241,8 @@ fn fused(c: &mut Checks, device: Device) {
             }
             trained.push(vs);
         }
-        let (d, at) = max_rel_diff(&trained[0], &trained[1]);
-        let (moved, _) = max_rel_diff(&trained[1], &init);
+        let (d, at) = compare::max_rel_diff(&trained[0], &trained[1]);
+        let (moved, _) = compare::max_rel_diff(&trained[1], &init);
         c.check(
             d <= 1e-6 && moved > 1e-2,
             format!("{decay:?}, 200 training steps: fused vs reference on {device:?}: {d:.2e} at `{at}` (bar 1e-6; weights moved {moved:.2e})"),

@@ -111,7 +111,7 @@ fn fused_matches_reference(decay: DecayMode) {
     assert!(diff <= 1e-6, "{decay:?}: fused vs reference: max relative difference {diff:e} at `{name}` after {STEPS} steps");
     for (a, b) in fused.opt.slots().iter().zip(reference.opt.slots()) {
         for (x, y, what) in [(&a.first_moment, &b.first_moment, "first"), (&a.second_moment, &b.second_moment, "second")] {
-            let d = (x - y).abs().max().double_value(&[]) / y.abs().max().double_value(&[]).max(1e-30);
+            let d = compare::rel_diff(x, y);
             assert!(d <= 1e-5, "{decay:?}: {what} moment of `{}` differs by {d:e}", a.name);
         }
     }
@@ -309,7 +309,7 @@ fn large_tensors_stepped(config: AdamWConfig) -> Vec<Tensor> {
 fn max_rel(a: &[Tensor], b: &[Tensor]) -> f64 {
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs().max().double_value(&[]) / y.abs().max().double_value(&[]).max(1e-30))
+        .map(|(x, y)| compare::rel_diff(x, y))
         .fold(0.0, f64::max)
 }
 

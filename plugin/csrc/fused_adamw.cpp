@@ -48,6 +48,21 @@ void write_error(char *err, size_t cap, const char *what) {
   err[cap - 1] = '\0';
 }
 
+// Runs `body` (which returns the entry point's status) and turns any C++ exception into status 1 with its
+// text in `err` (`what` when it carries none), so that no exception crosses into Rust.
+template <typename Body>
+int guarded(char *err, size_t cap, const char *what, Body body) {
+  try {
+    return body();
+  } catch (const std::exception &e) {
+    write_error(err, cap, e.what());
+    return 1;
+  } catch (...) {
+    write_error(err, cap, what);
+    return 1;
+  }
+}
+
 std::vector<at::Tensor> gather(void *const *ptrs, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
@@ -157,7 +172,7 @@ int gainguard_adamw_cpu(void *const *params, const void *const *grads, void *con
                         void *const *exp_avg_sqs, const int64_t *numels, size_t n, int dtype, double decay,
                         double beta1, double beta2, double bias_correction2_sqrt, double eps, double step_size,
                         char *err, size_t cap) {
-  try {
+  return guarded(err, cap, "unknown C++ exception in the CPU AdamW loop", [&] {
     switch (dtype) {
       case 0:
         adamw_cpu<float, float>(adamw_loop_f32, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1, beta2,
@@ -180,13 +195,7 @@ int gainguard_adamw_cpu(void *const *params, const void *const *grads, void *con
         return 1;
     }
     return 0;
-  } catch (const std::exception &e) {
-    write_error(err, cap, e.what());
-    return 1;
-  } catch (...) {
-    write_error(err, cap, "unknown C++ exception in the CPU AdamW loop");
-    return 1;
-  }
+  });
 }
 
 // Limits libtorch's intra-op parallelism for the calling thread only. ATen initialises a thread's OpenMP
@@ -203,16 +212,13 @@ void gainguard_limit_this_thread(int threads) {
 // no arithmetic that changes a value; its time is the step's floor (benches/optimizer_step.rs).
 int gainguard_stream_probe(void *const *params, void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
                            const int64_t *numels, size_t n, char *err, size_t cap) {
-  try {
+  return guarded(err, cap, "unknown C++ exception in the stream probe", [&] {
     for_each_segment(numels, n, [&](size_t t, int64_t lo, int64_t hi) {
       stream_probe_loop(static_cast<float *>(params[t]) + lo, static_cast<const float *>(grads[t]) + lo,
                         static_cast<float *>(exp_avgs[t]) + lo, static_cast<float *>(exp_avg_sqs[t]) + lo, hi - lo);
     });
     return 0;
-  } catch (const std::exception &e) {
-    write_error(err, cap, e.what());
-    return 1;
-  }
+  });
 }
 
 // Steps `n` parameters that share one device, dtype, lr and weight decay. Returns 0 on success; on a C++
@@ -220,7 +226,7 @@ int gainguard_stream_probe(void *const *params, void *const *grads, void *const 
 int gainguard_fused_adamw(void *const *params, void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
                           size_t n, double step, double lr, double beta1, double beta2, double weight_decay,
                           double eps, char *err, size_t cap) {
-  try {
+  return guarded(err, cap, "unknown C++ exception in _fused_adamw_", [&] {
     if (n == 0) return 0;
     std::vector<at::Tensor> p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n),
                             v = gather(exp_avg_sqs, n);
@@ -230,13 +236,7 @@ int gainguard_fused_adamw(void *const *params, void *const *grads, void *const *
     at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
     return 0;
-  } catch (const std::exception &e) {
-    write_error(err, cap, e.what());
-    return 1;
-  } catch (...) {
-    write_error(err, cap, "unknown C++ exception in _fused_adamw_");
-    return 1;
-  }
+  });
 }
 
 }  // extern "C"

@@ -356,7 +356,6 @@ impl RealNvml {
 
 /// An event set with every GPU that supports Xid critical-error events registered, and a zero count per
 /// registered GPU (so that the counter exists, at 0, before the first error).
-#[cfg(target_os = "linux")]
 type XidSubscription = (Option<nvml_wrapper::event::EventSet<'static>>, HashMap<String, u64>);
 
 #[cfg(target_os = "linux")]
@@ -380,7 +379,7 @@ fn subscribe_xid(nvml: &'static nvml_wrapper::Nvml, count: u32) -> Result<XidSub
 }
 
 #[cfg(not(target_os = "linux"))]
-fn subscribe_xid(_: &'static nvml_wrapper::Nvml, _: u32) -> Result<(Option<nvml_wrapper::event::EventSet<'static>>, HashMap<String, u64>), String> {
+fn subscribe_xid(_: &'static nvml_wrapper::Nvml, _: u32) -> Result<XidSubscription, String> {
     Err("NVML events exist on Linux only".into())
 }
 
