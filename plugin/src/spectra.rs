@@ -214,32 +214,35 @@ impl Estimator {
         // Basis blocks Q_j, their images B_j = op·Q_j, and the f64 Gram matrices M = QᵀQ, G = BᵀB of
         // the whole basis, grown one block at a time. M stays ≈ I; carrying it makes the Ritz step
         // correct even where a rank-deficient block left a column that is not orthogonal.
+        // ceil(n / b) blocks span the whole space: the last one is narrowed to what is left, so an
+        // estimate that runs out of directions is exact rather than stopping a few columns short.
         let max_iters = self.config.max_iters.max(1).min(((n + b - 1) / b) as u32);
         let m_rows = op.size()[0];
-        let width = b * max_iters as i64;
+        let width = (b * max_iters as i64).min(n);
         let q_buf = Tensor::f_empty([n, width], (kind, device))?;
         let b_buf = Tensor::f_empty([m_rows, width], (kind, device))?;
         let mut m_all = Tensor::zeros([0, 0], (Kind::Double, Device::Cpu));
         let mut g_all = Tensor::zeros([0, 0], (Kind::Double, Device::Cpu));
         let mut prev: Option<f64> = None;
         let mut result = None;
+        let mut dim = 0;
         for it in 1..=max_iters {
-            let offset = (it as i64 - 1) * b;
+            let bw = q.size()[1];
             let bj = op.f_matmul(&q)?;
-            q_buf.f_narrow(1, offset, b)?.f_copy_(&q)?;
-            b_buf.f_narrow(1, offset, b)?.f_copy_(&bj)?;
-            let q_all = q_buf.f_narrow(1, 0, offset + b)?;
-            let b_all = b_buf.f_narrow(1, 0, offset + b)?;
+            q_buf.f_narrow(1, dim, bw)?.f_copy_(&q)?;
+            b_buf.f_narrow(1, dim, bw)?.f_copy_(&bj)?;
+            dim += bw;
+            let q_all = q_buf.f_narrow(1, 0, dim)?;
+            let b_all = b_buf.f_narrow(1, 0, dim)?;
             // New column blocks [QᵀQ_j ; BᵀB_j], in one device→host transfer.
             let cols = Tensor::f_cat(&[q_all.f_tr()?.f_matmul(&q)?, b_all.f_tr()?.f_matmul(&bj)?], 0)?
                 .f_to_kind(Kind::Double)?
                 .f_to_device(Device::Cpu)?;
-            let dim = q_all.size()[1];
             m_all = grow_symmetric(&m_all, &cols.f_narrow(0, 0, dim)?)?;
             g_all = grow_symmetric(&g_all, &cols.f_narrow(0, dim, dim)?)?;
             let (sigmas, coeffs) = rayleigh_ritz(&m_all, &g_all, b)?;
             let sigma = sigmas[0];
-            let exhausted = (it as i64 + 1) * b > n;
+            let exhausted = dim >= n;
             let converged = prev.is_some_and(|p| (sigma - p).abs() <= self.config.tol * sigma) || exhausted;
             if converged || it == max_iters {
                 // Right singular vectors of the top b Ritz values, kept for the next call.
@@ -251,11 +254,13 @@ impl Estimator {
                 break;
             }
             prev = Some(sigma);
-            // Next Krylov block: AᵀA Q_j = opᵀ B_j, orthogonalized against the basis twice (CGS2).
+            // Next Krylov block: AᵀA Q_j = opᵀ B_j, orthogonalized against the basis twice (CGS2),
+            // no wider than the directions the basis does not span yet.
             let mut w = op.f_tr()?.f_matmul(&bj)?;
             for _ in 0..2 {
                 w = w.f_sub(&q_all.f_matmul(&q_all.f_tr()?.f_matmul(&w)?)?)?;
             }
+            let w = w.f_narrow(1, 0, bw.min(n - dim))?;
             q = Tensor::f_linalg_qr(&w, "reduced")?.0;
         }
         Ok(result.expect("the loop always sets a result on its last iteration"))

@@ -172,6 +172,21 @@ fn row_and_column_vectors_have_their_2_norm_as_sigma() {
 }
 
 #[test]
+fn an_estimate_that_runs_out_of_directions_is_exact() {
+    // 50 columns are not a whole number of 8-column blocks, and a flat spectrum keeps the iteration
+    // from converging early: the estimate must span all 50 directions, not stop at 48.
+    let s: Vec<f64> = (0..50).map(|i| 1.0 - i as f64 / 100.0).collect();
+    let a = with_spectrum(200, 50, &s).to_kind(Kind::Float);
+    let truth = reference_sigmas(&a);
+    let mut est = Estimator::new(EstimatorConfig { tol: 0.0, ..EstimatorConfig::default() });
+    let e = est.estimate(&a).unwrap();
+    assert!(e.converged, "a basis of every direction is converged");
+    for i in 0..4 {
+        assert!(rel(e.top_k[i], truth[i]) <= 1e-6, "sigma_{i}: {} vs {} after {} iterations", e.top_k[i], truth[i], e.iterations);
+    }
+}
+
+#[test]
 fn higher_rank_tensors_are_flattened_with_the_fan_in_side_as_columns() {
     let conv = Tensor::randn([96, 40, 3, 3], (Kind::Float, Device::Cpu));
     // Independent flattening: PyTorch's `weight.view(out, -1)`.
@@ -187,7 +202,9 @@ fn higher_rank_tensors_are_flattened_with_the_fan_in_side_as_columns() {
     assert!(rel(cold().estimate(&m).unwrap().sigma_max, truth[0]) <= 1e-6);
     // Experts stored [E, in, out] (fan-in overridden to dim 1): the in dim becomes the columns.
     let m = MatrixLayout { col_dims: vec![1] }.apply(&experts).unwrap();
-    let truth = reference_sigmas(&experts.permute([0, 2, 1]).reshape([120, 50]));
+    let by_hand = experts.permute([0, 2, 1]).reshape([120, 50]);
+    assert!(m.equal(&by_hand), "[E, in, out] flattens to rows E·out, columns in");
+    let truth = reference_sigmas(&by_hand);
     assert!(rel(cold().estimate(&m).unwrap().sigma_max, truth[0]) <= 1e-6);
 }
 
