@@ -247,22 +247,19 @@ fn mixed_precision_parameters_take_the_fused_cpu_loop_and_round_as_the_reference
         }
         let moved = (&fused[0].to_kind(tch::Kind::Double) - initial.to_kind(tch::Kind::Double)).abs().max().double_value(&[]);
         eprintln!("{kind:?}: {equal} of {elements} elements identical, worst {worst_ulps:.2} spacings apart; weights moved {moved:e}");
-        // The loop and libtorch round θ the same way (to nearest even); only an f32 sqrt rounded differently
-        // (MKL's vs the CPU's) can push a value that sits on a rounding boundary across it, by one spacing
-        // in a step, and the two trajectories may then walk apart by a spacing a step. Measured: 2 (bf16)
-        // and 6 (f16) of 280,006 elements differ, by at most 3.1 spacings after 5 steps. Rounding by
-        // truncation would change about half of them; a wrong formula, all of them.
-        assert!(worst_ulps <= 5.01, "{kind:?}: fused and reference differ by {worst_ulps} spacings after 5 steps");
-        assert!(equal as f64 >= 0.9999 * elements as f64, "{kind:?}: only {equal} of {elements} elements identical");
+        // The loop widens, steps in f32, and rounds θ back to nearest even, as the reference path does: every
+        // element is identical. (Rounding by truncation would change about half of them, a wrong formula all of
+        // them; when the two paths' f32 square roots differed, 2 (bf16) and 6 (f16) moved by up to 3.1 spacings.)
+        assert_eq!(equal, elements, "{kind:?}: fused and reference differ by up to {worst_ulps} spacings after 5 steps");
         assert!(moved > 1e-2, "{kind:?}: the steps barely moved the weights ({moved:e})");
     }
 }
 
 #[test]
-fn on_cpu_the_fused_step_agrees_with_the_reference_step_to_rounding_given_the_same_gradients() {
-    // Training runs differ by forward/backward nondeterminism across threads; with fixed gradients the
-    // two optimizer paths must agree to a few float roundings (the CPU loop follows the reference path's
-    // order of operations; measured: ~1e-8 relative after 5 steps, not bit-identical).
+fn on_cpu_the_fused_step_is_bit_identical_to_the_reference_step_given_the_same_gradients() {
+    // With fixed gradients (no forward/backward whose reductions could differ), the two optimizer paths must be
+    // bit-identical: the CPU loop follows the reference path's order of roundings, and both take the correctly
+    // rounded sqrt (with libtorch's MKL sqrt in the reference path they differed by ~1e-8).
     for decay in [DecayMode::Coupled, DecayMode::Independent] {
         let init = initial_weights();
         let mut fused = Run::new(&init, AdamWConfig { max_grad_norm: None, ..config(decay, true) });
@@ -281,7 +278,7 @@ fn on_cpu_the_fused_step_agrees_with_the_reference_step_to_rounding_given_the_sa
         }
         let (diff, name) = compare::max_rel_diff(&fused.vs, &reference.vs);
         eprintln!("{decay:?}: fixed gradients, 5 steps: max relative difference {diff:e} at `{name}`");
-        assert!(diff <= 1e-7, "{decay:?}: `{name}` differs by {diff:e}");
+        assert!(diff == 0.0, "{decay:?}: `{name}` differs by {diff:e}");
     }
 }
 
@@ -328,9 +325,9 @@ fn tensors_split_over_threads_step_as_on_the_reference_path_with_either_cpu_kern
     tch::set_num_threads(threads);
     let (d_exact, d_aten) = (max_rel(&exact, &reference), max_rel(&aten, &reference));
     eprintln!("3 steps over {} threads: exact kernel vs reference {d_exact:e}, ATen kernel vs reference {d_aten:e}", threads.max(2));
-    // A segment skipped or stepped twice would differ by ~1e-1; roundings (libtorch's sqrt is MKL's, the
-    // loop's is the CPU's) stay near 1e-7.
-    assert!(d_exact <= 1e-6, "the exact CPU kernel differs from the reference path by {d_exact:e}");
+    // A segment skipped or stepped twice would differ by ~1e-1; the exact kernel is bit-identical, and ATen's
+    // (lerp and FMA) differs by roundings.
+    assert!(d_exact == 0.0, "the exact CPU kernel differs from the reference path by {d_exact:e}");
     assert!(d_aten <= 1e-5, "ATen's CPU kernel differs from the reference path by {d_aten:e}");
     let moved = (&reference[0] - &initial).abs().max().double_value(&[]);
     assert!(moved > 1e-3, "the steps barely moved the weights ({moved:e})");
@@ -350,4 +347,28 @@ fn the_stream_probe_moves_every_element_and_changes_none() {
     for (a, b) in before.iter().zip(&after) {
         assert!(a.equal(b), "the probe changed a value");
     }
+}
+
+#[test]
+fn the_reference_paths_square_root_is_the_correctly_rounded_one() {
+    // Rust's sqrt is correctly rounded (IEEE 754). libtorch's CPU sqrt may not be (MKL's, on x86 below
+    // AVX-512): print how often it differs, for the record.
+    let x = Tensor::rand([300_007], (tch::Kind::Double, Device::Cpu)) * 1e-3;
+    for kind in [tch::Kind::Float, tch::Kind::Double] {
+        let x = x.to_kind(kind);
+        let ours = gainguard::fused::correctly_rounded_sqrt(&x).expect("a contiguous CPU tensor is taken");
+        let values = Vec::<f64>::try_from(&x.to_kind(tch::Kind::Double)).unwrap();
+        let exact: Vec<f64> = match kind {
+            tch::Kind::Float => values.iter().map(|v| (*v as f32).sqrt() as f64).collect(),
+            _ => values.iter().map(|v| v.sqrt()).collect(),
+        };
+        let ours = Vec::<f64>::try_from(&ours.to_kind(tch::Kind::Double)).unwrap();
+        let libtorch = Vec::<f64>::try_from(&x.sqrt().to_kind(tch::Kind::Double)).unwrap();
+        let differ = |a: &[f64]| a.iter().zip(&exact).filter(|(x, y)| x != y).count();
+        eprintln!("{kind:?}: libtorch's sqrt differs from the correctly rounded one at {} of {} values", differ(&libtorch), exact.len());
+        assert_eq!(differ(&ours), 0, "{kind:?}");
+    }
+    // What it does not take, the caller gives to libtorch.
+    assert!(gainguard::fused::correctly_rounded_sqrt(&Tensor::ones([4], (tch::Kind::BFloat16, Device::Cpu))).is_none());
+    assert!(gainguard::fused::correctly_rounded_sqrt(&Tensor::ones([4, 4], (tch::Kind::Float, Device::Cpu)).tr()).is_none());
 }

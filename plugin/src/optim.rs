@@ -60,8 +60,9 @@ pub struct AdamWConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CpuKernel {
-    /// gainguard's own loop in libtorch AdamW's order of roundings (no FMA, no lerp): follows
-    /// `tch::COptimizer::adamw` and the reference path to ≤ 1e-6 relative over 200 steps (tests/optim_parity.rs).
+    /// gainguard's own loop in libtorch AdamW's order of roundings (no FMA, no lerp) with the correctly rounded
+    /// sqrt: bit-identical to the reference path (tests/fused_parity.rs), and ≤ 1e-6 relative from
+    /// `tch::COptimizer::adamw` over 200 steps (tests/optim_parity.rs; libtorch's CPU sqrt may be MKL's).
     #[default]
     Exact,
     /// ATen's `_fused_adamw_`, the kernel behind `torch.optim.AdamW(fused=True)` (lerp and FMA): the same
@@ -374,7 +375,9 @@ impl WidthScaledAdamW {
             let _ = slot.first_moment.g_add_(&(&g * (1.0 - beta1)));
             let _ = slot.second_moment.g_mul_scalar_(beta2);
             let _ = slot.second_moment.g_add_(&(&g * &g * (1.0 - beta2)));
-            let denom = slot.second_moment.sqrt() / bias_correction2_sqrt + eps;
+            // The correctly rounded sqrt, as the fused CPU loop takes (libtorch's CPU sqrt may be MKL's).
+            let root = crate::fused::correctly_rounded_sqrt(&slot.second_moment).unwrap_or_else(|| slot.second_moment.sqrt());
+            let denom = root / bias_correction2_sqrt + eps;
             let _ = theta.g_sub_(&(&slot.first_moment / denom * step_size));
             if slot.tensor.kind() != theta.kind() {
                 slot.tensor.copy_(&theta);
