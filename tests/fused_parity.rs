@@ -200,24 +200,27 @@ fn the_fused_path_skips_parameters_without_gradients() {
     assert!(emb.equal(&before));
 }
 
-/// bf16 or f16 parameters (f32 moments) stepped 5 times with fixed gradients, by the fused CPU loop or by
-/// the reference path; returns the parameters.
-fn mixed_precision_run(kind: tch::Kind, fused: bool) -> Vec<Tensor> {
-    tch::manual_seed(13);
-    // Large enough to be split over threads (64 Ki elements per task), with a split inside a tensor.
-    let shapes: [&[i64]; 3] = [&[700, 300], &[70_001], &[5]];
-    let params: Vec<Tensor> = shapes.iter().map(|s| (Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 0.02).to_kind(kind).set_requires_grad(true)).collect();
-    let grads: Vec<Tensor> = shapes.iter().map(|s| (Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 1e-3).to_kind(kind)).collect();
+/// Starting weights and fixed gradients for `shapes`, drawn once per test and copied into every run
+/// (tests run on parallel threads that share libtorch's RNG, so re-seeding per run would not reproduce them).
+fn draw_inputs(shapes: &[&[i64]], kind: tch::Kind) -> (Vec<Tensor>, Vec<Tensor>) {
+    let params = shapes.iter().map(|s| (Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 0.02).to_kind(kind)).collect();
+    let grads = shapes.iter().map(|s| (Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 1e-3).to_kind(kind)).collect();
+    (params, grads)
+}
+
+/// Copies of `initial` stepped `steps` times by an optimizer with `cfg`, with the fixed gradients `grads`;
+/// returns the parameters.
+fn stepped(initial: &[Tensor], grads: &[Tensor], base: &str, cfg: AdamWConfig, steps: usize) -> Vec<Tensor> {
+    let params: Vec<Tensor> = initial.iter().map(|p| p.copy().set_requires_grad(true)).collect();
     let named: Vec<(String, Tensor)> = params.iter().enumerate().map(|(i, p)| (format!("p{i}.weight"), p.shallow_clone())).collect();
-    let base = BaseShapes::from_json_str(r#"{"p0.weight": [175, 75], "p1.weight": [70001], "p2.weight": [5]}"#, "test").unwrap();
-    let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, fused, ..Default::default() };
+    let base = BaseShapes::from_json_str(base, "test").unwrap();
     let mut opt = WidthScaledAdamW::from_named(named, &base, cfg).unwrap();
     for s in opt.slots() {
-        assert_eq!(s.first_moment.kind(), tch::Kind::Float, "mixed precision keeps f32 moments");
+        assert_eq!(s.first_moment.kind(), tch::Kind::Float, "f32 moments, also for bf16/f16 parameters");
     }
-    for _ in 0..5 {
+    for _ in 0..steps {
         opt.zero_grad();
-        for (p, g) in params.iter().zip(&grads) {
+        for (p, g) in params.iter().zip(grads) {
             (p * g).sum(tch::Kind::Float).backward();
         }
         let report = opt.step();
@@ -230,12 +233,12 @@ fn mixed_precision_run(kind: tch::Kind, fused: bool) -> Vec<Tensor> {
 fn mixed_precision_parameters_take_the_fused_cpu_loop_and_round_as_the_reference_path() {
     // (dtype, spacing of its values relative to their size: 2^-7 for bf16, 2^-10 for f16)
     for (kind, spacing) in [(tch::Kind::BFloat16, 2f64.powi(-7)), (tch::Kind::Half, 2f64.powi(-10))] {
-        let initial = {
-            tch::manual_seed(13);
-            (Tensor::randn([700, 300], (tch::Kind::Float, Device::Cpu)) * 0.02).to_kind(kind)
-        };
-        let fused = mixed_precision_run(kind, true);
-        let reference = mixed_precision_run(kind, false);
+        // Large enough to be split over threads (64 Ki elements per task), with a split inside a tensor.
+        let (initial, grads) = draw_inputs(&[&[700, 300], &[70_001], &[5]], kind);
+        let base = r#"{"p0.weight": [175, 75], "p1.weight": [70001], "p2.weight": [5]}"#;
+        let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+        let fused = stepped(&initial, &grads, base, AdamWConfig { fused: true, ..cfg.clone() }, 5);
+        let reference = stepped(&initial, &grads, base, AdamWConfig { fused: false, ..cfg }, 5);
         let (mut elements, mut equal, mut worst_ulps) = (0i64, 0i64, 0f64);
         for (f, r) in fused.iter().zip(&reference) {
             let (f, r) = (f.to_kind(tch::Kind::Double), r.to_kind(tch::Kind::Double));
@@ -245,7 +248,7 @@ fn mixed_precision_parameters_take_the_fused_cpu_loop_and_round_as_the_reference
             let ulps = (&f - &r).abs() / (r.abs().clamp_min(1e-4) * spacing);
             worst_ulps = worst_ulps.max(ulps.max().double_value(&[]));
         }
-        let moved = (&fused[0].to_kind(tch::Kind::Double) - initial.to_kind(tch::Kind::Double)).abs().max().double_value(&[]);
+        let moved = (&fused[0].to_kind(tch::Kind::Double) - initial[0].to_kind(tch::Kind::Double)).abs().max().double_value(&[]);
         eprintln!("{kind:?}: {equal} of {elements} elements identical, worst {worst_ulps:.2} spacings apart; weights moved {moved:e}");
         // The loop widens, steps in f32, and rounds θ back to nearest even, as the reference path does: every
         // element is identical. (Rounding by truncation would change about half of them, a wrong formula all of
@@ -282,27 +285,6 @@ fn on_cpu_the_fused_step_is_bit_identical_to_the_reference_step_given_the_same_g
     }
 }
 
-/// Large tensors whose elements the CPU loop splits over several threads (64 Ki elements per task, split
-/// points inside tensors), stepped by the fused path, by the reference path and by ATen's kernel
-/// (`CpuKernel::Aten`), with the same fixed gradients.
-fn large_tensors_stepped(config: AdamWConfig) -> Vec<Tensor> {
-    tch::manual_seed(11);
-    let shapes: [&[i64]; 4] = [&[1000, 700], &[300_001], &[65_537, 3], &[5]];
-    let params: Vec<Tensor> = shapes.iter().map(|s| (Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true)).collect();
-    let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (tch::Kind::Float, Device::Cpu)) * 1e-3).collect();
-    let named: Vec<(String, Tensor)> = params.iter().enumerate().map(|(i, p)| (format!("p{i}.weight"), p.shallow_clone())).collect();
-    let base = BaseShapes::from_json_str(r#"{"p0.weight": [250, 175], "p1.weight": [300001], "p2.weight": [65537, 3], "p3.weight": [5]}"#, "test").unwrap();
-    let mut opt = WidthScaledAdamW::from_named(named, &base, config).unwrap();
-    for _ in 0..3 {
-        opt.zero_grad();
-        for (p, g) in params.iter().zip(&grads) {
-            (p * g).sum(tch::Kind::Float).backward();
-        }
-        opt.step();
-    }
-    params.iter().map(|p| p.detach().copy()).collect()
-}
-
 fn max_rel(a: &[Tensor], b: &[Tensor]) -> f64 {
     a.iter()
         .zip(b)
@@ -315,13 +297,14 @@ fn tensors_split_over_threads_step_as_on_the_reference_path_with_either_cpu_kern
     let threads = tch::get_num_threads();
     tch::set_num_threads(threads.max(2));
     let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
-    let reference = large_tensors_stepped(AdamWConfig { fused: false, ..cfg.clone() });
-    let exact = large_tensors_stepped(AdamWConfig { fused: true, cpu_kernel: CpuKernel::Exact, ..cfg.clone() });
-    let aten = large_tensors_stepped(AdamWConfig { fused: true, cpu_kernel: CpuKernel::Aten, ..cfg.clone() });
-    let initial = {
-        tch::manual_seed(11);
-        (Tensor::randn([1000, 700], (tch::Kind::Float, Device::Cpu)) * 0.02).copy()
-    };
+    // Large tensors whose elements the CPU loop splits over several threads (64 Ki elements per task, split
+    // points inside tensors), stepped by the reference path and by the fused path with either CPU kernel.
+    let (initial, grads) = draw_inputs(&[&[1000, 700], &[300_001], &[65_537, 3], &[5]], tch::Kind::Float);
+    let base = r#"{"p0.weight": [250, 175], "p1.weight": [300001], "p2.weight": [65537, 3], "p3.weight": [5]}"#;
+    let run = |fused: bool, cpu_kernel: CpuKernel| stepped(&initial, &grads, base, AdamWConfig { fused, cpu_kernel, ..cfg.clone() }, 3);
+    let reference = run(false, CpuKernel::Exact);
+    let exact = run(true, CpuKernel::Exact);
+    let aten = run(true, CpuKernel::Aten);
     tch::set_num_threads(threads);
     let (d_exact, d_aten) = (max_rel(&exact, &reference), max_rel(&aten, &reference));
     eprintln!("3 steps over {} threads: exact kernel vs reference {d_exact:e}, ATen kernel vs reference {d_aten:e}", threads.max(2));
@@ -329,7 +312,7 @@ fn tensors_split_over_threads_step_as_on_the_reference_path_with_either_cpu_kern
     // (lerp and FMA) differs by roundings.
     assert!(d_exact == 0.0, "the exact CPU kernel differs from the reference path by {d_exact:e}");
     assert!(d_aten <= 1e-5, "ATen's CPU kernel differs from the reference path by {d_aten:e}");
-    let moved = (&reference[0] - &initial).abs().max().double_value(&[]);
+    let moved = (&reference[0] - &initial[0]).abs().max().double_value(&[]);
     assert!(moved > 1e-3, "the steps barely moved the weights ({moved:e})");
 }
 
