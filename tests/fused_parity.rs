@@ -1,5 +1,5 @@
-//! The fused step (ATen's `_fused_adamw_`) against the reference path (libtorch tensor ops), and
-//! checkpoints crossing between them.
+//! The fused step (on CPU our own loop, or ATen's `_fused_adamw_`) against the reference path (libtorch
+//! tensor ops), checkpoints crossing between them, and explicit regrouping.
 
 #[path = "../examples/llama/model.rs"]
 mod model;
@@ -9,7 +9,7 @@ mod compare;
 use std::path::PathBuf;
 
 use gainguard::data::MarkovCorpus;
-use gainguard::{AdamWConfig, BaseShapes, CpuKernel, DecayMode, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, CpuKernel, DecayMode, Override, Schedule, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -75,6 +75,18 @@ impl Run {
         }
     }
 
+    /// `n` steps that each take the same gradients, `grads` by parameter name (no forward/backward).
+    fn step_with(&mut self, grads: &[(String, Tensor)], n: usize) {
+        let vars = self.vs.variables();
+        for _ in 0..n {
+            self.opt.zero_grad();
+            for (name, g) in grads {
+                (&vars[name] * g).sum(tch::Kind::Float).backward();
+            }
+            self.opt.step();
+        }
+    }
+
     fn save(&self, dir: &PathBuf) {
         self.vs.save(dir.join("model.ot")).unwrap();
         self.opt.save(&dir.join("optim.ot")).unwrap();
@@ -90,6 +102,11 @@ fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gainguard-fused-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Random gradients for every parameter of `init`, drawn once (tests share libtorch's RNG).
+fn fixed_grads(init: &VarStore) -> Vec<(String, Tensor)> {
+    init.variables().into_iter().map(|(n, t)| (n, Tensor::randn(t.size(), (tch::Kind::Float, Device::Cpu)))).collect()
 }
 
 /// Weights that every run of one test starts from (copied, since tests share libtorch's RNG).
@@ -267,17 +284,9 @@ fn on_cpu_the_fused_step_is_bit_identical_to_the_reference_step_given_the_same_g
         let init = initial_weights();
         let mut fused = Run::new(&init, AdamWConfig { max_grad_norm: None, ..config(decay, true) });
         let mut reference = Run::new(&init, AdamWConfig { max_grad_norm: None, ..config(decay, false) });
-        let grads: Vec<(String, Tensor)> =
-            init.variables().into_iter().map(|(n, t)| (n, Tensor::randn(t.size(), (tch::Kind::Float, Device::Cpu)))).collect();
+        let grads = fixed_grads(&init);
         for run in [&mut fused, &mut reference] {
-            let vars = run.vs.variables();
-            for _ in 0..5 {
-                run.opt.zero_grad();
-                for (name, g) in &grads {
-                    (&vars[name] * g).sum(tch::Kind::Float).backward();
-                }
-                run.opt.step();
-            }
+            run.step_with(&grads, 5);
         }
         let (diff, name) = compare::max_rel_diff(&fused.vs, &reference.vs);
         eprintln!("{decay:?}: fixed gradients, 5 steps: max relative difference {diff:e} at `{name}`");
@@ -354,4 +363,61 @@ fn the_reference_paths_square_root_is_the_correctly_rounded_one() {
     // What it does not take, the caller gives to libtorch.
     assert!(gainguard::fused::correctly_rounded_sqrt(&Tensor::ones([4], (tch::Kind::BFloat16, Device::Cpu))).is_none());
     assert!(gainguard::fused::correctly_rounded_sqrt(&Tensor::ones([4, 4], (tch::Kind::Float, Device::Cpu)).tr()).is_none());
+}
+
+/// The width-scaled lr of parameter `name`'s group.
+fn group_lr(opt: &WidthScaledAdamW, name: &str) -> f64 {
+    let slot = opt.slots().iter().find(|s| s.name == name).expect("the model has the parameter");
+    opt.groups()[slot.group].lr
+}
+
+#[test]
+fn regrouping_mid_run_keeps_the_state_and_steps_as_an_optimizer_built_with_the_new_overrides() {
+    let q = "blocks.0.attn.q.weight";
+    let boosted = vec![Override { lr_multiplier: Some(2.0), ..Override::new(q) }];
+    let init = initial_weights();
+    let grads = fixed_grads(&init);
+    let cfg = |fused| AdamWConfig { max_grad_norm: None, ..config(DecayMode::Coupled, fused) };
+
+    // Reference: built with the override and stepped 3 + 3 times.
+    let mut built = Run::new(&init, AdamWConfig { overrides: boosted.clone(), ..cfg(true) });
+    built.step_with(&grads, 6);
+    let plain = Run::new(&init, cfg(true));
+    let groups_before = plain.opt.groups().len();
+    assert!((group_lr(&built.opt, q) - 2.0 * group_lr(&plain.opt, q)).abs() <= 1e-12 * group_lr(&built.opt, q));
+
+    // Built without it, stepped 3 times, regrouped, stepped 3 more, on either path. The override leaves the
+    // first moments alone, so the two runs differ only in the lr of the first three steps of `q`.
+    for fused in [true, false] {
+        let mut run = Run::new(&init, cfg(fused));
+        run.step_with(&grads, 3);
+        let moments: Vec<(Tensor, Tensor)> =
+            run.opt.slots().iter().map(|s| (s.first_moment.copy(), s.second_moment.copy())).collect();
+        let q_before = run.vs.variables()[q].copy();
+        run.opt.regroup(run.opt.config().rule, boosted.clone(), &base_shapes()).unwrap();
+        assert_eq!(run.opt.groups().len(), groups_before + 1, "`{q}` gets a group of its own");
+        assert_eq!(group_lr(&run.opt, q), group_lr(&built.opt, q), "the regrouped lr is the one built with it");
+        assert_eq!(run.opt.step_count(), 3, "regrouping keeps the step count");
+        for (s, (m, v)) in run.opt.slots().iter().zip(&moments) {
+            assert!(s.first_moment.equal(m) && s.second_moment.equal(v), "regrouping kept the moments of `{}`", s.name);
+        }
+        assert!(run.vs.variables()[q].equal(&q_before), "regrouping does not step");
+        run.step_with(&grads, 3);
+
+        // Every other parameter is where the run built with the override left it; `q` took a different path
+        // for three steps, and the boosted lr moved it further than the plain run.
+        let vars = run.vs.variables();
+        for (name, t) in built.vs.variables() {
+            if name != q {
+                assert!(t.equal(&vars[&name]), "fused={fused}: `{name}` does not depend on `{q}`'s override");
+            }
+        }
+        let moved = |a: &Tensor| (a - &init.variables()[q]).norm().double_value(&[]);
+        let (d_built, d_run) = (moved(&built.vs.variables()[q]), moved(&vars[q]));
+        assert!(d_run < d_built, "fused={fused}: three steps at the plain lr moved `{q}` less ({d_run} vs {d_built})");
+        let mut plain = Run::new(&init, cfg(fused));
+        plain.step_with(&grads, 6);
+        let d_plain = moved(&plain.vs.variables()[q]);
+        assert!(d_plain < d_run, "fused={fused}: the boosted lr of the last three steps took effect ({d_plain} vs {d_run})");
+    }
 }
