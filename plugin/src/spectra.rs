@@ -435,14 +435,43 @@ fn quantile(ascending: &[f64], p: f64) -> f64 {
     ascending[lo] + (ascending[hi] - ascending[lo]) * (pos - lo as f64)
 }
 
-/// `‖W‖_F` of any tensor, accumulated in float64.
+/// Elements converted to float64 at a time by [`frobenius_norm`]: 128 MiB of float64 copies at most.
+const NORM_CHUNK: i64 = 1 << 24;
+
+/// `‖W‖_F` of any tensor, squared and summed in float64 on the tensor's device. Squaring in float32
+/// first would round every square (up to 3e-8 relative in the norm when the roundings do not cancel);
+/// converting in chunks bounds the float64 copies of a large weight.
 pub fn frobenius_norm(t: &Tensor) -> f64 {
-    tch::no_grad(|| t.to_kind(compute_kind(t)).square().sum(Kind::Double).double_value(&[]).sqrt())
+    tch::no_grad(|| {
+        let flat = t.reshape([-1]);
+        let sum = flat
+            .split(NORM_CHUNK, 0)
+            .iter()
+            .map(|c| c.to_kind(Kind::Double).square().sum(Kind::Double))
+            .fold(Tensor::zeros([], (Kind::Double, t.device())), |acc, s| acc + s);
+        sum.double_value(&[]).sqrt()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_frobenius_norm_squares_in_float64() {
+        // (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 rounds to 1 + 2^-11 in float32, the same way for every
+        // element, so a float32 square would be 3e-8 low; in float64 it is exact.
+        let x = 1.0 + 2f64.powi(-12);
+        let n = 3000;
+        let t = Tensor::full([n], x, (Kind::Float, Device::Cpu));
+        let want = (n as f64).sqrt() * x;
+        let got = frobenius_norm(&t);
+        assert!((got - want).abs() / want <= 1e-15, "{got} vs {want}");
+        // Several chunks and a 2-D, non-contiguous view give the same norm as one pass.
+        let big = Tensor::randn([3, NORM_CHUNK / 2 + 7], (Kind::Float, Device::Cpu)).transpose(0, 1);
+        let one = big.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]).sqrt();
+        assert!((frobenius_norm(&big) - one).abs() / one <= 1e-13);
+    }
 
     #[test]
     fn quantiles_interpolate_like_numpy() {
