@@ -435,7 +435,8 @@ fn quantile(ascending: &[f64], p: f64) -> f64 {
     ascending[lo] + (ascending[hi] - ascending[lo]) * (pos - lo as f64)
 }
 
-/// Elements converted to float64 at a time by [`frobenius_norm`]: 128 MiB of float64 copies at most.
+/// Elements converted to float64 at a time by [`frobenius_norm`]: at most 256 MiB of float64 temporaries
+/// (a chunk's copy and its square).
 const NORM_CHUNK: i64 = 1 << 24;
 
 /// `‖W‖_F` of any tensor, squared and summed in float64 on the tensor's device. Squaring in float32
