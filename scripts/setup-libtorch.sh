@@ -26,6 +26,15 @@ if [ "$have" != "$TORCH_VERSION" ]; then
     || die "pip could not install torch==$TORCH_VERSION from PyPI"
 fi
 
+# The peers the tests compare against: microsoft/mup (its MuAdamW and set_base_shapes; --no-deps because its
+# plotting dependencies are not needed to import it, pyyaml is) and pytest for the Python package's tests.
+if ! "$venv/bin/python" -c 'import mup, yaml, pytest' >/dev/null 2>&1; then
+  echo "gainguard setup: installing the test peers (mup 1.0.0, pyyaml, pytest) into .venv"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q pyyaml pytest \
+    && "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps "mup==1.0.0" \
+    || die "pip could not install the test peers (mup==1.0.0, pyyaml, pytest) from PyPI"
+fi
+
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || die "libtorch_cpu.so not found under $torch_dir/lib"
 ln -sfn "$torch_dir" "$root/.libtorch"
