@@ -4,16 +4,14 @@
 //! cargo run --release --example llama -- --d-model 256 --base-d-model 64 --steps 200 --metrics 127.0.0.1:9464
 //! ```
 //! Where gainguard enters the loop: `WidthScaledAdamW::new(&vs, &base_shapes, config)`, then
-//! `opt.zero_grad(); loss.backward(); opt.step();` (see train.rs).
-
-mod model;
-mod train;
+//! `opt.zero_grad(); loss.backward(); opt.step();` (see `gainguard_examples::train`, examples/common/src/train.rs).
 
 use anyhow::Context;
 use clap::Parser;
 use gainguard::data::MarkovCorpus;
 use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::{Rule, Schedule};
+use gainguard_examples::train;
 
 #[derive(Parser)]
 #[command(about = "Train the example LLaMA-style model with width-scaled AdamW")]

@@ -1,16 +1,18 @@
-//! The training loop shared by the example trainer, the demo and the width-transfer experiment.
-//! Where gainguard enters: build the optimizer from the base shapes, call `step`, nothing else.
-#![allow(dead_code)]
+//! The training loop shared by the example trainer, the demo, the width-transfer experiment and the
+//! end-to-end tests. Where gainguard enters: build the optimizer from the base shapes, call `step`,
+//! nothing else; monitoring is an observer on the optimizer and a sink, off the training thread.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
+use gainguard::daemon::Sink;
 use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
-use gainguard::telemetry::Telemetry;
-use gainguard::{AdamWConfig, BaseShapes, ParamClass, Rule, Schedule, WidthScaledAdamW};
+use gainguard::telemetry::{RunIdentity, Telemetry};
+use gainguard::{AdamWConfig, BaseShapes, ParamClass, Rule, ScalingPlan, Schedule, WidthScaledAdamW};
+use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -49,6 +51,18 @@ impl RunSpec {
         let delta = VarStore::new(Device::Cpu);
         let _ = model::llama(delta.root(), &self.model_config(2 * self.base_d_model));
         BaseShapes::from_var_stores(&base, &delta)
+    }
+
+    /// The optimizer every example run uses: the spec's rule and schedule, global-norm clipping at 1.
+    pub fn optimizer_config(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            weight_decay: self.wd,
+            rule: self.rule,
+            schedule: self.schedule.clone(),
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        }
     }
 }
 
@@ -93,61 +107,87 @@ pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring:
     tch::manual_seed(spec.seed as i64);
     let vs = VarStore::new(spec.device);
     let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
-    let config = AdamWConfig {
-        lr: spec.lr,
-        weight_decay: spec.wd,
-        rule: spec.rule,
-        schedule: spec.schedule.clone(),
-        max_grad_norm: Some(1.0),
-        ..Default::default()
-    };
-    let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), config)?;
+    let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), spec.optimizer_config())?;
     let table = opt.plan().to_table();
     let recorder = monitoring.record_profile.then(ProfileRecorder::new);
-    let wants_spectra = monitoring.telemetry.is_some() || recorder.is_some();
-    let mut sampler_handle: Option<SamplerHandle> = None;
-    if spec.sample_every > 0 && wants_spectra {
-        let (id, sink) = match &monitoring.telemetry {
-            Some(t) => (t.identity().clone(), t.sink().clone()),
-            None => (gainguard::telemetry::RunIdentity::local(&spec.name), gainguard::daemon::Sink::disabled()),
-        };
-        let config = SamplerConfig {
-            run: id.run,
-            rank: id.rank,
-            host: id.host,
-            interval: spec.sample_every,
-            // A fixed interval: reference profiles need the same progress points at every width.
-            budget_fraction: None,
-            alpha: monitoring.alpha,
-            planned_steps: Some(spec.steps),
-            ..Default::default()
-        };
-        let mut sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
-        if let Some(r) = monitoring.reference.clone() {
-            sampler = sampler.with_reference(r);
-        }
-        if let Some(rec) = &recorder {
-            sampler.add_listener(rec.listener());
-        }
-        let handle = sampler.handle();
-        if let Some(t) = monitoring.telemetry.as_mut() {
-            t.attach_sampler(handle.clone());
-        }
-        sampler_handle = Some(handle);
-        opt.add_observer(Box::new(sampler));
-    }
+    let sampler = attach_sampler(spec, &mut opt, &mut monitoring, recorder.as_ref())?;
     if let Some(t) = &monitoring.telemetry {
         t.start(opt.plan(), Some(spec.steps), monitoring.alpha, None);
     }
 
-    let bar = if monitoring.progress { indicatif::ProgressBar::new(spec.steps) } else { indicatif::ProgressBar::hidden() };
+    let bar = progress_bar(spec, monitoring.progress);
+    let start = Instant::now();
+    let losses = run_steps(spec, &net, &mut opt, batch, &bar, monitoring.telemetry.as_mut());
+    bar.finish_and_clear();
+    finish_monitoring(spec, sampler.as_ref(), monitoring.telemetry.as_ref());
+
+    let sigma_max = final_sigma_max(&vs, opt.plan());
+    let profile = recorder.map(|r| r.finish(&spec.name, opt.plan(), monitoring.alpha, Some(spec.steps)));
+    Ok(RunResult { table, final_loss: tail_mean(&losses), losses, sigma_max, profile, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Adds the spectra sampler to the optimizer when the spec samples and someone listens (telemetry or a
+/// profile recorder); its samples go to the telemetry's sink, or nowhere but the recorder.
+fn attach_sampler(
+    spec: &RunSpec,
+    opt: &mut WidthScaledAdamW,
+    monitoring: &mut Monitoring,
+    recorder: Option<&ProfileRecorder>,
+) -> anyhow::Result<Option<SamplerHandle>> {
+    if spec.sample_every == 0 || (monitoring.telemetry.is_none() && recorder.is_none()) {
+        return Ok(None);
+    }
+    let (id, sink) = match &monitoring.telemetry {
+        Some(t) => (t.identity().clone(), t.sink().clone()),
+        None => (RunIdentity::local(&spec.name), Sink::disabled()),
+    };
+    let config = SamplerConfig {
+        run: id.run,
+        rank: id.rank,
+        host: id.host,
+        interval: spec.sample_every,
+        // A fixed interval: reference profiles need the same progress points at every width.
+        budget_fraction: None,
+        alpha: monitoring.alpha,
+        planned_steps: Some(spec.steps),
+        ..Default::default()
+    };
+    let mut sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
+    if let Some(r) = monitoring.reference.clone() {
+        sampler = sampler.with_reference(r);
+    }
+    if let Some(rec) = recorder {
+        sampler.add_listener(rec.listener());
+    }
+    let handle = sampler.handle();
+    if let Some(t) = monitoring.telemetry.as_mut() {
+        t.attach_sampler(handle.clone());
+    }
+    opt.add_observer(Box::new(sampler));
+    Ok(Some(handle))
+}
+
+/// A progress bar on stderr, or a hidden one.
+fn progress_bar(spec: &RunSpec, visible: bool) -> ProgressBar {
+    let bar = if visible { ProgressBar::new(spec.steps) } else { ProgressBar::hidden() };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
             .expect("valid template")
             .progress_chars("=> "),
     );
     bar.set_prefix(spec.name.clone());
-    let start = Instant::now();
+    bar
+}
+
+/// The training loop itself; returns the loss of every step.
+fn run_steps(
+    spec: &RunSpec,
+    net: &model::Llama,
+    opt: &mut WidthScaledAdamW,
+    batch: &dyn Fn(u64) -> Vec<i64>,
+    bar: &ProgressBar,
+    mut telemetry: Option<&mut Telemetry>,
+) -> Vec<f64> {
     let mut losses = Vec::with_capacity(spec.steps as usize);
     let tokens = (spec.batch * spec.seq_len) as u64;
     for step in 0..spec.steps {
@@ -162,23 +202,30 @@ pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring:
         losses.push(loss);
         bar.set_message(format!("loss {loss:.3}"));
         bar.inc(1);
-        if let Some(t) = monitoring.telemetry.as_mut() {
+        if let Some(t) = telemetry.as_deref_mut() {
             t.step(&report, loss, tokens);
         }
     }
-    bar.finish_and_clear();
-    if let Some(h) = &sampler_handle {
+    losses
+}
+
+/// Lets the sampler drain its queue, then says goodbye and flushes the sink, so that every sample and
+/// the final step reach the daemon.
+fn finish_monitoring(spec: &RunSpec, sampler: Option<&SamplerHandle>, telemetry: Option<&Telemetry>) {
+    if let Some(h) = sampler {
         h.finish(std::time::Duration::from_secs(60));
     }
-    if let Some(t) = &monitoring.telemetry {
+    if let Some(t) = telemetry {
         t.finish(spec.steps, "finished");
         t.sink().flush(std::time::Duration::from_secs(5));
     }
+}
 
+/// The final sigma_max of every matrix-like parameter, from a float64 SVD on the CPU (independent of
+/// the sampler's estimates).
+fn final_sigma_max(vs: &VarStore, plan: &ScalingPlan) -> BTreeMap<String, f64> {
     let vars = vs.variables();
-    let sigma_max = opt
-        .plan()
-        .decisions
+    plan.decisions
         .iter()
         .filter(|d| d.class == ParamClass::MatrixLike)
         .map(|d| {
@@ -186,7 +233,5 @@ pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring:
             let (_, s, _) = w.reshape([w.size()[0], -1]).svd(true, false);
             (d.name.clone(), s.max().double_value(&[]))
         })
-        .collect();
-    let profile = recorder.map(|r| r.finish(&spec.name, opt.plan(), monitoring.alpha, Some(spec.steps)));
-    Ok(RunResult { table, final_loss: tail_mean(&losses), losses, sigma_max, profile, seconds: start.elapsed().as_secs_f64() })
+        .collect()
 }
