@@ -81,7 +81,7 @@ pub enum ClassifyError {
     UnusedShapes { which: &'static str, names: Vec<String> },
     #[error("override pattern(s) that match no parameter: {} (a typo? an override that may match nothing on purpose says \"may_match_nothing\": true)", quoted_list(.patterns))]
     UnmatchedPatterns { patterns: Vec<String> },
-    #[error("overrides `{origin}`: {}", .problems.join("; "))]
+    #[error("overrides from {origin}: {}", .problems.join("; "))]
     Overrides { origin: String, problems: Vec<String> },
     #[error(
         "{} parameter(s) of rank >= 2 have no width dimension although other parameters have one: {}. They would be \
@@ -310,7 +310,7 @@ impl Override {
 
     /// Parses overrides from JSON: an array of override objects, or a single one. Every problem of every
     /// entry (unknown fields, wrong types, a missing pattern) is reported at once, unknown fields with the
-    /// list of valid ones. `origin` (a file name, or `inline JSON`) names the source in the message.
+    /// list of valid ones. `origin` names the source in the message (`` `o.json` ``, `the --overrides argument`).
     pub fn parse_list(text: &str, origin: &str) -> Result<Vec<Override>, ClassifyError> {
         let err = |problems: Vec<String>| ClassifyError::Overrides { origin: origin.to_string(), problems };
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| err(vec![format!("not valid JSON: {e}")]))?;

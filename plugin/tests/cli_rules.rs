@@ -70,3 +70,27 @@ fn bad_input_exits_2_with_a_message_naming_the_culprit() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown rule `mup`"));
 }
+
+#[test]
+fn an_undeclared_plain_linear_readout_is_flagged_in_the_json_and_a_declared_one_is_not() {
+    // A plain `Linear(d, vocab)` head: weight [vocab, d], only its fan-in grows. Under μP its output must be
+    // divided by m (MuReadout); nothing in the shapes says whether that is done.
+    let base = tmp("b5.json", r#"{"base": {"blocks.0.mlp.up.weight": [256, 64], "head.weight": [100, 64]}, "delta": {"blocks.0.mlp.up.weight": [512, 128], "head.weight": [100, 128]}}"#);
+    let target = tmp("t5.json", r#"{"blocks.0.mlp.up.weight": [1024, 256], "head.weight": [100, 256]}"#);
+    let args = ["--base-shapes", base.to_str().unwrap(), "--shapes", target.to_str().unwrap(), "--lr", "0.01", "--wd", "0.1", "--format", "json"];
+    let out = rules(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |v: &serde_json::Value, n: &str| v.as_array().unwrap().iter().find(|o| o["name"] == n).unwrap().clone();
+    let head = get(&v, "head.weight");
+    assert_eq!(head["class"], "vector_like");
+    assert_eq!(head["warnings"].as_array().unwrap().len(), 1, "{head}");
+    assert_eq!(head["warnings"][0]["kind"], "possible_readout");
+    assert!(head["warnings"][0]["message"].as_str().unwrap().contains("MuReadout"), "{head}");
+    assert_eq!(get(&v, "blocks.0.mlp.up.weight")["warnings"], serde_json::json!([]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible_readout"));
+
+    let declared = rules(&[&args[..], &["--overrides", r#"[{"pattern": "head.weight", "role": "readout"}]"#]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&declared.stdout).unwrap();
+    assert_eq!((get(&v, "head.weight")["warnings"].clone(), get(&v, "head.weight")["role"].clone()), (serde_json::json!([]), serde_json::json!("readout")));
+}
