@@ -399,6 +399,12 @@ mod tests {
         assert_eq!((q.class, q.lr, q.weight_decay), (ParamClass::VectorLike, 1e-3, 0.0));
         let up = p.get("blocks.0.mlp.up.weight").unwrap();
         assert_eq!((up.class, up.width_multiplier, up.lr, up.weight_decay), (ParamClass::MatrixLike, 1.0, 1e-3, 0.1));
+        // Both marked fixed-size on purpose by one pattern: the plan builds, and says what they get.
+        let p = build(&params, &base, &[Override { fixed_size: Some(true), ..Override::new("blocks.*") }]).unwrap();
+        for name in ["blocks.0.attn.q.weight", "blocks.0.mlp.up.weight"] {
+            let d = p.get(name).unwrap();
+            assert_eq!((d.class, d.width_dims.as_slice(), d.lr, d.weight_decay), (ParamClass::VectorLike, &[][..], 1e-3, 0.0), "{name}");
+        }
     }
 
     #[test]
