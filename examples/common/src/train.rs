@@ -11,7 +11,7 @@ use gainguard::daemon::Sink;
 use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
 use gainguard::telemetry::{RunIdentity, Telemetry};
-use gainguard::{AdamWConfig, BaseShapes, ParamClass, Rule, ScalingPlan, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Rule, ScalingPlan, Schedule, WidthScaledAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -61,6 +61,11 @@ impl RunSpec {
             rule: self.rule,
             schedule: self.schedule.clone(),
             max_grad_norm: Some(1.0),
+            // Declared, since the shapes cannot tell a `[vocab, d]` embedding from a readout (the head is a MuReadout).
+            overrides: vec![
+                Override { role: Some(ParamRole::Embedding), ..Override::new("tok_emb.weight") },
+                Override { role: Some(ParamRole::Readout), ..Override::new("lm_head.weight") },
+            ],
             ..Default::default()
         }
     }
