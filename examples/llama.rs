@@ -56,17 +56,13 @@ fn main() -> anyhow::Result<()> {
         d_model: a.d_model,
         base_d_model: a.base_d_model,
         layers: a.layers,
-        vocab: 256,
-        seq_len: 64,
-        batch: 16,
         steps: a.steps,
         lr: a.lr,
         wd: a.wd,
         rule: Rule::parse(&a.rule)?,
         schedule: Schedule::parse(&a.schedule).map_err(anyhow::Error::msg)?,
-        seed: 0,
         device: gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
-        sample_every: 10,
+        ..Default::default()
     };
     let mut daemon = None;
     let sink = match (&a.metrics, &a.gainguardd) {

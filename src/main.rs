@@ -85,16 +85,13 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The proxy: the base width, a warmup-cosine schedule over the planned steps, on the best device here.
+/// The proxy: the base width, a warmup-cosine schedule over the planned steps, on the best device here;
+/// the rest as [`RunSpec::default`] (2 layers, the corpus's 256 tokens, batches of 16 × 64).
 fn proxy_spec(a: &Args, rule: Rule) -> anyhow::Result<RunSpec> {
     Ok(RunSpec {
         name: "proxy".into(),
         d_model: a.proxy_width,
         base_d_model: a.proxy_width,
-        layers: 2,
-        vocab: 256,
-        seq_len: 64,
-        batch: 16,
         steps: a.steps,
         lr: a.lr,
         wd: a.wd,
@@ -102,7 +99,7 @@ fn proxy_spec(a: &Args, rule: Rule) -> anyhow::Result<RunSpec> {
         schedule: Schedule::WarmupCosine { warmup: a.steps / 10, total: a.steps, floor: 0.1 },
         seed: 1,
         device: gainguard::device::parse_device("auto").map_err(anyhow::Error::msg)?,
-        sample_every: 10,
+        ..Default::default()
     })
 }
 

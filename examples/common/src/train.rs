@@ -38,6 +38,31 @@ pub struct RunSpec {
     pub sample_every: u64,
 }
 
+/// The example trainer's and the demo's settings: the 256-token vocabulary of their Markov corpus, batches
+/// of 16 sequences of 64 tokens, 2 layers at d_model 64 (the base width too), (lr, wd) = (3e-3, 0.1) under the
+/// paper rule with a constant schedule, seed 0, on the CPU, spectra every 10 steps.
+impl Default for RunSpec {
+    fn default() -> Self {
+        RunSpec {
+            name: "run".into(),
+            d_model: 64,
+            base_d_model: 64,
+            layers: 2,
+            vocab: 256,
+            seq_len: 64,
+            batch: 16,
+            steps: 100,
+            lr: 3e-3,
+            wd: 0.1,
+            rule: Rule::default(),
+            schedule: Schedule::Constant,
+            seed: 0,
+            device: Device::Cpu,
+            sample_every: 10,
+        }
+    }
+}
+
 impl RunSpec {
     pub fn model_config(&self, d_model: i64) -> model::Config {
         model::Config::new(self.vocab, d_model, self.base_d_model, self.layers, self.seq_len)
