@@ -114,7 +114,7 @@ pub struct ParamsTable {
     pub params: Vec<ParamInfo>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StepEvent {
     /// Training loss of this step. None when it was not finite (JSON has no NaN).
     #[serde(default)]
@@ -149,6 +149,24 @@ pub struct StepEvent {
 
 fn one() -> f64 {
     1.0
+}
+
+/// Like the wire format's defaults: multipliers 1 (no schedule), everything else zero or absent.
+impl Default for StepEvent {
+    fn default() -> Self {
+        StepEvent {
+            loss: None,
+            loss_nonfinite: false,
+            tokens: 0,
+            duration_seconds: None,
+            timestamp_seconds: 0.0,
+            lr_multiplier: 1.0,
+            wd_multiplier: 1.0,
+            spectrum_samples_dropped_total: 0,
+            events_dropped_total: 0,
+            nonfinite_parameters: None,
+        }
+    }
 }
 
 /// Singular-value quantiles from a full spectrum.
@@ -261,6 +279,12 @@ mod tests {
         assert!(line.contains(r#""type":"step""#), "{line}");
         let back: Envelope = serde_json::from_str(&line).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_default_step_event_has_the_wire_defaults() {
+        let from_wire: StepEvent = serde_json::from_str(r#"{"timestamp_seconds":0.0}"#).unwrap();
+        assert_eq!(StepEvent::default(), from_wire);
     }
 
     #[test]

@@ -29,10 +29,16 @@ pub enum RejectReason {
     TooManyParams,
     TooManySeries,
     TooManyConnections,
+    /// A TCP connection whose first line was not the right token (see docs/protocol.md, "Authentication").
+    Unauthenticated,
+    /// A Unix peer whose uid is neither the daemon's nor in `--ingest-allow-uid`.
+    UidNotAllowed,
+    /// The line would have pushed the unfinished lines of all connections past `--ingest-buffer-bytes`.
+    BufferFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::Malformed,
         RejectReason::Schema,
         RejectReason::UnknownVersion,
@@ -42,6 +48,9 @@ impl RejectReason {
         RejectReason::TooManyParams,
         RejectReason::TooManySeries,
         RejectReason::TooManyConnections,
+        RejectReason::Unauthenticated,
+        RejectReason::UidNotAllowed,
+        RejectReason::BufferFull,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -55,6 +64,9 @@ impl RejectReason {
             RejectReason::TooManyParams => "too_many_params",
             RejectReason::TooManySeries => "too_many_series",
             RejectReason::TooManyConnections => "too_many_connections",
+            RejectReason::Unauthenticated => "unauthenticated",
+            RejectReason::UidNotAllowed => "uid_not_allowed",
+            RejectReason::BufferFull => "buffer_full",
         }
     }
 }
@@ -129,9 +141,56 @@ pub fn decode_line(line: &[u8]) -> Result<Envelope, Rejection> {
     Ok(envelope)
 }
 
+/// True when the line has a `NaN` or `Infinity` token outside a string (Python's `json.dumps` writes them);
+/// the same letters inside a string, such as a run named "NaN-probe", do not count.
 fn contains_nonfinite_token(line: &[u8]) -> bool {
-    let has = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
-    has(b"NaN") || has(b"Infinity")
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, &b) in line.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if line[i..].starts_with(b"NaN") || line[i..].starts_with(b"Infinity") {
+            return true;
+        }
+    }
+    false
+}
+
+/// The first line a TCP sender writes: `{"auth":"TOKEN"}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthLine {
+    pub auth: String,
+}
+
+/// What the daemon answers a new connection, one line, before it reads any event: `{"status":"ok"}`, or
+/// `{"status":"refused","reason":"..."}` (a `gainguard_ingest_rejected_total` reason) just before it closes.
+/// The daemon writes nothing else, so a sender that reads the greeting knows its events will be read.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Greeting {
+    Ok,
+    Refused { reason: String },
+}
+
+impl Greeting {
+    pub fn refused(reason: RejectReason) -> Greeting {
+        Greeting::Refused { reason: reason.as_str().to_string() }
+    }
+
+    /// The greeting as a line, newline included.
+    pub fn line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
 }
 
 /// Checks the values a well-behaved plugin can produce. Also applied to in-process (embedded) events,
@@ -277,6 +336,8 @@ mod tests {
             (&step_line(1, r#","tokens":"many""#), RejectReason::Schema),
             (&step_line(1, r#","loss":NaN"#), RejectReason::InvalidValue),
             (&step_line(1, r#","loss":-Infinity"#), RejectReason::InvalidValue),
+            (r#"{"v":1,"run":"NaN-probe","rank":0,"#, RejectReason::Malformed),
+            (r#"{"v":1,"run":"a \"Infinity\" run","#, RejectReason::Malformed),
             (&step_line(1, r#","duration_seconds":-1.0"#), RejectReason::InvalidValue),
             (r#"{"v":1,"run":"","rank":0,"host":"h","step":1,"event":{"type":"goodbye","reason":"x"}}"#, RejectReason::InvalidValue),
         ];

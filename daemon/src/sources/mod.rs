@@ -5,12 +5,12 @@
 //! knows none of them. Adding a source means adding a file with a `SPEC` and listing it in [`SOURCES`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use prometheus::Registry;
-
-use crate::daemon::{DaemonConfig, DaemonError};
+use crate::config::DaemonConfig;
+use crate::error::DaemonError;
 use crate::events::Envelope;
+use crate::exposition::{MetricVec, Registry, Value};
 
 pub mod liveness;
 pub mod nvml;
@@ -21,6 +21,25 @@ pub mod training;
 /// Every known source, with its name and whether it runs unless disabled.
 pub const SOURCES: &[SourceSpec] = &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC];
 
+/// Builds every enabled source, in [`SOURCES`] order; stops those already built when one fails.
+pub fn build_sources(config: &DaemonConfig, registry: &Registry, host: String) -> Result<Vec<Arc<dyn Source>>, DaemonError> {
+    let ctx = SourceContext { registry, host, config };
+    let mut sources: Vec<Arc<dyn Source>> = Vec::new();
+    for spec in SOURCES {
+        if !spec.default_enabled || config.disabled_sources.iter().any(|d| d == spec.name) {
+            continue;
+        }
+        match (spec.build)(&ctx) {
+            Ok(s) => sources.push(s),
+            Err(e) => {
+                sources.iter().for_each(|s| s.stop());
+                return Err(e);
+            }
+        }
+    }
+    Ok(sources)
+}
+
 /// How to build one source.
 pub struct SourceSpec {
     pub name: &'static str,
@@ -30,6 +49,7 @@ pub struct SourceSpec {
 
 /// What a source may use while it is being built.
 pub struct SourceContext<'a> {
+    /// Run and parameter families go here; low-cardinality ones may use `registry.prometheus()`.
     pub registry: &'a Registry,
     /// This machine's host name (for node-level series such as NVML's).
     pub host: String,
@@ -135,8 +155,14 @@ impl CumulativeTracker {
 }
 
 /// Removes a label set from a metric vec; absent series are fine (the value was never carried).
-pub fn remove<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, labels: &[&str]) {
+pub fn remove<V: Value>(vec: &MetricVec<V>, labels: &[&str]) {
     let _ = vec.remove_label_values(labels);
+}
+
+/// Locks a source's state. A panic elsewhere while it was held leaves plain maps, still consistent enough to
+/// export and to forget runs from, so poisoning is ignored rather than spread.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
