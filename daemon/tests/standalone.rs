@@ -34,6 +34,7 @@ fn a_metrics_port_already_in_use_exits_with_status_2_and_names_the_port() {
         run_to_exit(&["--listen", &format!("127.0.0.1:{port}"), "--ingest", &socket_in(dir.path()), "--nvml", "off"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains(&port.to_string()), "message must name the port: {stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "the OS error once: {stderr}");
 }
 
 #[test]

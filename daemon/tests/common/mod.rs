@@ -163,3 +163,34 @@ pub fn gainguardd_at(addr: SocketAddr, args: &[&str]) -> (ChildGuard, SocketAddr
 pub fn socket_in(dir: &Path) -> String {
     format!("unix:{}", dir.join("gainguardd.sock").display())
 }
+
+/// The token every test daemon with TCP ingest uses.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// Writes [`TOKEN`] to a 0600 file in `dir`.
+pub fn token_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("ingest.token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Reads the daemon's one-line greeting.
+pub fn greeting(s: &mut impl Read) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).map(|n| n == 1).unwrap_or(false) && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// A TCP ingest connection that sent the token and was greeted `ok`.
+pub fn tcp_ingest(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(s, "{{\"auth\":\"{TOKEN}\"}}").unwrap();
+    assert_eq!(greeting(&mut s), r#"{"status":"ok"}"#);
+    s
+}
