@@ -45,9 +45,13 @@ pub(crate) struct Ingest {
     pub token: Option<Token>,
 }
 
+// Admission happens in the accept loop, in arrival order, so that the oldest idle connection is the one
+// that waited longest (a slot taken in a spawned task could go to a later arrival first).
+
 pub(crate) async fn serve_unix(listener: tokio::net::UnixListener, ingest: Arc<Ingest>) {
-    accept_loop(listener, "ingest socket", move |stream| {
-        tokio::spawn(Arc::clone(&ingest).unix(stream));
+    accept_loop(listener, "ingest socket", move |stream: tokio::net::UnixStream| {
+        let admitted = ingest.admit_unix(&stream);
+        tokio::spawn(Arc::clone(&ingest).serve(stream, admitted, false));
     })
     .await
 }
@@ -57,7 +61,9 @@ pub(crate) async fn serve_tcp(listener: tokio::net::TcpListener, ingest: Arc<Ing
         // The listener is loopback-only; a connection is checked too.
         if peer.ip().is_loopback() {
             let _ = stream.set_nodelay(true);
-            tokio::spawn(Arc::clone(&ingest).tcp(stream, Peer::Addr(peer.ip())));
+            let admitted = ingest.admit(Peer::Addr(peer.ip()));
+            // Greeted once the first line proves the token.
+            tokio::spawn(Arc::clone(&ingest).serve(stream, admitted, true));
         }
     })
     .await
@@ -70,32 +76,29 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, metrics: &SelfMetrics, re
 }
 
 impl Ingest {
-    async fn unix(self: Arc<Self>, mut stream: tokio::net::UnixStream) {
-        let uid = stream.peer_cred().map(|c| c.uid());
-        let Ok(uid) = uid.map_err(|e| tracing::warn!("ingest socket: no peer credentials ({e}); refusing")) else {
-            return refuse(&mut stream, &self.metrics, RejectReason::UidNotAllowed).await;
-        };
+    fn admit_unix(&self, stream: &tokio::net::UnixStream) -> Result<Slot, RejectReason> {
+        let uid = stream.peer_cred().map(|c| c.uid()).map_err(|e| {
+            tracing::warn!("ingest socket: no peer credentials ({e}); refusing");
+            RejectReason::UidNotAllowed
+        })?;
         if !self.uids.allows(uid) {
-            return refuse(&mut stream, &self.metrics, RejectReason::UidNotAllowed).await;
+            return Err(RejectReason::UidNotAllowed);
         }
-        let Some(slot) = self.admit(&mut stream, Peer::Uid(uid)).await else { return };
-        if greet(&mut stream).await {
-            self.read_connection(stream, slot, false).await;
-        }
+        self.admit(Peer::Uid(uid))
     }
 
-    async fn tcp(self: Arc<Self>, mut stream: tokio::net::TcpStream, peer: Peer) {
-        let Some(slot) = self.admit(&mut stream, peer).await else { return };
-        // Greeted once the first line proves the token.
-        self.read_connection(stream, slot, true).await;
+    fn admit(&self, peer: Peer) -> Result<Slot, RejectReason> {
+        self.connections.admit(peer).map_err(|(Refusal::Full | Refusal::PeerFull)| RejectReason::TooManyConnections)
     }
 
-    async fn admit<S: AsyncWrite + Unpin>(&self, stream: &mut S, peer: Peer) -> Option<Slot> {
-        match self.connections.admit(peer) {
-            Ok(slot) => Some(slot),
-            Err(Refusal::Full | Refusal::PeerFull) => {
-                refuse(stream, &self.metrics, RejectReason::TooManyConnections).await;
-                None
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self: Arc<Self>, mut stream: S, admitted: Result<Slot, RejectReason>, auth: bool) {
+        match admitted {
+            Err(reason) => refuse(&mut stream, &self.metrics, reason).await,
+            Ok(slot) if auth => self.read_connection(stream, slot, true).await,
+            Ok(slot) => {
+                if greet(&mut stream).await {
+                    self.read_connection(stream, slot, false).await;
+                }
             }
         }
     }

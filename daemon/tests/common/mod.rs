@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod procfs;
 pub use process::{free_port, spawn_prometheus, wait_until, ChildGuard};
 
 use std::io::{Read, Write};
