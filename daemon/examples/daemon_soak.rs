@@ -17,6 +17,16 @@ use gainguard_daemon::events::*;
 use gainguard_daemon::{Sink, SinkOptions};
 
 struct Guard(Child);
+
+/// Makes a child die with this process, even when this one is killed before `Guard` can drop.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe.
+    unsafe { cmd.pre_exec(|| {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        Ok(())
+    }) }
+}
 impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -117,7 +127,7 @@ fn main() {
     let sock = format!("unix:{}", dir.join("d.sock").display());
     let metrics: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let daemon = Guard(
-        Command::new(bin("gainguardd"))
+        die_with_parent(&mut Command::new(bin("gainguardd")))
             .args(["--listen", &metrics.to_string(), "--ingest", &sock, "--nvml", "off"])
             .stderr(Stdio::null())
             .spawn()

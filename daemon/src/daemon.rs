@@ -90,7 +90,7 @@ impl Daemon {
             connections: ConnectionTable::new(limits.max_http_connections, limits.max_http_connections),
             header_read_timeout: limits.header_read_timeout,
         });
-        let rt = runtime("gainguard-http", 1)?;
+        let rt = runtime("gainguard-http", 1, HTTP_NICE)?;
         {
             let _guard = rt.enter();
             let listener = tokio::net::TcpListener::from_std(listener).map_err(DaemonError::Runtime)?;
@@ -117,7 +117,7 @@ impl Daemon {
             uids: UidPolicy::new(&config.auth.allow_uids),
             token,
         });
-        let rt = runtime("gainguard-ingest", 2)?;
+        let rt = runtime("gainguard-ingest", 2, 0)?;
         {
             let _guard = rt.enter();
             for b in bound {
@@ -198,10 +198,24 @@ fn read_token(config: &DaemonConfig) -> Result<Option<Token>, DaemonError> {
     Token::from_file(path).map(Some).map_err(|detail| DaemonError::TokenFile { path: path.clone(), detail })
 }
 
-fn runtime(name: &str, threads: usize) -> Result<tokio::runtime::Runtime, DaemonError> {
+/// Niceness of the HTTP threads (serving and rendering `/metrics`): when scrapes and ingest compete for the
+/// cores, the trainers' events go first, and Prometheus waits a little longer for its body.
+const HTTP_NICE: i32 = 10;
+
+fn runtime(name: &str, threads: usize, nice: i32) -> Result<tokio::runtime::Runtime, DaemonError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name(name)
+        .on_thread_start(move || {
+            if nice != 0 {
+                // SAFETY: on Linux, who = 0 with PRIO_PROCESS names the calling thread only. Failure (a
+                // platform where it would name the process) just leaves the priority as it was.
+                #[cfg(target_os = "linux")]
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                }
+            }
+        })
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)

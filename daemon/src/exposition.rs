@@ -58,9 +58,8 @@ pub trait Value: Default + Send + Sync + 'static {
     fn encode(&self, desc: &Desc, buckets: &[f64], labels: &str, out: &mut Vec<u8>);
 }
 
-/// One series: its label values (to tell hash collisions apart), their escaped text, and its value.
+/// One series: its labels' escaped text (also what tells hash collisions apart) and its value.
 pub struct Series<V> {
-    values: Box<[Box<str>]>,
     labels: Box<str>,
     buckets: Arc<[f64]>,
     value: V,
@@ -73,14 +72,16 @@ impl<V> std::ops::Deref for Series<V> {
     }
 }
 
-type Shard<V> = HashMap<u64, Vec<Arc<Series<V>>>>;
+/// Series by the hash of their label values; a collision shares a bucket. The hasher is seeded at random per
+/// process (foldhash), so clients cannot choose names that collide.
+type Shard<V> = HashMap<u64, Vec<Arc<Series<V>>>, foldhash::fast::RandomState>;
 
 /// A family of series with the same label names.
 pub struct MetricVec<V: Value> {
     desc: Arc<Desc>,
     buckets: Arc<[f64]>,
     series: Arc<RwLock<Shard<V>>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl<V: Value> Clone for MetricVec<V> {
@@ -122,7 +123,7 @@ impl<V: Value> MetricVec<V> {
         Ok(MetricVec {
             desc: Arc::new(desc),
             buckets: buckets.into(),
-            series: Arc::new(RwLock::new(HashMap::new())),
+            series: Arc::new(RwLock::new(HashMap::default())),
             hasher: Default::default(),
         })
     }
@@ -157,7 +158,7 @@ impl<V: Value> MetricVec<V> {
     pub fn get_metric_with_label_values(&self, values: &[&str]) -> Result<Arc<Series<V>>, prometheus::Error> {
         self.check_arity(values)?;
         let key = self.key(values);
-        let same = |s: &Arc<Series<V>>| s.values.iter().map(|v| &**v).eq(values.iter().copied());
+        let same = |s: &Arc<Series<V>>| labels_match(&self.desc, &s.labels, values);
         if let Some(s) = self.read().get(&key).and_then(|bucket| bucket.iter().find(|s| same(s))) {
             return Ok(Arc::clone(s));
         }
@@ -167,7 +168,6 @@ impl<V: Value> MetricVec<V> {
             return Ok(Arc::clone(s));
         }
         let s = Arc::new(Series {
-            values: values.iter().map(|v| Box::from(*v)).collect(),
             labels: label_text(&self.desc, values).into_boxed_str(),
             buckets: Arc::clone(&self.buckets),
             value: V::default(),
@@ -193,7 +193,7 @@ impl<V: Value> MetricVec<V> {
         let Some(bucket) = map.get_mut(&key) else {
             return Err(prometheus::Error::Msg(format!("{}: no series {values:?}", self.desc.name)));
         };
-        bucket.retain(|s| !s.values.iter().map(|v| &**v).eq(values.iter().copied()));
+        bucket.retain(|s| !labels_match(&self.desc, &s.labels, values));
         if bucket.is_empty() {
             map.remove(&key);
         }
@@ -208,6 +208,38 @@ impl<V: Value> MetricVec<V> {
     pub fn is_empty(&self) -> bool {
         self.read().is_empty()
     }
+}
+
+/// Whether `text` is exactly what [`label_text`] makes of `values`, without building it.
+fn labels_match(desc: &Desc, text: &str, values: &[&str]) -> bool {
+    let mut rest = text.as_bytes();
+    let mut take = |expected: &[u8]| match rest.strip_prefix(expected) {
+        Some(r) => {
+            rest = r;
+            true
+        }
+        None => false,
+    };
+    for (i, &j) in desc.print_order.iter().enumerate() {
+        if (i > 0 && !take(b",")) || !take(desc.label_names[j].as_bytes()) || !take(b"=\"") {
+            return false;
+        }
+        for c in values[j].bytes() {
+            let ok = match c {
+                b'\\' => take(b"\\\\"),
+                b'"' => take(b"\\\""),
+                b'\n' => take(b"\\n"),
+                c => take(&[c]),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if !take(b"\"") {
+            return false;
+        }
+    }
+    rest.is_empty()
 }
 
 /// `k1="v1",k2="v2"` in name order, with the text format's escapes (`\\`, `\"`, `\n`).
@@ -536,6 +568,19 @@ mod tests {
         g.remove_label_values(&["x"]).unwrap();
         assert_eq!(body(&g), "");
         assert!(g.get_metric_with_label_values(&["x", "y"]).is_err());
+    }
+
+    #[test]
+    fn series_are_told_apart_by_their_exact_label_values() {
+        let g = GaugeVec::new(Opts::new("g", "g"), &["b", "a"]).unwrap();
+        let cases = [["x", "y"], ["x\"", "y"], ["x", "\"y"], ["x\\", "y"], ["x\n", "y"], ["", ""], ["x,a=\"", "y"]];
+        for (i, l) in cases.iter().enumerate() {
+            g.with_label_values(l).set(i as f64);
+        }
+        assert_eq!(g.len(), cases.len());
+        for (i, l) in cases.iter().enumerate() {
+            assert_eq!(g.with_label_values(l).get(), i as f64, "{l:?}");
+        }
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! protocol version this daemon does not speak, or carries values that cannot be true (negative durations,
 //! a negative singular value, a non-finite float from an in-process sender, ...).
 
-use crate::events::{Envelope, Event, PROTOCOL_VERSION};
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::events::{Envelope, Event, Goodbye, Hello, ParamsTable, SpectrumSample, StepEvent, PROTOCOL_VERSION};
 
 /// Default maximum length of one line, newline excluded.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
@@ -103,6 +106,62 @@ pub fn encode_line(envelope: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
     let mut line = serde_json::to_vec(envelope)?;
     line.push(b'\n');
     Ok(line)
+}
+
+/// The `type` of an event object.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum EventType {
+    Hello,
+    Params,
+    Step,
+    Spectrum,
+    Goodbye,
+}
+
+impl EventType {
+    fn payload<'de, D: Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
+        Ok(match self {
+            EventType::Hello => Event::Hello(Hello::deserialize(d)?),
+            EventType::Params => Event::Params(ParamsTable::deserialize(d)?),
+            EventType::Step => Event::Step(StepEvent::deserialize(d)?),
+            EventType::Spectrum => Event::Spectrum(SpectrumSample::deserialize(d)?),
+            EventType::Goodbye => Event::Goodbye(Goodbye::deserialize(d)?),
+        })
+    }
+}
+
+/// The wire form of [`Event`]: an object whose `type` field names the payload, the payload's fields beside
+/// it. When `type` comes first (as every encoder here writes it), the rest of the object is read straight
+/// into the payload; otherwise the object is collected first and then read.
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Event, D::Error> {
+        struct EventVisitor;
+        impl<'de> Visitor<'de> for EventVisitor {
+            type Value = Event;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event object with a \"type\" field")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Event, A::Error> {
+                let Some(first) = map.next_key::<std::borrow::Cow<'de, str>>()? else {
+                    return Err(A::Error::missing_field("type"));
+                };
+                if first == "type" {
+                    let t: EventType = map.next_value()?;
+                    return t.payload(serde::de::value::MapAccessDeserializer::new(map));
+                }
+                let mut object = serde_json::Map::new();
+                object.insert(first.into_owned(), map.next_value()?);
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    object.insert(k, v);
+                }
+                let t = object.remove("type").ok_or_else(|| A::Error::missing_field("type"))?;
+                let t = EventType::deserialize(t).map_err(A::Error::custom)?;
+                t.payload(serde_json::Value::Object(object)).map_err(A::Error::custom)
+            }
+        }
+        d.deserialize_map(EventVisitor)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -344,6 +403,17 @@ mod tests {
         for (line, want) in cases {
             let got = decode_line(line.as_bytes()).expect_err(line);
             assert_eq!(got.reason, *want, "{line}: {got}");
+        }
+    }
+
+    #[test]
+    fn an_event_decodes_the_same_whatever_the_position_of_its_type() {
+        let first = step_line(1, r#","tokens":7"#);
+        let last = r#"{"v":1,"run":"r","rank":0,"host":"h","step":1,"event":{"timestamp_seconds":5.0,"tokens":7,"type":"step"}}"#;
+        assert_eq!(decode_line(first.as_bytes()).unwrap(), decode_line(last.as_bytes()).unwrap());
+        for bad in [r#"{"timestamp_seconds":5.0}"#, r#"{"type":"teleport"}"#, r#"{"tokens":1,"type":"nope"}"#, "{}"] {
+            let line = format!(r#"{{"v":1,"run":"r","rank":0,"host":"h","step":1,"event":{bad}}}"#);
+            assert_eq!(decode_line(line.as_bytes()).unwrap_err().reason, RejectReason::Schema, "{bad}");
         }
     }
 

@@ -51,7 +51,7 @@ pub(crate) struct RunTable {
     metrics: SelfMetrics,
     limits: Limits,
     ttl: Duration,
-    runs: HashMap<RunKey, RunState>,
+    runs: HashMap<RunKey, RunState, foldhash::fast::RandomState>,
     /// Upper bound of the series all runs hold, from the sources' per-run and per-param costs.
     series: usize,
     run_cost: usize,
@@ -66,7 +66,7 @@ impl RunTable {
     pub fn new(sources: Vec<Arc<dyn Source>>, metrics: SelfMetrics, limits: Limits, ttl: Duration) -> Self {
         let run_cost = sources.iter().map(|s| s.series_per_run()).sum();
         let param_cost = sources.iter().map(|s| s.series_per_param()).sum();
-        RunTable { sources, metrics, limits, ttl, runs: HashMap::new(), series: 0, run_cost, param_cost }
+        RunTable { sources, metrics, limits, ttl, runs: HashMap::default(), series: 0, run_cost, param_cost }
     }
 
     pub fn handle(&mut self, conn: ConnId, envelope: Envelope, validated: bool, now: Instant) {
@@ -135,7 +135,7 @@ impl RunTable {
             }
             Event::Params(_) | Event::Spectrum(_) => state.unfed_since = None,
         }
-        self.metrics.events.with_label_values(&[protocol::event_type(&envelope.event)]).inc();
+        self.metrics.count_event(&envelope.event);
         let view = RunView { key: &key, params: &state.params };
         for s in &self.sources {
             s.observe(&view, &envelope);

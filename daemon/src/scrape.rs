@@ -1,6 +1,8 @@
 //! The `/metrics` body: rendered on a blocking thread of the HTTP runtime (never on the threads that read
 //! ingest sockets), shared by every scrape that asked for it while it was being rendered or within
-//! `metrics_max_age` of it, so that concurrent scrapes cost one render and one body's memory.
+//! `metrics_max_age` of it. While a body is still being sent to someone it is also served to newcomers (up
+//! to [`MAX_SHARED_AGE`] old), so that slow or many concurrent scrapers keep one body alive, not one per
+//! render: memory follows the series cap, not the cap times the scrapers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +35,9 @@ impl Exposition {
     }
 }
 
+/// The oldest body served to a new scrape because an earlier one is still being sent.
+pub(crate) const MAX_SHARED_AGE: Duration = Duration::from_secs(10);
+
 struct Rendered {
     started: Instant,
     body: Bytes,
@@ -53,7 +58,9 @@ impl ScrapeCache {
     pub async fn body(&self) -> Bytes {
         let asked = Instant::now();
         let mut last = self.last.lock().await;
-        if let Some(r) = last.as_ref().filter(|r| r.started + self.max_age >= asked) {
+        let fresh = |r: &&Rendered| r.started + self.max_age >= asked;
+        let shared = |r: &&Rendered| !r.body.is_unique() && r.started + MAX_SHARED_AGE >= asked;
+        if let Some(r) = last.as_ref().filter(|r| fresh(r) || shared(r)) {
             return r.body.clone();
         }
         // Let the old body go before the new one exists: at most one body here, plus those still being sent.

@@ -2,7 +2,8 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::protocol::{RejectReason, EVENT_TYPES};
+use crate::events::Event;
+use crate::protocol::{event_type, RejectReason, EVENT_TYPES};
 
 /// Why the daemon closed an ingest connection it had admitted (`gainguard_ingest_connections_closed_total`).
 pub const CLOSE_REASONS: [&str; 2] = ["idle_timeout", "evicted"];
@@ -12,6 +13,8 @@ pub const HTTP_REFUSALS: [&str; 3] = ["too_many_connections", "evicted", "too_ma
 #[derive(Clone)]
 pub struct SelfMetrics {
     pub events: IntCounterVec,
+    /// The children of `events`, in [`EVENT_TYPES`] order, so that counting an event needs no lookup.
+    events_by_type: Vec<IntCounter>,
     pub rejected: IntCounterVec,
     pub connections: IntGauge,
     pub connections_closed: IntCounterVec,
@@ -78,7 +81,15 @@ impl SelfMetrics {
         }
         registry.register(Box::new(runs_evicted.clone()))?;
         registry.register(Box::new(build_info))?;
-        Ok(SelfMetrics { events, rejected, connections, connections_closed, http_refused, runs, runs_evicted, exported_series })
+        let events_by_type = EVENT_TYPES.iter().map(|t| events.with_label_values(&[t])).collect();
+        Ok(SelfMetrics { events, events_by_type, rejected, connections, connections_closed, http_refused, runs, runs_evicted, exported_series })
+    }
+
+    pub fn count_event(&self, event: &Event) {
+        let t = event_type(event);
+        if let Some(c) = EVENT_TYPES.iter().position(|x| *x == t).and_then(|i| self.events_by_type.get(i)) {
+            c.inc();
+        }
     }
 
     pub fn reject(&self, reason: RejectReason) {
