@@ -14,10 +14,10 @@
 //! target/bench-venv. Loopback only; every request count is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,37 +25,11 @@ use std::time::{Duration, Instant};
 use gainguard_daemon::events::*;
 use gainguard_daemon::protocol::encode_line;
 
-struct Guard(Child);
+mod support;
+use support::{bin, die_with_parent, get, free_addr, status_mib, cpu_seconds, Guard};
 
-/// Makes a child die with this process, even when this one is killed before `Guard` can drop.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe.
-    unsafe { cmd.pre_exec(|| {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        Ok(())
-    }) }
-}
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
-fn get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    raw.get(..12).filter(|h| h.ends_with(b"200"))?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some(raw[split + 4..].to_vec())
-}
 
 fn wait_ready(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -65,20 +39,7 @@ fn wait_ready(addr: SocketAddr) {
     }
 }
 
-fn status_mib(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status.lines().find(|l| l.starts_with(field)).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib / 1024.0
-}
 
-/// User plus system CPU seconds a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz
-}
 
 fn value(body: &str, name: &str) -> f64 {
     body.lines()
@@ -109,12 +70,6 @@ fn scrape_latency(addr: SocketAddr, n: usize) -> (Duration, Duration, usize) {
     (pick(0.5), pick(0.99), bytes)
 }
 
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    let p = dir.join(name);
-    assert!(p.exists(), "{} missing: build with `cargo build --release -p gainguard-daemon --bins --examples`", p.display());
-    p
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

@@ -5,10 +5,8 @@
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
 //!      target/release/examples/daemon_soak [--minutes 10] [--warmup-seconds 60]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,49 +14,12 @@ use std::time::{Duration, Instant};
 use gainguard_daemon::events::*;
 use gainguard_daemon::{Sink, SinkOptions};
 
-struct Guard(Child);
+mod support;
+use support::{bin, die_with_parent, get, status_mib, Guard};
 
-/// Makes a child die with this process, even when this one is killed before `Guard` can drop.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe.
-    unsafe { cmd.pre_exec(|| {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        Ok(())
-    }) }
-}
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
-fn get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    raw.get(..12).filter(|h| h.ends_with(b"200"))?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some(raw[split + 4..].to_vec())
-}
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
-}
 
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    dir.join(name)
-}
 
 /// One trainer: a Hello, the Params table of 1,000 matrices, then steps at `hz`, each with spectrum samples
 /// of 100 parameters in turn (every parameter is sampled every 10 steps).
@@ -155,7 +116,7 @@ fn main() {
         body_len = get(metrics, "/metrics").map_or(0, |b| b.len());
         if Instant::now() >= next_rss {
             let t = start.elapsed().as_secs_f64();
-            let rss = rss_mib(daemon.0.id());
+            let rss = status_mib(daemon.0.id(), "VmRSS:");
             samples.push((t, rss));
             println!("| {t:.0} | {rss:.1} | {body_len} |");
             next_rss += Duration::from_secs(10);

@@ -48,6 +48,7 @@ impl Daemon {
     /// binding happens here, so that an address in use is reported before anything runs.
     pub fn spawn(config: DaemonConfig) -> Result<Daemon, DaemonError> {
         config.validate()?;
+        crate::sources::check_disabled(&config.disabled_sources)?;
         let token = read_token(&config)?;
         let listeners = Listeners::bind(&config)?;
         let registry = Arc::new(Registry::new());

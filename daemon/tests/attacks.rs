@@ -391,29 +391,21 @@ fn an_allowed_uid_may_write_over_the_unix_socket() {
     });
 }
 
-fn run_to_exit(args: &[&str]) -> (i32, String) {
+/// Runs gainguardd on a free port and a private socket with `args` until it exits.
+fn run_with(args: &[&str]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
+    let listen = format!("--listen=127.0.0.1:{}", free_port());
     let sock = format!("--ingest=unix:{}", dir.path().join("d.sock").display());
-    let mut child = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_gainguardd"))
-            .args([&format!("--listen=127.0.0.1:{}", free_port()), &sock, "--nvml=off"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let status = child.wait_exit(Duration::from_secs(20)).expect("gainguardd exits");
-    let mut stderr = String::new();
-    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    (status.code().unwrap_or(-1), stderr)
+    let mut all = vec![listen.as_str(), sock.as_str(), "--nvml=off"];
+    all.extend_from_slice(args);
+    common::run_to_exit(&all)
 }
 
 #[test]
 fn an_out_of_range_duration_exits_2_naming_the_flag() {
     for (flag, value) in [("--ttl", "1e19"), ("--ttl", "1e30"), ("--ingest-idle-timeout=-1", ""), ("--nvml-interval", "inf")] {
         let args: Vec<&str> = [flag, value].into_iter().filter(|a| !a.is_empty()).collect();
-        let (code, stderr) = run_to_exit(&args);
+        let (code, stderr) = run_with(&args);
         let flag = flag.split('=').next().unwrap();
         assert_eq!(code, 2, "{flag} {value}: {stderr}");
         assert!(stderr.contains(flag), "{flag} {value}: the message must name the flag: {stderr}");
@@ -435,7 +427,7 @@ fn a_failed_run_table_turns_healthz_503_and_gainguardd_exits_non_zero() {
     });
     assert!(!daemon.is_healthy());
 
-    let (code, stderr) = run_to_exit(&["--inject-run-table-fault-after", "0.3"]);
+    let (code, stderr) = run_with(&["--inject-run-table-fault-after", "0.3"]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("run table stopped"), "{stderr}");
 }

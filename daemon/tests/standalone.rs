@@ -5,25 +5,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, gainguardd, gainguardd_at, metrics, sample, socket_in, wait_until, ChildGuard};
+use common::{free_port, gainguardd, gainguardd_at, metrics, run_to_exit, sample, socket_in, wait_until};
 use gainguard_daemon::events::*;
 use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode, Sink, SinkOptions};
-
-fn run_to_exit(args: &[&str]) -> (i32, String) {
-    let mut child = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_gainguardd"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let status = child.wait_exit(Duration::from_secs(10)).expect("gainguardd exits on a start-up error");
-    let mut stderr = String::new();
-    use std::io::Read;
-    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    (status.code().unwrap_or(-1), stderr)
-}
 
 #[test]
 fn a_metrics_port_already_in_use_exits_with_status_2_and_names_the_port() {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use gainguard_daemon::config::{seconds, source_names};
+use gainguard_daemon::config::seconds;
+use gainguard_daemon::sources::source_names;
 use gainguard_daemon::{default_ingest_addr, Daemon, DaemonConfig, DaemonError, IngestAddr, IngestAuth, Limits, NvmlMode};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

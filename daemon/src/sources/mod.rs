@@ -21,6 +21,19 @@ pub mod training;
 /// Every known source, with its name and whether it runs unless disabled.
 pub const SOURCES: &[SourceSpec] = &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC];
 
+/// The names of every known source, comma-separated (for messages and `--help`).
+pub fn source_names() -> String {
+    SOURCES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Fails on a disabled-source name that no source has.
+pub fn check_disabled(disabled: &[String]) -> Result<(), DaemonError> {
+    match disabled.iter().find(|d| !SOURCES.iter().any(|s| s.name == d.as_str())) {
+        Some(name) => Err(DaemonError::UnknownSource { name: name.clone(), known: source_names() }),
+        None => Ok(()),
+    }
+}
+
 /// Builds every enabled source, in [`SOURCES`] order; stops those already built when one fails.
 pub fn build_sources(config: &DaemonConfig, registry: &Registry, host: String) -> Result<Vec<Arc<dyn Source>>, DaemonError> {
     let ctx = SourceContext { registry, host, config };
@@ -168,6 +181,13 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_disabled_source_names_every_known_one() {
+        let msg = check_disabled(&["nvml".into(), "gpu".into()]).unwrap_err().to_string();
+        assert!(msg.contains("`gpu`") && msg.contains(&source_names()), "{msg}");
+        assert!(check_disabled(&["nvml".into()]).is_ok());
+    }
 
     #[test]
     fn a_cumulative_total_adds_only_its_increases_and_restarts_from_zero_after_a_decrease() {

@@ -415,61 +415,64 @@ fn subscribe_xid(_: &nvml_wrapper::Nvml, _: u32) -> Result<XidSubscription<'_>, 
 }
 
 impl GpuBackend for RealNvml<'_> {
-    #[allow(deprecated)]
     fn read(&mut self) -> Result<Vec<GpuReading>, String> {
-        use nvml_wrapper::bitmasks::device::ThrottleReasons as T;
         self.drain_xid_events();
+        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
+        (0..count).map(|index| self.read_device(index)).collect()
+    }
+}
+
+impl RealNvml<'_> {
+    /// One GPU's reading; a value the device does not support is `None`.
+    #[allow(deprecated)]
+    fn read_device(&self, index: u32) -> Result<GpuReading, String> {
+        use nvml_wrapper::bitmasks::device::ThrottleReasons as T;
         use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
         use nvml_wrapper::enums::device::UsedGpuMemory;
-        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
-        let mut out = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let d = self.nvml.device_by_index(index).map_err(|e| e.to_string())?;
-            let util = d.utilization_rates().ok();
-            let mem = d.memory_info().ok();
-            let throttle = d.current_throttle_reasons().ok().map(|t| {
-                [
-                    T::GPU_IDLE,
-                    T::APPLICATIONS_CLOCKS_SETTING,
-                    T::SW_POWER_CAP,
-                    T::HW_SLOWDOWN,
-                    T::SYNC_BOOST,
-                    T::SW_THERMAL_SLOWDOWN,
-                    T::HW_THERMAL_SLOWDOWN,
-                    T::HW_POWER_BRAKE_SLOWDOWN,
-                    T::DISPLAY_CLOCK_SETTING,
-                ]
-                .map(|flag| t.contains(flag))
-            });
-            let mut processes = Vec::new();
-            for p in d.running_compute_processes().unwrap_or_default().into_iter().chain(d.running_graphics_processes().unwrap_or_default()) {
-                if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
-                    processes.push((p.pid, bytes));
-                }
+        let d = self.nvml.device_by_index(index).map_err(|e| e.to_string())?;
+        let util = d.utilization_rates().ok();
+        let mem = d.memory_info().ok();
+        let throttle = d.current_throttle_reasons().ok().map(|t| {
+            [
+                T::GPU_IDLE,
+                T::APPLICATIONS_CLOCKS_SETTING,
+                T::SW_POWER_CAP,
+                T::HW_SLOWDOWN,
+                T::SYNC_BOOST,
+                T::SW_THERMAL_SLOWDOWN,
+                T::HW_THERMAL_SLOWDOWN,
+                T::HW_POWER_BRAKE_SLOWDOWN,
+                T::DISPLAY_CLOCK_SETTING,
+            ]
+            .map(|flag| t.contains(flag))
+        });
+        let mut processes = Vec::new();
+        for p in d.running_compute_processes().unwrap_or_default().into_iter().chain(d.running_graphics_processes().unwrap_or_default()) {
+            if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                processes.push((p.pid, bytes));
             }
-            let uuid = d.uuid().unwrap_or_default();
-            out.push(GpuReading {
-                index,
-                xid_errors: self.xid_counts.get(&uuid).copied(),
-                uuid,
-                name: d.name().unwrap_or_default(),
-                utilization_percent: util.as_ref().map(|u| u.gpu),
-                memory_utilization_percent: util.as_ref().map(|u| u.memory),
-                memory_used_bytes: mem.as_ref().map(|m| m.used),
-                memory_total_bytes: mem.as_ref().map(|m| m.total),
-                power_milliwatts: d.power_usage().ok(),
-                power_limit_milliwatts: d.enforced_power_limit().ok(),
-                energy_millijoules: d.total_energy_consumption().ok(),
-                temperature_celsius: d.temperature(TemperatureSensor::Gpu).ok(),
-                sm_clock_mhz: d.clock_info(Clock::SM).ok(),
-                memory_clock_mhz: d.clock_info(Clock::Memory).ok(),
-                throttle,
-                ecc_corrected: d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile).ok(),
-                ecc_uncorrected: d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile).ok(),
-                processes,
-            });
         }
-        Ok(out)
+        let uuid = d.uuid().unwrap_or_default();
+        Ok(GpuReading {
+            index,
+            xid_errors: self.xid_counts.get(&uuid).copied(),
+            uuid,
+            name: d.name().unwrap_or_default(),
+            utilization_percent: util.as_ref().map(|u| u.gpu),
+            memory_utilization_percent: util.as_ref().map(|u| u.memory),
+            memory_used_bytes: mem.as_ref().map(|m| m.used),
+            memory_total_bytes: mem.as_ref().map(|m| m.total),
+            power_milliwatts: d.power_usage().ok(),
+            power_limit_milliwatts: d.enforced_power_limit().ok(),
+            energy_millijoules: d.total_energy_consumption().ok(),
+            temperature_celsius: d.temperature(TemperatureSensor::Gpu).ok(),
+            sm_clock_mhz: d.clock_info(Clock::SM).ok(),
+            memory_clock_mhz: d.clock_info(Clock::Memory).ok(),
+            throttle,
+            ecc_corrected: d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile).ok(),
+            ecc_uncorrected: d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile).ok(),
+            processes,
+        })
     }
 }
 

@@ -161,6 +161,22 @@ pub fn gainguardd_at(addr: SocketAddr, args: &[&str]) -> (ChildGuard, SocketAddr
     (guard, addr)
 }
 
+/// Runs `gainguardd` with `args` until it exits (within 20 s); returns its exit code and stderr.
+pub fn run_to_exit(args: &[&str]) -> (i32, String) {
+    let mut child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_gainguardd"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = child.wait_exit(Duration::from_secs(20)).expect("gainguardd exits");
+    let mut stderr = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.code().unwrap_or(-1), stderr)
+}
+
 pub fn socket_in(dir: &Path) -> String {
     format!("unix:{}", dir.join("gainguardd.sock").display())
 }
