@@ -201,7 +201,7 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
 }
 
 #[test]
-fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_clears_it() {
+fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_or_step_clears_it() {
     let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
     let addr = daemon.metrics_addr();
     let sink = daemon.sink();
@@ -227,6 +227,12 @@ fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_clears_it() {
     sink.send(e(0, hello()));
     wait_until(Duration::from_secs(5), "up again", || sample(&metrics(addr), "gainguard_trainer_up", &[("run", "exits")]).filter(|v| *v == 1.0));
     wait_for(vec![]);
+    // A step after a Goodbye: the trainer carried on, so the run is up and has no exit reason.
+    sink.send(e(2, Event::Goodbye(Goodbye { reason: "error".into() })));
+    wait_for(vec!["error"]);
+    sink.send(e(3, Event::Step(StepEvent { loss: Some(1.0), timestamp_seconds: 1.0, ..Default::default() })));
+    wait_for(vec![]);
+    assert_eq!(sample(&metrics(addr), "gainguard_trainer_up", &[("run", "exits")]), Some(1.0));
     // A reason outside the protocol's list does not become a label value.
     sink.send(e(3, Event::Goodbye(Goodbye { reason: "out of memory".into() })));
     wait_for(vec!["other"]);
