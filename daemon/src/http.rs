@@ -83,7 +83,9 @@ impl Http {
                     self.metrics.http_refused("too_many_scrapes");
                     return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", Reply::new("too many concurrent scrapes\n"));
                 };
-                let body = self.cache.body().await;
+                let Some(body) = self.cache.body().await else {
+                    return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", Reply::new("rendering failed; see the log\n"));
+                };
                 let body = Reply { inner: Full::new(body), _busy: Some(busy), _permit: Some(permit) };
                 reply(StatusCode::OK, TEXT_FORMAT, body)
             }

@@ -54,14 +54,14 @@ impl ScrapeCache {
         ScrapeCache { exposition: Arc::new(exposition), max_age, last: tokio::sync::Mutex::new(None) }
     }
 
-    /// A body whose rendering started no earlier than `max_age` before this call.
-    pub async fn body(&self) -> Bytes {
+    /// A body whose rendering started no earlier than `max_age` before this call; `None` if rendering failed.
+    pub async fn body(&self) -> Option<Bytes> {
         let asked = Instant::now();
         let mut last = self.last.lock().await;
         let fresh = |r: &&Rendered| r.started + self.max_age >= asked;
         let shared = |r: &&Rendered| !r.body.is_unique() && r.started + MAX_SHARED_AGE >= asked;
         if let Some(r) = last.as_ref().filter(|r| fresh(r) || shared(r)) {
-            return r.body.clone();
+            return Some(r.body.clone());
         }
         // Let the old body go before the new one exists: at most one body here, plus those still being sent.
         let hint = last.take().map_or(64 * 1024, |r| r.body.len());
@@ -71,10 +71,10 @@ impl ScrapeCache {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 tracing::error!("rendering /metrics failed: {e}");
-                Bytes::new()
+                return None;
             }
         };
         *last = Some(Rendered { started, body: body.clone() });
-        body
+        Some(body)
     }
 }

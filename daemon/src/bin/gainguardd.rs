@@ -191,7 +191,7 @@ fn config(args: Args) -> Result<DaemonConfig, DaemonError> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let fault_after = args.inject_run_table_fault_after.map(Duration::from_secs_f64);
+    let fault_after = args.inject_run_table_fault_after.map(|s| seconds("inject-run-table-fault-after", s)).transpose()?;
     let daemon = Daemon::spawn(config(args)?)?;
     let ingest: Vec<String> = daemon.ingest_addrs().iter().map(ToString::to_string).collect();
     tracing::info!("serving http://{}/metrics; ingest on {}", daemon.metrics_addr(), ingest.join(", "));
