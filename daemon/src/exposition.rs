@@ -224,22 +224,29 @@ fn labels_match(desc: &Desc, text: &str, values: &[&str]) -> bool {
         if (i > 0 && !take(b",")) || !take(desc.label_names[j].as_bytes()) || !take(b"=\"") {
             return false;
         }
-        for c in values[j].bytes() {
-            let ok = match c {
-                b'\\' => take(b"\\\\"),
-                b'"' => take(b"\\\""),
-                b'\n' => take(b"\\n"),
-                c => take(&[c]),
-            };
-            if !ok {
+        let value = values[j].as_bytes();
+        if memchr::memchr3(b'\\', b'"', b'\n', value).is_none() {
+            if !take(value) {
                 return false;
             }
+        } else if !escaped_match(value, &mut take) {
+            return false;
         }
         if !take(b"\"") {
             return false;
         }
     }
     rest.is_empty()
+}
+
+/// Matches one value that needs escapes, character by character.
+fn escaped_match(value: &[u8], take: &mut impl FnMut(&[u8]) -> bool) -> bool {
+    value.iter().all(|&c| match c {
+        b'\\' => take(b"\\\\"),
+        b'"' => take(b"\\\""),
+        b'\n' => take(b"\\n"),
+        c => take(&[c]),
+    })
 }
 
 /// `k1="v1",k2="v2"` in name order, with the text format's escapes (`\\`, `\"`, `\n`).

@@ -15,7 +15,7 @@ use crate::config::Limits;
 use crate::events::{Envelope, Event, ParamClass};
 use crate::protocol::{self, RejectReason};
 use crate::selfmetrics::SelfMetrics;
-use crate::sources::{ParamLabels, RunKey, RunView, Source};
+use crate::sources::{ParamLabels, ParamMap, RunKey, RunView, Source};
 
 /// Identifies one trainer connection (socket) or one embedded sink.
 pub(crate) type ConnId = u64;
@@ -36,7 +36,7 @@ struct RunState {
     last_event: Instant,
     /// Set when nothing feeds the run any more: its Goodbye, or the end of its connection.
     unfed_since: Option<Instant>,
-    params: HashMap<String, ParamLabels>,
+    params: ParamMap,
 }
 
 impl RunState {
@@ -56,6 +56,9 @@ pub(crate) struct RunTable {
     series: usize,
     run_cost: usize,
     param_cost: usize,
+    /// The key of the latest event's run, with its numeric rank: consecutive events of one run (most of a
+    /// connection's batch) reuse it instead of allocating its three strings again.
+    last_key: Option<(u32, RunKey)>,
 }
 
 fn labels_of(name: &str, layer: Option<u32>, class: ParamClass) -> ParamLabels {
@@ -66,7 +69,17 @@ impl RunTable {
     pub fn new(sources: Vec<Arc<dyn Source>>, metrics: SelfMetrics, limits: Limits, ttl: Duration) -> Self {
         let run_cost = sources.iter().map(|s| s.series_per_run()).sum();
         let param_cost = sources.iter().map(|s| s.series_per_param()).sum();
-        RunTable { sources, metrics, limits, ttl, runs: HashMap::default(), series: 0, run_cost, param_cost }
+        RunTable {
+            sources,
+            metrics,
+            limits,
+            ttl,
+            runs: HashMap::default(),
+            series: 0,
+            run_cost,
+            param_cost,
+            last_key: None,
+        }
     }
 
     pub fn handle(&mut self, conn: ConnId, envelope: Envelope, validated: bool, now: Instant) {
@@ -76,14 +89,23 @@ impl RunTable {
                 return;
             }
         }
-        let key = RunKey::of(&envelope);
-        if !self.runs.contains_key(&key) {
-            if let Err(r) = self.admit_run(&key, conn, matches!(envelope.event, Event::Hello(_)), now) {
+        let rank = envelope.rank;
+        let key = match self.last_key.take() {
+            Some((rank, k)) if rank == envelope.rank && k.run == envelope.run && k.host == envelope.host => k,
+            _ => RunKey::of(&envelope),
+        };
+        self.apply(conn, &key, envelope, now);
+        self.last_key = Some((rank, key));
+    }
+
+    fn apply(&mut self, conn: ConnId, key: &RunKey, envelope: Envelope, now: Instant) {
+        if !self.runs.contains_key(key) {
+            if let Err(r) = self.admit_run(key, conn, matches!(envelope.event, Event::Hello(_)), now) {
                 self.metrics.reject(r);
                 return;
             }
         }
-        let Some(state) = self.runs.get_mut(&key) else { return };
+        let Some(state) = self.runs.get_mut(key) else { return };
         state.conn = conn;
         state.last_event = now;
         let mut admit = |name: &str, layer: Option<u32>, class: ParamClass| -> Result<(), RejectReason> {
@@ -136,7 +158,7 @@ impl RunTable {
             Event::Params(_) | Event::Spectrum(_) => state.unfed_since = None,
         }
         self.metrics.count_event(&envelope.event);
-        let view = RunView { key: &key, params: &state.params };
+        let view = RunView { key, params: &state.params };
         for s in &self.sources {
             s.observe(&view, &envelope);
         }
@@ -155,7 +177,7 @@ impl RunTable {
         }
         self.series += self.run_cost;
         let state =
-            RunState { conn, up: false, said_hello: false, last_event: now, unfed_since: None, params: HashMap::new() };
+            RunState { conn, up: false, said_hello: false, last_event: now, unfed_since: None, params: ParamMap::default() };
         self.runs.insert(key.clone(), state);
         self.metrics.runs.set(self.runs.len() as i64);
         Ok(())

@@ -19,7 +19,7 @@ pub struct Liveness {
     up: GaugeVec,
     exit: GaugeVec,
     /// The reason each down run's series carries, to replace it (and not add a second) or keep it.
-    reasons: Mutex<HashMap<RunKey, &'static str>>,
+    reasons: Mutex<HashMap<RunKey, &'static str, foldhash::fast::RandomState>>,
 }
 
 /// Values of the `reason` label: a Goodbye's reason when it is one of the protocol's, `other` for any
@@ -48,11 +48,11 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
         &["run", "rank", "host", "reason"],
     )?;
     ctx.registry.register(Box::new(exit.clone()))?;
-    Ok(Arc::new(Liveness { up, exit, reasons: Mutex::new(HashMap::new()) }))
+    Ok(Arc::new(Liveness { up, exit, reasons: Mutex::new(HashMap::default()) }))
 }
 
 impl Liveness {
-    fn reasons(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, &'static str>> {
+    fn reasons(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, &'static str, foldhash::fast::RandomState>> {
         lock(&self.reasons)
     }
 

@@ -105,10 +105,13 @@ pub fn param_label_values<'a>(run: &'a RunKey, p: &'a ParamLabels) -> [&'a str; 
     [&run.run, &run.rank, &run.host, &p.param, &p.layer, p.class]
 }
 
+/// The admitted parameters of a run, by name.
+pub type ParamMap = HashMap<String, ParamLabels, foldhash::fast::RandomState>;
+
 /// An admitted run as the sources see it: only parameters within the caps are listed.
 pub struct RunView<'a> {
     pub key: &'a RunKey,
-    pub params: &'a HashMap<String, ParamLabels>,
+    pub params: &'a ParamMap,
 }
 
 /// One metric source.
@@ -142,14 +145,27 @@ pub trait Source: Send + Sync {
 /// increases are applied; a decrease means the reporter restarted, and the new total counts from zero.
 #[derive(Default)]
 pub struct CumulativeTracker {
-    last: HashMap<Vec<String>, u64>,
+    /// Last totals by the hash of their labels; a collision shares a bucket. Looking up allocates nothing.
+    last: HashMap<u64, Vec<(Vec<String>, u64)>, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl CumulativeTracker {
+    fn hash(&self, key: &[&str]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
     /// Returns the amount to add to the counter.
     pub fn delta(&mut self, key: &[&str], total: u64) -> u64 {
-        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
-        let last = self.last.insert(key, total).unwrap_or(0);
+        let bucket = self.last.entry(self.hash(key)).or_default();
+        let last = match bucket.iter_mut().find(|(k, _)| k.iter().map(String::as_str).eq(key.iter().copied())) {
+            Some((_, last)) => std::mem::replace(last, total),
+            None => {
+                bucket.push((key.iter().map(|s| s.to_string()).collect(), total));
+                0
+            }
+        };
         if total >= last {
             total - last
         } else {
@@ -158,12 +174,20 @@ impl CumulativeTracker {
     }
 
     pub fn forget(&mut self, key: &[&str]) {
-        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
-        self.last.remove(&key);
+        let h = self.hash(key);
+        if let Some(bucket) = self.last.get_mut(&h) {
+            bucket.retain(|(k, _)| !k.iter().map(String::as_str).eq(key.iter().copied()));
+            if bucket.is_empty() {
+                self.last.remove(&h);
+            }
+        }
     }
 
     pub fn forget_matching(&mut self, prefix: &[&str]) {
-        self.last.retain(|k, _| !(k.len() >= prefix.len() && k.iter().zip(prefix).all(|(a, b)| a == b)));
+        for bucket in self.last.values_mut() {
+            bucket.retain(|(k, _)| !(k.len() >= prefix.len() && k.iter().zip(prefix).all(|(a, b)| a == b)));
+        }
+        self.last.retain(|_, b| !b.is_empty());
     }
 }
 
