@@ -151,13 +151,14 @@ fn load(gd: &Gd, runs: u32, params: usize) -> usize {
         s.write_all(&out).unwrap();
     }
     let want = runs as f64 * params as f64;
-    loop {
-        let body = String::from_utf8(get(gd.metrics, "/metrics").unwrap()).unwrap();
-        if value(&body, "gainguard_spectrum_samples_total") >= want {
-            return body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count();
-        }
+    while metric(gd.metrics, "gainguard_spectrum_samples_total") < want {
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Counted on a body rendered after the last event was applied (a body rendered meanwhile can show
+    // families encoded before and after a given event).
+    std::thread::sleep(Duration::from_millis(1100));
+    let body = String::from_utf8(get(gd.metrics, "/metrics").unwrap()).unwrap();
+    body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
 }
 
 /// One training step as `gainguard-send` writes it: 3 spectrum samples and a step, for run `ingest-RANK`.
