@@ -27,7 +27,7 @@
 //! other dimension (stacked experts `[E, out, in]` become `[E·out, in]`). Singular values do not
 //! depend on which side is rows.
 
-use gainguard_daemon::events::SpectrumQuantiles;
+use gainguard_protocol::events::SpectrumQuantiles;
 use tch::{Device, Kind, Tensor};
 
 use crate::plan::ParamDecision;

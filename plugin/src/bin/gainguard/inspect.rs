@@ -97,7 +97,7 @@ fn check_framing(path: &Path) -> Result<(), BadInput> {
     Ok(())
 }
 
-fn quantiles(q: &gainguard::daemon::events::SpectrumQuantiles) -> Quantiles {
+fn quantiles(q: &gainguard::protocol::events::SpectrumQuantiles) -> Quantiles {
     Quantiles { p10: q.p10, p50: q.p50, p90: q.p90, p99: q.p99 }
 }
 
