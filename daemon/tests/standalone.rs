@@ -187,6 +187,8 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
         }),
     ));
     sink.send(e(1, Event::Step(StepEvent { loss: Some(1.0), timestamp_seconds: 1.0, ..Default::default() })));
+    let spectrum = |sigma| Event::Spectrum(SpectrumSample { sigma_max: Some(sigma), ..SpectrumSample::empty("w", Some(0), ParamClass::MatrixLike) });
+    sink.send(e(1, spectrum(1.5)));
     sink.send(e(1, Event::Goodbye(Goodbye { reason: "finished".into() })));
     wait_until(Duration::from_secs(5), "the goodbye", || {
         (sample(&metrics(addr), "gainguard_trainer_up", &[("run", "ttl")]) == Some(0.0)).then_some(())
@@ -199,6 +201,20 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
         (!body.lines().any(|l| !l.starts_with('#') && l.contains("run=\"ttl\""))).then_some(())
     });
     assert_eq!(sample(&metrics(addr), "gainguard_runs", &[]), Some(0.0));
+    // The same run coming back starts afresh: its series are new (the daemon keeps handles to a run's series
+    // between events; none may outlive the run), its counters count from zero.
+    sink.send(e(7, Event::Step(StepEvent { loss: Some(3.0), timestamp_seconds: 2.0, ..Default::default() })));
+    sink.send(e(7, spectrum(2.5)));
+    let ttl = [("run", "ttl")];
+    wait_until(Duration::from_secs(5), "the run's return", || {
+        (sample(&metrics(addr), "gainguard_sigma_max", &ttl) == Some(2.5)).then_some(())
+    });
+    let body = metrics(addr);
+    assert_eq!(sample(&body, "gainguard_step", &ttl), Some(7.0));
+    assert_eq!(sample(&body, "gainguard_loss", &ttl), Some(3.0));
+    assert_eq!(sample(&body, "gainguard_trainer_up", &ttl), Some(1.0));
+    assert_eq!(sample(&body, "gainguard_spectrum_samples_total", &ttl), Some(1.0));
+    assert_eq!(sample(&body, "gainguard_trainer_exit_info", &[("run", "ttl"), ("reason", "finished")]), None);
 }
 
 #[test]
