@@ -3,13 +3,15 @@
 //! 1. `/metrics` at ~20k series against a Python `prometheus_client` exporter serving the same series
 //!    (p50/p99 of sequential scrapes, each rendered afresh: `--metrics-max-age 0`), and both processes' RSS.
 //! 2. At ~206k series: 16 concurrent scrapers (each every `--scrape-interval` seconds, default 5; 0 = back to
-//!    back), the daemon's peak RSS, and ingest throughput while they scrape against the same ingest without.
+//!    back; asking for gzip as Prometheus does unless `--scrape-encoding identity`), the daemon's peak RSS, and
+//!    ingest throughput while they scrape against the same ingest without.
 //! 3. Ingest throughput: 8 senders over the Unix socket writing realistic lines (3 spectrum samples and a step
 //!    per training step) as fast as the socket takes them; and end to end through 8 `gainguard-send`
 //!    processes (their JSON encoding shares the same cores).
 //!
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
-//!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5] [--only N]
+//!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5]
+//!      [--scrape-encoding gzip|identity] [--only N]
 //! Without --python, the baseline's `prometheus_client` is installed into a throwaway virtualenv under
 //! target/bench-venv. Loopback only; every request count is bounded.
 
@@ -26,7 +28,7 @@ use gainguard_protocol::events::*;
 use gainguard_protocol::wire::encode_line;
 
 mod support;
-use support::{bin, die_with_parent, get, free_addr, status_mib, cpu_seconds, Guard};
+use support::{bin, cpu_seconds, die_with_parent, free_addr, get, get_with, status_mib, threads_cpu_seconds, Guard};
 
 
 
@@ -182,11 +184,17 @@ fn step_block(rank: u32, steps: u64) -> (Vec<u8>, u64) {
     (out, events)
 }
 
-/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second, from the
-/// first byte until the daemon has counted every event.
+/// The daemon's threads that ingest (reading and decoding sockets, the run table), not those serving HTTP.
+const INGEST_THREADS: [&str; 2] = ["gainguard-inges", "gainguard-runs"];
+
+/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second and the
+/// event count. Timed from the first byte until the daemon's ingest threads stop (their CPU time, from /proc,
+/// has not risen for 200 ms), then checked against its event counter. /metrics is read only then: polling it
+/// would load the daemon (a 28.8 MB body in section 2), and a body can be up to --metrics-max-age old.
 fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
+    let pid = gd.child.0.id();
     let before = metric(gd.metrics, "gainguard_ingest_events_total");
-    let cpu = cpu_seconds(gd.child.0.id());
+    let (cpu, ingest_cpu) = (cpu_seconds(pid), threads_cpu_seconds(pid, &INGEST_THREADS));
     let blocks: Vec<(Vec<u8>, u64)> = (0..8).map(|r| step_block(r, 1000)).collect();
     let total: u64 = blocks.iter().map(|(_, n)| n * repeats as u64).sum();
     let conns: Vec<UnixStream> = (0..8).map(|_| connect(&gd.sock)).collect();
@@ -204,23 +212,43 @@ fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
         })
         .collect();
     let conns: Vec<UnixStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    loop {
-        let now = metric(gd.metrics, "gainguard_ingest_events_total") - before;
-        if now >= total as f64 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(600), "ingest stalled at {now} of {total}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(gd.child.0.id()) - cpu;
+    let secs = (ingested(gd, before, total as f64) - start).as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu;
+    let ingest_cpu = threads_cpu_seconds(pid, &INGEST_THREADS) - ingest_cpu;
     println!(
-        "  {total} events in {secs:.2} s: daemon CPU {cpu:.2} s = {:.2} µs per event (2 cores: at most {:.0} events/s for the daemon alone)",
+        "  {total} events in {secs:.2} s: daemon CPU {cpu:.2} s = {:.2} µs per event, {:.2} µs in its ingest and \
+         run-table threads (2 cores: at most {:.0} events/s for the daemon alone)",
         cpu / total as f64 * 1e6,
+        ingest_cpu / total as f64 * 1e6,
         2.0 * total as f64 / cpu
     );
     drop(conns);
     (total as f64 / secs, total as f64)
+}
+
+/// When the daemon finished ingesting, once every sender is done: the last moment its ingest threads' CPU time
+/// rose before it stayed flat for 200 ms and its counter showed `total` events more than `before`.
+fn ingested(gd: &Gd, before: f64, total: f64) -> Instant {
+    let pid = gd.child.0.id();
+    let start = Instant::now();
+    let (mut seen, mut last_active) = (threads_cpu_seconds(pid, &INGEST_THREADS), Instant::now());
+    let mut next_check = last_active + Duration::from_millis(200);
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = threads_cpu_seconds(pid, &INGEST_THREADS);
+        if now > seen {
+            (seen, last_active) = (now, Instant::now());
+            next_check = last_active + Duration::from_millis(200);
+        }
+        if Instant::now() >= next_check {
+            let counted = metric(gd.metrics, "gainguard_ingest_events_total") - before;
+            if counted >= total {
+                return last_active;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600), "ingest stalled at {counted} of {total}");
+            next_check = Instant::now() + Duration::from_millis(200);
+        }
+    }
 }
 
 /// Creates target/bench-venv with prometheus_client, unless it is there; returns its python.
@@ -273,7 +301,12 @@ fn main() {
     }
     if run(2) {
         let interval = Duration::from_secs_f64(arg("--scrape-interval").map_or(5.0, |s| s.parse().unwrap()));
-        concurrent_scrapes_at_200k(&dir, interval);
+        let gzip = match arg("--scrape-encoding").as_deref() {
+            None | Some("gzip") => true,
+            Some("identity") => false,
+            Some(other) => panic!("--scrape-encoding {other}: expected gzip or identity"),
+        };
+        concurrent_scrapes_at_200k(&dir, interval, gzip);
     }
     if run(3) {
         ingest_throughput(&dir);
@@ -308,10 +341,12 @@ fn exporter_against_python(dir: &Path, scrapes: usize, python: Option<String>) {
 
 /// Section 2: 206k series, 16 concurrent scrapers each scraping every `interval` (0: back to back); ingest
 /// with and without them.
-fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
+fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration, gzip: bool) {
     let gd = gainguardd(&dir, "b", &[]);
     let series = load(&gd, 3, 4096);
     let (cached50, _, big_bytes) = scrape_latency(gd.metrics, 5);
+    let headers = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+    let sent_bytes = get_with(gd.metrics, "/metrics", headers).map_or(0, |b| b.len());
     let (idle_rate, _) = ingest_rate(&gd, 60);
     let stop = Arc::new(AtomicBool::new(false));
     let scrapers: Vec<_> = (0..16)
@@ -324,7 +359,7 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
                 let mut n = 0;
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    if get(addr, "/metrics").is_some() {
+                    if get_with(addr, "/metrics", headers).is_some() {
                         n += 1;
                     }
                     next += interval;
@@ -341,7 +376,10 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
     stop.store(true, Ordering::Relaxed);
     let served: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
     let peak = status_mib(gd.child.0.id(), "VmHWM:");
-    println!("## 2. {series} series ({big_bytes} bytes), 16 concurrent scrapers, each every {interval:?}");
+    let encoding = if gzip { "gzip" } else { "identity" };
+    println!(
+        "## 2. {series} series ({big_bytes} bytes; {sent_bytes} as sent, {encoding}), 16 concurrent scrapers, each every {interval:?}"
+    );
     println!(
         "scrape p50 {:.1} ms (cached body); {served} scrapes served during the busy ingest; peak RSS {peak:.0} MiB",
         ms(cached50)
@@ -385,10 +423,6 @@ fn ingest_throughput(dir: &Path) {
         dropped += v["dropped"].as_u64().unwrap();
     }
     let expected = (sent - dropped) as f64;
-    while metric(gd.metrics, "gainguard_ingest_events_total") - before < expected {
-        assert!(start.elapsed() < Duration::from_secs(300), "ingest stalled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let secs = (ingested(&gd, before, expected) - start).as_secs_f64();
     println!("gainguard-send x 8: {sent} events ({dropped} dropped by senders) in {secs:.2} s = {:.0} events/s end to end", expected / secs);
 }

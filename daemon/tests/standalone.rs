@@ -318,3 +318,43 @@ fn promtool_finds_no_problem_in_a_realistic_metrics_body() {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
 }
+
+/// A raw GET of /metrics with the given extra header lines: the response head and body bytes.
+fn get_metrics(addr: std::net::SocketAddr, headers: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    (String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase(), raw[split + 4..].to_vec())
+}
+
+#[test]
+fn a_scraper_that_accepts_gzip_gets_the_same_body_gzipped_and_others_get_it_plain() {
+    let daemon = Daemon::spawn(DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        nvml: NvmlMode::Off,
+        metrics_max_age: Duration::ZERO,
+        ..Default::default()
+    })
+    .unwrap();
+    let addr = daemon.metrics_addr();
+    let sink = daemon.sink();
+    for step in 1..=3 {
+        sink.send(Envelope::new("gz", 0, "h", step, Event::Step(StepEvent { loss: Some(1.5), timestamp_seconds: 1.0, ..Default::default() })));
+    }
+    wait_until(Duration::from_secs(5), "the steps", || (sample(&metrics(addr), "gainguard_step", &[("run", "gz")]) == Some(3.0)).then_some(()));
+    // Every scrape renders afresh (max age 0), and nothing changes between these renders: the same bytes.
+    let (plain_head, plain) = get_metrics(addr, "");
+    assert!(!plain_head.contains("content-encoding"), "{plain_head}");
+    let (head, gzipped) = get_metrics(addr, "Accept-Encoding: deflate, gzip;q=0.5\r\n");
+    assert!(head.contains("content-encoding: gzip") && head.contains("vary: accept-encoding"), "{head}");
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzipped[..]), &mut unzipped).expect("a gzip stream");
+    assert_eq!(unzipped, plain);
+    assert!(gzipped.len() < plain.len());
+    let (refused_head, refused) = get_metrics(addr, "Accept-Encoding: gzip;q=0, identity\r\n");
+    assert!(!refused_head.contains("content-encoding"), "{refused_head}");
+    assert_eq!(refused, plain);
+}
