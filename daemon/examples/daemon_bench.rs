@@ -8,6 +8,8 @@
 //! 3. Ingest throughput: 8 senders over the Unix socket writing realistic lines (3 spectrum samples and a step
 //!    per training step) as fast as the socket takes them; and end to end through 8 `gainguard-send`
 //!    processes (their JSON encoding shares the same cores).
+//! 4. Decoding section 3's lines on one thread: serde alone against one sender's `LineDecoder` (the
+//!    hand-written path gainguardd takes), interleaved in rounds.
 //!
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
 //!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5]
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gainguard_protocol::events::*;
-use gainguard_protocol::wire::encode_line;
+use gainguard_protocol::wire::{decode_line_serde, encode_line, LineDecoder, Rejection};
 
 mod support;
 use support::{bin, cpu_seconds, die_with_parent, free_addr, get, get_with, status_mib, threads_cpu_seconds, Guard};
@@ -311,6 +313,9 @@ fn main() {
     if run(3) {
         ingest_throughput(&dir);
     }
+    if run(4) {
+        decoding();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -425,4 +430,35 @@ fn ingest_throughput(dir: &Path) {
     let expected = (sent - dropped) as f64;
     let secs = (ingested(&gd, before, expected) - start).as_secs_f64();
     println!("gainguard-send x 8: {sent} events ({dropped} dropped by senders) in {secs:.2} s = {:.0} events/s end to end", expected / secs);
+}
+
+/// Section 4: ns per line of section 3's lines, serde alone against a sender's `LineDecoder`, median of 15
+/// interleaved rounds after 3 warm-up rounds.
+fn decoding() {
+    let (block, _) = step_block(0, 1000);
+    let lines: Vec<&[u8]> = block.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let time = |decode: &mut dyn FnMut(&[u8]) -> Result<Envelope, Rejection>| {
+        let start = Instant::now();
+        let ok = lines.iter().filter(|l| std::hint::black_box(decode(std::hint::black_box(l))).is_ok()).count();
+        assert_eq!(ok, lines.len());
+        start.elapsed().as_secs_f64() * 1e9 / lines.len() as f64
+    };
+    let mut sender = LineDecoder::default();
+    let (mut serde, mut fast) = (Vec::new(), Vec::new());
+    for round in 0..18 {
+        let s = time(&mut decode_line_serde);
+        let f = time(&mut |l| sender.decode(l));
+        if round >= 3 {
+            serde.push(s);
+            fast.push(f);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s, f) = (median(&mut serde), median(&mut fast));
+    let bytes = lines.iter().map(|l| l.len()).sum::<usize>() as f64 / lines.len() as f64;
+    println!("## 4. decoding {} lines of {bytes:.0} bytes on one thread", lines.len());
+    println!("serde alone {s:.0} ns per line, LineDecoder {f:.0} ns per line: {:.2}x ({:.1}x faster)", f / s, s / f);
 }
