@@ -414,7 +414,7 @@ impl Estimator {
                 for col in 0..dim {
                     h_dim.extend_from_slice(&h[col * ld..col * ld + dim]);
                 }
-                let (theta, z) = dense::symmetric_eigen(h_dim, dim);
+                let theta = dense::symmetric_eigenvalues(h_dim, dim);
                 let sigmas: Vec<f64> = theta.iter().take(b).map(|l| l.max(0.0).sqrt()).collect();
                 let floor = 1e-6 * sigmas[0];
                 let converged = !prev.is_empty() && (0..check.min(sigmas.len())).all(|i| (sigmas[i] - prev[i]).abs() <= tol * sigmas[i].max(floor));
@@ -422,12 +422,10 @@ impl Estimator {
                 if converged || exhausted || it == max_iters {
                     // The top b Ritz vectors, Q·z_i, for the next call.
                     let vectors = (dim >= b).then(|| {
+                        let (_, z) = dense::symmetric_eigen(h_dim, dim);
                         let mut v = vec![0f64; n * b];
                         for i in 0..b {
-                            let out = &mut v[i * n..(i + 1) * n];
-                            for col in 0..dim {
-                                dense::axpy(out, z[i * dim + col], &q[col * n..(col + 1) * n]);
-                            }
+                            dense::combine(&mut v[i * n..(i + 1) * n], &q[..dim * n], &z[i * dim..(i + 1) * dim], n);
                         }
                         v
                     });
