@@ -659,6 +659,32 @@ mod tests {
     }
 
     #[test]
+    fn the_libtorch_pass_of_devices_computes_what_the_host_pass_does() {
+        // The device branch runs libtorch's products; on a CPU tensor it must agree with the host pass.
+        let a = Tensor::randn([90, 70], (Kind::Float, Device::Cpu));
+        let q: Vec<f64> = Vec::try_from(&Tensor::randn([70 * 8], (Kind::Double, Device::Cpu))).unwrap();
+        let run = |operand: &mut Operand, mode| {
+            let (mut ws32, mut ws64) = (None, None);
+            let (mut w, mut bb) = (vec![0.0; 70 * 8], vec![0.0; 64]);
+            let s = operand.pass(&mut ws32, &mut ws64, &q, 8, mode, true, 1, &mut w, &mut bb).unwrap();
+            (s, w, bb)
+        };
+        let host = run(&mut Operand::Host(HostMatrix::of_tensor(&a).unwrap()), Mode::Full);
+        let mut device = Operand::Device { op: a.shallow_clone(), b: None };
+        let full = run(&mut device, Mode::Full);
+        assert!((host.0 - full.0).abs() <= 1e-12 * host.0, "sum of squares");
+        let scale = host.1.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (x, y) in host.1.iter().zip(&full.1).chain(host.2.iter().zip(&full.2)) {
+            assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+        }
+        // Forward then backward: the same W from the kept B.
+        let forward = run(&mut device, Mode::Forward);
+        assert_eq!(forward.2, full.2);
+        let backward = run(&mut device, Mode::Backward);
+        assert_eq!(backward.1, full.1);
+    }
+
+    #[test]
     fn quantiles_interpolate_like_numpy() {
         // numpy.quantile([1, 2, 3, 4, 5], [0.1, 0.5, 0.9]) = [1.4, 3.0, 4.6]
         let s = spectrum_statistics(vec![5.0, 4.0, 3.0, 2.0, 1.0]);
