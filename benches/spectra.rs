@@ -10,7 +10,8 @@
 //!    off, interleaved, as the median ratio of block times (CPU only).
 //!
 //! `cargo bench --bench spectra` (add `-- --quick` for a short run, `-- --sigma-only` for part 1 only).
-//! `GAINGUARD_BENCH_DEVICE=cuda` runs part 1 on the GPU (`scripts/device-check.sh` does).
+//! `GAINGUARD_BENCH_DEVICE=cuda` runs part 1 on the GPU (`scripts/device-check.sh` does);
+//! `GAINGUARD_BENCH_THREADS=N` sets libtorch's threads (the SVD's) and so the estimate's (default: libtorch's).
 
 #[path = "../examples/llama/model.rs"]
 mod model;
@@ -280,6 +281,9 @@ fn main() {
         None | Some("") | Some("cpu") => Device::Cpu,
         Some(other) => gainguard::device::parse_device(other).unwrap_or_else(|e| panic!("GAINGUARD_BENCH_DEVICE: {e}")),
     };
+    if let Some(n) = std::env::var("GAINGUARD_BENCH_THREADS").ok().and_then(|v| v.parse().ok()) {
+        tch::set_num_threads(n);
+    }
     println!("load average at start: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     tch::no_grad(|| sigma_max_vs_svd(quick, device));
     if sigma_only || device != Device::Cpu {

@@ -414,7 +414,14 @@ impl Estimator {
                 for col in 0..dim {
                     h_dim.extend_from_slice(&h[col * ld..col * ld + dim]);
                 }
-                let theta = dense::symmetric_eigenvalues(h_dim, dim);
+                // Small projections get their vectors at once (Jacobi gives them nearly free), large
+                // ones only when the estimate stops.
+                let (theta, vectors_now) = if dim <= dense::JACOBI_MAX {
+                    let (values, z) = dense::symmetric_eigen(h_dim, dim);
+                    (values, Some(z))
+                } else {
+                    (dense::symmetric_eigenvalues(h_dim, dim), None)
+                };
                 let sigmas: Vec<f64> = theta.iter().take(b).map(|l| l.max(0.0).sqrt()).collect();
                 let floor = 1e-6 * sigmas[0];
                 let converged = !prev.is_empty() && (0..check.min(sigmas.len())).all(|i| (sigmas[i] - prev[i]).abs() <= tol * sigmas[i].max(floor));
@@ -422,7 +429,7 @@ impl Estimator {
                 if converged || exhausted || it == max_iters {
                     // The top b Ritz vectors, Q·z_i, for the next call.
                     let vectors = (dim >= b).then(|| {
-                        let (_, z) = dense::symmetric_eigen(h_dim, dim);
+                        let z = vectors_now.unwrap_or_else(|| dense::symmetric_eigen(h_dim, dim).1);
                         let mut v = vec![0f64; n * b];
                         for i in 0..b {
                             dense::combine(&mut v[i * n..(i + 1) * n], &q[..dim * n], &z[i * dim..(i + 1) * dim], n);

@@ -9,7 +9,7 @@ use tch::Tensor;
 
 /// Projected matrices up to this side are diagonalised by Jacobi rotations here, larger ones by
 /// LAPACK through libtorch (a warm start needs 8 or 16; a cold start grows by 8 per iteration).
-const JACOBI_MAX: usize = 32;
+pub(crate) const JACOBI_MAX: usize = 32;
 
 /// Which instructions the loops below are compiled for (chosen once, at run time): the default x86-64
 /// target has neither AVX nor FMA, and these loops are a fifth of a cold estimate.

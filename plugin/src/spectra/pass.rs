@@ -179,11 +179,14 @@ impl Flavour {
 pub(crate) trait Real: Copy + Default + Send + Sync + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + 'static {
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
-    /// The rows' products with the packed block `q`, each folded into float64.
+    /// The rows' products with the packed block `q`, each folded into float64. Meanwhile `next` (the
+    /// next group's rows, `n` elements of `next_size` bytes each) is prefetched into L2, so that reading
+    /// memory overlaps the arithmetic instead of stalling the next group.
     ///
     /// # Safety
-    /// Each `rows[i]` points at `n` readable values; `q` at `flavour.packed_len(n)`.
-    unsafe fn dot(flavour: Flavour, rows: &[*const Self; R], n: usize, q: *const Self) -> [[f64; LANES]; R];
+    /// Each `rows[i]` points at `n` readable values; `q` at `flavour.packed_len(n)`; `next[i]` at
+    /// `n · next_size` bytes (prefetches of them never fault, but must stay inside the allocation).
+    unsafe fn dot(flavour: Flavour, rows: &[*const Self; R], n: usize, q: *const Self, next: &Prefetch) -> [[f64; LANES]; R];
     /// `w[j] += Σ_i rows[i][j] · b[i]` over the packed block `w`.
     ///
     /// # Safety
@@ -203,13 +206,16 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
-    unsafe fn dot(flavour: Flavour, rows: &[*const f32; R], n: usize, q: *const f32) -> [[f64; LANES]; R] {
+    unsafe fn dot(flavour: Flavour, rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
         match flavour {
             #[cfg(target_arch = "x86_64")]
-            Flavour::Avx512 => x86::dot_avx512(rows, n, q),
+            Flavour::Avx512 => x86::dot_avx512(rows, n, q, next),
             #[cfg(target_arch = "x86_64")]
-            Flavour::Avx2 => x86::dot_avx2(rows, n, q),
-            _ => portable::dot(rows, n, q),
+            Flavour::Avx2 => x86::dot_avx2(rows, n, q, next),
+            _ => {
+                let _ = next;
+                portable::dot(rows, n, q)
+            }
         }
     }
     unsafe fn axpy(flavour: Flavour, rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
@@ -239,7 +245,7 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
-    unsafe fn dot(_: Flavour, rows: &[*const f64; R], n: usize, q: *const f64) -> [[f64; LANES]; R] {
+    unsafe fn dot(_: Flavour, rows: &[*const f64; R], n: usize, q: *const f64, _: &Prefetch) -> [[f64; LANES]; R] {
         portable::dot(rows, n, q)
     }
     unsafe fn axpy(_: Flavour, rows: &[*const f64; R], n: usize, b: &[[f64; LANES]; R], w: *mut f64) {
@@ -248,6 +254,12 @@ impl Real for f64 {
     unsafe fn sum_squares(_: Flavour, row: *const f64, n: usize) -> f64 {
         portable::sum_squares(row, n)
     }
+}
+
+/// The rows of the group after the current one, to prefetch while the current one is multiplied.
+pub(crate) struct Prefetch {
+    rows: [*const u8; R],
+    elem_size: usize,
 }
 
 /// What a pass computes.
@@ -415,6 +427,9 @@ impl<T: Real> Job<'_, T> {
                     self.a.row(src) as *const T
                 };
             }
+            // The next group's rows in memory (the last group prefetches its own rows again).
+            let next_start = if r + count < r1 { r + count } else { r };
+            let next = Prefetch { rows: std::array::from_fn(|i| self.a.row((next_start + i).min(r1 - 1))), elem_size: self.a.elem.size() };
             if widen {
                 for i in 0..count {
                     let s = widen_row(&self.a, r + i, &mut part.widened[i * n..(i + 1) * n]);
@@ -441,7 +456,7 @@ impl<T: Real> Job<'_, T> {
                     }
                 } else {
                     // SAFETY: rows hold n values each, q one packed block per chunk.
-                    let d = unsafe { T::dot(self.flavour, &rows, n, self.q.as_ptr().add(c * self.plen)) };
+                    let d = unsafe { T::dot(self.flavour, &rows, n, self.q.as_ptr().add(c * self.plen), &next) };
                     for i in 0..count {
                         for k in 0..LANES {
                             b[i][k] = T::from_f64(d[i][k]);
@@ -467,7 +482,12 @@ impl<T: Real> Job<'_, T> {
         if self.mode != Mode::Backward {
             // BᵀB of this thread's rows, in float64.
             let w = self.width;
-            let mut row = vec![0f64; w];
+            let mut row = [0f64; 64];
+            let row = &mut row[..w.min(64)];
+            if w > 64 {
+                // Blocks this wide (top-k of 60 and more) are rare; a heap row then.
+                return self.gram_wide(r0, r1, part);
+            }
             for r in r0..r1 {
                 for (col, v) in row.iter_mut().enumerate() {
                     // SAFETY: rows r0..r1 of B were written above by this thread.
@@ -478,6 +498,25 @@ impl<T: Real> Job<'_, T> {
                     for y in x..w {
                         part.bb[x * w + y] += bx * row[y];
                     }
+                }
+            }
+        }
+    }
+}
+
+impl<T: Real> Job<'_, T> {
+    /// `BᵀB` of rows `r0..r1` for blocks wider than 64 columns.
+    fn gram_wide(&self, r0: usize, r1: usize, part: &mut Part<T>) {
+        let (m, w) = (self.a.rows, self.width);
+        let mut row = vec![0f64; w];
+        for r in r0..r1 {
+            for (col, v) in row.iter_mut().enumerate() {
+                // SAFETY: rows r0..r1 of B were written by this thread.
+                *v = unsafe { *self.b.0.add(((col / LANES) * m + r) * LANES + col % LANES) }.to_f64();
+            }
+            for x in 0..w {
+                for y in x..w {
+                    part.bb[x * w + y] += row[x] * row[y];
                 }
             }
         }
@@ -709,8 +748,16 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{LANES, R, SEGMENT};
+    use super::{Prefetch, LANES, R, SEGMENT};
     use std::arch::x86_64::*;
+
+    /// Prefetches the next group's data at column `j` (one call per 16 columns: a line of f32).
+    #[inline(always)]
+    unsafe fn prefetch(next: &Prefetch, j: usize) {
+        for row in next.rows {
+            _mm_prefetch(row.wrapping_add(j * next.elem_size) as *const i8, _MM_HINT_T1);
+        }
+    }
 
     #[inline(always)]
     unsafe fn load1(p: *const f32) -> f32 {
@@ -718,7 +765,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_avx2(rows: &[*const f32; R], n: usize, q: *const f32) -> [[f64; LANES]; R] {
+    pub(super) unsafe fn dot_avx2(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
         let mut out = [[0f64; LANES]; R];
         let mut j0 = 0;
         while j0 < n {
@@ -728,6 +775,9 @@ mod x86 {
             let mut odd = [_mm256_setzero_ps(); R];
             let mut j = j0;
             while j + 2 <= j1 {
+                if j % 16 == 0 {
+                    prefetch(next, j);
+                }
                 let q0 = _mm256_loadu_ps(q.add(j * LANES));
                 let q1 = _mm256_loadu_ps(q.add((j + 1) * LANES));
                 for i in 0..R {
@@ -803,7 +853,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32) -> [[f64; LANES]; R] {
+    pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
         let mut out = [[0f64; LANES]; R];
         let mut j0 = 0;
         while j0 < n {
@@ -813,6 +863,9 @@ mod x86 {
             let mut odd = [_mm512_setzero_ps(); R];
             let mut j = j0;
             while j + 4 <= j1 {
+                if j % 16 == 0 {
+                    prefetch(next, j);
+                }
                 let q0 = _mm512_loadu_ps(q.add(j * LANES));
                 let q1 = _mm512_loadu_ps(q.add((j + 2) * LANES));
                 for i in 0..R {
