@@ -5,12 +5,16 @@
 # reaches all of them. Run from a clone after `make test` (it needs .venv and a release build):
 #
 #   scripts/bench-inspect.sh [ROUNDS]        # default 3
+#   THREADS=1 scripts/bench-inspect.sh       # every contender on one core (less hurt by a loaded machine)
 #
 # WeightWatcher is installed into a throwaway virtualenv under target/ (never into .venv); it reuses
 # .venv's torch and numpy through a .pth file instead of downloading torch a second time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
+THREADS=${THREADS:-$(nproc)}
+# The peers' thread pools (torch, and the BLAS under WeightWatcher's SciPy) sized like ours.
+export BENCH_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
 PY=${GAINGUARD_PYTHON:-.venv/bin/python}
 DIR=target/bench-inspect
 FILE=$DIR/llama-d768.safetensors
@@ -35,7 +39,7 @@ cat "$FILE" > /dev/null
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); every contender on $THREADS thread(s)"
 echo "load average at start: $(cat /proc/loadavg)"
 "$BIN" inspect "$FILE" --format json > "$DIR/inspect.json"
 "$PY" scripts/bench_inspect.py check "$FILE" "$DIR/inspect.json" | tee "$DIR/check.json"
@@ -46,7 +50,7 @@ for round in $(seq 1 "$ROUNDS"); do
   runs=()
   for _ in 1 2 3; do
     t0=$(now)
-    "$BIN" inspect "$FILE" --format json > /dev/null
+    "$BIN" inspect "$FILE" --format json --threads "$THREADS" > /dev/null
     runs+=("$(elapsed "$t0" "$(now)")")
   done
   ours=$(printf '%s\n' "${runs[@]}" | sort -n | sed -n 2p)

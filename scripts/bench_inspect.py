@@ -17,8 +17,13 @@ import struct
 import sys
 import time
 
+import os
+
 import numpy as np
 import torch
+
+if os.environ.get("BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
 D, D_FF, LAYERS = 768, 832, 12
 

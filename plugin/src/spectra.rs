@@ -36,7 +36,7 @@ use std::sync::OnceLock;
 use gainguard_daemon::events::SpectrumQuantiles;
 use tch::{Device, Kind, Tensor};
 
-use pass::{Elem, Flavour, HostMatrix, Mode, Workspace};
+use pass::{Elem, Flavour, HostMatrix, Mode, PassRequest, Workspace};
 
 use crate::plan::ParamDecision;
 
@@ -248,27 +248,23 @@ impl Operand<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn pass(
         &mut self,
         scratch_ws32: &mut Option<Workspace<f32>>,
         scratch_ws64: &mut Option<Workspace<f64>>,
-        q: &[f64],
-        width: usize,
-        mode: Mode,
-        norm: bool,
-        threads: usize,
+        req: PassRequest,
         w_out: &mut [f64],
         bb_out: &mut [f64],
     ) -> Result<f64, SpectraError> {
+        let PassRequest { q, width, mode, norm, .. } = req;
         match self {
             Operand::Host(a) if a.elem == Elem::F64 => {
                 let ws = scratch_ws64.get_or_insert_with(|| Workspace::new(flavour()));
-                Ok(ws.pass(a, q, width, mode, norm, threads, w_out, bb_out))
+                Ok(ws.pass(a, req, w_out, bb_out))
             }
             Operand::Host(a) => {
                 let ws = scratch_ws32.get_or_insert_with(|| Workspace::new(flavour()));
-                Ok(ws.pass(a, q, width, mode, norm, threads, w_out, bb_out))
+                Ok(ws.pass(a, req, w_out, bb_out))
             }
             Operand::Device { op, b } => {
                 let n = op.size()[1];
@@ -386,7 +382,8 @@ impl Estimator {
                 let mode = if warm_started && it == 2 { Mode::Forward } else { Mode::Full };
                 bb.resize(width * width, 0.0);
                 w.resize((dim + width) * n, 0.0);
-                let s = operand.pass(ws32, ws64, &q[dim * n..(dim + width) * n], width, mode, it == 1, threads, &mut w[dim * n..(dim + width) * n], bb)?;
+                let req = PassRequest { q: &q[dim * n..(dim + width) * n], width, mode, norm: it == 1, threads };
+                let s = operand.pass(ws32, ws64, req, &mut w[dim * n..(dim + width) * n], bb)?;
                 if it == 1 {
                     fro2 = s;
                     if sum_means_nonfinite(fro2, a) {
@@ -449,7 +446,8 @@ impl Estimator {
                 prev = sigmas;
                 if mode == Mode::Forward {
                     let j = dim - width;
-                    operand.pass(ws32, ws64, &[], width, Mode::Backward, false, threads, &mut w[j * n..dim * n], bb)?;
+                    let req = PassRequest { q: &[], width, mode: Mode::Backward, norm: false, threads };
+                    operand.pass(ws32, ws64, req, &mut w[j * n..dim * n], bb)?;
                 }
                 // Next Krylov block: AᵀA·Q_j, orthonormalised against the basis, no wider than the
                 // directions the basis does not span yet.
@@ -673,7 +671,8 @@ mod tests {
         let run = |operand: &mut Operand, mode| {
             let (mut ws32, mut ws64) = (None, None);
             let (mut w, mut bb) = (vec![0.0; 70 * 8], vec![0.0; 64]);
-            let s = operand.pass(&mut ws32, &mut ws64, &q, 8, mode, true, 1, &mut w, &mut bb).unwrap();
+            let req = PassRequest { q: &q, width: 8, mode, norm: true, threads: 1 };
+            let s = operand.pass(&mut ws32, &mut ws64, req, &mut w, &mut bb).unwrap();
             (s, w, bb)
         };
         let host = run(&mut Operand::Host(HostMatrix::of_tensor(&a).unwrap()), Mode::Full);

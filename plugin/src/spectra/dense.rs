@@ -238,8 +238,20 @@ fn jacobi(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
     ((0..d).map(|i| a[i * d + i]).collect(), v)
 }
 
-/// LAPACK's symmetric eigensolver (`syevd`) through libtorch, on the CPU in float64.
+/// LAPACK's symmetric eigensolver (`syevd`) through libtorch, on the CPU in float64, on this thread
+/// alone: a side of a few hundred gains nothing from a team, whose barrier on a loaded machine costs a
+/// scheduler time slice per call (a 15-iteration cold estimate took seconds that way).
 fn lapack(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
+    let threads = tch::get_num_threads();
+    let limited = threads > 1 && crate::fused::limit_this_thread(1);
+    let out = lapack_here(h, d, want_vectors);
+    if limited {
+        crate::fused::limit_this_thread(threads as usize);
+    }
+    out
+}
+
+fn lapack_here(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
     let t = Tensor::from_slice(&h[..d * d]).view([d as i64, d as i64]);
     // Column-major h read as row-major is hᵀ; symmetrise, since LAPACK reads one triangle only.
     let t = (&t + t.tr()) * 0.5;

@@ -273,6 +273,17 @@ pub(crate) enum Mode {
     Backward,
 }
 
+/// One pass's request: the block `q` (`a.cols × width`, column-major, float64; ignored by
+/// [`Mode::Backward`]), what to compute, whether to sum the squares too, and on how many threads.
+#[derive(Clone, Copy)]
+pub(crate) struct PassRequest<'q> {
+    pub q: &'q [f64],
+    pub width: usize,
+    pub mode: Mode,
+    pub norm: bool,
+    pub threads: usize,
+}
+
 /// What one thread accumulates.
 #[derive(Default)]
 struct Part<T> {
@@ -306,24 +317,14 @@ impl<T: Real> Workspace<T> {
         Workspace { flavour, q: Vec::new(), b: Vec::new(), parts: Vec::new() }
     }
 
-    /// One pass over `a` with the block `q` (`a.cols × width`, column-major, float64).
+    /// One pass over `a` with the block of `req`.
     ///
-    /// Writes `W = AᵀA·Q` to `w_out` (column-major, `a.cols × width`) unless `mode` is
+    /// Writes `W = AᵀA·Q` to `w_out` (column-major, `a.cols × width`) unless the mode is
     /// [`Mode::Forward`], and `BᵀB = QᵀAᵀA·Q` to `bb_out` (`width × width`) unless it is
-    /// [`Mode::Backward`]. Returns `Σ a_ij²` when `norm` (NaN otherwise); a non-finite sum means a
+    /// [`Mode::Backward`]. Returns `Σ a_ij²` when `req.norm` (NaN otherwise); a non-finite sum means a
     /// non-finite element (or, for float64 matrices only, squares that overflow).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn pass(
-        &mut self,
-        a: &HostMatrix,
-        q: &[f64],
-        width: usize,
-        mode: Mode,
-        norm: bool,
-        threads: usize,
-        w_out: &mut [f64],
-        bb_out: &mut [f64],
-    ) -> f64 {
+    pub(crate) fn pass(&mut self, a: &HostMatrix, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> f64 {
+        let PassRequest { q, width, mode, norm, threads } = req;
         let (m, n) = (a.rows, a.cols);
         let chunks = width.div_ceil(LANES);
         let plen = self.flavour.packed_len(n);
@@ -980,9 +981,9 @@ mod tests {
                         let mut ws64 = Workspace::<f64>::new(flavour);
                         let (mut w, mut bb) = (vec![0.0; wn], vec![0.0; bn]);
                         let ss = if kind == Kind::Double {
-                            ws64.pass(&host, &q_cols, width, Mode::Full, true, threads, &mut w, &mut bb)
+                            ws64.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Full, norm: true, threads }, &mut w, &mut bb)
                         } else {
-                            ws.pass(&host, &q_cols, width, Mode::Full, true, threads, &mut w, &mut bb)
+                            ws.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Full, norm: true, threads }, &mut w, &mut bb)
                         };
                         let what = format!("{flavour:?} {m}x{n} width {width} {kind:?} threads {threads}");
                         assert!((ss - ss_ref).abs() <= 1e-13 * ss_ref, "{what}: sum of squares {ss} vs {ss_ref}");
@@ -996,8 +997,8 @@ mod tests {
                         // Forward then backward gives the same W.
                         if kind != Kind::Double {
                             let (mut w2, mut bb2) = (vec![0.0; wn], vec![0.0; bn]);
-                            ws.pass(&host, &q_cols, width, Mode::Forward, false, threads, &mut w2, &mut bb2);
-                            ws.pass(&host, &q_cols, width, Mode::Backward, false, threads, &mut w2, &mut vec![0.0; bn]);
+                            ws.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Forward, norm: false, threads }, &mut w2, &mut bb2);
+                            ws.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Backward, norm: false, threads }, &mut w2, &mut vec![0.0; bn]);
                             assert_eq!(bb2, bb, "{what}: forward BᵀB");
                             for (x, y) in w2.iter().zip(&w) {
                                 assert!((x - y).abs() <= 1e-6 * sw, "{what}: backward W {x} vs {y}");
