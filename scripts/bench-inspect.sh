@@ -39,7 +39,7 @@ cat "$FILE" > /dev/null
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); every contender on $THREADS thread(s)"
+echo "machine: $(nproc --all) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); every contender on $THREADS thread(s)"
 echo "load average at start: $(cat /proc/loadavg)"
 "$BIN" inspect "$FILE" --format json > "$DIR/inspect.json"
 "$PY" scripts/bench_inspect.py check "$FILE" "$DIR/inspect.json" | tee "$DIR/check.json"

@@ -166,11 +166,15 @@ pub struct EstimatorConfig {
     /// Apply `tol` to every reported value, not only sigma_max (`gainguard inspect` does; the sampler
     /// exports top_k but pages on sigma_max).
     pub tol_top_k: bool,
+    /// Keep the answer's singular vectors to start the next call from (the sampler does). A one-off
+    /// estimate (`gainguard inspect`) skips them: after a cold start they cost a full eigensolve of the
+    /// projected matrix, side up to a few hundred.
+    pub warm_start: bool,
 }
 
 impl Default for EstimatorConfig {
     fn default() -> Self {
-        EstimatorConfig { k: 4, oversample: 4, tol: 1e-5, max_iters: 40, exact_below: 32, seed: 0x5eed, threads: 0, tol_top_k: false }
+        EstimatorConfig { k: 4, oversample: 4, tol: 1e-5, max_iters: 40, exact_below: 32, seed: 0x5eed, threads: 0, tol_top_k: false, warm_start: true }
     }
 }
 
@@ -356,6 +360,7 @@ impl Estimator {
         let warm_started = warm.is_some();
         let tol = self.config.tol;
         let check = if self.config.tol_top_k { k } else { 1 };
+        let keep_warm = self.config.warm_start;
         let rng = &mut self.rng;
         let outcome = SCRATCH.with(|cell| -> Result<Result<(Estimate, Option<Vec<f64>>), SpectraError>, SpectraError> {
             let mut guard = cell.borrow_mut();
@@ -425,7 +430,7 @@ impl Estimator {
                 let exhausted = dim >= d_max;
                 if converged || exhausted || it == max_iters {
                     // The top b Ritz vectors, Q·z_i, for the next call.
-                    let vectors = (dim >= b).then(|| {
+                    let vectors = (keep_warm && dim >= b).then(|| {
                         let z = vectors_now.unwrap_or_else(|| dense::symmetric_eigen(h_dim, dim).1);
                         let mut v = vec![0f64; n * b];
                         for i in 0..b {

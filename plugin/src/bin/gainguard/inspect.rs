@@ -253,7 +253,7 @@ fn inspect_one(entry: &Entry, t: &Tensor, device: Device, a: &Args) -> Result<Ro
         }
         return Ok(row);
     }
-    let config = EstimatorConfig { k: a.top_k.max(1), tol: 1e-5, max_iters: 100, threads: 1, tol_top_k: true, ..Default::default() };
+    let config = EstimatorConfig { k: a.top_k.max(1), tol: 1e-5, max_iters: 100, threads: 1, tol_top_k: true, warm_start: false, ..Default::default() };
     match Estimator::new(config).estimate(&m) {
         Err(SpectraError::NonFinite(_)) => row.nonfinite = true,
         Err(e) => return Err(e.into()),
