@@ -7,35 +7,16 @@
 
 use tch::Tensor;
 
+use super::pass::Flavour;
+
 /// Projected matrices up to this side are diagonalised by Jacobi rotations here, larger ones by
 /// LAPACK through libtorch (a warm start needs 8 or 16; a cold start grows by 8 per iteration).
 pub(crate) const JACOBI_MAX: usize = 32;
 
-/// Which instructions the loops below are compiled for (chosen once, at run time): the default x86-64
-/// target has neither AVX nor FMA, and these loops are a fifth of a cold estimate.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
-    Base,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-fn level() -> Level {
-    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Level::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return Level::Avx2;
-            }
-        }
-        Level::Base
-    })
+/// The instructions the loops below are compiled for, chosen once at run time like the pass's (the
+/// default x86-64 target has neither AVX nor FMA, and these loops are a fifth of a cold estimate).
+fn level() -> Flavour {
+    super::flavour()
 }
 
 /// Calls `$body` (an expression over the arguments) compiled for the best available level.
@@ -57,10 +38,10 @@ macro_rules! dispatch {
             match level() {
                 // SAFETY: the CPU has the features these copies were compiled for.
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx512 => unsafe { avx512($($arg),*) },
+                Flavour::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => unsafe { avx2($($arg),*) },
-                Level::Base => inner($($arg),*),
+                Flavour::Avx2 => unsafe { avx2($($arg),*) },
+                _ => inner($($arg),*),
             }
         }
     };
