@@ -99,7 +99,7 @@ impl ScalingPlan {
             let weight_decay = match (c.class, c.weight_decay_override) {
                 // An explicit per-parameter decay on a vector-like param is taken as given.
                 (ParamClass::VectorLike, Some(wd)) => wd,
-                _ => rule.weight_decay(c.class, lambda, c.width_multiplier),
+                _ => rule.weight_decay_for(&c.name, &c.shape, c.class, lambda, c.width_multiplier),
             } * c.wd_multiplier;
             decisions.push(ParamDecision {
                 lr: rule.learning_rate(c.class, base_lr, c.width_multiplier) * c.lr_multiplier,
