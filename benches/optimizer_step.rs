@@ -196,7 +196,7 @@ fn main() {
     let (copy_bw, add_bw) = bandwidths(device);
     let traffic = (BYTES_PER_ELEMENT * numel) as f64;
     if device == Device::Cpu {
-        assert_eq!(gainguard::fused::stream_probe(&fused).unwrap(), numel, "the probe must cover every parameter");
+        assert_eq!(fused.stream_probe().unwrap(), numel, "the probe must cover every parameter");
     }
 
     // PyTorch before and after ours, to see drift from other load; ours interleaved step by step.
@@ -239,7 +239,7 @@ fn main() {
                         aten.as_mut().unwrap().step();
                     }
                     _ => {
-                        gainguard::fused::stream_probe(&fused).unwrap();
+                        fused.stream_probe().unwrap();
                     }
                 }
                 sync(device);
