@@ -145,6 +145,9 @@ pub struct StepEvent {
     /// Number of parameters that held NaN/Inf after this step (None when not checked).
     #[serde(default)]
     pub nonfinite_parameters: Option<u64>,
+    /// Cumulative optimizer steps skipped because a gradient held NaN or Inf.
+    #[serde(default)]
+    pub skipped_steps_total: u64,
 }
 
 fn one() -> f64 {
