@@ -1,6 +1,8 @@
 //! Optimizer step time on the example LLaMA at ~23M parameters: our fused step (both CPU kernels), our
 //! reference (non-fused) step, libtorch's C++ AdamW and PyTorch's `torch.optim.AdamW(fused=True)`, with the
 //! same shapes, (lr, wd) groups and thread count, against the memory-traffic floor measured in the same run.
+//! Our steps include the gradient check every step makes first (norm and NaN/Inf, one read of the gradients);
+//! that check is also timed alone.
 //!
 //! `cargo bench --bench optimizer_step` (results in BENCHMARKS.md). Settings by environment:
 //! `GAINGUARD_BENCH_STEPS` (timed steps per variant, default 30), `GAINGUARD_PYTHON` (the interpreter
@@ -25,6 +27,7 @@ const WARMUP: usize = 5;
 /// Blocks of our interleaved steps, with a PyTorch run before each and after the last.
 const ROUNDS: usize = 3;
 const PROBE: &str = "stream probe: the step's traffic, no math (floor)";
+const CHECK: &str = "gradient check alone (fused Σg² pass, in every step)";
 const BYTES_PER_ELEMENT: usize = 28; // fp32: param r+w 8, grad r 4, first moment r+w 8, second moment r+w 8
 
 fn median(xs: &[f64]) -> f64 {
@@ -207,7 +210,11 @@ fn main() {
     if aten.is_some() {
         names.push("ours fused, cpu_kernel: Aten");
         names.push(PROBE);
+        names.push(CHECK);
     }
+    // What every step now reads first: the gradients' norm and finiteness (one read of g).
+    let grads: Vec<Tensor> = named.iter().map(|(_, p)| p.grad()).collect();
+    let grad_refs: Vec<&Tensor> = grads.iter().collect();
     let mut py: Vec<(String, Vec<f64>)> = Vec::new();
     let add_python = |py: &mut Vec<(String, Vec<f64>)>| {
         for (name, samples) in pytorch_samples(&spec) {
@@ -238,8 +245,11 @@ fn main() {
                     3 => {
                         aten.as_mut().unwrap().step();
                     }
-                    _ => {
+                    4 => {
                         fused.stream_probe().unwrap();
+                    }
+                    _ => {
+                        gainguard::fused::sum_squares(&grad_refs).unwrap();
                     }
                 }
                 sync(device);
