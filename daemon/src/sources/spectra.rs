@@ -116,6 +116,15 @@ impl Spectra {
 }
 
 impl Spectra {
+    /// Removes a parameter's quantile series.
+    fn remove_quantiles(&self, labels: &[&str]) {
+        for q in QUANTILES {
+            let mut l = labels.to_vec();
+            l.push(q);
+            remove(&self.quantile, &l);
+        }
+    }
+
     /// Per-parameter gauges whose values are measured from the weights (the reference profile's value is not).
     fn measured_from_weights(&self) -> [&GaugeVec; 7] {
         [
@@ -168,11 +177,7 @@ impl Source for Spectra {
             for vec in self.measured_from_weights() {
                 remove(vec, &labels);
             }
-            for q in QUANTILES {
-                let mut l = labels.to_vec();
-                l.push(q);
-                remove(&self.quantile, &l);
-            }
+            self.remove_quantiles(&labels);
         }
         if let Some(q) = &s.quantiles {
             for (name, v) in QUANTILES.iter().zip([q.p10, q.p50, q.p90, q.p99]) {
@@ -193,11 +198,7 @@ impl Source for Spectra {
             for vec in self.gauges() {
                 remove(vec, &labels);
             }
-            for q in QUANTILES {
-                let mut l = labels.to_vec();
-                l.push(q);
-                remove(&self.quantile, &l);
-            }
+            self.remove_quantiles(&labels);
         }
         let labels = run.labels();
         remove(&self.samples, &labels);
