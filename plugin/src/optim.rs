@@ -474,9 +474,9 @@ impl WidthScaledAdamW {
         }
     }
 
-    /// Every slot's gradient, its global norm and the first non-finite one. The norm accumulates each
-    /// gradient's squares in f64 (an f64 gradient stays f64; narrower values square exactly): in one fused pass
-    /// over the dense CPU gradients, and per tensor in its own dtype with libtorch elsewhere.
+    /// Every slot's gradient, its global norm and the first non-finite one. The norm adds the gradients'
+    /// squares in f64 (an f64 gradient stays f64): in one fused pass over the dense CPU gradients (where
+    /// narrower values square exactly), and per tensor with libtorch elsewhere (f32 for narrower dtypes).
     fn check_gradients(&self) -> GradientCheck {
         let grads: Vec<Option<Tensor>> = self
             .slots
