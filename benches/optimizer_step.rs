@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use gainguard::fused::{adamw_cpu, Buffers, CpuScalars};
+use gainguard::optim::StepScalars;
 use gainguard::{AdamWConfig, BaseShapes, CpuKernel, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{COptimizer, Device, Kind, Tensor};
@@ -28,6 +30,7 @@ const WARMUP: usize = 5;
 const ROUNDS: usize = 3;
 const PROBE: &str = "stream probe: the step's traffic, no math (floor)";
 const CHECK: &str = "gradient check alone (fused Σg² pass, in every step)";
+const KERNEL: &str = "ours fused CPU loop alone (no gradient check)";
 const BYTES_PER_ELEMENT: usize = 28; // fp32: param r+w 8, grad r 4, first moment r+w 8, second moment r+w 8
 
 fn median(xs: &[f64]) -> f64 {
@@ -211,6 +214,7 @@ fn main() {
         names.push("ours fused, cpu_kernel: Aten");
         names.push(PROBE);
         names.push(CHECK);
+        names.push(KERNEL);
     }
     // What every step now reads first: the gradients' norm and finiteness (one read of g).
     let grads: Vec<Tensor> = named.iter().map(|(_, p)| p.grad()).collect();
@@ -248,9 +252,10 @@ fn main() {
                     4 => {
                         fused.stream_probe().unwrap();
                     }
-                    _ => {
+                    5 => {
                         gainguard::fused::sum_squares(&grad_refs).unwrap();
                     }
+                    _ => kernel_alone(&fused),
                 }
                 sync(device);
                 if round >= warmup {
@@ -298,6 +303,28 @@ fn main() {
         mixed_precision(&base, d_model, steps.min(10));
     }
     println!("load average after: {}", load_average());
+}
+
+/// One step of `opt`'s groups with the fused CPU loop and nothing else (no gradient check, no bookkeeping):
+/// what the default step costs without its check.
+fn kernel_alone(opt: &WidthScaledAdamW) {
+    let cfg = opt.config();
+    for group in opt.groups() {
+        let s = StepScalars::new(cfg, group, 1.0, 1.0);
+        let grads: Vec<Tensor> = group.members.iter().map(|&si| opt.slots()[si].tensor.grad()).collect();
+        let buffers: Vec<Buffers<'_>> = group
+            .members
+            .iter()
+            .zip(&grads)
+            .map(|(&si, grad)| {
+                let slot = &opt.slots()[si];
+                Buffers { param: &slot.tensor, grad, first_moment: &slot.first_moment, second_moment: &slot.second_moment }
+            })
+            .collect();
+        let bias: Vec<_> = group.members.iter().map(|&si| s.bias_correction(opt.slots()[si].step + 1)).collect();
+        let shared = CpuScalars { decay: s.decay, beta1: s.beta1, beta2: s.beta2, eps: s.eps };
+        adamw_cpu(&buffers, &shared, &bias).unwrap();
+    }
 }
 
 /// Mixed precision on CPU (bf16 parameters and gradients, f32 moments): our fused loop against our
