@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use gainguard::fused::{adamw_cpu, Buffers, CpuScalars};
-use gainguard::optim::StepScalars;
-use gainguard::{AdamWConfig, BaseShapes, CpuKernel, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, CpuKernel, NonFiniteGrad, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{COptimizer, Device, Kind, Tensor};
 
@@ -30,7 +28,7 @@ const WARMUP: usize = 5;
 const ROUNDS: usize = 3;
 const PROBE: &str = "stream probe: the step's traffic, no math (floor)";
 const CHECK: &str = "gradient check alone (fused Σg² pass, in every step)";
-const KERNEL: &str = "ours fused CPU loop alone (no gradient check)";
+const UNCHECKED: &str = "ours fused, nonfinite_grad: Step (no check, as torch)";
 const BYTES_PER_ELEMENT: usize = 28; // fp32: param r+w 8, grad r 4, first moment r+w 8, second moment r+w 8
 
 fn median(xs: &[f64]) -> f64 {
@@ -179,6 +177,9 @@ fn main() {
     // process: it separates "our loop vs ATen's loop" from "this process vs the Python one".
     let mut aten = (device == Device::Cpu)
         .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { cpu_kernel: CpuKernel::Aten, ..cfg.clone() }).unwrap());
+    // The default step without its gradient check: what the check costs, and our loop against PyTorch's alone.
+    let mut unchecked = (device == Device::Cpu)
+        .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { nonfinite_grad: NonFiniteGrad::Step, ..cfg.clone() }).unwrap());
     assert!(gainguard::fused::available(), "built without the fused AdamW shim");
     let mut libtorch = COptimizer::adamw(cfg.lr, cfg.beta1, cfg.beta2, 0.0, cfg.eps, false).unwrap();
     let mut groups_json = Vec::new();
@@ -214,7 +215,7 @@ fn main() {
         names.push("ours fused, cpu_kernel: Aten");
         names.push(PROBE);
         names.push(CHECK);
-        names.push(KERNEL);
+        names.push(UNCHECKED);
     }
     // What every step now reads first: the gradients' norm and finiteness (one read of g).
     let grads: Vec<Tensor> = named.iter().map(|(_, p)| p.grad()).collect();
@@ -255,7 +256,9 @@ fn main() {
                     5 => {
                         gainguard::fused::sum_squares(&grad_refs).unwrap();
                     }
-                    _ => kernel_alone(&fused),
+                    _ => {
+                        unchecked.as_mut().unwrap().step();
+                    }
                 }
                 sync(device);
                 if round >= warmup {
@@ -299,32 +302,10 @@ fn main() {
         println!("{name:<50} {ms:>10.2} {n:>8} {vs_py:>12} {:>11.2}× {:>8.2}×", ms / libtorch_ms, ms / floor_ms);
     }
     if device == Device::Cpu {
-        drop((fused, reference, aten, libtorch));
+        drop((fused, reference, aten, unchecked, libtorch));
         mixed_precision(&base, d_model, steps.min(10));
     }
     println!("load average after: {}", load_average());
-}
-
-/// One step of `opt`'s groups with the fused CPU loop and nothing else (no gradient check, no bookkeeping):
-/// what the default step costs without its check.
-fn kernel_alone(opt: &WidthScaledAdamW) {
-    let cfg = opt.config();
-    for group in opt.groups() {
-        let s = StepScalars::new(cfg, group, 1.0, 1.0);
-        let grads: Vec<Tensor> = group.members.iter().map(|&si| opt.slots()[si].tensor.grad()).collect();
-        let buffers: Vec<Buffers<'_>> = group
-            .members
-            .iter()
-            .zip(&grads)
-            .map(|(&si, grad)| {
-                let slot = &opt.slots()[si];
-                Buffers { param: &slot.tensor, grad, first_moment: &slot.first_moment, second_moment: &slot.second_moment }
-            })
-            .collect();
-        let bias: Vec<_> = group.members.iter().map(|&si| s.bias_correction(opt.slots()[si].step + 1)).collect();
-        let shared = CpuScalars { decay: s.decay, beta1: s.beta1, beta2: s.beta2, eps: s.eps };
-        adamw_cpu(&buffers, &shared, &bias).unwrap();
-    }
 }
 
 /// Mixed precision on CPU (bf16 parameters and gradients, f32 moments): our fused loop against our

@@ -46,7 +46,9 @@ pub enum NonFiniteGrad {
     /// [`StepReport::skipped_steps_total`] and say so once in the log. Training goes on with the next batch.
     #[default]
     Skip,
-    /// Step anyway, as `torch.optim.AdamW` does (the NaN spreads into the parameters and moments).
+    /// Step anyway, as `torch.optim.AdamW` does (the NaN spreads into the parameters and moments), and skip
+    /// the check too, saving its read of the gradients: [`StepReport::grad_norm`] and
+    /// [`StepReport::nonfinite_grad`] are then only reported when clipping computes the norm.
     Step,
     /// [`WidthScaledAdamW::try_step`] returns [`OptimError::NonFiniteGradient`] naming the parameter, having
     /// changed nothing. [`WidthScaledAdamW::step`], which cannot return an error, logs it and skips.
@@ -167,7 +169,8 @@ pub struct StepReport {
     pub lr_multiplier: f64,
     pub wd_multiplier: f64,
     /// Global 2-norm of the defined gradients before clipping, accumulated in f64 (None when no parameter
-    /// had a gradient). NaN or Inf when a gradient was not finite.
+    /// had a gradient, or under [`NonFiniteGrad::Step`] without clipping). NaN or Inf when a gradient was not
+    /// finite.
     pub grad_norm: Option<f64>,
     pub clipped: bool,
     /// Parameters skipped because they had no gradient.
@@ -474,18 +477,22 @@ impl WidthScaledAdamW {
         }
     }
 
-    /// Every slot's gradient, its global norm and the first non-finite one. The norm adds the gradients'
-    /// squares in f64 (an f64 gradient stays f64): in one fused pass over the dense CPU gradients (where
-    /// narrower values square exactly), and per tensor with libtorch elsewhere (f32 for narrower dtypes).
-    fn check_gradients(&self) -> GradientCheck {
-        let grads: Vec<Option<Tensor>> = self
-            .slots
+    /// Every slot's gradient, None where it is undefined.
+    fn gradients(&self) -> Vec<Option<Tensor>> {
+        self.slots
             .iter()
             .map(|s| {
                 let g = s.tensor.grad();
                 g.defined().then_some(g)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Every slot's gradient, its global norm and the first non-finite one. The norm adds the gradients'
+    /// squares in f64 (an f64 gradient stays f64): in one fused pass over the dense CPU gradients (where
+    /// narrower values square exactly), and per tensor with libtorch elsewhere (f32 for narrower dtypes).
+    fn check_gradients(&self) -> GradientCheck {
+        let grads = self.gradients();
         let mut sums: Vec<Option<f64>> = vec![None; grads.len()];
         let cpu: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].as_ref().is_some_and(|g| g.device() == Device::Cpu)).collect();
         let cpu_grads: Vec<&Tensor> = cpu.iter().filter_map(|&i| grads[i].as_ref()).collect();
@@ -540,7 +547,11 @@ impl WidthScaledAdamW {
     }
 
     fn advance(&mut self, skip_on_error: bool) -> Result<StepReport, OptimError> {
-        let check = self.check_gradients();
+        let check = if self.config.nonfinite_grad == NonFiniteGrad::Step && self.config.max_grad_norm.is_none() {
+            GradientCheck { grads: self.gradients(), norm: None, nonfinite: None }
+        } else {
+            self.check_gradients()
+        };
         let t = self.step_t + 1;
         let nonfinite = check.nonfinite.map(|i| self.slots[i].name.clone());
         let skip = match (&nonfinite, self.config.nonfinite_grad) {

@@ -136,13 +136,19 @@ fn with_the_error_setting_try_step_names_the_parameter_and_changes_nothing() {
 }
 
 #[test]
-fn with_the_step_setting_the_nan_reaches_the_weights_as_in_torch() {
+fn with_the_step_setting_the_nan_reaches_the_weights_as_in_torch_and_is_reported_when_clipping() {
+    // Without clipping there is no check at all (torch's behaviour and cost): nothing is reported.
     let mut run = Run::new(AdamWConfig { nonfinite_grad: NonFiniteGrad::Step, ..Default::default() });
     run.gradients(0, true);
     let report = run.opt.step();
-    assert!(!report.skipped && report.nonfinite_grad.as_deref() == Some(NAN_PARAM) && report.skipped_steps_total == 0);
+    assert!(!report.skipped && report.nonfinite_grad.is_none() && report.grad_norm.is_none() && report.skipped_steps_total == 0);
     let w = &run.params.iter().find(|(n, _)| n == NAN_PARAM).unwrap().1;
     assert!(w.get(3).get(5).double_value(&[]).is_nan());
+    // Clipping computes the norm, and with it says which gradient was not finite.
+    let mut run = Run::new(AdamWConfig { nonfinite_grad: NonFiniteGrad::Step, max_grad_norm: Some(1.0), ..Default::default() });
+    run.gradients(0, true);
+    let report = run.opt.step();
+    assert!(!report.skipped && report.nonfinite_grad.as_deref() == Some(NAN_PARAM) && report.grad_norm.is_some_and(f64::is_nan));
 }
 
 #[test]
