@@ -197,7 +197,7 @@ fn main() {
     let spec = serde_json::json!({
         "shapes": shapes, "groups": groups_json, "warmup": WARMUP, "steps": steps, "threads": threads,
         "device": if device == Device::Cpu { "cpu".to_string() } else { format!("cuda:{}", match device { Device::Cuda(i) => i, _ => 0 }) },
-        "variants": if device == Device::Cpu { vec!["fused", "for-loop"] } else { vec!["fused", "foreach", "for-loop"] },
+        "variants": if device == Device::Cpu { vec!["fused", "fused+check", "for-loop"] } else { vec!["fused", "fused+check", "foreach", "for-loop"] },
     });
 
     let (copy_bw, add_bw) = bandwidths(device);
@@ -300,6 +300,15 @@ fn main() {
     for (name, ms, n) in &rows {
         let vs_py = pytorch_fused.map_or("-".to_string(), |p| format!("{:.2}×", ms / p));
         println!("{name:<50} {ms:>10.2} {n:>8} {vs_py:>12} {:>11.2}× {:>8.2}×", ms / libtorch_ms, ms / floor_ms);
+    }
+    // Like with like: our default step (with its gradient check) against PyTorch's fused step behind its own
+    // non-finite check; ours without the check against PyTorch's fused step alone.
+    let find = |name: &str| rows.iter().find(|r| r.0.starts_with(name)).map(|r| r.1);
+    if let (Some(ours), Some(theirs)) = (find("ours fused (default)"), find("PyTorch AdamW fused+check")) {
+        println!("ours fused (default, checked) ÷ PyTorch fused+check: {:.2}×", ours / theirs);
+    }
+    if let (Some(ours), Some(theirs)) = (find(UNCHECKED), pytorch_fused) {
+        println!("ours fused, no check ÷ PyTorch fused: {:.2}×", ours / theirs);
     }
     if device == Device::Cpu {
         drop((fused, reference, aten, unchecked, libtorch));
