@@ -168,7 +168,8 @@ pub struct StepReport {
     pub step: u64,
     pub lr_multiplier: f64,
     pub wd_multiplier: f64,
-    /// Global 2-norm of the defined gradients before clipping, accumulated in f64 (None when no parameter
+    /// Global 2-norm of the defined gradients before clipping, f64 for f64 gradients and f32's precision
+    /// otherwise (None when no parameter
     /// had a gradient, or under [`NonFiniteGrad::Step`] without clipping). NaN or Inf when a gradient was not
     /// finite.
     pub grad_norm: Option<f64>,
@@ -489,8 +490,8 @@ impl WidthScaledAdamW {
     }
 
     /// Every slot's gradient, its global norm and the first non-finite one. The norm adds the gradients'
-    /// squares in f64 (an f64 gradient stays f64): in one fused pass over the dense CPU gradients (where
-    /// narrower values square exactly), and per tensor with libtorch elsewhere (f32 for narrower dtypes).
+    /// squares in f64 (an f64 gradient stays f64, narrower ones are squared in f32): in one fused pass over the
+    /// dense CPU gradients ([`fused::sum_squares`]), and per tensor with libtorch elsewhere.
     fn check_gradients(&self) -> GradientCheck {
         let grads = self.gradients();
         let mut sums: Vec<Option<f64>> = vec![None; grads.len()];
@@ -830,7 +831,9 @@ mod tests {
                 Kind::Float => 1e-5,
                 _ => 1e-4,
             };
-            assert!((fused - exact).abs() <= 1e-12 * exact, "{kind:?}: fused {fused} vs {exact}");
+            // f64 in f64; narrower values squared and summed in f32 over runs of 1024 (f32's precision).
+            let fused_bar = if kind == Kind::Double { 1e-12 } else { 1e-6 };
+            assert!((fused - exact).abs() <= fused_bar * exact, "{kind:?}: fused {fused} vs {exact}");
             assert!((libtorch - exact).abs() <= bar * exact, "{kind:?}: libtorch {libtorch} vs {exact}");
         }
         let mut nan = Tensor::zeros([70_000], (Kind::Float, Device::Cpu));
