@@ -836,7 +836,7 @@ mod tests {
             assert!((fused - exact).abs() <= fused_bar * exact, "{kind:?}: fused {fused} vs {exact}");
             assert!((libtorch - exact).abs() <= bar * exact, "{kind:?}: libtorch {libtorch} vs {exact}");
         }
-        let mut nan = Tensor::zeros([70_000], (Kind::Float, Device::Cpu));
+        let nan = Tensor::zeros([70_000], (Kind::Float, Device::Cpu));
         let _ = nan.get(69_999).fill_(f64::NAN);
         assert!(crate::fused::sum_squares(&[&nan]).unwrap()[0].is_nan());
         let _ = nan.get(69_999).fill_(f64::INFINITY);
