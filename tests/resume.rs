@@ -2,8 +2,7 @@
 //! bit for bit, to an uninterrupted 100-step run. One parameter gets its first gradient at step 21, so its own
 //! step count (and bias corrections) at the checkpoint is 29, not 50.
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use gainguard_examples::model;
 
 use gainguard::data::MarkovCorpus;
 use gainguard::{AdamWConfig, BaseShapes, Schedule, WidthScaledAdamW};

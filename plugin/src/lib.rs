@@ -33,7 +33,7 @@ mod shim;
 pub mod spectra;
 pub mod telemetry;
 
-pub use classify::{BaseShapes, Override, ParamClass};
+pub use classify::{BaseShapes, Override, ParamClass, ParamRole};
 pub use optim::{AdamWConfig, CpuKernel, DecayMode, NonFiniteGrad, OptimError, StepObserver, StepReport, WidthScaledAdamW};
 pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};

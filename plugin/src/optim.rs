@@ -2,7 +2,8 @@
 //!
 //! Every parameter has its own width-scaled `(lr, wd)` from the [`ScalingPlan`] (and its Adam epsilon from the
 //! rule); a [`Schedule`] multiplies lr (and optionally wd) per step. The update is PyTorch's AdamW with coupled
-//! decay, written out once in [`StepScalars`]. As in `torch.optim.AdamW`:
+//! decay (docs/design.md §1.4), written out once in
+//! [`StepScalars`]. As in `torch.optim.AdamW`:
 //! - a parameter whose gradient is undefined at `step()` is skipped entirely (no decay, no moment update), and
 //!   [`WidthScaledAdamW::zero_grad`] leaves gradients undefined (`zero_grad(set_to_none=True)`);
 //! - each parameter keeps its own step count (`state['step']`), so its bias corrections count the steps that
