@@ -116,6 +116,10 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
     Ok(Arc::new(s))
 }
 
+/// Which of [`Spectra::gauges`] are measured from the weights (not the reference profile's value, the
+/// iteration count or the non-finite flag).
+const MEASURED_FROM_WEIGHTS: [bool; 10] = [true, true, false, true, true, true, true, true, false, false];
+
 impl Spectra {
     /// Per-parameter gauges with exactly the param labels.
     fn gauges(&self) -> [&GaugeVec; 10] {
@@ -131,6 +135,15 @@ impl Spectra {
             &self.iterations,
             &self.nonfinite,
         ]
+    }
+
+    /// Removes a parameter's quantile series.
+    fn remove_quantiles(&self, labels: &[&str]) {
+        for q in QUANTILES {
+            let mut l = labels.to_vec();
+            l.push(q);
+            remove(&self.quantile, &l);
+        }
     }
 }
 
@@ -173,6 +186,19 @@ impl Source for Spectra {
                 vec.cached(handle, &labels).set(v);
             }
         }
+        if s.nonfinite {
+            // Non-finite weights have no spectrum: what was measured from the earlier, finite weights goes,
+            // rather than standing beside `gainguard_spectrum_nonfinite 1` as if it were current. The memo's
+            // handles go with them, so that the next finite sample creates the series again.
+            for ((vec, handle), measured) in self.gauges().into_iter().zip(&mut series.gauges).zip(MEASURED_FROM_WEIGHTS) {
+                if measured {
+                    *handle = None;
+                    remove(vec, &labels);
+                }
+            }
+            self.remove_quantiles(&labels);
+            series.quantiles = Default::default();
+        }
         if let Some(q) = &s.quantiles {
             let [r, k, h, p, l, c] = labels;
             for ((name, handle), v) in QUANTILES.iter().zip(&mut series.quantiles).zip([q.p10, q.p50, q.p90, q.p99]) {
@@ -191,10 +217,7 @@ impl Source for Spectra {
             for vec in self.gauges() {
                 remove(vec, &labels);
             }
-            let [r, k, h, name, l, c] = labels;
-            for q in QUANTILES {
-                remove(&self.quantile, &[r, k, h, name, l, c, q]);
-            }
+            self.remove_quantiles(&labels);
         }
         let labels = run.labels();
         remove(&self.samples, &labels);

@@ -1,4 +1,5 @@
-//! Training progress from Hello and Step events: step, loss, tokens, step time, progress, drop counters.
+//! Training progress from Hello and Step events: step, loss, tokens, step time, progress, drop and skip
+//! counters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,9 +30,13 @@ pub struct Training {
     spectrum_dropped: IntCounterVec,
     events_dropped: IntCounterVec,
     nonfinite_parameters: GaugeVec,
+    skipped_steps: IntCounterVec,
     run_info: GaugeVec,
     state: Mutex<State>,
 }
+
+/// The `reason` of `gainguard_skipped_steps_total` the optimizer reports (its only one so far).
+pub const SKIP_REASON_NONFINITE_GRAD: &str = "nonfinite_grad";
 
 #[derive(Default)]
 struct State {
@@ -49,6 +54,7 @@ struct Memo {
     planned_steps: Option<u64>,
     spectrum_dropped_last: u64,
     events_dropped_last: u64,
+    skipped_steps_last: u64,
     step: Gauge,
     loss: Gauge,
     last_step_timestamp: Gauge,
@@ -58,6 +64,7 @@ struct Memo {
     tokens: Counter,
     spectrum_dropped: Counter,
     events_dropped: Counter,
+    skipped_steps: Counter,
     step_duration: Option<Arc<Series<HistogramCell>>>,
 }
 
@@ -91,6 +98,13 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
             "gainguard_nonfinite_parameters",
             "Parameters holding NaN or Inf after the latest checked step.",
         )?,
+        skipped_steps: IntCounterVec::new(
+            Opts::new(
+                "gainguard_skipped_steps_total",
+                "Optimizer steps the plugin skipped, by reason (nonfinite_grad: a gradient held NaN or Inf).",
+            ),
+            &["run", "rank", "host", "reason"],
+        )?,
         run_info: GaugeVec::new(
             Opts::new("gainguard_run_info", "Always 1; the scaling rule of the run as labels."),
             &["run", "rank", "host", "rule", "gamma", "alpha", "reference"],
@@ -108,6 +122,7 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
     r.register(Box::new(t.spectrum_dropped.clone()))?;
     r.register(Box::new(t.events_dropped.clone()))?;
     r.register(Box::new(t.nonfinite_parameters.clone()))?;
+    r.register(Box::new(t.skipped_steps.clone()))?;
     r.register(Box::new(t.run_info.clone()))?;
     Ok(Arc::new(t))
 }
@@ -122,8 +137,8 @@ impl Source for Training {
     }
 
     fn series_per_run(&self) -> usize {
-        // 10 single series, the histogram (buckets + +Inf + sum + count), run_info.
-        10 + STEP_DURATION_BUCKETS.len() + 3 + 1
+        // 11 single series, the histogram (buckets + +Inf + sum + count), run_info.
+        11 + STEP_DURATION_BUCKETS.len() + 3 + 1
     }
 
     fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
@@ -150,6 +165,7 @@ impl Source for Training {
                 self.loss_nonfinite.cached(&mut memo.loss_nonfinite, &labels).inc_by(0);
                 self.spectrum_dropped.cached(&mut memo.spectrum_dropped, &labels).inc_by(0);
                 self.events_dropped.cached(&mut memo.events_dropped, &labels).inc_by(0);
+                self.skipped_steps.cached(&mut memo.skipped_steps, &skip_labels(&labels)).inc_by(0);
             }
             Event::Step(s) => {
                 self.step.cached(&mut memo.step, &labels).set(envelope.step as f64);
@@ -174,6 +190,8 @@ impl Source for Training {
                 if let Some(n) = s.nonfinite_parameters {
                     self.nonfinite_parameters.cached(&mut memo.nonfinite_parameters, &labels).set(n as f64);
                 }
+                let d = cumulative_delta(&mut memo.skipped_steps_last, s.skipped_steps_total);
+                self.skipped_steps.cached(&mut memo.skipped_steps, &skip_labels(&labels)).inc_by(d);
             }
             _ => {}
         }
@@ -191,10 +209,15 @@ impl Source for Training {
         remove(&self.spectrum_dropped, &labels);
         remove(&self.events_dropped, &labels);
         remove(&self.nonfinite_parameters, &labels);
+        remove(&self.skipped_steps, &skip_labels(&labels));
         if let Some(info) = lock(&self.state).info.remove(run) {
             remove(&self.run_info, &info_labels(run, &info));
         }
     }
+}
+
+fn skip_labels<'a>(run: &[&'a str]) -> [&'a str; 4] {
+    [run[0], run[1], run[2], SKIP_REASON_NONFINITE_GRAD]
 }
 
 fn info_labels<'a>(run: &'a RunKey, info: &'a [String; 4]) -> [&'a str; 7] {
