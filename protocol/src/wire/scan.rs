@@ -33,7 +33,7 @@ pub(super) fn decode(line: &[u8], names: &mut Names) -> Option<Envelope> {
 
 /// Field names in the order serde writes them.
 const ENVELOPE: [&[u8]; 6] = [b"v", b"run", b"rank", b"host", b"step", b"event"];
-const STEP: [&[u8]; 10] = [
+const STEP: [&[u8]; 11] = [
     b"loss",
     b"loss_nonfinite",
     b"tokens",
@@ -44,6 +44,7 @@ const STEP: [&[u8]; 10] = [
     b"spectrum_samples_dropped_total",
     b"events_dropped_total",
     b"nonfinite_parameters",
+    b"skipped_steps_total",
 ];
 const SPECTRUM: [&[u8]; 17] = [
     b"param",
@@ -366,7 +367,8 @@ impl<'a> Cursor<'a> {
                 6 => s.wd_multiplier = c.f64()?,
                 7 => s.spectrum_samples_dropped_total = c.u64()?,
                 8 => s.events_dropped_total = c.u64()?,
-                _ => s.nonfinite_parameters = c.opt(Self::u64)?,
+                9 => s.nonfinite_parameters = c.opt(Self::u64)?,
+                _ => s.skipped_steps_total = c.u64()?,
             }
             Some(())
         })?;
@@ -514,6 +516,7 @@ mod tests {
             spectrum_samples_dropped_total: r.int(),
             events_dropped_total: r.int(),
             nonfinite_parameters: r.chance(50).then(|| r.int()),
+            skipped_steps_total: r.int(),
         })
     }
 
