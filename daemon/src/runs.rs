@@ -91,9 +91,9 @@ impl RunTable {
     }
 
     /// Applies one event received at `now` (Unix time `received`).
-    pub fn handle(&mut self, conn: ConnId, envelope: Envelope, validated: bool, now: Instant, received: f64) {
+    pub fn handle(&mut self, conn: ConnId, envelope: &Envelope, validated: bool, now: Instant, received: f64) {
         if !validated {
-            if let Err(r) = wire::validate(&envelope) {
+            if let Err(r) = wire::validate(envelope) {
                 self.metrics.reject(r.reason);
                 return;
             }
@@ -101,20 +101,25 @@ impl RunTable {
         let rank = envelope.rank;
         let key = match self.last_key.take() {
             Some((rank, k)) if rank == envelope.rank && *k.run == *envelope.run && *k.host == *envelope.host => k,
-            _ => RunKey::of(&envelope),
+            _ => RunKey::of(envelope),
         };
         self.apply(conn, &key, envelope, now, received);
         self.last_key = Some((rank, key));
     }
 
-    fn apply(&mut self, conn: ConnId, key: &RunKey, envelope: Envelope, now: Instant, received: f64) {
-        if !self.runs.contains_key(key) {
-            if let Err(r) = self.admit_run(key, conn, matches!(envelope.event, Event::Hello(_)), now) {
-                self.metrics.reject(r);
-                return;
+    fn apply(&mut self, conn: ConnId, key: &RunKey, envelope: &Envelope, now: Instant, received: f64) {
+        // One lookup for a known run (nearly every event).
+        let state = match self.runs.get_mut(key) {
+            Some(state) => state,
+            None => {
+                if let Err(r) = self.admit_run(key, conn, matches!(envelope.event, Event::Hello(_)), now) {
+                    self.metrics.reject(r);
+                    return;
+                }
+                let Some(state) = self.runs.get_mut(key) else { return };
+                state
             }
-        }
-        let Some(state) = self.runs.get_mut(key) else { return };
+        };
         state.conn = conn;
         state.last_event = now;
         let mut admit = |name: &str, layer: Option<u32>, class: ParamClass| -> Result<(), RejectReason> {
@@ -168,7 +173,7 @@ impl RunTable {
         }
         self.metrics.count_event(&envelope.event);
         for (source, memo) in self.sources.iter().zip(&mut state.memos) {
-            source.observe(&mut RunView { key, params: &state.params, memo, received }, &envelope);
+            source.observe(&mut RunView { key, params: &state.params, memo, received }, envelope);
         }
     }
 
