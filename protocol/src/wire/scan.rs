@@ -31,41 +31,90 @@ pub(super) fn decode(line: &[u8], names: &mut Names) -> Option<Envelope> {
     (c.i == line.len()).then_some(envelope)
 }
 
+/// A field name as [`Cursor::field`] compares it: its bytes and the closing quote, in little-endian 8-byte
+/// words with a mask of the bytes that count, so that most names that are not the one at the cursor are
+/// told apart by one load, one xor and one and.
+#[derive(Clone, Copy)]
+struct Name {
+    /// The name and its closing quote.
+    quoted_len: usize,
+    words: [u64; 4],
+    masks: [u64; 4],
+}
+
+impl Name {
+    const fn new(name: &[u8]) -> Name {
+        let quoted_len = name.len() + 1;
+        assert!(quoted_len <= 32, "field names here are shorter than 32 bytes");
+        let (mut words, mut masks) = ([0u64; 4], [0u64; 4]);
+        let mut i = 0;
+        while i < quoted_len {
+            let byte = if i < name.len() { name[i] } else { b'"' };
+            words[i / 8] |= (byte as u64) << (8 * (i % 8));
+            masks[i / 8] |= 0xff << (8 * (i % 8));
+            i += 1;
+        }
+        Name { quoted_len, words, masks }
+    }
+
+    /// Whether `rest` starts with the name and its closing quote.
+    fn starts(&self, rest: &[u8]) -> bool {
+        let n = self.quoted_len.div_ceil(8);
+        if rest.len() >= 8 * n {
+            (0..n).all(|w| {
+                let x = u64::from_le_bytes(rest[8 * w..8 * w + 8].try_into().expect("8 bytes"));
+                (x ^ self.words[w]) & self.masks[w] == 0
+            })
+        } else {
+            // Near the end of the line: byte by byte.
+            rest.len() >= self.quoted_len
+                && (0..self.quoted_len).all(|i| u64::from(rest[i]) == (self.words[i / 8] >> (8 * (i % 8))) & 0xff)
+        }
+    }
+}
+
 /// Field names in the order serde writes them.
-const ENVELOPE: [&[u8]; 6] = [b"v", b"run", b"rank", b"host", b"step", b"event"];
-const STEP: [&[u8]; 11] = [
-    b"loss",
-    b"loss_nonfinite",
-    b"tokens",
-    b"duration_seconds",
-    b"timestamp_seconds",
-    b"lr_multiplier",
-    b"wd_multiplier",
-    b"spectrum_samples_dropped_total",
-    b"events_dropped_total",
-    b"nonfinite_parameters",
-    b"skipped_steps_total",
+const ENVELOPE: [Name; 6] = [
+    Name::new(b"v"),
+    Name::new(b"run"),
+    Name::new(b"rank"),
+    Name::new(b"host"),
+    Name::new(b"step"),
+    Name::new(b"event"),
 ];
-const SPECTRUM: [&[u8]; 17] = [
-    b"param",
-    b"layer",
-    b"class",
-    b"sigma_max",
-    b"top_k",
-    b"iterations",
-    b"sigma_max_normalized",
-    b"reference_sigma_max",
-    b"gain_ratio",
-    b"stable_rank",
-    b"frobenius_norm",
-    b"effective_rank",
-    b"quantiles",
-    b"update_ratio",
-    b"nonfinite",
-    b"duration_seconds",
-    b"progress",
+const STEP: [Name; 11] = [
+    Name::new(b"loss"),
+    Name::new(b"loss_nonfinite"),
+    Name::new(b"tokens"),
+    Name::new(b"duration_seconds"),
+    Name::new(b"timestamp_seconds"),
+    Name::new(b"lr_multiplier"),
+    Name::new(b"wd_multiplier"),
+    Name::new(b"spectrum_samples_dropped_total"),
+    Name::new(b"events_dropped_total"),
+    Name::new(b"nonfinite_parameters"),
+    Name::new(b"skipped_steps_total"),
 ];
-const QUANTILES: [&[u8]; 4] = [b"p10", b"p50", b"p90", b"p99"];
+const SPECTRUM: [Name; 17] = [
+    Name::new(b"param"),
+    Name::new(b"layer"),
+    Name::new(b"class"),
+    Name::new(b"sigma_max"),
+    Name::new(b"top_k"),
+    Name::new(b"iterations"),
+    Name::new(b"sigma_max_normalized"),
+    Name::new(b"reference_sigma_max"),
+    Name::new(b"gain_ratio"),
+    Name::new(b"stable_rank"),
+    Name::new(b"frobenius_norm"),
+    Name::new(b"effective_rank"),
+    Name::new(b"quantiles"),
+    Name::new(b"update_ratio"),
+    Name::new(b"nonfinite"),
+    Name::new(b"duration_seconds"),
+    Name::new(b"progress"),
+];
+const QUANTILES: [Name; 4] = [Name::new(b"p10"), Name::new(b"p50"), Name::new(b"p90"), Name::new(b"p99")];
 
 struct Cursor<'a> {
     b: &'a [u8],
@@ -133,21 +182,18 @@ impl<'a> Cursor<'a> {
 
     /// The field name at the cursor and its colon, if it is one of `names[from..]`: its index. Names are taken
     /// in order, so one that comes again, or before one already read, is not found.
-    fn field(&mut self, names: &[&[u8]], from: usize) -> Option<usize> {
+    fn field(&mut self, names: &[Name], from: usize) -> Option<usize> {
         self.eat(b'"')?;
         let rest = &self.b[self.i..];
-        let j = (from..names.len()).find(|&j| {
-            let name = names[j];
-            rest.get(name.len()) == Some(&b'"') && rest.starts_with(name)
-        })?;
-        self.i += names[j].len() + 1;
+        let j = (from..names.len()).find(|&j| names[j].starts(rest))?;
+        self.i += names[j].quoted_len;
         self.eat(b':')?;
         Some(j)
     }
 
     /// Reads an object's fields in `names` order: `value` is called with each field's index and reads its
     /// value. The object must have at least one field.
-    fn object(&mut self, names: &[&[u8]], mut value: impl FnMut(&mut Self, usize) -> Option<()>) -> Option<()> {
+    fn object(&mut self, names: &[Name], mut value: impl FnMut(&mut Self, usize) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         let j = self.field(names, 0)?;
         value(self, j)?;
@@ -155,7 +201,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// The fields after the first one, up to the object's closing brace.
-    fn fields(&mut self, names: &[&[u8]], mut from: usize, mut value: impl FnMut(&mut Self, usize) -> Option<()>) -> Option<()> {
+    fn fields(&mut self, names: &[Name], mut from: usize, mut value: impl FnMut(&mut Self, usize) -> Option<()>) -> Option<()> {
         while self.more()? {
             let j = self.field(names, from)?;
             value(self, j)?;
@@ -607,6 +653,27 @@ mod tests {
             assert!(!fast || hot, "only step and spectrum take the fast path");
         }
         assert!(plain > 1500 && taken == plain, "{plain} plain hot lines, {taken} taken");
+    }
+
+    #[test]
+    fn a_field_name_matches_only_itself_followed_by_its_closing_quote() {
+        let long = super::Name::new(b"spectrum_samples_dropped_total");
+        let short = super::Name::new(b"loss");
+        for (name, rest, expected) in [
+            (short, &b"loss\":1.5,\"tokens\":3}"[..], true),
+            (short, b"loss\"", true),
+            (short, b"loss_nonfinite\":true}", false),
+            (short, b"los\":1}", false),
+            (short, b"loss", false),
+            (short, b"Loss\":1.5,\"tokens\":3}", false),
+            (long, b"spectrum_samples_dropped_total\":0,\"x\":1}", true),
+            (long, b"spectrum_samples_dropped_total\"", true),
+            (long, b"spectrum_samples_dropped_totaL\":0,\"x\":1}", false),
+            (long, b"spectrum_samples_dropped_tota\":0,\"x\":1}", false),
+            (long, b"spectrum_samples_dropped_total", false),
+        ] {
+            assert_eq!(name.starts(rest), expected, "{}", String::from_utf8_lossy(rest));
+        }
     }
 
     #[test]
