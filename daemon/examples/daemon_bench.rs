@@ -7,13 +7,15 @@
 //!    ingest throughput while they scrape against the same ingest without.
 //! 3. Ingest throughput: 8 senders over the Unix socket writing realistic lines (3 spectrum samples and a step
 //!    per training step) as fast as the socket takes them; and end to end through 8 `gainguard-send`
-//!    processes (their JSON encoding shares the same cores).
+//!    processes (their JSON encoding shares the same cores). With `--baseline-gainguardd PATH` (another
+//!    build's binary, e.g. one built from main), first the raw-line measurement alternating between that
+//!    build and this one, 3 rounds each: their ratio.
 //! 4. Decoding section 3's lines on one thread: serde alone against one sender's `LineDecoder` (the
 //!    hand-written path gainguardd takes), interleaved in rounds.
 //!
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
 //!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5]
-//!      [--scrape-encoding gzip|identity] [--only N]
+//!      [--scrape-encoding gzip|identity] [--baseline-gainguardd PATH] [--only N]
 //! Without --python, the baseline's `prometheus_client` is installed into a throwaway virtualenv under
 //! target/bench-venv. Loopback only; every request count is bounded.
 
@@ -86,10 +88,15 @@ struct Gd {
 }
 
 fn gainguardd(dir: &Path, name: &str, extra: &[&str]) -> Gd {
+    gainguardd_at(&bin("gainguardd"), dir, name, extra)
+}
+
+/// Like [`gainguardd`], with another build's binary.
+fn gainguardd_at(binary: &Path, dir: &Path, name: &str, extra: &[&str]) -> Gd {
     let sock = dir.join(format!("{name}.sock"));
     let metrics = free_addr();
     let child = Guard(
-        die_with_parent(&mut Command::new(bin("gainguardd")))
+        die_with_parent(&mut Command::new(binary))
             .args(["--listen", &metrics.to_string(), "--nvml", "off"])
             .arg(format!("--ingest=unix:{}", sock.display()))
             .args(extra)
@@ -186,14 +193,21 @@ fn step_block(rank: u32, steps: u64) -> (Vec<u8>, u64) {
     (out, events)
 }
 
+/// Copies of each sender's 1,000-step block per ingest measurement: 8 × 4,000 × 100 = 3.2M events, a few
+/// seconds, so that one burst of another process's load moves a figure little.
+const REPEATS: usize = 100;
+/// Section 2's: 12.8M events, longer than the default 5 s between scrape rounds, so that the measurement with
+/// scrapers spans at least one round.
+const SCRAPE_REPEATS: usize = 400;
+
 /// The daemon's threads that ingest (reading and decoding sockets, the run table), not those serving HTTP.
 const INGEST_THREADS: [&str; 2] = ["gainguard-inges", "gainguard-runs"];
 
-/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second and the
-/// event count. Timed from the first byte until the daemon's ingest threads stop (their CPU time, from /proc,
+/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second, the
+/// event count and the daemon's CPU µs per event. Timed from the first byte until the daemon's ingest threads stop (their CPU time, from /proc,
 /// has not risen for 200 ms), then checked against its event counter. /metrics is read only then: polling it
 /// would load the daemon (a 28.8 MB body in section 2), and a body can be up to --metrics-max-age old.
-fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
+fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64, f64) {
     let pid = gd.child.0.id();
     let before = metric(gd.metrics, "gainguard_ingest_events_total");
     let (cpu, ingest_cpu) = (cpu_seconds(pid), threads_cpu_seconds(pid, &INGEST_THREADS));
@@ -225,7 +239,7 @@ fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
         2.0 * total as f64 / cpu
     );
     drop(conns);
-    (total as f64 / secs, total as f64)
+    (total as f64 / secs, total as f64, cpu / total as f64 * 1e6)
 }
 
 /// When the daemon finished ingesting, once every sender is done: the last moment its ingest threads' CPU time
@@ -311,7 +325,7 @@ fn main() {
         concurrent_scrapes_at_200k(&dir, interval, gzip);
     }
     if run(3) {
-        ingest_throughput(&dir);
+        ingest_throughput(&dir, arg("--baseline-gainguardd").map(PathBuf::from));
     }
     if run(4) {
         decoding();
@@ -345,14 +359,15 @@ fn exporter_against_python(dir: &Path, scrapes: usize, python: Option<String>) {
 }
 
 /// Section 2: 206k series, 16 concurrent scrapers each scraping every `interval` (0: back to back); ingest
-/// with and without them.
+/// while they scrape against ingest without them, measured before and after (the mean is the baseline, so that
+/// a change in the machine's other load during the run shows as a gap between the two).
 fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration, gzip: bool) {
     let gd = gainguardd(&dir, "b", &[]);
     let series = load(&gd, 3, 4096);
     let (cached50, _, big_bytes) = scrape_latency(gd.metrics, 5);
     let headers = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
     let sent_bytes = get_with(gd.metrics, "/metrics", headers).map_or(0, |b| b.len());
-    let (idle_rate, _) = ingest_rate(&gd, 60);
+    let (idle_before, _, _) = ingest_rate(&gd, SCRAPE_REPEATS);
     let stop = Arc::new(AtomicBool::new(false));
     let scrapers: Vec<_> = (0..16)
         .map(|_| {
@@ -377,20 +392,23 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration, gzip: bool) {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    let (busy_rate, _) = ingest_rate(&gd, 60);
+    let (busy_rate, _, _) = ingest_rate(&gd, SCRAPE_REPEATS);
     stop.store(true, Ordering::Relaxed);
     let served: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
+    let (idle_after, _, _) = ingest_rate(&gd, SCRAPE_REPEATS);
+    let idle_rate = (idle_before + idle_after) / 2.0;
     let peak = status_mib(gd.child.0.id(), "VmHWM:");
     let encoding = if gzip { "gzip" } else { "identity" };
     println!(
         "## 2. {series} series ({big_bytes} bytes; {sent_bytes} as sent, {encoding}), 16 concurrent scrapers, each every {interval:?}"
     );
     println!(
-        "scrape p50 {:.1} ms (cached body); {served} scrapes served during the busy ingest; peak RSS {peak:.0} MiB",
+        "scrape p50 {:.1} ms (cached body); {served} scrapes served while the scrapers ran; peak RSS {peak:.0} MiB",
         ms(cached50)
     );
     println!(
-        "ingest: {idle_rate:.0} events/s without scrapers, {busy_rate:.0} with 16; ratio {:.2}",
+        "ingest: {idle_before:.0} and {idle_after:.0} events/s without scrapers (before, after), {busy_rate:.0} \
+         with 16; ratio to their mean {:.2}",
         busy_rate / idle_rate
     );
     drop(gd);
@@ -398,9 +416,12 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration, gzip: bool) {
 }
 
 /// Section 3: ingest from 8 raw senders, then from 8 gainguard-send processes.
-fn ingest_throughput(dir: &Path) {
+fn ingest_throughput(dir: &Path, baseline: Option<PathBuf>) {
+    if let Some(baseline) = baseline {
+        against_baseline(dir, &baseline);
+    }
     let gd = gainguardd(&dir, "c", &[]);
-    let (rate, total) = ingest_rate(&gd, 40);
+    let (rate, total, _) = ingest_rate(&gd, REPEATS);
     let rejected = metric(gd.metrics, "gainguard_ingest_rejected_total");
     println!("## 3. ingest, 8 senders over the Unix socket");
     println!("raw lines: {total} events in {:.2} s = {rate:.0} events/s, {rejected} rejected", total / rate);
@@ -434,6 +455,35 @@ fn ingest_throughput(dir: &Path) {
 
 /// Section 4: ns per line of section 3's lines, serde alone against a sender's `LineDecoder`, median of 15
 /// interleaved rounds after 3 warm-up rounds.
+/// Section 3's raw-line measurement with another build of gainguardd (`--baseline-gainguardd`) and this one,
+/// alternating over 3 rounds so that both see the same changes in the machine's other load; a fresh daemon
+/// each time.
+fn against_baseline(dir: &Path, baseline: &Path) {
+    println!("## 3a. ingest, this build against {}, alternating", baseline.display());
+    let (mut base, mut this) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        for (binary, into, label) in [(baseline.to_path_buf(), &mut base, "baseline"), (bin("gainguardd"), &mut this, "this build")] {
+            let gd = gainguardd_at(&binary, dir, &format!("ab{round}"), &[]);
+            println!("{label}, round {}:", round + 1);
+            let (rate, _, cpu_us) = ingest_rate(&gd, REPEATS);
+            into.push((rate, cpu_us));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let column = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+    let (br, bc) = (median(&mut column(&base, |x| x.0)), median(&mut column(&base, |x| x.1)));
+    let (tr, tc) = (median(&mut column(&this, |x| x.0)), median(&mut column(&this, |x| x.1)));
+    println!(
+        "medians: baseline {br:.0} events/s, {bc:.2} µs CPU per event; this build {tr:.0} events/s, {tc:.2} µs; \
+         ratio {:.2} in events/s, {:.2} in CPU per event",
+        tr / br,
+        tc / bc
+    );
+}
+
 fn decoding() {
     let (block, _) = step_block(0, 1000);
     let lines: Vec<&[u8]> = block.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
