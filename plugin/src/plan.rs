@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::classify::{classify, BaseShapes, ClassifyError, Override, Overrides, ParamClass, ParamRole, ParamWarning};
-use crate::rule::Rule;
+use crate::rule::{Preset, Rule};
 
 /// One parameter to plan for. `storage` identifies the underlying tensor storage: parameters that share
 /// one (tied weights) are scaled and stepped once, under the first name.
@@ -252,6 +252,9 @@ impl ScalingPlan {
         }
         let matrix = self.decisions.iter().filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none()).count();
         let _ = writeln!(out, "{} parameters: {} matrix-like, {} vector-like", self.decisions.len(), matrix, self.decisions.len() - matrix);
+        if self.rule.preset == Preset::MupFixedWd {
+            let _ = writeln!(out, "Adam's eps: the base eps / m on matrix-like parameters (Megatron-LM's mup), the base eps elsewhere");
+        }
         for w in &self.warnings {
             let _ = writeln!(out, "warning ({}): {}", w.kind.as_str(), w.message);
         }
@@ -404,6 +407,16 @@ mod tests {
         for name in ["blocks.0.attn.q.weight", "blocks.0.mlp.up.weight"] {
             let d = p.get(name).unwrap();
             assert_eq!((d.class, d.width_dims.as_slice(), d.lr, d.weight_decay), (ParamClass::VectorLike, &[][..], 1e-3, 0.0), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_the_mup_fixed_wd_table_says_that_adams_eps_is_divided_by_m() {
+        let params = [spec("blocks.0.w", &[1024, 256]), spec("norm", &[256])];
+        let b = base(&["blocks.0.w", "norm"]);
+        for preset in [Preset::Paper, Preset::MupCoupled, Preset::MupFixedWd, Preset::Standard] {
+            let table = ScalingPlan::build(&params, &b, &[], Rule::preset(preset), 1e-3, 0.1).unwrap().to_table();
+            assert_eq!(table.contains("eps / m"), preset == Preset::MupFixedWd, "{preset}: {table}");
         }
     }
 
