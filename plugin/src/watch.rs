@@ -382,7 +382,7 @@ impl Monitor {
 
     /// Lets the sampler drain, writes the recorded profile, says Goodbye (`finished`) and flushes, within
     /// the finish timeout in all. An embedded daemon keeps serving `/metrics` until the monitor is dropped.
-    /// Idempotent; Drop calls it (with reason `error` while panicking, `other` otherwise) when the trainer
+    /// Idempotent; Drop calls it (with reason `error` while panicking, `interrupted` otherwise) when the trainer
     /// did not.
     pub fn finish(&mut self) -> Result<(), MonitorError> {
         self.finish_with("finished")
@@ -434,7 +434,7 @@ impl Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        let reason = if std::thread::panicking() { "error" } else { "other" };
+        let reason = if std::thread::panicking() { "error" } else { "interrupted" };
         if let Err(e) = self.finish_with(reason) {
             eprintln!("gainguard: {e}");
         }
