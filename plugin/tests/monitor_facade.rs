@@ -55,16 +55,15 @@ fn temp_path(name: &str) -> PathBuf {
 fn drive(mon: &mut Monitor, vs: &VarStore, steps: u64) -> Vec<Vec<(String, Tensor)>> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    // All the noise drawn before the sampler's worker has anything to do, so that a seed fixes it.
-    tch::manual_seed(11);
-    let noise: Vec<Vec<Tensor>> = (0..steps).map(|_| vars.iter().map(|(_, t)| t.randn_like() * 0.01).collect()).collect();
+    // A fixed pseudo-random update, not torch's generator: that one is global, and other tests draw from it.
+    let noise = |t: &Tensor, step: u64| (Tensor::arange(t.numel() as i64, (Kind::Float, Device::Cpu)) * (0.37 + step as f64)).sin().view(t.size().as_slice()) * 0.01;
     let mut history = Vec::new();
     for step in 1..=steps {
         let params: Vec<ParamRef> = vars.iter().map(|(n, t)| ParamRef { name: n, tensor: t }).collect();
         mon.before_step(step, &params);
         tch::no_grad(|| {
-            for ((_, t), z) in vars.iter().zip(&noise[step as usize - 1]) {
-                let _ = t.shallow_clone().f_add_(z).unwrap();
+            for (_, t) in &vars {
+                let _ = t.shallow_clone().f_add_(&noise(t, step)).unwrap();
             }
         });
         let report = StepReport { step, lr_multiplier: 1.0, wd_multiplier: 1.0, ..Default::default() };
@@ -167,16 +166,6 @@ fn bad_addresses_are_errors_naming_the_address_and_where_it_came_from() {
     let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
     assert!(chain.contains(&token.display().to_string()), "{chain}");
 
-    // The environment: this is the only test in this binary that reads or sets it.
-    std::env::set_var(gainguard::watch::ADDR_ENV, "gainguardd.sock");
-    let err = Monitor::from_env("r").err().unwrap();
-    assert!(err.to_string().contains("gainguardd.sock") && err.to_string().contains("$GAINGUARD_ADDR"), "{err}");
-    std::env::remove_var(gainguard::watch::ADDR_ENV);
-    std::env::set_var(gainguard::watch::LISTEN_ENV, "localhost");
-    let err = Monitor::from_env("r").err().unwrap();
-    assert!(matches!(err, MonitorError::Listen { .. }) && err.to_string().contains("`localhost`"), "{err}");
-    std::env::remove_var(gainguard::watch::LISTEN_ENV);
-
     // A port another process holds: the embedded daemon's error names it.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
@@ -213,4 +202,58 @@ fn a_second_attach_is_refused() {
 fn a_monitor_can_move_between_threads() {
     fn send<T: Send>() {}
     send::<Monitor>();
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_value() {
+    // The only test in this binary that reads or sets the environment.
+    std::env::set_var(gainguard::watch::ADDR_ENV, "gainguardd.sock");
+    let err = Monitor::from_env("r").err().unwrap();
+    assert!(err.to_string().contains("`gainguardd.sock`") && err.to_string().contains("$GAINGUARD_ADDR"), "{err}");
+    std::env::remove_var(gainguard::watch::ADDR_ENV);
+    std::env::set_var(gainguard::watch::LISTEN_ENV, "localhost");
+    let err = Monitor::from_env("r").err().unwrap();
+    assert!(matches!(err, MonitorError::Listen { .. }) && err.to_string().contains("`localhost`"), "{err}");
+    std::env::remove_var(gainguard::watch::LISTEN_ENV);
+
+    // A standalone daemon (in this process, but reached only through its Unix ingest socket).
+    let dir = temp_path("ingest");
+    let socket = gainguard::protocol::IngestAddr::Unix(dir.join("gainguardd.sock"));
+    let daemon = gainguard::daemon::Daemon::spawn(gainguard::daemon::DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ingest: vec![socket.clone()],
+        nvml: gainguard::daemon::NvmlMode::Off,
+        ..Default::default()
+    })
+    .unwrap();
+    std::env::set_var(gainguard::watch::ADDR_ENV, socket.to_string());
+    let mon = Monitor::builder("connected").planned_steps(3).sampler(every_step()).from_env();
+    std::env::remove_var(gainguard::watch::ADDR_ENV);
+    let mon = mon.unwrap();
+    assert!(mon.metrics_addr().is_none(), "no embedded daemon when GAINGUARD_ADDR is set");
+    let (vs, plan) = model_and_plan();
+    let mut mon = mon.for_plan(&plan).unwrap();
+    drive(&mut mon, &vs, 3);
+    mon.finish().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = http_get(daemon.metrics_addr(), "/metrics");
+        if body.contains("gainguard_sigma_max{") || std::time::Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(body.lines().any(|l| l.starts_with("gainguard_loss{") && l.contains(r#"run="connected""#) && l.rsplit(' ').next() == Some("1.0")), "the last loss, 3/3:\n{body}");
+    assert!(body.lines().any(|l| l.starts_with("gainguard_sigma_max{") && l.contains(r#"run="connected""#)), "{body}");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }
