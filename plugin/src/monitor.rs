@@ -21,10 +21,10 @@
 //! [`crate::Monitor`] wires it, telemetry and a reference into a trainer in one call. By hand:
 //!
 //! ```no_run
-//! # use gainguard::{WidthScaledAdamW, monitor::{SamplerConfig, SpectrumSampler}};
-//! # fn demo(opt: &mut WidthScaledAdamW, sink: gainguard::daemon::sink::Sink) -> Result<(), Box<dyn std::error::Error>> {
-//! let config = SamplerConfig { run: "target-w512".into(), planned_steps: Some(10_000), ..Default::default() };
-//! let sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
+//! # use gainguard::{RunIdentity, WidthScaledAdamW, monitor::{SamplerConfig, SpectrumSampler}};
+//! # fn demo(opt: &mut WidthScaledAdamW, sink: gainguard::protocol::Sink) -> Result<(), Box<dyn std::error::Error>> {
+//! let config = SamplerConfig { planned_steps: Some(10_000), ..Default::default() };
+//! let sampler = SpectrumSampler::for_run(config, RunIdentity::local("target-w512"), opt.plan(), sink)?;
 //! let handle = sampler.handle(); // dropped_total(), nonfinite_parameters(), finish()
 //! opt.add_observer(Box::new(sampler));
 //! // … train …
