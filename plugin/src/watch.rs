@@ -401,14 +401,21 @@ impl Monitor {
                 h.finish(left());
             }
             a.driven = None;
-            if let (Some(path), Some(rec)) = (&self.record_profile, &a.recorder) {
-                let profile = rec.finish(&self.telemetry.identity().run, &a.plan, self.sampler_config.alpha, self.sampler_config.planned_steps);
-                written = profile.write_json(path);
-            }
+        }
+        if let (Some(path), Some(profile)) = (&self.record_profile, self.recorded_profile()) {
+            written = profile.write_json(path);
         }
         self.telemetry.finish(self.last_step, reason);
         self.telemetry.sink().flush(left());
         Ok(written?)
+    }
+
+    /// The sigma_max profile recorded so far (with [`MonitorBuilder::record_profile`]); after
+    /// [`finish`](Self::finish), the one written to the file.
+    pub fn recorded_profile(&self) -> Option<ReferenceProfile> {
+        let a = self.attached.as_ref()?;
+        let rec = a.recorder.as_ref()?;
+        Some(rec.finish(&self.telemetry.identity().run, &a.plan, self.sampler_config.alpha, self.sampler_config.planned_steps))
     }
 
     pub fn identity(&self) -> &RunIdentity {

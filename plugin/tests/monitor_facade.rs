@@ -114,6 +114,7 @@ fn a_recorded_profile_read_back_as_the_reference_gives_a_gain_ratio_of_one_for_t
     let mut proxy = Monitor::builder("proxy").planned_steps(3).sampler(every_step()).record_profile(&path).to_sink(Sink::disabled()).for_plan(&plan).unwrap();
     drive(&mut proxy, &vs, 3);
     proxy.finish().unwrap();
+    assert_eq!(proxy.recorded_profile(), Some(gainguard::reference::ReferenceProfile::read_json(&path).unwrap()), "the profile written is the one recorded");
 
     // The same trajectory again (same start, same noise), compared with the profile on disk.
     tch::no_grad(|| {
