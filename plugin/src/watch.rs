@@ -65,7 +65,7 @@ pub enum MonitorError {
     #[error("metrics listen address `{value}` (from $GAINGUARD_LISTEN): expected HOST:PORT, such as 127.0.0.1:9464")]
     Listen { value: String },
     #[cfg(feature = "embedded-daemon")]
-    #[error("cannot start the embedded gainguardd on {listen} (another trainer on this port? set $GAINGUARD_LISTEN or MonitorBuilder::listen; port 0 picks a free one)")]
+    #[error("cannot start the embedded gainguardd serving /metrics on {listen} (if the port is taken: set $GAINGUARD_LISTEN or MonitorBuilder::listen; port 0 picks a free one)")]
     Daemon {
         listen: SocketAddr,
         #[source]
