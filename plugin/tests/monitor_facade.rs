@@ -258,3 +258,22 @@ fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_val
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_full_sink_drops_and_counts_steps_instead_of_waiting() {
+    let (_vs, plan) = model_and_plan();
+    // Room for Hello, Params and one Step; nobody reads until the end.
+    let (tx, rx) = crossbeam_channel::bounded(3);
+    let mut mon = Monitor::builder("full").spectra(false).to_sink(Sink::from_sender(tx)).for_plan(&plan).unwrap();
+    for step in 1..=5 {
+        mon.step(&StepReport { step, lr_multiplier: 1.0, wd_multiplier: 1.0, ..Default::default() }, 1.0, 1);
+    }
+    assert_eq!(mon.sink().dropped_total(), 4, "steps 2 to 5 dropped");
+    let events: Vec<Envelope> = rx.try_iter().collect();
+    assert_eq!(events.len(), 3);
+    assert!(matches!(events[2].event, Event::Step(_)) && events[2].step == 1);
+    // The next Step that gets through carries the count.
+    mon.step(&StepReport { step: 6, lr_multiplier: 1.0, wd_multiplier: 1.0, ..Default::default() }, 1.0, 1);
+    let Event::Step(s) = &rx.try_recv().unwrap().event else { panic!("a Step") };
+    assert_eq!(s.events_dropped_total, 4);
+}
