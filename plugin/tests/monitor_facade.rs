@@ -99,7 +99,7 @@ fn an_optimizer_that_steps_by_itself_gets_sigma_max_and_update_ratio_of_an_indep
         }
     }
     // One identity, given once, on every event.
-    assert!(events.iter().all(|e| e.run == "external"));
+    assert!(events.iter().all(|e| &*e.run == "external"));
     let losses: Vec<f64> = events.iter().filter_map(|e| if let Event::Step(s) = &e.event { s.loss } else { None }).collect();
     assert_eq!(losses, vec![3.0, 1.5, 1.0, 0.75]);
     let hello = events.iter().find_map(|e| if let Event::Hello(h) = &e.event { Some(h.clone()) } else { None }).unwrap();
