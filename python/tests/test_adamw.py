@@ -201,3 +201,25 @@ def test_plain_parameters_without_names_raise_a_type_error(shapes):
 def test_an_override_with_an_unknown_field_raises_naming_it(shapes):
     with pytest.raises(ValueError, match="clas"):
         gainguard.AdamW(MLP(TARGET).named_parameters(), base_shapes=shapes, overrides=[{"pattern": "hidden.*", "clas": "matrix_like"}])
+
+
+def test_bf16_parameters_keep_f32_moments_through_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = MLP(TARGET).to(torch.bfloat16)
+    opt = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)), lr=LR, weight_decay=WD)
+    before = model.hidden.weight.detach().clone()
+    for t in range(3):
+        x, y = batch(t)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
+        opt.step()
+    assert not torch.equal(model.hidden.weight, before)
+    moments = opt.state[model.hidden.weight]["exp_avg_sq"]
+    assert moments.dtype == torch.float32
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    other = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)), lr=LR, weight_decay=WD)
+    other.load_state_dict(torch.load(buf))
+    loaded = other.state[model.hidden.weight]["exp_avg_sq"]
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, moments), "torch would have cast the moments to bf16"
