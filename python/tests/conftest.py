@@ -49,3 +49,17 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def train(model, opt, steps, sched=None, start=0, skip_grad=None, device="cpu"):
+    """Steps `model` on the batches `start`..`start + steps` with MSE; `skip_grad(t)` drops hidden.bias's
+    gradient at step t (a parameter that gets none, as an unrouted expert)."""
+    for t in range(start, start + steps):
+        x, y = (v.to(device) for v in batch(t))
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if skip_grad is not None and skip_grad(t):
+            model.hidden.bias.grad = None
+        opt.step()
+        if sched is not None:
+            sched.step()

@@ -10,22 +10,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gainguard  # noqa: E402
-from conftest import BASE, DELTA, MLP, TARGET, batch, paper_groups, rel_diff  # noqa: E402
+from conftest import BASE, DELTA, MLP, TARGET, batch, paper_groups, rel_diff, train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 LR, WD = 3e-3, 0.1
-
-
-def train(model, opt, steps, sched=None, skip_grad=None):
-    for t in range(steps):
-        x, y = (v.cuda() for v in batch(t))
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        if skip_grad is not None and skip_grad(t):
-            model.hidden.bias.grad = None
-        opt.step()
-        if sched is not None:
-            sched.step()
 
 
 def test_on_cuda_the_step_matches_torch_fused_adamw_over_200_steps_of_warmup():
@@ -36,8 +24,8 @@ def test_on_cuda_the_step_matches_torch_fused_adamw_over_200_steps_of_warmup():
     ref = torch.optim.AdamW(paper_groups(ref_model, LR, WD), lr=LR, fused=True)
     warm = lambda s: min(1.0, (s + 1) / 20)  # noqa: E731
     no_grad_on_odd = lambda t: t % 2 == 1 and t < 50  # noqa: E731
-    train(ours_model, ours, 200, torch.optim.lr_scheduler.LambdaLR(ours, warm), no_grad_on_odd)
-    train(ref_model, ref, 200, torch.optim.lr_scheduler.LambdaLR(ref, warm), no_grad_on_odd)
+    train(ours_model, ours, 200, torch.optim.lr_scheduler.LambdaLR(ours, warm), skip_grad=no_grad_on_odd, device="cuda")
+    train(ref_model, ref, 200, torch.optim.lr_scheduler.LambdaLR(ref, warm), skip_grad=no_grad_on_odd, device="cuda")
     worst = max((rel_diff(p, q), n) for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()))
     print(f"CUDA: max relative difference to torch fused AdamW after 200 steps: {worst[0]:e} at {worst[1]}")
     assert worst[0] <= 1e-6, worst
@@ -49,7 +37,7 @@ def test_on_cuda_a_nonfinite_gradient_skips_the_step():
     torch.manual_seed(0)
     model = MLP(TARGET).cuda()
     opt = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)), lr=LR, weight_decay=WD)
-    train(model, opt, 2)
+    train(model, opt, 2, device="cuda")
     before = copy.deepcopy(model.state_dict())
     x, y = (v.cuda() for v in batch(2))
     torch.nn.functional.mse_loss(model(x), y).backward()
