@@ -1,6 +1,8 @@
 """Shared models for the package's tests: an MLP whose hidden width is the μP width, at the base (proxy) width,
 the delta width and the target width."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -63,3 +65,24 @@ def train(model, opt, steps, sched=None, start=0, skip_grad=None, device="cpu"):
         opt.step()
         if sched is not None:
             sched.step()
+
+
+def assert_a_nonfinite_gradient_skips_the_step(device: str):
+    """A NaN in one gradient: the step changes no parameter and no step count, warns naming the parameter,
+    and is counted in `skipped_steps`."""
+    import gainguard
+
+    torch.manual_seed(0)
+    model = MLP(TARGET).to(device)
+    opt = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)), lr=3e-3, weight_decay=0.1)
+    train(model, opt, 2, device=device)
+    before = copy.deepcopy(model.state_dict())
+    x, y = (v.to(device) for v in batch(2))
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model.hidden.weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="hidden.weight"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert int(opt.state[model.hidden.weight]["step"]) == 2

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gainguard  # noqa: E402
-from conftest import BASE, DELTA, MLP, TARGET, batch, paper_groups, rel_diff, train  # noqa: E402
+from conftest import BASE, DELTA, MLP, TARGET, assert_a_nonfinite_gradient_skips_the_step, paper_groups, rel_diff, train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 LR, WD = 3e-3, 0.1
@@ -34,19 +34,7 @@ def test_on_cuda_the_step_matches_torch_fused_adamw_over_200_steps_of_warmup():
 
 
 def test_on_cuda_a_nonfinite_gradient_skips_the_step():
-    torch.manual_seed(0)
-    model = MLP(TARGET).cuda()
-    opt = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)), lr=LR, weight_decay=WD)
-    train(model, opt, 2, device="cuda")
-    before = copy.deepcopy(model.state_dict())
-    x, y = (v.cuda() for v in batch(2))
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    model.hidden.weight.grad[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="hidden.weight"):
-        opt.step()
-    assert opt.skipped_steps == 1
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    assert_a_nonfinite_gradient_skips_the_step("cuda")
 
 
 if __name__ == "__main__":
