@@ -71,7 +71,7 @@ wheels="$root/target/wheels"
 rm -f "$wheels"/gainguard-*.whl
 ( cd "$root" && VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" PYO3_PYTHON="$venv/bin/python" \
     nice "$venv/bin/maturin" build --release --quiet -m python/Cargo.toml --target-dir "$root/target" --out "$wheels" \
-    --compatibility linux --auditwheel skip ) || die "building the Python package (python/) failed; see the errors above"
+    --compatibility linux --auditwheel skip --strip ) || die "building the Python package (python/) failed; see the errors above"
 wheel="$(ls "$wheels"/gainguard-*.whl)"
 stamp="$venv/.gainguard-wheel.sha256"
 sum="$(sha256sum "$wheel" | cut -d' ' -f1)"

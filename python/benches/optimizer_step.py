@@ -1,10 +1,10 @@
 """The Python package's optimizer step vs `torch.optim.AdamW(fused=True)`, in one process, on the example LLaMA's
 parameter shapes at d_model 512 (23.1M parameters; base width 128), with the same (lr, wd) groups and gradients.
 
-    .venv/bin/python python/benches/optimizer_step.py [--steps 30] [--d-model 512] [--device cpu|cuda]
+    .venv/bin/python python/benches/optimizer_step.py [--steps 90] [--d-model 512] [--device cpu|cuda]
 
 Prints each variant's median step time and its ratio to PyTorch's fused step, measured in the same run,
-interleaved in rounds so that a change in the machine's load hits both sides. Variants: gainguard's default
+interleaved step by step so that a change in the machine's load hits every variant alike. Variants: gainguard's default
 step (which first checks the gradients for NaN/Inf, one extra read of them), the same without the check
 (`nonfinite_grad="step"`, as torch), and PyTorch's fused step. Results: BENCHMARKS.md.
 """
@@ -56,8 +56,7 @@ def timed(step, device, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=90, help="timed steps per variant")
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -93,9 +92,10 @@ def main():
     samples = {name: [] for name in variants}
     for opt in variants.values():
         timed(opt.step, device, 5)  # warm-up: state allocation, caches
-    for _ in range(args.rounds):
+    # Interleaved step by step, so that a change in the machine's load reaches every variant alike.
+    for _ in range(args.steps):
         for name, opt in variants.items():
-            samples[name] += timed(opt.step, device, args.steps)
+            samples[name] += timed(opt.step, device, 1)
     ref = statistics.median(samples[torch_name])
     for name, times in samples.items():
         med = statistics.median(times)
