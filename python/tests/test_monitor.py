@@ -117,3 +117,43 @@ def test_monitor_without_an_address_raises_a_value_error(shapes, monkeypatch):
     opt = gainguard.AdamW(MLP(TARGET).named_parameters(), base_shapes=shapes)
     with pytest.raises(ValueError, match="listen="):
         gainguard.monitor(opt, run="x")
+
+
+def gainguardd_binary():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("GAINGUARDD") or os.path.join(root, "target", "release", "gainguardd")
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: build it first (cargo build --release -p gainguard-daemon; make test does)")
+    return path
+
+
+def test_a_run_sent_to_a_standalone_gainguardd_through_gainguard_addr_reaches_its_metrics(tmp_path, monkeypatch):
+    sock = tmp_path / "gainguardd.sock"
+    port = free_port()
+    proc = subprocess.Popen(
+        [gainguardd_binary(), f"--listen=127.0.0.1:{port}", f"--ingest=unix:{sock}", "--nvml=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None, f"gainguardd exited: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "gainguardd did not create its socket"
+            time.sleep(0.1)
+        monkeypatch.setenv("GAINGUARD_ADDR", f"unix:{sock}")
+        _, mon, last_loss = run({"run": "py-connected"})
+        assert mon.metrics_addr is None
+        mon.close()
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+            lines = [line for line in body.splitlines() if line.startswith("gainguard_loss{") and 'run="py-connected"' in line]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert lines, "gainguardd never exported the run's loss"
+        assert float(lines[0].rsplit(" ", 1)[1]) == pytest.approx(last_loss, rel=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
