@@ -23,7 +23,7 @@ test: setup
 	$(CARGO) test --release --workspace --no-fail-fast
 	./dashboards/check.sh
 	.venv/bin/python -m pytest -q python/tests
-	# One thread: on a model this small OpenMP's thread team costs more than it gains (31 s vs 4 s under load).
+	@# One thread: on a model this small OpenMP's thread team costs more than it gains (31 s vs 4 s under load).
 	OMP_NUM_THREADS=1 GAINGUARD_LISTEN=127.0.0.1:0 .venv/bin/python examples/python/nanogpt_train.py --steps 300
 
 ## make bench: the benchmarks recorded in BENCHMARKS.md (not part of make test).

@@ -1,6 +1,8 @@
 """A nanoGPT-style training loop (model and loop after karpathy/nanoGPT's model.py and train.py, condensed) that
 adopts gainguard by changing five lines, each marked `# gainguard (n/5)`: the import, the base shapes, the
-optimizer, the monitor, and one call per step. Everything else is the plain PyTorch loop.
+optimizer, the monitor, and one call per step. Everything else is the plain PyTorch loop, with one habit to
+keep: set the learning-rate schedule through a multiplier (here `LambdaLR`), not by assigning every group's
+`lr = get_lr(it)` as nanoGPT's train.py does, which would overwrite the width-scaled values of the groups.
 
     .venv/bin/python examples/python/nanogpt_train.py --steps 300
 
