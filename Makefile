@@ -2,15 +2,19 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test setup setup-libtorch setup-services bench clean-state
+.PHONY: demo test setup setup-libtorch setup-services setup-python bench clean-state
 
-setup: setup-libtorch setup-services
+setup: setup-libtorch setup-services setup-python
 
 setup-libtorch:
 	@./scripts/setup-libtorch.sh
 
 setup-services:
 	@./scripts/setup-services.sh
+
+## The Python package, built against the same torch and installed into .venv (make test needs it).
+setup-python: setup-libtorch
+	@./scripts/setup-python-package.sh
 
 ## make demo: proxy run, then a 4x-wider target run under the paper rule (see README).
 demo: setup-libtorch
