@@ -29,6 +29,7 @@ pub mod reference;
 pub mod rule;
 pub mod schedule;
 pub mod spectra;
+pub mod steady_state;
 pub mod telemetry;
 
 pub use classify::{BaseShapes, Override, ParamClass};
