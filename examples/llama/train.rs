@@ -10,7 +10,7 @@ use gainguard::data::MarkovCorpus;
 use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
 use gainguard::telemetry::Telemetry;
-use gainguard::{AdamWConfig, BaseShapes, ParamClass, Rule, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Rule, Schedule, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -99,6 +99,11 @@ pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring:
         rule: spec.rule,
         schedule: spec.schedule.clone(),
         max_grad_norm: Some(1.0),
+        // Declared, since the shapes cannot tell a `[vocab, d]` embedding from a readout (the head is a MuReadout).
+        overrides: vec![
+            Override { role: Some(ParamRole::Embedding), ..Override::new("tok_emb.weight") },
+            Override { role: Some(ParamRole::Readout), ..Override::new("lm_head.weight") },
+        ],
         ..Default::default()
     };
     let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), config)?;

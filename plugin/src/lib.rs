@@ -32,7 +32,7 @@ pub mod spectra;
 pub mod steady_state;
 pub mod telemetry;
 
-pub use classify::{BaseShapes, Override, ParamClass};
+pub use classify::{BaseShapes, Override, ParamClass, ParamRole};
 pub use optim::{AdamWConfig, CpuKernel, DecayMode, StepObserver, StepReport, WidthScaledAdamW};
 pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};

@@ -501,6 +501,8 @@ mod tests {
             lr: 1e-3,
             weight_decay: 0.1,
             tied_to: None,
+            width_dims: vec![0, 1],
+            role: None,
         };
         let l = MatrixLayout::for_decision(&d).unwrap();
         assert_eq!(l.col_dims, vec![1, 2, 3]);

@@ -2,9 +2,9 @@
 //! user's own model along the μP path.
 
 use anyhow::Result;
-use gainguard::fit::{self, MupPoint, WidthPoint};
-use serde::Deserialize;
+use gainguard::fit::{self, Measurement, MupPoint, WidthPoint};
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::PathBuf;
 
 use crate::Format;
@@ -29,42 +29,12 @@ pub struct Args {
     format: Format,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Measurement {
-    width: f64,
-    gamma: f64,
-    lr: f64,
-    wd: f64,
-    param: String,
-    sigma_max: f64,
-}
-
 pub fn run(a: Args) -> Result<()> {
     let path = a.measurements.display().to_string();
-    let text = std::fs::read_to_string(&a.measurements).map_err(|e| BadInput(format!("measurements file `{path}`: {e}")))?;
-    let ms: Vec<Measurement> = serde_json::from_str(&text).map_err(|e| BadInput(format!("measurements file `{path}`: {e}")))?;
-    if ms.is_empty() {
-        return Err(BadInput(format!("measurements file `{path}`: empty array")).into());
-    }
-    for (i, m) in ms.iter().enumerate() {
-        for (field, v) in [("width", m.width), ("lr", m.lr), ("wd", m.wd), ("sigma_max", m.sigma_max)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(BadInput(format!("measurements file `{path}`: entry {i} (`{}`, width {}): {field} = {v} must be finite and > 0", m.param, m.width)).into());
-            }
-        }
-        if !m.gamma.is_finite() {
-            return Err(BadInput(format!("measurements file `{path}`: entry {i} (`{}`): gamma = {} must be finite", m.param, m.gamma)).into());
-        }
-    }
+    let bytes = std::fs::read(&a.measurements).map_err(|e| BadInput(format!("measurements file `{path}`: {e}")))?;
+    let ms = fit::parse_measurements(&bytes, &path).map_err(|e| BadInput(e.to_string()))?;
+    fit::check_measurements(&ms, &path).map_err(|e| BadInput(e.to_string()))?;
     let widths: BTreeSet<u64> = ms.iter().map(|m| m.width.to_bits()).collect();
-    if widths.len() < 3 {
-        return Err(BadInput(format!("measurements file `{path}`: {} distinct widths, need at least 3", widths.len())).into());
-    }
-    let gammas: BTreeSet<i64> = ms.iter().map(|m| (m.gamma * 1e9).round() as i64).collect();
-    if gammas.len() < 2 {
-        return Err(BadInput(format!("measurements file `{path}`: {} distinct gamma values, need at least 2", gammas.len())).into());
-    }
     let group = |m: &Measurement| format!("{} lr={:e} wd={:e}", m.param, m.lr, m.wd);
     let mup: Vec<MupPoint> = ms.iter().map(|m| MupPoint { group: group(m), gamma: m.gamma, width: m.width, sigma_max: m.sigma_max }).collect();
     let calibration = fit::calibrate_gamma(&mup).map_err(|e| BadInput(format!("measurements file `{path}`: {e}")))?;
@@ -82,9 +52,10 @@ pub fn run(a: Args) -> Result<()> {
         acc
     });
 
+    let mut out = std::io::stdout().lock();
     match a.format {
         Format::Json => {
-            let out = serde_json::json!({
+            let report = serde_json::json!({
                 "gamma": calibration.gamma,
                 "gamma_se": calibration.gamma_se,
                 "alpha": calibration.alpha,
@@ -97,41 +68,45 @@ pub fn run(a: Args) -> Result<()> {
                 "measurements": ms.len(),
                 "params": params.len(),
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         }
         Format::Table => {
-            println!("{} measurements, {} matrices, widths {:?}", ms.len(), params.len(), {
+            writeln!(out, "{} measurements, {} matrices, widths {:?}", ms.len(), params.len(), {
                 let mut w: Vec<f64> = widths.iter().map(|b| f64::from_bits(*b)).collect();
                 w.sort_by(f64::total_cmp);
                 w
-            });
-            println!("{:>8}  {:>10}  {:>8}  {:>7}  {:>13}", "gamma", "slope", "± se", "widths", "implied alpha");
+            })?;
+            writeln!(out, "{:>8}  {:>10}  {:>8}  {:>7}  {:>13}", "gamma", "slope", "± se", "widths", "implied alpha")?;
             for g in &calibration.per_gamma {
-                println!("{:>8.3}  {:>+10.4}  {:>8.4}  {:>7}  {:>13.3}", g.gamma, g.slope, g.slope_se, g.widths, g.implied_alpha);
+                writeln!(out, "{:>8.3}  {:>+10.4}  {:>8.4}  {:>7}  {:>13.3}", g.gamma, g.slope, g.slope_se, g.widths, g.implied_alpha)?;
             }
-            println!(
+            writeln!(
+                    out,
                 "recommended gamma: {:.3} ± {:.3} (sigma_max flat in width; alpha = (1+gamma)/2 = {:.3} ± {:.3}){}",
                 calibration.gamma,
                 calibration.gamma_se,
                 calibration.alpha,
                 calibration.alpha_se,
                 if calibration.extrapolated { "  [extrapolated outside the measured gammas]" } else { "" }
-            );
-            println!("d slope / d gamma: {:.3} ± {:.3} (the sqrt(lr/wd)·d^alpha law predicts -0.5)", calibration.rate, calibration.rate_se);
+            )?;
+            writeln!(out, "d slope / d gamma: {:.3} ± {:.3} (the sqrt(lr/wd)·d^alpha law predicts -0.5)", calibration.rate, calibration.rate_se)?;
             if calibration.rate.abs() < 2.0 * calibration.rate_se {
-                println!(
+                writeln!(
+                    out,
                     "warning: the slope barely depends on gamma (|d slope / d gamma| < 2 se): the runs were probably too short \
                      for weight decay to set the scale (it takes about 1/(lr·wd) steps); the recommendation is not reliable"
-                );
+                )?;
             }
             if let Some(f) = alpha {
-                println!(
+                writeln!(
+                    out,
                     "pooled alpha fit, ln(sigma/sqrt(lr/wd)) on ln d: {:.3} ± {:.3} (implied gamma {:.2}); it can drift with lr·wd, so prefer the gamma above",
                     f.alpha, f.alpha_se, f.implied_gamma
-                );
+                )?;
             }
-            println!("use it: --rule gamma={:.2}", calibration.gamma);
+            writeln!(out, "use it: --rule gamma={:.2}", calibration.gamma)?;
         }
     }
+    out.flush()?;
     Ok(())
 }
