@@ -38,7 +38,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use gainguard::mup::mu_readout;
 use gainguard::steady_state::{bootstrap_interval, mean, warmup_then_constant, HorizonRate, SteadyStateTrace};
-use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, Preset, Rule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Preset, Rule, WidthScaledAdamW};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -76,6 +76,10 @@ struct Args {
     beta2: f64,
     #[arg(long, default_value_t = 64)]
     batch: i64,
+    /// What the (2·lr, 2·wd) check doubles: `hidden` (that matrix's own lr and wd, what the law is about) or
+    /// `all` (the base lr and wd of the whole run).
+    #[arg(long, value_enum, default_value = "hidden")]
+    double: DoubleScope,
     /// Skip the 10×-smaller-init and (2·lr, 2·wd) check runs.
     #[arg(long)]
     no_checks: bool,
@@ -116,6 +120,12 @@ fn sigma_max(t: &Tensor) -> f64 {
     s.max().double_value(&[])
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum DoubleScope {
+    Hidden,
+    All,
+}
+
 /// The variations of one (rule, width, seed) cell.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
@@ -147,7 +157,7 @@ struct Setup<'a> {
 impl Setup<'_> {
     fn run(&self, rule: Rule, d: i64, seed: u64, variant: Variant) -> Result<RunResult> {
         let a = self.args;
-        let scale = if variant == Variant::Doubled { 2.0 } else { 1.0 };
+        let doubled = |scope| if variant == Variant::Doubled && a.double == scope { 2.0 } else { 1.0 };
         tch::manual_seed(1000 * seed as i64 + d);
         let vs = nn::VarStore::new(Device::Cpu);
         let student = network(vs.root(), d, self.base);
@@ -157,14 +167,14 @@ impl Setup<'_> {
             });
         }
         let schedule = warmup_then_constant(a.warmup);
-        // At the base width the shape test finds no width dimension and would call the hidden
-        // matrix vector-like (no decay); it is matrix-like at every width, with m = 1 at the base.
-        let hidden_is_matrix = Override { class: Some(ParamClass::MatrixLike), ..Override::new(PARAM) };
+        let readout = Override { role: Some(ParamRole::Readout), ..Override::new("readout.weight") };
+        let (scale_hidden, scale_all) = (doubled(DoubleScope::Hidden), doubled(DoubleScope::All));
+        let hidden = Override { lr_multiplier: Some(scale_hidden), wd_multiplier: Some(scale_hidden), ..Override::new(PARAM) };
         let config = AdamWConfig {
-            lr: a.lr * scale,
-            weight_decay: a.wd * scale,
+            lr: a.lr * scale_all,
+            weight_decay: a.wd * scale_all,
             rule,
-            overrides: vec![hidden_is_matrix],
+            overrides: vec![readout, hidden],
             schedule: schedule.clone(),
             beta2: a.beta2,
             ..Default::default()
@@ -178,6 +188,7 @@ impl Setup<'_> {
         let steps = rate
             .steps_to_reach(&schedule, a.horizon, 50_000_000)
             .with_context(|| format!("H = {} is out of reach at lr·wd = {:e}", a.horizon, rate.per_step))?;
+        let final_horizon = rate.after(&schedule, steps);
         let timescale = rate.timescale_steps();
         let every = ((timescale / SAMPLES_PER_TIMESCALE).floor() as u64).max(1);
         let weights = vs.variables()[PARAM].shallow_clone();
@@ -190,10 +201,10 @@ impl Setup<'_> {
             loss.backward();
             opt.step();
             horizon += rate.at(&schedule, step);
-            if horizon > a.horizon - 2.0 && ((steps - 1 - step) % every == 0) {
+            if horizon > final_horizon - 2.0 && ((steps - 1 - step) % every == 0) {
                 trace.push(horizon, sigma_max(&weights));
             }
-            if horizon > a.horizon - 1.0 {
+            if horizon > final_horizon - 1.0 {
                 tail.push(loss.double_value(&[]));
             }
         }
@@ -307,13 +318,16 @@ fn main() -> Result<()> {
         let names = a.rules.clone().unwrap_or_else(|| Preset::ALL.iter().map(|p| p.name().to_string()).collect());
         names.iter().map(|n| Ok((n.clone(), Rule::parse(n)?))).collect::<Result<_>>()?
     };
-    let base_vs = nn::VarStore::new(Device::Cpu);
+    // Base and delta shapes (the model at twice the base width), as mup's set_base_shapes: the delta
+    // declares which dimensions are widths, so the hidden matrix is matrix-like at m = 1 too.
+    let (base_vs, delta_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
     let _ = network(base_vs.root(), base, base);
+    let _ = network(delta_vs.root(), 2 * base, base);
     tch::manual_seed(12345);
     let mut teacher_vs = nn::VarStore::new(Device::Cpu);
     let teacher = network(teacher_vs.root(), TEACHER_WIDTH, TEACHER_WIDTH);
     teacher_vs.freeze();
-    let setup = Setup { args: &a, base, base_shapes: BaseShapes::from_var_store(&base_vs), teacher: Box::new(teacher) };
+    let setup = Setup { args: &a, base, base_shapes: BaseShapes::from_var_stores(&base_vs, &delta_vs), teacher: Box::new(teacher) };
 
     let mut text = String::new();
     let header = format!(
