@@ -140,8 +140,6 @@ enum Variant {
 struct RunResult {
     steps: u64,
     horizon: f64,
-    hidden_lr: f64,
-    hidden_wd: f64,
     sigma: f64,
     drift: f64,
     tail_loss: f64,
@@ -211,8 +209,6 @@ impl Setup<'_> {
         Ok(RunResult {
             steps,
             horizon,
-            hidden_lr: hidden.lr,
-            hidden_wd: hidden.weight_decay,
             sigma: trace.last_timescale_mean(horizon).context("no sigma_max sample in the last timescale")?,
             drift: trace.drift(horizon).unwrap_or(f64::NAN),
             tail_loss: mean(&tail),
@@ -391,7 +387,7 @@ fn main() -> Result<()> {
     text.push_str(&sweep);
 
     if let Some(dir) = &a.out {
-        write_outputs(dir, &a, &rows, base, &text)?;
+        write_outputs(dir, &a, &rows, &text)?;
     }
     Ok(())
 }
@@ -470,28 +466,19 @@ fn gamma_fit(rows: &[RuleRow], widths: &[i64], base: i64) -> Result<String> {
     Ok(s)
 }
 
-fn write_outputs(dir: &std::path::Path, a: &Args, rows: &[RuleRow], base: i64, text: &str) -> Result<()> {
+fn write_outputs(dir: &std::path::Path, a: &Args, rows: &[RuleRow], text: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut measurements = Vec::new();
     for row in rows.iter().filter(|r| r.rule.reported_gamma().is_some() && r.rule.lr_exponent == 1.0) {
         for c in &row.cells {
             for (seed, r) in c.seeds.iter().enumerate() {
-                measurements.push(serde_json::json!({
-                    "width": c.d,
-                    "gamma": row.rule.gamma,
-                    "lr": a.lr,
-                    "wd": a.wd,
-                    "param": PARAM,
-                    "sigma_max": r.sigma,
-                    "decay_horizon": r.horizon,
-                    "steps": r.steps,
-                    "schedule": format!("linear warmup {} steps, then constant", a.warmup),
-                    "param_lr": r.hidden_lr,
-                    "param_wd": r.hidden_wd,
-                    "base_width": base,
-                    "seed": seed,
-                    "drift": r.drift,
-                }));
+                measurements.push(gainguard::fit::Measurement {
+                    decay_horizon: Some(r.horizon),
+                    steps: Some(r.steps),
+                    schedule: Some(format!("linear warmup {} steps, then constant", a.warmup)),
+                    seed: Some(seed as u64),
+                    ..gainguard::fit::Measurement::new(c.d as f64, row.rule.gamma, a.lr, a.wd, PARAM, r.sigma)
+                });
             }
         }
     }
