@@ -100,6 +100,7 @@ fn spectrum(param: String, layer: u32, v: f64) -> Event {
         nonfinite: false,
         duration_seconds: 0.01,
         progress: None,
+        decay_horizon: Some(6.0),
     })
 }
 

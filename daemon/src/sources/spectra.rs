@@ -34,6 +34,7 @@ pub struct Spectra {
     update_ratio: GaugeVec,
     iterations: GaugeVec,
     nonfinite: GaugeVec,
+    decay_horizon: GaugeVec,
     samples: IntCounterVec,
     last_sample_timestamp: GaugeVec,
     sample_duration: HistogramVec,
@@ -67,6 +68,10 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
         update_ratio: g("gainguard_update_ratio", "||dW||_F / ||W||_F of the sampled step.")?,
         iterations: g("gainguard_spectrum_iterations", "Subspace iterations the latest estimate took.")?,
         nonfinite: g("gainguard_spectrum_nonfinite", "1 when the latest sampled weights held NaN or Inf, else 0.")?,
+        decay_horizon: g(
+            "gainguard_decay_horizon",
+            "Decay horizon H = sum_t lr_t*wd_t of the parameter at its latest spectrum sample (width-scaled, schedule included): weight-decay timescales seen.",
+        )?,
         samples: IntCounterVec::new(
             Opts::new("gainguard_spectrum_samples_total", "Spectrum samples received."),
             &RUN_LABELS,
@@ -99,7 +104,7 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
 
 impl Spectra {
     /// Per-parameter gauges with exactly the param labels.
-    fn gauges(&self) -> [&GaugeVec; 10] {
+    fn gauges(&self) -> [&GaugeVec; 11] {
         [
             &self.sigma_max,
             &self.sigma_max_normalized,
@@ -111,6 +116,7 @@ impl Spectra {
             &self.update_ratio,
             &self.iterations,
             &self.nonfinite,
+            &self.decay_horizon,
         ]
     }
 }
@@ -125,7 +131,7 @@ impl Source for Spectra {
     }
 
     fn series_per_param(&self) -> usize {
-        10 + QUANTILES.len()
+        11 + QUANTILES.len()
     }
 
     fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
@@ -147,6 +153,7 @@ impl Source for Spectra {
         set(&self.update_ratio, s.update_ratio);
         set(&self.iterations, Some(s.iterations as f64));
         set(&self.nonfinite, Some(if s.nonfinite { 1.0 } else { 0.0 }));
+        set(&self.decay_horizon, s.decay_horizon);
         if let Some(q) = &s.quantiles {
             for (name, v) in QUANTILES.iter().zip([q.p10, q.p50, q.p90, q.p99]) {
                 let mut l = labels.to_vec();
