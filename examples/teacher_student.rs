@@ -6,7 +6,7 @@
 //! and rule at steady state, and its spread across widths.
 //!
 //! ```text
-//! cargo run --release --example teacher_student                       # 4 rules, widths 32..256, 3 seeds
+//! cargo run --release --example teacher_student                       # 4 rules, widths 64..256, 3 seeds
 //! cargo run --release --example teacher_student -- --gamma-sweep --out docs/experiments/teacher-student-gamma
 //! ```
 //!
@@ -45,7 +45,8 @@ use tch::{Device, Kind, Tensor};
 #[derive(Parser)]
 #[command(about = "Teacher–student FFN with RMSNorm: sigma_max of the hidden matrix per width and rule, at AdamW's steady state")]
 struct Args {
-    /// Student widths; the first is the base (m = 1). Default: 32,64,128,256 (64,128,256,512 with --gamma-sweep).
+    /// Student widths; the first is the base (m = 1). Default: 64,128,256 (64,128,256,512 with --gamma-sweep).
+    /// Narrower students than the teacher (64) cannot fit it, and their sigma_max answers to that as well.
     #[arg(long, value_delimiter = ',')]
     widths: Option<Vec<i64>>,
     /// Rules to compare (presets or gamma=G). Default: paper, mup-coupled, mup-fixed-wd, standard.
@@ -303,7 +304,7 @@ fn main() -> Result<()> {
     let a = Args::parse();
     // One thread: the models are small, and two threads stall badly on a shared 2-core machine.
     tch::set_num_threads(1);
-    let widths = a.widths.clone().unwrap_or_else(|| if a.gamma_sweep { vec![64, 128, 256, 512] } else { vec![32, 64, 128, 256] });
+    let widths = a.widths.clone().unwrap_or_else(|| if a.gamma_sweep { vec![64, 128, 256, 512] } else { vec![64, 128, 256] });
     let base = *widths.first().context("--widths is empty")?;
     if widths.len() < 2 || a.seeds == 0 || !(a.horizon >= 2.0) {
         bail!("need at least 2 widths, 1 seed and --horizon >= 2 (the drift check compares the last two timescales)");
