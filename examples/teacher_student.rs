@@ -31,6 +31,9 @@
 //! μP readout (d_out × d, output / m)`. Teacher: the same architecture at width 64 with fixed random
 //! weights. The loss is the mean squared error to the teacher's output on fresh Gaussian inputs.
 
+#[path = "llama/report.rs"]
+mod report;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -484,8 +487,52 @@ fn write_outputs(dir: &std::path::Path, a: &Args, rows: &[RuleRow], text: &str) 
         }
     }
     std::fs::write(dir.join("measurements.json"), serde_json::to_string_pretty(&measurements)? + "\n")?;
+    plot_sigma_vs_width(&dir.join("sigma_vs_width.png"), a, rows)?;
+    if a.gamma_sweep {
+        plot_slope_vs_gamma(&dir.join("slope_vs_gamma.png"), rows)?;
+    }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    std::fs::write(dir.join("report.md"), format!("# teacher–student at steady state\n\nCommand: `{command}`\n\n```text\n{text}```\n"))?;
-    println!("\nwrote {}/report.md and measurements.json", dir.display());
+    let plots = if a.gamma_sweep { "![sigma_max vs width](sigma_vs_width.png)\n\n![slope vs gamma](slope_vs_gamma.png)\n" } else { "![sigma_max vs width](sigma_vs_width.png)\n" };
+    std::fs::write(dir.join("report.md"), format!("# teacher–student at steady state\n\nCommand: `{command}`\n\n```text\n{text}```\n\n{plots}"))?;
+    println!("\nwrote {}/report.md, measurements.json and the plots", dir.display());
     Ok(())
+}
+
+/// sigma_max at steady state against width, one series per rule, with the seeds' standard deviation.
+fn plot_sigma_vs_width(path: &std::path::Path, a: &Args, rows: &[RuleRow]) -> Result<()> {
+    let series = rows
+        .iter()
+        .map(|row| {
+            let points = row.cells.iter().map(|c| (c.d as f64, mean(&c.sigmas()))).collect();
+            let sd = row
+                .cells
+                .iter()
+                .map(|c| {
+                    let (m, v) = (mean(&c.sigmas()), c.sigmas());
+                    (v.iter().map(|s| (s - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64).sqrt()
+                })
+                .collect();
+            report::Series { y_err: Some(sd), ..report::Series::new(format!("{} (spread {:.2})", row.label, row.spread()), points) }
+        })
+        .collect();
+    let panel = report::Panel { title: format!("{PARAM}: sigma_max at decay horizon H = {} (mean of {} seeds ± sd)", a.horizon, a.seeds), series, hlines: vec![] };
+    let axes = report::Axes { x_label: "student width d", y_label: "sigma_max (steady state)", log_x: true, log_y: true };
+    report::plot_panels(path, "teacher–student: steady-state sigma_max vs width", axes, &[panel], 1)
+}
+
+/// The slope of ln sigma_max on ln m against gamma; gamma* is where it crosses 0.
+fn plot_slope_vs_gamma(path: &std::path::Path, rows: &[RuleRow]) -> Result<()> {
+    let base = rows[0].cells[0].d as f64;
+    let ms: Vec<f64> = rows[0].cells.iter().map(|c| c.d as f64 / base).collect();
+    let measured = rows.iter().map(|r| (r.rule.gamma, log_slope(&ms, &r.means()))).collect();
+    let panel = report::Panel {
+        title: "slope of ln sigma_max on ln m along the μP path (0: width-invariant)".into(),
+        series: vec![
+            report::Series::new("measured", measured),
+            report::Series::new("the law with alpha = 0.75: 0.75 − (1 + gamma)/2", vec![(0.0, 0.25), (1.0, -0.25)]),
+        ],
+        hlines: vec![("flat in width".into(), 0.0)],
+    };
+    let axes = report::Axes { x_label: "gamma (wd ∝ m^gamma, lr ∝ 1/m)", y_label: "slope", log_x: false, log_y: false };
+    report::plot_panels(path, "teacher–student: where sigma_max stops depending on width", axes, &[panel], 1)
 }
