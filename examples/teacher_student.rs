@@ -491,7 +491,7 @@ fn write_outputs(dir: &std::path::Path, a: &Args, rows: &[RuleRow], text: &str) 
     if a.gamma_sweep {
         plot_slope_vs_gamma(&dir.join("slope_vs_gamma.png"), rows)?;
     }
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = std::iter::once("cargo run --release --example teacher_student --".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
     let plots = if a.gamma_sweep { "![sigma_max vs width](sigma_vs_width.png)\n\n![slope vs gamma](slope_vs_gamma.png)\n" } else { "![sigma_max vs width](sigma_vs_width.png)\n" };
     std::fs::write(dir.join("report.md"), format!("# teacher–student at steady state\n\nCommand: `{command}`\n\n```text\n{text}```\n\n{plots}"))?;
     println!("\nwrote {}/report.md, measurements.json and the plots", dir.display());
