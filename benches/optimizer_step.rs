@@ -7,8 +7,7 @@
 //! with torch; default: the project's venv), `GAINGUARD_BENCH_DEVICE` (`cpu`, default, or `cuda`),
 //! `GAINGUARD_BENCH_D_MODEL` (default 512; the base width stays 128).
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use gainguard_examples::model;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -7,8 +7,7 @@
 //!
 //! `cargo bench --bench spectra` (add `-- --quick` for a short run).
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use gainguard_examples::model;
 
 use std::time::{Duration, Instant};
 

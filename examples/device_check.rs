@@ -15,10 +15,7 @@
 //!    gradients and over 200 training steps with a schedule and clipping, both decay conventions;
 //! 5. the reference path on CUDA against the reference path on CPU, given the same gradients.
 
-#[path = "llama/model.rs"]
-mod model;
-#[path = "../tests/support/compare.rs"]
-mod compare;
+use gainguard_examples::{compare, model};
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

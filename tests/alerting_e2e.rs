@@ -8,16 +8,6 @@
 //! not the attention matrices' (~2×; see docs/EXPERIMENTS.md), so a cross-width reference would page,
 //! rightly: that is the alert doing its job, not a property this test can assume.
 
-#[path = "../examples/llama/model.rs"]
-mod model;
-#[allow(dead_code)]
-#[path = "support/promql.rs"]
-mod promql;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "../examples/llama/train.rs"]
-mod train;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +15,8 @@ use gainguard::daemon::{Daemon, DaemonConfig, NvmlMode};
 use gainguard::data::MarkovCorpus;
 use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::{Rule, Schedule};
+use gainguard_examples::train;
+use gainguard_test_support::{promql, wait_until, workspace_root, Alertmanager, Prometheus, PrometheusConfig, Webhook};
 
 /// This test's copy of the rules: minutes become seconds so the test takes one minute, not twenty.
 fn fast_rules(rules: String) -> String {
@@ -62,14 +54,14 @@ fn is_gain_drift(labels: &serde_json::Value) -> bool {
 
 /// Every panel of every dashboard, evaluated through Prometheus's HTTP API after the real runs: each
 /// non-GPU panel returns data; GPU panels (no GPU here) only have to parse.
-fn every_dashboard_panel_returns_data(prom: &stack::Prometheus) {
+fn every_dashboard_panel_returns_data(prom: &Prometheus) {
     let mut vars = promql::default_variables();
     vars.insert("__rate_interval".into(), "10s".into());
     vars.insert("__interval".into(), "1s".into());
     vars.insert("__range".into(), "5m".into());
     let queries = promql::concrete_panel_queries(&promql::grafana_dir(), &vars).unwrap();
     assert!(queries.len() > 20, "the dashboards have panels ({})", queries.len());
-    let results = promql::evaluate_all(&prom.url(), &queries).unwrap();
+    let results = promql::evaluate_all(prom.addr, &queries).unwrap();
     let empty: Vec<String> = queries
         .iter()
         .zip(&results)
@@ -82,11 +74,16 @@ fn every_dashboard_panel_returns_data(prom: &stack::Prometheus) {
 #[test]
 fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_a_run_matching_its_reference_does_not() {
     tch::set_num_threads(1);
-    let dir = stack::temp_dir("alerting-e2e");
-    let webhook = stack::Webhook::start();
-    let am = stack::Alertmanager::start(&dir, webhook.addr);
+    let webhook = Webhook::start();
+    let am = Alertmanager::start(webhook.addr);
     let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
-    let prom = stack::Prometheus::start(&dir, &[daemon.metrics_addr()], Some(am.addr), fast_rules);
+    let rules = std::fs::read_to_string(workspace_root().join("dashboards/prometheus/gainguard.rules.yml")).unwrap();
+    let prom = Prometheus::with_config(PrometheusConfig {
+        targets: vec![daemon.metrics_addr()],
+        rules: Some(fast_rules(rules)),
+        alertmanager: Some(am.addr),
+        ..Default::default()
+    });
 
     let corpus = MarkovCorpus::new(64, 3, 9);
     let base_wd = 0.5;
@@ -109,7 +106,7 @@ fn a_mis_scaled_weight_decay_pages_with_run_and_param_and_a_run_matching_its_ref
     }
 
     // The mis-scaled run pages, with its run and param labels.
-    let fired = stack::wait_until(Duration::from_secs(90), "a GainDrift alert for target-wd10 at the webhook", || {
+    let fired = wait_until(Duration::from_secs(90), "a GainDrift alert for target-wd10 at the webhook", || {
         webhook.alerts().into_iter().find(|(l, status)| is_gain_drift(l) && l["run"] == "target-wd10" && status == "firing")
     });
     let param = fired.0["param"].as_str().unwrap_or("");

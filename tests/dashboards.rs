@@ -5,18 +5,16 @@
 //! promtool comes from PATH or `$PROMTOOL` (Debian package `prometheus`); the real-Prometheus check uses
 //! `prometheus` from PATH or `$PROMETHEUS` and is skipped, with a note, when there is none.
 
-#[path = "support/promql.rs"]
-mod promql;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use gainguard_test_support::{installed, promql, Prometheus, PrometheusConfig};
 use serde_json::Value;
 
 fn root() -> PathBuf {
-    promql::workspace_root()
+    gainguard_test_support::workspace_root()
 }
 
 fn rules_file() -> PathBuf {
@@ -428,7 +426,7 @@ fn every_dashboard_has_the_template_variables() {
 }
 
 /// The metric names the dashboards and rules may use: the exported contract (from `docs/metrics.md` when
-/// it exists, otherwise the list in `support/promql.rs`), Prometheus's own `up`, and recorded names.
+/// it exists, otherwise the list in `tests/support/src/promql.rs`), Prometheus's own `up`, and recorded names.
 fn allowed_metric_names() -> (BTreeSet<String>, &'static str) {
     let mut allowed: BTreeSet<String> = BTreeSet::new();
     let metrics_md = root().join("docs/metrics.md");
@@ -448,19 +446,11 @@ fn allowed_metric_names() -> (BTreeSet<String>, &'static str) {
         "docs/metrics.md"
     } else {
         allowed.extend(promql::CONTRACT_METRICS.iter().map(|s| s.to_string()));
-        "tests/support/promql.rs"
+        "tests/support/src/promql.rs"
     };
     allowed.extend(promql::PROMETHEUS_METRICS.iter().map(|s| s.to_string()));
     allowed.extend(recorded_names(&read(&rules_file())));
     (allowed, source)
-}
-
-#[test]
-fn the_metric_name_lexer_finds_selectors_and_nothing_else() {
-    let expr = r#"histogram_quantile(0.9, sum by (run, le) (rate(a_bucket{x="y{z}",run=~"$run"}[5m])))
-        / on (run) group_left (class) b:rec offset 5m > bool 1 or max without (le) (c) unless time() - d"#;
-    assert_eq!(promql::metric_names(expr), ["a_bucket", "b:rec", "c", "d"]);
-    assert_eq!(promql::histogram_base("a_bucket"), "a");
 }
 
 #[test]
@@ -513,86 +503,18 @@ fn template_variables_expand_to_concrete_promql() {
     }
 }
 
-#[test]
-fn the_url_encoding_round_trips_promql_punctuation() {
-    assert_eq!(
-        promql::percent_encode(r#"a{b=~".*"} / 2"#),
-        "a%7Bb%3D~%22.%2A%22%7D%20%2F%202"
-    );
-}
-
-#[test]
-fn a_chunked_http_body_is_reassembled() {
-    let body = b"4\r\n{\"a\"\r\n6;ext=1\r\n:true}\r\n0\r\n\r\n";
-    assert_eq!(promql::dechunk(body).unwrap(), br#"{"a":true}"#);
-    assert!(
-        promql::dechunk(b"9\r\nshort\r\n").is_err(),
-        "a truncated chunk must be an error"
-    );
-}
-
 // ----------------------------------------------------------------------------------- a real Prometheus
-
-struct Server(Child, PathBuf);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
 
 #[test]
 fn prometheus_loads_the_rules_and_answers_every_panel_query() {
-    let binary = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".to_string());
-    if Command::new(&binary).arg("--version").output().is_err() {
-        eprintln!("skipped: no `{binary}` binary (install the Debian package `prometheus` or set PROMETHEUS)");
+    let Some(binary) = installed("PROMETHEUS", "/usr/bin/prometheus") else {
+        eprintln!("skipped: no `prometheus` binary (install the Debian package `prometheus` or set PROMETHEUS)");
         return;
-    }
-    let dir = std::env::temp_dir().join(format!("gainguard-prometheus-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("data")).unwrap();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  evaluation_interval: 1s\nrule_files:\n  - {}\n",
-            serde_json::to_string(rules_file().to_str().unwrap()).unwrap()
-        ),
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(&binary)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting prometheus");
-    let _server = Server(child, dir);
-    let base = format!("http://127.0.0.1:{port}");
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while promql::http_get(&base, "/-/ready").map_or(true, |b| !b.contains("Ready")) {
-        assert!(
-            Instant::now() < deadline,
-            "prometheus on {base} not ready after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    };
+    let prom = Prometheus::with_binary(&binary, PrometheusConfig { rules: Some(read(&rules_file())), ..Default::default() });
 
     // The server loaded every alert of the file.
-    let rules: Value =
-        serde_json::from_str(&promql::http_get(&base, "/api/v1/rules?type=alert").unwrap())
-            .unwrap();
+    let rules: Value = serde_json::from_str(&prom.get("/api/v1/rules?type=alert")).unwrap();
     let loaded = rules["data"]["groups"]
         .as_array()
         .unwrap()
@@ -610,10 +532,10 @@ fn prometheus_loads_the_rules_and_answers_every_panel_query() {
     let queries =
         promql::concrete_panel_queries(&promql::grafana_dir(), &promql::default_variables())
             .unwrap();
-    let results = promql::evaluate_all(&base, &queries).unwrap();
+    let results = promql::evaluate_all(prom.addr, &queries).unwrap();
     assert_eq!(results.len(), queries.len());
     let deadline = Instant::now() + Duration::from_secs(30);
-    while promql::instant_query(&base, "gainguard:gain_drift_band_upper").unwrap() != 1 {
+    while promql::instant_query(prom.addr, "gainguard:gain_drift_band_upper").unwrap() != 1 {
         assert!(
             Instant::now() < deadline,
             "the band recording rule never produced a series"
@@ -621,7 +543,7 @@ fn prometheus_loads_the_rules_and_answers_every_panel_query() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        promql::instant_query(&base, "gainguard_no_such_metric{").is_err(),
+        promql::instant_query(prom.addr, "gainguard_no_such_metric{").is_err(),
         "a broken query must be an error"
     );
 }

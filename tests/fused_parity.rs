@@ -1,10 +1,7 @@
 //! The fused step (on CPU our own loop, or ATen's `_fused_adamw_`) against the reference path (libtorch
 //! tensor ops), checkpoints crossing between them, and explicit regrouping.
 
-#[path = "../examples/llama/model.rs"]
-mod model;
-#[path = "support/compare.rs"]
-mod compare;
+use gainguard_examples::{compare, model};
 
 use std::path::PathBuf;
 

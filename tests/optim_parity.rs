@@ -1,9 +1,6 @@
 //! Our AdamW against libtorch's own (`tch::COptimizer::adamw`), given the same per-group lr and wd.
 
-#[path = "../examples/llama/model.rs"]
-mod model;
-#[path = "support/compare.rs"]
-mod compare;
+use gainguard_examples::{compare, model};
 
 use gainguard::data::MarkovCorpus;
 use gainguard::{AdamWConfig, BaseShapes, CpuKernel, DecayMode, Rule, Schedule, WidthScaledAdamW};

@@ -1,8 +1,7 @@
 //! A run interrupted at step 50, saved, and continued in a fresh process to step 100 must be identical,
 //! bit for bit, to an uninterrupted 100-step run.
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use gainguard_examples::model;
 
 use gainguard::data::MarkovCorpus;
 use gainguard::{AdamWConfig, BaseShapes, Schedule, WidthScaledAdamW};

@@ -1,6 +1,6 @@
 //! `gainguard-daemon`: receives gainguard events and exports them as Prometheus metrics.
 //!
-//! This crate links no libtorch (DESIGN.md §2). The plugin depends on [`events`]; never the reverse.
+//! This crate links no libtorch (docs/design.md §2.1). The plugin depends on [`events`]; never the reverse.
 //!
 //! - Embedded mode: [`Daemon::spawn`] runs the exporter on its own threads inside the trainer; the trainer
 //!   sends through [`Daemon::sink`].

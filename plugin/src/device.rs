@@ -1,7 +1,7 @@
 //! Device selection, with the CUDA backend of libtorch loaded explicitly.
 //!
 //! tch links `libtorch_cuda.so` with the linker's default `--as-needed`, which drops it because no
-//! symbol of it is referenced, so `tch::Cuda::is_available()` says false even on a GPU (DESIGN.md §5).
+//! symbol of it is referenced, so `tch::Cuda::is_available()` says false even on a GPU (docs/design.md §5.2).
 //! [`load_cuda_backend`] `dlopen`s it from the directory that holds the already-loaded
 //! `libtorch_cpu.so`, whatever `LD_LIBRARY_PATH` or rpath found that one.
 

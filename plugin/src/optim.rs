@@ -1,7 +1,7 @@
 //! Width-scaled AdamW: the optimizer step and its state.
 //!
 //! Every parameter has its own width-scaled `(lr, wd)` from the [`ScalingPlan`]; a [`Schedule`]
-//! multiplies them per step. The update is PyTorch/libtorch's coupled AdamW (DESIGN.md §1):
+//! multiplies them per step. The update is PyTorch/libtorch's coupled AdamW (docs/design.md §1.4):
 //!
 //! ```text
 //! theta ← theta · (1 − lr·wd)                       (coupled; independent: theta · (1 − wd))

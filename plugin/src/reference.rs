@@ -1,4 +1,4 @@
-//! Reference profiles and the gain ratio (DESIGN.md §1, "matching top singular values").
+//! Reference profiles and the gain ratio (docs/design.md §1.6, "matching top singular values").
 //!
 //! - A proxy run records each matrix-like parameter's `sigma_max` against training progress (the
 //!   fraction of planned steps) with a [`ProfileRecorder`], and writes a versioned JSON

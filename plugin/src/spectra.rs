@@ -8,7 +8,7 @@
 //!   NeurIPS 2015). With `X` a block of `b = k + oversample` columns, the search space after `q`
 //!   iterations is `span[X, (AᵀA)X, …, (AᵀA)^{q−1} X]`; the Ritz values of `AᵀA` on it are the estimates.
 //!   Plain power (or subspace) iteration converges like `(σ_{b+1}/σ_1)^{2q}`, hopeless on a Gaussian
-//!   matrix whose top spectrum has no gap (DESIGN.md §6); the Krylov space converges like a Chebyshev
+//!   matrix whose top spectrum has no gap (docs/design.md §6.2); the Krylov space converges like a Chebyshev
 //!   polynomial, `exp(−4q·sqrt(gap))`, which is what makes cold starts reach 1e-3 in tens of
 //!   iterations. The estimator keeps the right singular vectors of its last answer and starts the next
 //!   call from them, so a matrix that moved a little (one optimizer step or a few) converges in two.
@@ -17,7 +17,7 @@
 //! - [`full_spectrum`]: every singular value (no vectors), with quantiles, stable rank, Frobenius norm
 //!   and the entropy effective rank. On CUDA: `linalg_svdvals`. On CPU: the eigenvalues of the smaller
 //!   Gram matrix in float64, because tch's `linalg_svdvals` always passes a driver string, which
-//!   libtorch refuses on CPU (DESIGN.md §5), and `svd(_, false)` allocates zero-filled m×m and n×n
+//!   libtorch refuses on CPU (docs/design.md §5.3), and `svd(_, false)` allocates zero-filled m×m and n×n
 //!   factors (8 GB for a 32000-row embedding).
 //!
 //! # Which matrix a tensor is

@@ -1,8 +1,7 @@
 //! The spectra sampler inside a real optimizer: never blocks, counts drops exactly, and emits events
 //! whose values agree with an independent float64 SVD of the weights.
 
-#[path = "../../examples/llama/model.rs"]
-mod model;
+use gainguard_examples::model;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

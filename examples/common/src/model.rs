@@ -4,7 +4,6 @@
 //! Parameter names (what the rule table shows):
 //! `tok_emb.weight`, `blocks.{i}.attn_norm.weight`, `blocks.{i}.attn.{q,k,v,o}.weight`,
 //! `blocks.{i}.mlp_norm.weight`, `blocks.{i}.mlp.{gate,up,down}.weight`, `norm.weight`, `lm_head.weight`.
-#![allow(dead_code)]
 
 use gainguard::mup::{mu_readout, MuReadout};
 use tch::nn::{self, Module};

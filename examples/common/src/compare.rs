@@ -1,5 +1,4 @@
 //! Comparisons of two models' weights, shared by the optimizer parity tests and examples/device_check.rs.
-#![allow(dead_code)]
 
 use tch::nn::VarStore;
 use tch::{Device, Tensor};

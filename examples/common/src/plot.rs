@@ -3,7 +3,6 @@
 //! Text goes through ab_glyph with DejaVu Sans read at run time from [`FONT_PATH`], so nothing depends
 //! on fontconfig or on a font found by guessing. Logarithmic axes are drawn by plotting `log10(v)` and
 //! labelling ticks with `v`.
-#![allow(dead_code)]
 
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;

@@ -4,16 +4,14 @@
 //! cargo run --release --example llama -- --d-model 256 --base-d-model 64 --steps 200 --metrics 127.0.0.1:9464
 //! ```
 //! Where gainguard enters the loop: `WidthScaledAdamW::new(&vs, &base_shapes, config)`, then
-//! `opt.zero_grad(); loss.backward(); opt.step();` (see train.rs).
-
-mod model;
-mod train;
+//! `opt.zero_grad(); loss.backward(); opt.step();` (see `gainguard_examples::train`, examples/common/src/train.rs).
 
 use anyhow::Context;
 use clap::Parser;
 use gainguard::data::MarkovCorpus;
 use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::{Rule, Schedule};
+use gainguard_examples::train;
 
 #[derive(Parser)]
 #[command(about = "Train the example LLaMA-style model with width-scaled AdamW")]
@@ -58,17 +56,13 @@ fn main() -> anyhow::Result<()> {
         d_model: a.d_model,
         base_d_model: a.base_d_model,
         layers: a.layers,
-        vocab: 256,
-        seq_len: 64,
-        batch: 16,
         steps: a.steps,
         lr: a.lr,
         wd: a.wd,
         rule: Rule::parse(&a.rule)?,
         schedule: Schedule::parse(&a.schedule).map_err(anyhow::Error::msg)?,
-        seed: 0,
         device: gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
-        sample_every: 10,
+        ..Default::default()
     };
     let mut daemon = None;
     let sink = match (&a.metrics, &a.gainguardd) {

@@ -2,18 +2,17 @@
 //!
 //! Grafana expands template variables (`$run`, `${rank}`, `$__rate_interval`, …) before it sends a query.
 //! [`concrete_panel_queries`] does the same with fixed values, and [`evaluate_all`] sends each query to
-//! Prometheus's `/api/v1/query` over a plain blocking HTTP/1.1 GET on loopback, so an end-to-end test can
-//! check that every panel shows data. Only `std`, `serde_json` and `anyhow` are used.
-#![allow(dead_code)]
+//! Prometheus's `/api/v1/query` over a plain blocking HTTP/1.1 GET on loopback ([`crate::http`]), so an
+//! end-to-end test can check that every panel shows data.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+
+use crate::http::{http_get, percent_encode};
 
 /// Metric names the daemon exports (the contract), used when `docs/metrics.md` does not exist yet.
 /// Histograms are listed by their base name; `_bucket`, `_sum` and `_count` are implied.
@@ -97,13 +96,8 @@ pub struct Evaluation {
     pub series: usize,
 }
 
-/// The workspace root (the root package's manifest directory).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 pub fn grafana_dir() -> PathBuf {
-    workspace_root().join("dashboards").join("grafana")
+    crate::workspace_root().join("dashboards").join("grafana")
 }
 
 /// The dashboard JSON files, sorted by name.
@@ -260,13 +254,13 @@ pub fn concrete_panel_queries(
         .collect()
 }
 
-/// Evaluates every query at the server's current time through `GET {base_url}/api/v1/query` and returns how
-/// many series each one produced. `base_url` must be a loopback `http://` URL, e.g. `http://127.0.0.1:9090`.
-pub fn evaluate_all(base_url: &str, queries: &[PanelQuery]) -> Result<Vec<Evaluation>> {
+/// Evaluates every query at the server's current time through `GET /api/v1/query` on the Prometheus at
+/// `prometheus` (a loopback address) and returns how many series each one produced.
+pub fn evaluate_all(prometheus: SocketAddr, queries: &[PanelQuery]) -> Result<Vec<Evaluation>> {
     queries
         .iter()
         .map(|q| {
-            let series = instant_query(base_url, &q.expr)
+            let series = instant_query(prometheus, &q.expr)
                 .with_context(|| format!("{}: panel `{}`: `{}`", q.dashboard, q.panel, q.expr))?;
             Ok(Evaluation {
                 panel: q.panel.clone(),
@@ -277,12 +271,14 @@ pub fn evaluate_all(base_url: &str, queries: &[PanelQuery]) -> Result<Vec<Evalua
         .collect()
 }
 
-/// Number of series an instant query returns.
-pub fn instant_query(base_url: &str, expr: &str) -> Result<usize> {
-    let body = http_get(
-        base_url,
-        &format!("/api/v1/query?query={}", percent_encode(expr)),
-    )?;
+/// Number of series an instant query returns. A query Prometheus refuses is an error.
+pub fn instant_query(prometheus: SocketAddr, expr: &str) -> Result<usize> {
+    let path = format!("/api/v1/query?query={}", percent_encode(expr));
+    let (status, body) = http_get(prometheus, &path).with_context(|| format!("GET {path} from {prometheus}"))?;
+    // Prometheus puts its error JSON in 400/422 bodies.
+    if !(200..500).contains(&status) {
+        bail!("GET {path}: HTTP {status}: {body}");
+    }
     let answer: Value = serde_json::from_str(&body)
         .with_context(|| format!("Prometheus answered non-JSON: {body}"))?;
     if answer["status"] != "success" {
@@ -299,104 +295,6 @@ pub fn instant_query(base_url: &str, expr: &str) -> Result<usize> {
         Some("scalar") | Some("string") => Ok(1),
         other => bail!("unexpected resultType {other:?} in {body}"),
     }
-}
-
-/// A minimal blocking HTTP/1.1 GET to a loopback address; returns the body of a 2xx or 4xx answer
-/// (Prometheus puts its error JSON in 400/422 bodies).
-pub fn http_get(base_url: &str, path_and_query: &str) -> Result<String> {
-    let rest = base_url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("base URL `{base_url}`: expected http://127.0.0.1:<port>"))?;
-    let (authority, prefix) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-        None => (rest, ""),
-    };
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-        bail!("base URL `{base_url}`: only loopback addresses are queried, got host `{host}`");
-    }
-    let authority = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let authority = authority.replacen("localhost", "127.0.0.1", 1);
-
-    let mut stream =
-        TcpStream::connect(&authority).with_context(|| format!("connecting to {authority}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {prefix}{path_and_query} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .context("reading the HTTP answer")?;
-
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("HTTP answer without headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let body = &raw[split + 4..];
-    let status: u16 = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad HTTP status line in `{head}`"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    let body = String::from_utf8(body).context("HTTP body is not UTF-8")?;
-    if !(200..500).contains(&status) {
-        bail!("GET {path_and_query}: HTTP {status}: {body}");
-    }
-    Ok(body)
-}
-
-/// Decodes an HTTP/1.1 `Transfer-Encoding: chunked` body (Prometheus chunks answers larger than its buffer).
-pub fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("truncated chunk header"))?;
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .with_context(|| format!("bad chunk size `{size_text}`"))?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            bail!("truncated chunk of {size} bytes");
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
-}
-
-/// Percent-encodes a query-string value (RFC 3986 unreserved characters pass through).
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Metric names a PromQL expression selects (including recording-rule names), in order of appearance.
@@ -492,4 +390,17 @@ pub fn histogram_base(name: &str) -> &str {
         }
     }
     name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metric_name_lexer_finds_selectors_and_nothing_else() {
+        let expr = r#"histogram_quantile(0.9, sum by (run, le) (rate(a_bucket{x="y{z}",run=~"$run"}[5m])))
+        / on (run) group_left (class) b:rec offset 5m > bool 1 or max without (le) (c) unless time() - d"#;
+        assert_eq!(metric_names(expr), ["a_bucket", "b:rec", "c", "d"]);
+        assert_eq!(histogram_base("a_bucket"), "a");
+    }
 }

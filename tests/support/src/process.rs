@@ -1,10 +1,9 @@
-//! Child-process guards and polling, shared by the daemon's tests and the workspace's end-to-end tests
-//! (tests/support/stack.rs includes this file by path).
-#![allow(dead_code)]
+//! Child processes that are killed with the test, free loopback ports, polling, and finding the
+//! installed servers.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// Kills and reaps a child process when dropped, whatever the test outcome.
@@ -39,11 +38,12 @@ impl ChildGuard {
     }
 }
 
+/// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-
+/// Polls `f` every 50 ms until it returns a value; panics naming `what` after `timeout`.
 pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -57,18 +57,24 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
     }
 }
 
-/// Starts Prometheus (`bin`) on a free loopback port with the given config file and TSDB folder, quiet;
-/// the caller waits for readiness.
-pub fn spawn_prometheus(bin: &Path, config: &Path, data: &Path) -> (ChildGuard, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = Command::new(bin)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", data.display()))
-        .arg(format!("--web.listen-address={addr}"))
-        .arg("--log.level=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting prometheus");
-    (ChildGuard(child), addr)
+/// An installed program: `$env` when set, else `default` (an absolute path) when it exists, else the
+/// first `default`'s file name found on `PATH`.
+pub fn installed(env: &str, default: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p)).filter(|p| p.exists());
+    }
+    let default = PathBuf::from(default);
+    if default.exists() {
+        return Some(default);
+    }
+    let name = default.file_name()?;
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(name)).find(|p| p.exists())
+}
+
+/// Like [`installed`], but a missing program fails the test with what to install.
+pub fn required(env: &str, default: &str, package: &str) -> PathBuf {
+    installed(env, default).unwrap_or_else(|| {
+        let looked_for = std::env::var(env).unwrap_or_else(|_| default.to_string());
+        panic!("{looked_for} not found: `make test` installs it (Debian package `{package}`), or set ${env}")
+    })
 }

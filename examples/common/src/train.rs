@@ -1,0 +1,267 @@
+//! The training loop shared by the example trainer, the demo, the width-transfer experiment and the
+//! end-to-end tests. Where gainguard enters: build the optimizer from the base shapes, call `step`,
+//! nothing else; monitoring is an observer on the optimizer and a sink, off the training thread.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use gainguard::data::MarkovCorpus;
+use gainguard::daemon::Sink;
+use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
+use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
+use gainguard::telemetry::{RunIdentity, Telemetry};
+use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Rule, ScalingPlan, Schedule, WidthScaledAdamW};
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::model;
+
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub name: String,
+    pub d_model: i64,
+    pub base_d_model: i64,
+    pub layers: i64,
+    pub vocab: i64,
+    pub seq_len: i64,
+    pub batch: i64,
+    pub steps: u64,
+    pub lr: f64,
+    pub wd: f64,
+    pub rule: Rule,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub device: Device,
+    /// Sample spectra every this many steps (0: off).
+    pub sample_every: u64,
+}
+
+/// The example trainer's and the demo's settings: the 256-token vocabulary of their Markov corpus, batches
+/// of 16 sequences of 64 tokens, 2 layers at d_model 64 (the base width too), (lr, wd) = (3e-3, 0.1) under the
+/// paper rule with a constant schedule, seed 0, on the CPU, spectra every 10 steps.
+impl Default for RunSpec {
+    fn default() -> Self {
+        RunSpec {
+            name: "run".into(),
+            d_model: 64,
+            base_d_model: 64,
+            layers: 2,
+            vocab: 256,
+            seq_len: 64,
+            batch: 16,
+            steps: 100,
+            lr: 3e-3,
+            wd: 0.1,
+            rule: Rule::default(),
+            schedule: Schedule::Constant,
+            seed: 0,
+            device: Device::Cpu,
+            sample_every: 10,
+        }
+    }
+}
+
+impl RunSpec {
+    pub fn model_config(&self, d_model: i64) -> model::Config {
+        model::Config::new(self.vocab, d_model, self.base_d_model, self.layers, self.seq_len)
+    }
+
+    /// The base (proxy) model's shapes, with delta shapes from the same model at twice the width, so
+    /// the proxy run itself knows its width dimensions.
+    pub fn base_shapes(&self) -> BaseShapes {
+        let base = VarStore::new(Device::Cpu);
+        let _ = model::llama(base.root(), &self.model_config(self.base_d_model));
+        let delta = VarStore::new(Device::Cpu);
+        let _ = model::llama(delta.root(), &self.model_config(2 * self.base_d_model));
+        BaseShapes::from_var_stores(&base, &delta)
+    }
+
+    /// The optimizer every example run uses: the spec's rule and schedule, global-norm clipping at 1.
+    pub fn optimizer_config(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            weight_decay: self.wd,
+            rule: self.rule,
+            schedule: self.schedule.clone(),
+            max_grad_norm: Some(1.0),
+            // Declared, since the shapes cannot tell a `[vocab, d]` embedding from a readout (the head is a MuReadout).
+            overrides: vec![
+                Override { role: Some(ParamRole::Embedding), ..Override::new("tok_emb.weight") },
+                Override { role: Some(ParamRole::Readout), ..Override::new("lm_head.weight") },
+            ],
+            ..Default::default()
+        }
+    }
+}
+
+/// How the run is monitored.
+#[derive(Default)]
+pub struct Monitoring {
+    pub telemetry: Option<Telemetry>,
+    pub reference: Option<Arc<dyn GainReference>>,
+    /// Record this run's sigma_max profile (a proxy run).
+    pub record_profile: bool,
+    pub alpha: f64,
+    /// Show a progress bar on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
+}
+
+pub struct RunResult {
+    pub table: String,
+    pub losses: Vec<f64>,
+    /// Mean loss over the last 10% of steps.
+    pub final_loss: f64,
+    /// Final sigma_max of every matrix-like parameter, from a float64 SVD.
+    pub sigma_max: BTreeMap<String, f64>,
+    pub profile: Option<ReferenceProfile>,
+    pub seconds: f64,
+}
+
+pub fn tail_mean(losses: &[f64]) -> f64 {
+    let n = (losses.len() / 10).max(1);
+    let tail = &losses[losses.len() - n..];
+    tail.iter().sum::<f64>() / tail.len() as f64
+}
+
+/// Trains one model on the synthetic corpus.
+pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, monitoring: Monitoring) -> anyhow::Result<RunResult> {
+    train_on(spec, &|step| corpus.batch(step, spec.batch as usize, spec.seq_len as usize), monitoring)
+}
+
+/// Trains one model on any token source: `batch(step)` returns `spec.batch × spec.seq_len` ids,
+/// row-major, each below `spec.vocab` (a [`gainguard::data::TokenFile`], say). The base shapes carry
+/// delta shapes, so a run at the base width itself (m = 1) still classifies and decays its hidden matrices.
+pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
+    tch::manual_seed(spec.seed as i64);
+    let vs = VarStore::new(spec.device);
+    let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
+    let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), spec.optimizer_config())?;
+    let table = opt.plan().to_table();
+    let recorder = monitoring.record_profile.then(ProfileRecorder::new);
+    let sampler = attach_sampler(spec, &mut opt, &mut monitoring, recorder.as_ref())?;
+    if let Some(t) = &monitoring.telemetry {
+        t.start(opt.plan(), Some(spec.steps), monitoring.alpha, None);
+    }
+
+    let bar = progress_bar(spec, monitoring.progress);
+    let start = Instant::now();
+    let losses = run_steps(spec, &net, &mut opt, batch, &bar, monitoring.telemetry.as_mut());
+    bar.finish_and_clear();
+    finish_monitoring(spec, sampler.as_ref(), monitoring.telemetry.as_ref());
+
+    let sigma_max = final_sigma_max(&vs, opt.plan());
+    let profile = recorder.map(|r| r.finish(&spec.name, opt.plan(), monitoring.alpha, Some(spec.steps)));
+    Ok(RunResult { table, final_loss: tail_mean(&losses), losses, sigma_max, profile, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Adds the spectra sampler to the optimizer when the spec samples and someone listens (telemetry or a
+/// profile recorder); its samples go to the telemetry's sink, or nowhere but the recorder.
+fn attach_sampler(
+    spec: &RunSpec,
+    opt: &mut WidthScaledAdamW,
+    monitoring: &mut Monitoring,
+    recorder: Option<&ProfileRecorder>,
+) -> anyhow::Result<Option<SamplerHandle>> {
+    if spec.sample_every == 0 || (monitoring.telemetry.is_none() && recorder.is_none()) {
+        return Ok(None);
+    }
+    let (id, sink) = match &monitoring.telemetry {
+        Some(t) => (t.identity().clone(), t.sink().clone()),
+        None => (RunIdentity::local(&spec.name), Sink::disabled()),
+    };
+    let config = SamplerConfig {
+        run: id.run,
+        rank: id.rank,
+        host: id.host,
+        interval: spec.sample_every,
+        // A fixed interval: reference profiles need the same progress points at every width.
+        budget_fraction: None,
+        alpha: monitoring.alpha,
+        planned_steps: Some(spec.steps),
+        ..Default::default()
+    };
+    let mut sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
+    if let Some(r) = monitoring.reference.clone() {
+        sampler = sampler.with_reference(r);
+    }
+    if let Some(rec) = recorder {
+        sampler.add_listener(rec.listener());
+    }
+    let handle = sampler.handle();
+    if let Some(t) = monitoring.telemetry.as_mut() {
+        t.attach_sampler(handle.clone());
+    }
+    opt.add_observer(Box::new(sampler));
+    Ok(Some(handle))
+}
+
+/// A progress bar on stderr, or a hidden one.
+fn progress_bar(spec: &RunSpec, visible: bool) -> ProgressBar {
+    let bar = if visible { ProgressBar::new(spec.steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(spec.name.clone());
+    bar
+}
+
+/// The training loop itself; returns the loss of every step.
+fn run_steps(
+    spec: &RunSpec,
+    net: &model::Llama,
+    opt: &mut WidthScaledAdamW,
+    batch: &dyn Fn(u64) -> Vec<i64>,
+    bar: &ProgressBar,
+    mut telemetry: Option<&mut Telemetry>,
+) -> Vec<f64> {
+    let mut losses = Vec::with_capacity(spec.steps as usize);
+    let tokens = (spec.batch * spec.seq_len) as u64;
+    for step in 0..spec.steps {
+        let ids = Tensor::from_slice(&batch(step))
+            .view([spec.batch, spec.seq_len])
+            .to_device(spec.device);
+        opt.zero_grad();
+        let loss = net.loss(&ids);
+        loss.backward();
+        let report = opt.step();
+        let loss = loss.double_value(&[]);
+        losses.push(loss);
+        bar.set_message(format!("loss {loss:.3}"));
+        bar.inc(1);
+        if let Some(t) = telemetry.as_deref_mut() {
+            t.step(&report, loss, tokens);
+        }
+    }
+    losses
+}
+
+/// Lets the sampler drain its queue, then says goodbye and flushes the sink, so that every sample and
+/// the final step reach the daemon.
+fn finish_monitoring(spec: &RunSpec, sampler: Option<&SamplerHandle>, telemetry: Option<&Telemetry>) {
+    if let Some(h) = sampler {
+        h.finish(std::time::Duration::from_secs(60));
+    }
+    if let Some(t) = telemetry {
+        t.finish(spec.steps, "finished");
+        t.sink().flush(std::time::Duration::from_secs(5));
+    }
+}
+
+/// The final sigma_max of every matrix-like parameter, from a float64 SVD on the CPU (independent of
+/// the sampler's estimates).
+fn final_sigma_max(vs: &VarStore, plan: &ScalingPlan) -> BTreeMap<String, f64> {
+    let vars = vs.variables();
+    plan.decisions
+        .iter()
+        .filter(|d| d.class == ParamClass::MatrixLike)
+        .map(|d| {
+            let w = vars[&d.name].to_device(Device::Cpu).to_kind(Kind::Double);
+            let (_, s, _) = w.reshape([w.size()[0], -1]).svd(true, false);
+            (d.name.clone(), s.max().double_value(&[]))
+        })
+        .collect()
+}
