@@ -31,9 +31,6 @@
 //! μP readout (d_out × d, output / m)`. Teacher: the same architecture at width 64 with fixed random
 //! weights. The loss is the mean squared error to the teacher's output on fresh Gaussian inputs.
 
-#[path = "llama/report.rs"]
-mod report;
-
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -42,6 +39,7 @@ use clap::Parser;
 use gainguard::mup::mu_readout;
 use gainguard::steady_state::{bootstrap_interval, mean, warmup_then_constant, HorizonRate, SteadyStateTrace};
 use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Preset, Rule, WidthScaledAdamW};
+use gainguard_examples::plot;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -512,12 +510,12 @@ fn plot_sigma_vs_width(path: &std::path::Path, a: &Args, rows: &[RuleRow]) -> Re
                     (v.iter().map(|s| (s - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64).sqrt()
                 })
                 .collect();
-            report::Series { y_err: Some(sd), ..report::Series::new(format!("{} (spread {:.2})", row.label, row.spread()), points) }
+            plot::Series { y_err: Some(sd), ..plot::Series::new(format!("{} (spread {:.2})", row.label, row.spread()), points) }
         })
         .collect();
-    let panel = report::Panel { title: format!("{PARAM}: sigma_max at decay horizon H = {} (mean of {} seeds ± sd)", a.horizon, a.seeds), series, hlines: vec![] };
-    let axes = report::Axes { x_label: "student width d", y_label: "sigma_max (steady state)", log_x: true, log_y: true };
-    report::plot_panels(path, "teacher–student: steady-state sigma_max vs width", axes, &[panel], 1)
+    let panel = plot::Panel { title: format!("{PARAM}: sigma_max at decay horizon H = {} (mean of {} seeds ± sd)", a.horizon, a.seeds), series, hlines: vec![] };
+    let axes = plot::Axes { x_label: "student width d", y_label: "sigma_max (steady state)", log_x: true, log_y: true };
+    plot::plot_panels(path, "teacher–student: steady-state sigma_max vs width", axes, &[panel], 1)
 }
 
 /// The slope of ln sigma_max on ln m against gamma; gamma* is where it crosses 0.
@@ -525,14 +523,14 @@ fn plot_slope_vs_gamma(path: &std::path::Path, rows: &[RuleRow]) -> Result<()> {
     let base = rows[0].cells[0].d as f64;
     let ms: Vec<f64> = rows[0].cells.iter().map(|c| c.d as f64 / base).collect();
     let measured = rows.iter().map(|r| (r.rule.gamma, log_slope(&ms, &r.means()))).collect();
-    let panel = report::Panel {
+    let panel = plot::Panel {
         title: "slope of ln sigma_max on ln m along the μP path (0: width-invariant)".into(),
         series: vec![
-            report::Series::new("measured", measured),
-            report::Series::new("the law with alpha = 0.75: 0.75 − (1 + gamma)/2", vec![(0.0, 0.25), (1.0, -0.25)]),
+            plot::Series::new("measured", measured),
+            plot::Series::new("the law with alpha = 0.75: 0.75 − (1 + gamma)/2", vec![(0.0, 0.25), (1.0, -0.25)]),
         ],
         hlines: vec![("flat in width".into(), 0.0)],
     };
-    let axes = report::Axes { x_label: "gamma (wd ∝ m^gamma, lr ∝ 1/m)", y_label: "slope", log_x: false, log_y: false };
-    report::plot_panels(path, "teacher–student: where sigma_max stops depending on width", axes, &[panel], 1)
+    let axes = plot::Axes { x_label: "gamma (wd ∝ m^gamma, lr ∝ 1/m)", y_label: "slope", log_x: false, log_y: false };
+    plot::plot_panels(path, "teacher–student: where sigma_max stops depending on width", axes, &[panel], 1)
 }
