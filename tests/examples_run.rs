@@ -59,15 +59,23 @@ fn the_teacher_student_example_runs_every_rule_to_decay_horizon_6_and_prints_eac
 }
 
 #[test]
-fn the_width_transfer_smoke_preset_writes_a_report_and_a_plot() {
-    let dir = std::env::temp_dir().join(format!("gainguard-wt-smoke-{}", std::process::id()));
-    let mut cmd = example("width_transfer");
-    cmd.args(["--preset", "smoke", "--out"]).arg(&dir);
-    run_ok(cmd);
-    assert!(dir.join("report.md").exists());
-    let pngs = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
-    assert!(pngs >= 1, "no PNG in {}", dir.display());
-    let _ = std::fs::remove_dir_all(&dir);
+fn the_width_transfer_smoke_preset_writes_both_reports_with_decay_horizons_plots_and_measurements() {
+    // Each mode's marker of a per-run decay horizon: a grid cell's "(H 5.7)", a sweep row's "400 steps, H 6.01–6.20".
+    for (mode, extra, per_run_h) in [("transfer", None, "(H "), ("sweep", Some("--gamma-sweep"), "steps, H ")] {
+        let dir = std::env::temp_dir().join(format!("gainguard-wt-smoke-{mode}-{}", std::process::id()));
+        let mut cmd = example("width_transfer");
+        cmd.args(["--preset", "smoke", "--out"]).arg(&dir).args(extra);
+        run_ok(cmd);
+        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(report.contains("H = Σ lr_t·wd_t") && report.contains(per_run_h), "{mode}: every result carries its decay horizon:\n{report}");
+        let pngs = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
+        assert!(pngs >= 1, "no PNG in {}", dir.display());
+        if mode == "sweep" {
+            let ms: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("measurements.json")).unwrap()).unwrap();
+            assert!(!ms.is_empty() && ms.iter().all(|m| m["decay_horizon"].as_f64().is_some_and(|h| h >= 2.0)), "{ms:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
