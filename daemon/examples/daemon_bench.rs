@@ -1,59 +1,55 @@
-//! Benchmark (not a test): `/metrics` latency and RSS of `gainguardd` at ~20k series against a Python
-//! `prometheus_client` exporter serving the same series, and ingest throughput with 8 concurrent senders.
+//! Benchmark (not a test) of `gainguardd`, each figure a ratio against a baseline measured in the same run:
+//!
+//! 1. `/metrics` at ~20k series against a Python `prometheus_client` exporter serving the same series
+//!    (p50/p99 of sequential scrapes, each rendered afresh: `--metrics-max-age 0`), and both processes' RSS.
+//! 2. At ~206k series: 16 concurrent scrapers (each every `--scrape-interval` seconds, default 5; 0 = back to
+//!    back), the daemon's peak RSS, and ingest throughput while they scrape against the same ingest without.
+//! 3. Ingest throughput: 8 senders over the Unix socket writing realistic lines (3 spectrum samples and a step
+//!    per training step) as fast as the socket takes them; and end to end through 8 `gainguard-send`
+//!    processes (their JSON encoding shares the same cores).
 //!
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
-//!      target/release/examples/daemon_bench [--python .venv/bin/python] [--scrapes 40]
-//! Loopback only; every request count is bounded.
+//!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5] [--only N]
+//! Without --python, the baseline's `prometheus_client` is installed into a throwaway virtualenv under
+//! target/bench-venv. Loopback only; every request count is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gainguard_daemon::events::*;
-use gainguard_daemon::{Sink, SinkOptions};
+use gainguard_daemon::protocol::encode_line;
 
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod support;
+use support::{bin, die_with_parent, get, free_addr, status_mib, cpu_seconds, Guard};
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
-fn get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    raw.get(..12).filter(|h| h.ends_with(b"200"))?;
-    Some(raw[split + 4..].to_vec())
-}
+
 
 fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while get(addr, "/metrics").is_none() {
         assert!(Instant::now() < deadline, "{addr} never answered");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
-}
+
 
 fn value(body: &str, name: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
         .sum()
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    value(&String::from_utf8(get(addr, "/metrics").unwrap()).unwrap(), name)
 }
 
 /// p50 and p99 of `n` sequential scrapes, after 3 warm-up scrapes.
@@ -74,18 +70,44 @@ fn scrape_latency(addr: SocketAddr, n: usize) -> (Duration, Duration, usize) {
     (pick(0.5), pick(0.99), bytes)
 }
 
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    let p = dir.join(name);
-    assert!(p.exists(), "{} missing: build with `cargo build --release -p gainguard-daemon --bins --examples`", p.display());
-    p
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
-fn spectrum(param: String, layer: u32, v: f64) -> Event {
+struct Gd {
+    child: Guard,
+    metrics: SocketAddr,
+    sock: PathBuf,
+}
+
+fn gainguardd(dir: &Path, name: &str, extra: &[&str]) -> Gd {
+    let sock = dir.join(format!("{name}.sock"));
+    let metrics = free_addr();
+    let child = Guard(
+        die_with_parent(&mut Command::new(bin("gainguardd")))
+            .args(["--listen", &metrics.to_string(), "--nvml", "off"])
+            .arg(format!("--ingest=unix:{}", sock.display()))
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(metrics);
+    Gd { child, metrics, sock }
+}
+
+/// A greeted raw connection to the daemon's Unix socket.
+fn connect(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).unwrap();
+    let mut greeting = String::new();
+    BufReader::new(s.try_clone().unwrap()).read_line(&mut greeting).unwrap();
+    assert!(greeting.contains("\"ok\""), "{greeting}");
+    s
+}
+
+fn full_sample(param: String, layer: u32, v: f64) -> Event {
     Event::Spectrum(SpectrumSample {
-        param,
-        layer: Some(layer),
-        class: ParamClass::MatrixLike,
         sigma_max: Some(v),
         top_k: vec![v],
         iterations: 2,
@@ -97,37 +119,19 @@ fn spectrum(param: String, layer: u32, v: f64) -> Event {
         effective_rank: Some(100.0),
         quantiles: Some(SpectrumQuantiles { p10: 0.1, p50: 0.5, p90: 0.9, p99: v }),
         update_ratio: Some(1e-3),
-        nonfinite: false,
         duration_seconds: 0.01,
-        progress: None,
         decay_horizon: Some(6.0),
+        ..SpectrumSample::empty(param, Some(layer), ParamClass::MatrixLike)
     })
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |k: &str, d: &str| args.iter().position(|a| a == k).map(|i| args[i + 1].clone()).unwrap_or(d.into());
-    let python = arg("--python", ".venv/bin/python");
-    let scrapes: usize = arg("--scrapes", "40").parse().unwrap();
-    let dir = std::env::temp_dir().join(format!("gainguard-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = format!("unix:{}", dir.join("d.sock").display());
-
-    // 1. gainguardd with ~20k series: 8 ranks x 147 fully sampled parameters.
-    let metrics = free_addr();
-    let daemon = Guard(
-        Command::new(bin("gainguardd"))
-            .args(["--listen", &metrics.to_string(), "--ingest", &sock, "--nvml", "off"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_ready(metrics);
-    let (ranks, params) = (8u32, 147usize);
-    for rank in 0..ranks {
-        let sink = Sink::connect(&sock, SinkOptions { capacity: 100_000, ..Default::default() }).unwrap();
-        let e = |step, ev| Envelope::new("bench", rank, "node", step, ev);
-        sink.send(e(0, Event::Hello(Hello { pid: 1, planned_steps: Some(1000), rule: "paper".into(), gamma: Some(0.5), alpha: Some(0.75), reference: None })));
+/// Loads `runs × params` fully sampled parameters (a Params table, one full sample each, one Step).
+fn load(gd: &Gd, runs: u32, params: usize) -> usize {
+    let mut s = connect(&gd.sock);
+    for rank in 0..runs {
+        let e = |step, ev| encode_line(&Envelope::new("bench", rank, "node", step, ev)).unwrap();
+        let h = Hello { pid: 1, planned_steps: Some(1000), rule: "paper".into(), gamma: Some(0.5), alpha: Some(0.75), reference: None };
+        let mut out = e(0, Event::Hello(h));
         let table = (0..params)
             .map(|j| ParamInfo {
                 name: format!("blocks.{j}.attn.q.weight"),
@@ -139,74 +143,241 @@ fn main() {
                 weight_decay: 0.1,
             })
             .collect();
-        sink.send(e(0, Event::Params(ParamsTable { params: table })));
+        out.extend(e(0, Event::Params(ParamsTable { params: table })));
         for j in 0..params {
-            sink.send(e(1, spectrum(format!("blocks.{j}.attn.q.weight"), j as u32, 1.0 + j as f64)));
+            out.extend(e(1, full_sample(format!("blocks.{j}.attn.q.weight"), j as u32, 1.0 + j as f64)));
         }
-        sink.send(e(1, Event::Step(StepEvent { loss: Some(2.0), tokens: 1, duration_seconds: Some(0.1), timestamp_seconds: 1.0, ..Default::default() })));
-        assert_eq!(sink.dropped_total(), 0);
+        let st = StepEvent { loss: Some(2.0), tokens: 1, duration_seconds: Some(0.1), timestamp_seconds: 1.0, ..Default::default() };
+        out.extend(e(1, Event::Step(st)));
+        s.write_all(&out).unwrap();
     }
-    let body = loop {
-        let body = String::from_utf8(get(metrics, "/metrics").unwrap()).unwrap();
-        if value(&body, "gainguard_spectrum_samples_total") as usize == ranks as usize * params {
-            break body;
-        }
+    let want = runs as f64 * params as f64;
+    while metric(gd.metrics, "gainguard_spectrum_samples_total") < want {
         std::thread::sleep(Duration::from_millis(100));
-    };
-    let series = body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count();
-    let (d50, d99, dbytes) = scrape_latency(metrics, scrapes);
-    let drss = rss_kib(daemon.0.id());
+    }
+    // Counted on a body rendered after the last event was applied (a body rendered meanwhile can show
+    // families encoded before and after a given event).
+    std::thread::sleep(Duration::from_millis(1100));
+    let body = String::from_utf8(get(gd.metrics, "/metrics").unwrap()).unwrap();
+    body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
+}
 
-    // 2. The same series from prometheus_client.
+/// One training step as `gainguard-send` writes it: 3 spectrum samples and a step, for run `ingest-RANK`.
+fn step_block(rank: u32, steps: u64) -> (Vec<u8>, u64) {
+    let mut out = Vec::new();
+    let mut events = 0;
+    for i in 1..=steps {
+        for j in 0..3u32 {
+            let s = SpectrumSample {
+                sigma_max: Some(1.0 + j as f64),
+                iterations: 2,
+                duration_seconds: 0.001,
+                ..SpectrumSample::empty(format!("blocks.{j}.mlp.up.weight"), Some(j), ParamClass::MatrixLike)
+            };
+            out.extend(encode_line(&Envelope::new(format!("ingest-{rank}"), rank, "localhost", i, Event::Spectrum(s))).unwrap());
+        }
+        let st = StepEvent { loss: Some(2.0 + 1.0 / i as f64), tokens: 1000, duration_seconds: Some(0.01), timestamp_seconds: 1.7e9, ..Default::default() };
+        out.extend(encode_line(&Envelope::new(format!("ingest-{rank}"), rank, "localhost", i, Event::Step(st))).unwrap());
+        events += 4;
+    }
+    (out, events)
+}
+
+/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second, from the
+/// first byte until the daemon has counted every event.
+fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
+    let before = metric(gd.metrics, "gainguard_ingest_events_total");
+    let cpu = cpu_seconds(gd.child.0.id());
+    let blocks: Vec<(Vec<u8>, u64)> = (0..8).map(|r| step_block(r, 1000)).collect();
+    let total: u64 = blocks.iter().map(|(_, n)| n * repeats as u64).sum();
+    let conns: Vec<UnixStream> = (0..8).map(|_| connect(&gd.sock)).collect();
+    let start = Instant::now();
+    let writers: Vec<_> = conns
+        .into_iter()
+        .zip(blocks)
+        .map(|(mut s, (block, _))| {
+            std::thread::spawn(move || {
+                for _ in 0..repeats {
+                    s.write_all(&block).unwrap();
+                }
+                s
+            })
+        })
+        .collect();
+    let conns: Vec<UnixStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    loop {
+        let now = metric(gd.metrics, "gainguard_ingest_events_total") - before;
+        if now >= total as f64 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "ingest stalled at {now} of {total}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(gd.child.0.id()) - cpu;
+    println!(
+        "  {total} events in {secs:.2} s: daemon CPU {cpu:.2} s = {:.2} µs per event (2 cores: at most {:.0} events/s for the daemon alone)",
+        cpu / total as f64 * 1e6,
+        2.0 * total as f64 / cpu
+    );
+    drop(conns);
+    (total as f64 / secs, total as f64)
+}
+
+/// Creates target/bench-venv with prometheus_client, unless it is there; returns its python.
+fn baseline_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-venv");
+    let python = venv.join("bin/python");
+    let ok = |p: &Path| Command::new(p).args(["-c", "import prometheus_client"]).status().is_ok_and(|s| s.success());
+    if !ok(&python) {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap();
+        assert!(made.success(), "python3 -m venv {}", venv.display());
+        let pip = Command::new(venv.join("bin/pip")).args(["install", "--quiet", "prometheus_client"]).status().unwrap();
+        assert!(pip.success(), "pip install prometheus_client");
+    }
+    python
+}
+
+fn python_exporter(python: &Path, body: &str, dir: &Path, scrapes: usize) -> (Duration, Duration, usize, f64, String) {
     let body_path = dir.join("body.txt");
-    std::fs::write(&body_path, &body).unwrap();
-    let py_addr = free_addr();
+    std::fs::write(&body_path, body).unwrap();
+    let addr = free_addr();
     let mut py = Guard(
-        Command::new(&python)
-            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_exporter.py")])
+        Command::new(python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_exporter.py"))
             .arg(&body_path)
-            .arg(py_addr.port().to_string())
+            .arg(addr.port().to_string())
             .stdout(Stdio::piped())
             .spawn()
             .expect("python with prometheus_client"),
     );
     let mut ready = String::new();
     BufReader::new(py.0.stdout.take().unwrap()).read_line(&mut ready).unwrap();
-    wait_ready(py_addr);
-    let (p50, p99, pbytes) = scrape_latency(py_addr, scrapes);
-    let prss = rss_kib(py.0.id());
-    drop(py);
+    wait_ready(addr);
+    let (p50, p99, bytes) = scrape_latency(addr, scrapes);
+    let rss = status_mib(py.0.id(), "VmRSS:");
+    (p50, p99, bytes, rss, ready.trim().to_string())
+}
 
-    println!("series in the body: {series} (python: {})", ready.trim());
-    println!("| exporter | /metrics p50 | /metrics p99 | body bytes | RSS |");
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |k: &str| args.iter().position(|a| a == k).map(|i| args[i + 1].clone());
+    let scrapes: usize = arg("--scrapes").map_or(40, |s| s.parse().unwrap());
+    // `--only 3` runs one section (1, 2 or 3).
+    let only: Option<u32> = arg("--only").map(|s| s.parse().unwrap());
+    let run = |section: u32| only.is_none_or(|o| o == section);
+    let dir = std::env::temp_dir().join(format!("gainguard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    if run(1) {
+        exporter_against_python(&dir, scrapes, arg("--python"));
+    }
+    if run(2) {
+        let interval = Duration::from_secs_f64(arg("--scrape-interval").map_or(5.0, |s| s.parse().unwrap()));
+        concurrent_scrapes_at_200k(&dir, interval);
+    }
+    if run(3) {
+        ingest_throughput(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Section 1: 20k series, every scrape rendered afresh, against prometheus_client.
+fn exporter_against_python(dir: &Path, scrapes: usize, python: Option<String>) {
+    let python = python.map_or_else(baseline_python, PathBuf::from);
+    let dir = dir.to_path_buf();
+    let gd = gainguardd(&dir, "a", &["--metrics-max-age", "0"]);
+    let series = load(&gd, 8, 147);
+    let body = String::from_utf8(get(gd.metrics, "/metrics").unwrap()).unwrap();
+    let (d50, d99, dbytes) = scrape_latency(gd.metrics, scrapes);
+    let drss = status_mib(gd.child.0.id(), "VmRSS:");
+    drop(gd);
+    let (p50, p99, pbytes, prss, ready) = python_exporter(&python, &body, dir.as_path(), scrapes);
+    println!("## 1. /metrics at {series} series (python: {ready}), {scrapes} sequential scrapes, each rendered afresh");
+    println!("| exporter | p50 | p99 | body bytes | RSS |");
     println!("|---|---|---|---|---|");
-    println!("| gainguardd | {:.2} ms | {:.2} ms | {dbytes} | {:.1} MiB |", d50.as_secs_f64() * 1e3, d99.as_secs_f64() * 1e3, drss as f64 / 1024.0);
-    println!("| prometheus_client | {:.2} ms | {:.2} ms | {pbytes} | {:.1} MiB |", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3, prss as f64 / 1024.0);
+    println!("| gainguardd | {:.2} ms | {:.2} ms | {dbytes} | {drss:.1} MiB |", ms(d50), ms(d99));
+    println!("| prometheus_client | {:.2} ms | {:.2} ms | {pbytes} | {prss:.1} MiB |", ms(p50), ms(p99));
     println!(
-        "ratios (python / gainguardd): p50 {:.1}x, p99 {:.1}x, RSS {:.1}x",
-        p50.as_secs_f64() / d50.as_secs_f64(),
-        p99.as_secs_f64() / d99.as_secs_f64(),
-        prss as f64 / drss as f64
+        "ratios: python / gainguardd p50 {:.1}x, p99 {:.1}x; RSS gainguardd / python {:.2}",
+        ms(p50) / ms(d50),
+        ms(p99) / ms(d99),
+        drss / prss
     );
 
-    // 3. Ingest throughput: 8 gainguard-send processes at once over the Unix socket.
-    let before = value(&String::from_utf8(get(metrics, "/metrics").unwrap()).unwrap(), "gainguard_ingest_events_total");
-    let (senders, steps, sparams) = (8, 25_000u64, 3usize);
+}
+
+/// Section 2: 206k series, 16 concurrent scrapers each scraping every `interval` (0: back to back); ingest
+/// with and without them.
+fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
+    let gd = gainguardd(&dir, "b", &[]);
+    let series = load(&gd, 3, 4096);
+    let (cached50, _, big_bytes) = scrape_latency(gd.metrics, 5);
+    let (idle_rate, _) = ingest_rate(&gd, 60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, stop) = (gd.metrics, Arc::clone(&stop));
+            std::thread::spawn(move || {
+                // Prometheus would run elsewhere; here its stand-ins yield the shared cores to ingest.
+                // SAFETY: lowers this thread's priority only (Linux).
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                let mut n = 0;
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if get(addr, "/metrics").is_some() {
+                        n += 1;
+                    }
+                    next += interval;
+                    while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (busy_rate, _) = ingest_rate(&gd, 60);
+    stop.store(true, Ordering::Relaxed);
+    let served: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
+    let peak = status_mib(gd.child.0.id(), "VmHWM:");
+    println!("## 2. {series} series ({big_bytes} bytes), 16 concurrent scrapers, each every {interval:?}");
+    println!(
+        "scrape p50 {:.1} ms (cached body); {served} scrapes served during the busy ingest; peak RSS {peak:.0} MiB",
+        ms(cached50)
+    );
+    println!(
+        "ingest: {idle_rate:.0} events/s without scrapers, {busy_rate:.0} with 16; ratio {:.2}",
+        busy_rate / idle_rate
+    );
+    drop(gd);
+
+}
+
+/// Section 3: ingest from 8 raw senders, then from 8 gainguard-send processes.
+fn ingest_throughput(dir: &Path) {
+    let gd = gainguardd(&dir, "c", &[]);
+    let (rate, total) = ingest_rate(&gd, 40);
+    let rejected = metric(gd.metrics, "gainguard_ingest_rejected_total");
+    println!("## 3. ingest, 8 senders over the Unix socket");
+    println!("raw lines: {total} events in {:.2} s = {rate:.0} events/s, {rejected} rejected", total / rate);
+    let before = metric(gd.metrics, "gainguard_ingest_events_total");
     let start = Instant::now();
-    let children: Vec<Guard> = (0..senders)
+    let sock = format!("unix:{}", gd.sock.display());
+    let children: Vec<Guard> = (0..8)
         .map(|r| {
             Guard(
                 Command::new(bin("gainguard-send"))
-                    .args(["--addr", &sock, "--run", "ingest", "--rank", &r.to_string()])
-                    .args(["--steps", &steps.to_string(), "--params", &sparams.to_string(), "--capacity", "200000"])
+                    .args(["--addr", &sock, "--run", "e2e", "--rank", &r.to_string()])
+                    .args(["--steps", "25000", "--params", "3", "--capacity", "200000"])
                     .stdout(Stdio::piped())
                     .spawn()
                     .unwrap(),
             )
         })
         .collect();
-    let mut dropped = 0u64;
-    let mut sent = 0u64;
+    let (mut sent, mut dropped) = (0u64, 0u64);
     for mut c in children {
         let mut out = String::new();
         c.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
@@ -215,20 +386,10 @@ fn main() {
         dropped += v["dropped"].as_u64().unwrap();
     }
     let expected = (sent - dropped) as f64;
-    loop {
-        let now = value(&String::from_utf8(get(metrics, "/metrics").unwrap()).unwrap(), "gainguard_ingest_events_total");
-        if now - before >= expected {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(300), "ingest stalled at {}", now - before);
-        // Scrapes of 20k series cost CPU that the senders and the daemon share; poll gently.
-        std::thread::sleep(Duration::from_millis(250));
+    while metric(gd.metrics, "gainguard_ingest_events_total") - before < expected {
+        assert!(start.elapsed() < Duration::from_secs(300), "ingest stalled");
+        std::thread::sleep(Duration::from_millis(20));
     }
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "ingest: {senders} senders, {sent} events ({dropped} dropped by senders) in {secs:.2} s = {:.0} events/s end to end",
-        expected / secs
-    );
-    drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
+    println!("gainguard-send x 8: {sent} events ({dropped} dropped by senders) in {secs:.2} s = {:.0} events/s end to end", expected / secs);
 }

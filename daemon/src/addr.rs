@@ -9,7 +9,7 @@ use std::str::FromStr;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IngestAddr {
     Unix(PathBuf),
-    /// Loopback only: the protocol carries no authentication.
+    /// Loopback only; writers authenticate with a token (docs/protocol.md).
     Tcp(SocketAddr),
 }
 
@@ -17,7 +17,7 @@ pub enum IngestAddr {
 pub enum AddrError {
     #[error("ingest address `{0}`: expected `unix:/path/to.sock` or `tcp:127.0.0.1:PORT`")]
     Syntax(String),
-    #[error("ingest address `{0}`: TCP ingest must be a loopback address (127.0.0.1 or [::1]); the protocol has no authentication")]
+    #[error("ingest address `{0}`: TCP ingest must be a loopback address (127.0.0.1 or [::1])")]
     NotLoopback(String),
 }
 
@@ -51,16 +51,25 @@ impl fmt::Display for IngestAddr {
 }
 
 /// The default ingest socket: `$XDG_RUNTIME_DIR/gainguardd.sock` when `XDG_RUNTIME_DIR` is set (a per-user
-/// 0700 directory), else `/tmp/gainguardd-<uid>.sock`. The plugin uses the same default.
+/// 0700 directory), else `/tmp/gainguardd-<uid>/gainguardd.sock`, in a directory the daemon creates with mode
+/// 0700 and refuses to use unless it owns it (its name in /tmp is predictable). The plugin uses the same
+/// default.
 pub fn default_ingest_addr() -> IngestAddr {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => IngestAddr::Unix(PathBuf::from(dir).join("gainguardd.sock")),
-        _ => {
-            // SAFETY: getuid cannot fail.
-            let uid = unsafe { libc::getuid() };
-            IngestAddr::Unix(PathBuf::from(format!("/tmp/gainguardd-{uid}.sock")))
-        }
+        _ => IngestAddr::Unix(default_socket_dir().join("gainguardd.sock")),
     }
+}
+
+fn default_socket_dir() -> PathBuf {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/gainguardd-{uid}"))
+}
+
+/// True for the directory of the default socket path without `XDG_RUNTIME_DIR`.
+pub(crate) fn is_default_socket_dir(dir: &std::path::Path) -> bool {
+    dir == default_socket_dir()
 }
 
 /// This machine's host name, used as the `host` label of node-level series (NVML).

@@ -14,7 +14,8 @@ pub fn unix_now() -> f64 {
 /// The wire protocol version carried in every envelope's `v` field.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// One event together with the identity of the trainer that sent it.
+/// One event together with the identity of the trainer that sent it. Absent optional values are left out of
+/// the encoded line (they decode back to `None`), which keeps lines short for the daemon to parse.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
@@ -38,8 +39,9 @@ impl Envelope {
     }
 }
 
-/// The payloads a trainer sends.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// The payloads a trainer sends. Deserialized by hand (see `protocol.rs`): serde's derive for an internally
+/// tagged enum buffers every event into an intermediate tree first, which was most of the cost of ingest.
+#[derive(Serialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// A trainer process started (or reconnected). Marks the run/rank as up.
@@ -60,18 +62,18 @@ pub struct Hello {
     /// OS process id of the trainer, for per-process GPU memory.
     pub pid: u32,
     /// Planned number of optimizer steps, if known (progress = step / planned_steps).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planned_steps: Option<u64>,
     /// Rule preset name (`paper`, `mup-coupled`, `mup-fixed-wd`, `standard`, `custom`).
     pub rule: String,
     /// Weight-decay width exponent gamma (`lambda ∝ m^gamma`); None for `standard`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gamma: Option<f64>,
     /// Exponent alpha used for `sigma_max_normalized`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// Path or name of the reference profile in use, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
 }
 
@@ -97,7 +99,7 @@ pub struct ParamInfo {
     /// Full parameter name, e.g. `blocks.3.mlp.up.weight`.
     pub name: String,
     /// Block index parsed from the name where one exists.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<u32>,
     pub class: ParamClass,
     pub shape: Vec<i64>,
@@ -114,10 +116,10 @@ pub struct ParamsTable {
     pub params: Vec<ParamInfo>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StepEvent {
     /// Training loss of this step. None when it was not finite (JSON has no NaN).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
     /// True when the loss was NaN or ±Inf.
     #[serde(default)]
@@ -126,7 +128,7 @@ pub struct StepEvent {
     #[serde(default)]
     pub tokens: u64,
     /// Wall time of this step in seconds.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
     /// Unix time at which the step finished.
     pub timestamp_seconds: f64,
@@ -143,12 +145,30 @@ pub struct StepEvent {
     #[serde(default)]
     pub events_dropped_total: u64,
     /// Number of parameters that held NaN/Inf after this step (None when not checked).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonfinite_parameters: Option<u64>,
 }
 
 fn one() -> f64 {
     1.0
+}
+
+/// Like the wire format's defaults: multipliers 1 (no schedule), everything else zero or absent.
+impl Default for StepEvent {
+    fn default() -> Self {
+        StepEvent {
+            loss: None,
+            loss_nonfinite: false,
+            tokens: 0,
+            duration_seconds: None,
+            timestamp_seconds: 0.0,
+            lr_multiplier: 1.0,
+            wd_multiplier: 1.0,
+            spectrum_samples_dropped_total: 0,
+            events_dropped_total: 0,
+            nonfinite_parameters: None,
+        }
+    }
 }
 
 /// Singular-value quantiles from a full spectrum.
@@ -164,41 +184,41 @@ pub struct SpectrumQuantiles {
 pub struct SpectrumSample {
     /// Full parameter name.
     pub param: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<u32>,
     pub class: ParamClass,
     /// Top singular value. None when the weights were not finite.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sigma_max: Option<f64>,
     /// Top-k singular values, descending (k is configurable; the first is sigma_max).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_k: Vec<f64>,
     /// Subspace iterations the estimate took.
     #[serde(default)]
     pub iterations: u32,
     /// sigma_max / (sqrt(lr/wd) · m^alpha); only where wd > 0.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sigma_max_normalized: Option<f64>,
     /// Reference sigma_max at the same progress (from the proxy's profile or the run's own baseline).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_sigma_max: Option<f64>,
     /// sigma_max / reference_sigma_max.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gain_ratio: Option<f64>,
     /// ‖W‖_F² / sigma_max² (every sample: exact given sigma_max and the Frobenius norm).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_rank: Option<f64>,
     /// ‖W‖_F.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frobenius_norm: Option<f64>,
     /// exp(entropy of the normalized singular values) (full-spectrum samples only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_rank: Option<f64>,
     /// Singular-value quantiles (full-spectrum samples only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantiles: Option<SpectrumQuantiles>,
     /// ‖ΔW‖_F / ‖W‖_F for the sampled step.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_ratio: Option<f64>,
     /// True when the sampled weights held NaN or ±Inf.
     #[serde(default)]
@@ -207,7 +227,7 @@ pub struct SpectrumSample {
     #[serde(default)]
     pub duration_seconds: f64,
     /// Training progress in [0, 1] at the sampled step, if planned steps are known.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
     /// Decay horizon `H = Σ_t lr_t·wd_t` of the parameter at the sampled step (width-scaled, schedule included):
     /// the weight-decay timescales it has seen. Below a few, sigma_max is mostly the decayed initialisation.
@@ -266,6 +286,12 @@ mod tests {
         assert!(line.contains(r#""type":"step""#), "{line}");
         let back: Envelope = serde_json::from_str(&line).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_default_step_event_has_the_wire_defaults() {
+        let from_wire: StepEvent = serde_json::from_str(r#"{"timestamp_seconds":0.0}"#).unwrap();
+        assert_eq!(StepEvent::default(), from_wire);
     }
 
     #[test]

@@ -1,94 +1,134 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text format) and `/healthz`. It gathers the registry and knows
-//! nothing about the sources that fill it.
+//! The HTTP endpoint: `/metrics` (Prometheus text format) and `/healthz`. It serves the body that
+//! [`ScrapeCache`] renders and knows nothing about the sources that fill the registry.
+//!
+//! Limits, so that slow or hostile clients cannot take the endpoint away from Prometheus: a client must send
+//! its request head within the header-read timeout; open connections are capped (at the cap the oldest one
+//! without a request in progress is closed); at most `max_concurrent_scrapes` `/metrics` requests are served
+//! at once and the others get 503, like node_exporter's `--web.max-requests`.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use prometheus::proto::MetricType;
-use prometheus::{Encoder, Registry, TextEncoder};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::{accept_loop, BusyGuard, ConnectionTable, Peer, Slot};
+use crate::scrape::ScrapeCache;
 use crate::selfmetrics::SelfMetrics;
 
-pub(crate) struct Exporter {
-    pub registry: Registry,
-    /// Holds only `gainguard_exported_series`, which is set from the main registry's size before encoding.
-    pub meta: Registry,
-    pub metrics: SelfMetrics,
+pub(crate) struct Http {
+    pub cache: ScrapeCache,
     pub healthy: Arc<AtomicBool>,
+    pub metrics: SelfMetrics,
+    pub scrapes: Arc<Semaphore>,
+    pub connections: Arc<ConnectionTable>,
+    pub header_read_timeout: Duration,
 }
 
-impl Exporter {
-    pub fn render(&self) -> Vec<u8> {
-        let mut families = self.registry.gather();
-        let samples: usize = families
-            .iter()
-            .map(|f| match f.get_field_type() {
-                MetricType::HISTOGRAM => {
-                    f.get_metric().iter().map(|m| m.get_histogram().get_bucket().len() + 3).sum::<usize>()
-                }
-                _ => f.get_metric().len(),
-            })
-            .sum();
-        self.metrics.exported_series.set(samples as i64);
-        families.extend(self.meta.gather());
-        let mut body = Vec::with_capacity(samples * 128);
-        let encoder = TextEncoder::new();
-        // gainguard_singular_value_quantile is kept as gauges but exposed as a summary: a `quantile` label is
-        // only legal on summaries (promtool), and this family is exactly a summary's quantiles of the
-        // singular values, without _sum and _count (which the text format allows).
-        let (quantiles, rest): (Vec<_>, Vec<_>) =
-            families.into_iter().partition(|f| f.name() == crate::sources::spectra::QUANTILE_FAMILY);
-        encoder.encode(&rest, &mut body).expect("text encoding into a Vec cannot fail");
-        if !quantiles.is_empty() {
-            let mut q = Vec::new();
-            encoder.encode(&quantiles, &mut q).expect("text encoding into a Vec cannot fail");
-            let gauge = format!("# TYPE {} gauge\n", crate::sources::spectra::QUANTILE_FAMILY);
-            let summary = format!("# TYPE {} summary\n", crate::sources::spectra::QUANTILE_FAMILY);
-            body.extend_from_slice(String::from_utf8_lossy(&q).replacen(&gauge, &summary, 1).as_bytes());
-        }
-        body
+/// A response body that keeps its connection marked busy, and its scrape permit taken, until it is sent.
+pub(crate) struct Reply {
+    inner: Full<Bytes>,
+    _busy: Option<BusyGuard>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Reply {
+    fn new(body: impl Into<Bytes>) -> Self {
+        Reply { inner: Full::new(body.into()), _busy: None, _permit: None }
+    }
+}
+
+impl hyper::body::Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
-            Response::builder()
-                .status(status)
-                .header("content-type", content_type)
-                .body(Full::new(Bytes::from(body)))
-                .expect("static response parts are valid")
-        };
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Reply) -> Response<Reply> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r
+}
+
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl Http {
+    async fn respond(&self, req: Request<Incoming>, slot: &Slot) -> Response<Reply> {
+        let busy = slot.busy_guard();
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"only GET\n".to_vec());
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", Reply::new("only GET\n"));
         }
         match req.uri().path() {
-            "/metrics" => reply(StatusCode::OK, TextEncoder::new().format_type(), self.render()),
-            "/healthz" if self.healthy.load(Ordering::Relaxed) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/metrics" => {
+                let Ok(permit) = Arc::clone(&self.scrapes).try_acquire_owned() else {
+                    self.metrics.http_refused("too_many_scrapes");
+                    return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", Reply::new("too many concurrent scrapes\n"));
+                };
+                let Some(body) = self.cache.body().await else {
+                    return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", Reply::new("rendering failed; see the log\n"));
+                };
+                let body = Reply { inner: Full::new(body), _busy: Some(busy), _permit: Some(permit) };
+                reply(StatusCode::OK, TEXT_FORMAT, body)
+            }
+            "/healthz" if self.healthy.load(Ordering::Relaxed) => reply(StatusCode::OK, "text/plain", Reply::new("ok\n")),
+            "/healthz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", Reply::new("the run table stopped\n")),
             "/" => reply(
                 StatusCode::OK,
                 "text/html",
-                b"<html><body><h1>gainguardd</h1><a href=\"/metrics\">/metrics</a> <a href=\"/healthz\">/healthz</a></body></html>\n"
-                    .to_vec(),
+                Reply::new(
+                    "<html><body><h1>gainguardd</h1><a href=\"/metrics\">/metrics</a> <a href=\"/healthz\">/healthz</a></body></html>\n",
+                ),
             ),
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", Reply::new("not found\n")),
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream, slot: Slot) {
+        let slot = Arc::new(slot);
+        let http = Arc::clone(&self);
+        let for_service = Arc::clone(&slot);
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (http, slot) = (Arc::clone(&http), Arc::clone(&for_service));
+            async move { Ok::<_, Infallible>(http.respond(req, &slot).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(self.header_read_timeout);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::select! {
+            _ = conn => {}
+            () = slot.evicted() => self.metrics.http_refused("evicted"),
         }
     }
 }
 
-pub(crate) async fn serve(listener: tokio::net::TcpListener, exporter: Arc<Exporter>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let exporter = Arc::clone(&exporter);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let exporter = Arc::clone(&exporter);
-                async move { Ok::<_, Infallible>(exporter.respond(&req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+pub(crate) async fn serve(listener: tokio::net::TcpListener, http: Arc<Http>) {
+    accept_loop(listener, "metrics endpoint", move |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
+        match http.connections.admit(Peer::Addr(peer.ip())) {
+            Ok(slot) => {
+                tokio::spawn(Arc::clone(&http).connection(stream, slot));
+            }
+            // Dropping the stream closes it at once, so the descriptor is not held.
+            Err(_) => http.metrics.http_refused("too_many_connections"),
+        }
+    })
+    .await
 }

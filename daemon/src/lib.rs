@@ -8,16 +8,27 @@
 //!   Unix socket or loopback TCP; trainers send through [`Sink::connect`].
 
 pub mod addr;
+mod admission;
+pub mod auth;
+pub mod config;
 mod daemon;
+pub mod error;
 pub mod events;
+pub mod exposition;
 mod http;
 mod ingest;
+mod listeners;
+pub mod logging;
 pub mod protocol;
+mod queue;
 mod runs;
+mod scrape;
 pub mod selfmetrics;
 pub mod sink;
 pub mod sources;
 
 pub use addr::{default_ingest_addr, IngestAddr};
-pub use daemon::{Daemon, DaemonConfig, DaemonError, Limits, NvmlMode};
+pub use config::{DaemonConfig, IngestAuth, Limits, NvmlMode};
+pub use daemon::Daemon;
+pub use error::DaemonError;
 pub use sink::{Sink, SinkError, SinkOptions};

@@ -5,7 +5,10 @@
 //! protocol version this daemon does not speak, or carries values that cannot be true (negative durations,
 //! a negative singular value, a non-finite float from an in-process sender, ...).
 
-use crate::events::{Envelope, Event, PROTOCOL_VERSION};
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::events::{Envelope, Event, Goodbye, Hello, ParamsTable, SpectrumSample, StepEvent, PROTOCOL_VERSION};
 
 /// Default maximum length of one line, newline excluded.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
@@ -29,10 +32,16 @@ pub enum RejectReason {
     TooManyParams,
     TooManySeries,
     TooManyConnections,
+    /// A TCP connection whose first line was not the right token (see docs/protocol.md, "Authentication").
+    Unauthenticated,
+    /// A Unix peer whose uid is neither the daemon's nor in `--ingest-allow-uid`.
+    UidNotAllowed,
+    /// The line would have pushed the unfinished lines of all connections past `--ingest-buffer-bytes`.
+    BufferFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::Malformed,
         RejectReason::Schema,
         RejectReason::UnknownVersion,
@@ -42,6 +51,9 @@ impl RejectReason {
         RejectReason::TooManyParams,
         RejectReason::TooManySeries,
         RejectReason::TooManyConnections,
+        RejectReason::Unauthenticated,
+        RejectReason::UidNotAllowed,
+        RejectReason::BufferFull,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -55,6 +67,9 @@ impl RejectReason {
             RejectReason::TooManyParams => "too_many_params",
             RejectReason::TooManySeries => "too_many_series",
             RejectReason::TooManyConnections => "too_many_connections",
+            RejectReason::Unauthenticated => "unauthenticated",
+            RejectReason::UidNotAllowed => "uid_not_allowed",
+            RejectReason::BufferFull => "buffer_full",
         }
     }
 }
@@ -93,6 +108,62 @@ pub fn encode_line(envelope: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
     Ok(line)
 }
 
+/// The `type` of an event object.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum EventType {
+    Hello,
+    Params,
+    Step,
+    Spectrum,
+    Goodbye,
+}
+
+impl EventType {
+    fn payload<'de, D: Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
+        Ok(match self {
+            EventType::Hello => Event::Hello(Hello::deserialize(d)?),
+            EventType::Params => Event::Params(ParamsTable::deserialize(d)?),
+            EventType::Step => Event::Step(StepEvent::deserialize(d)?),
+            EventType::Spectrum => Event::Spectrum(SpectrumSample::deserialize(d)?),
+            EventType::Goodbye => Event::Goodbye(Goodbye::deserialize(d)?),
+        })
+    }
+}
+
+/// The wire form of [`Event`]: an object whose `type` field names the payload, the payload's fields beside
+/// it. When `type` comes first (as every encoder here writes it), the rest of the object is read straight
+/// into the payload; otherwise the object is collected first and then read.
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Event, D::Error> {
+        struct EventVisitor;
+        impl<'de> Visitor<'de> for EventVisitor {
+            type Value = Event;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event object with a \"type\" field")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Event, A::Error> {
+                let Some(first) = map.next_key::<std::borrow::Cow<'de, str>>()? else {
+                    return Err(A::Error::missing_field("type"));
+                };
+                if first == "type" {
+                    let t: EventType = map.next_value()?;
+                    return t.payload(serde::de::value::MapAccessDeserializer::new(map));
+                }
+                let mut object = serde_json::Map::new();
+                object.insert(first.into_owned(), map.next_value()?);
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    object.insert(k, v);
+                }
+                let t = object.remove("type").ok_or_else(|| A::Error::missing_field("type"))?;
+                let t = EventType::deserialize(t).map_err(A::Error::custom)?;
+                t.payload(serde_json::Value::Object(object)).map_err(A::Error::custom)
+            }
+        }
+        d.deserialize_map(EventVisitor)
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct VersionOnly {
     v: u32,
@@ -129,9 +200,56 @@ pub fn decode_line(line: &[u8]) -> Result<Envelope, Rejection> {
     Ok(envelope)
 }
 
+/// True when the line has a `NaN` or `Infinity` token outside a string (Python's `json.dumps` writes them);
+/// the same letters inside a string, such as a run named "NaN-probe", do not count.
 fn contains_nonfinite_token(line: &[u8]) -> bool {
-    let has = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
-    has(b"NaN") || has(b"Infinity")
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, &b) in line.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if line[i..].starts_with(b"NaN") || line[i..].starts_with(b"Infinity") {
+            return true;
+        }
+    }
+    false
+}
+
+/// The first line a TCP sender writes: `{"auth":"TOKEN"}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthLine {
+    pub auth: String,
+}
+
+/// What the daemon answers a new connection, one line, before it reads any event: `{"status":"ok"}`, or
+/// `{"status":"refused","reason":"..."}` (a `gainguard_ingest_rejected_total` reason) just before it closes.
+/// The daemon writes nothing else, so a sender that reads the greeting knows its events will be read.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Greeting {
+    Ok,
+    Refused { reason: String },
+}
+
+impl Greeting {
+    pub fn refused(reason: RejectReason) -> Greeting {
+        Greeting::Refused { reason: reason.as_str().to_string() }
+    }
+
+    /// The greeting as a line, newline included.
+    pub fn line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
 }
 
 /// Checks the values a well-behaved plugin can produce. Also applied to in-process (embedded) events,
@@ -278,6 +396,8 @@ mod tests {
             (&step_line(1, r#","tokens":"many""#), RejectReason::Schema),
             (&step_line(1, r#","loss":NaN"#), RejectReason::InvalidValue),
             (&step_line(1, r#","loss":-Infinity"#), RejectReason::InvalidValue),
+            (r#"{"v":1,"run":"NaN-probe","rank":0,"#, RejectReason::Malformed),
+            (r#"{"v":1,"run":"a \"Infinity\" run","#, RejectReason::Malformed),
             (&step_line(1, r#","duration_seconds":-1.0"#), RejectReason::InvalidValue),
             (r#"{"v":1,"run":"","rank":0,"host":"h","step":1,"event":{"type":"goodbye","reason":"x"}}"#, RejectReason::InvalidValue),
             (
@@ -288,6 +408,17 @@ mod tests {
         for (line, want) in cases {
             let got = decode_line(line.as_bytes()).expect_err(line);
             assert_eq!(got.reason, *want, "{line}: {got}");
+        }
+    }
+
+    #[test]
+    fn an_event_decodes_the_same_whatever_the_position_of_its_type() {
+        let first = step_line(1, r#","tokens":7"#);
+        let last = r#"{"v":1,"run":"r","rank":0,"host":"h","step":1,"event":{"timestamp_seconds":5.0,"tokens":7,"type":"step"}}"#;
+        assert_eq!(decode_line(first.as_bytes()).unwrap(), decode_line(last.as_bytes()).unwrap());
+        for bad in [r#"{"timestamp_seconds":5.0}"#, r#"{"type":"teleport"}"#, r#"{"tokens":1,"type":"nope"}"#, "{}"] {
+            let line = format!(r#"{{"v":1,"run":"r","rank":0,"host":"h","step":1,"event":{bad}}}"#);
+            assert_eq!(decode_line(line.as_bytes()).unwrap_err().reason, RejectReason::Schema, "{bad}");
         }
     }
 

@@ -8,18 +8,20 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use common::{http_get, metrics, sample, wait_until};
+use common::{http_get, metrics, sample, tcp_ingest, token_file, wait_until};
 use gainguard_daemon::events::*;
 use gainguard_daemon::protocol::encode_line;
-use gainguard_daemon::{Daemon, DaemonConfig, IngestAddr, Limits, NvmlMode};
+use gainguard_daemon::{Daemon, DaemonConfig, IngestAddr, IngestAuth, Limits, NvmlMode};
 
 const GOOD_STEPS: u64 = 300;
 const GOOD_TOKENS: u64 = 64;
 
 fn start(limits: Limits) -> (Daemon, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::spawn(DaemonConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         ingest: vec!["tcp:127.0.0.1:0".parse().unwrap()],
+        auth: IngestAuth { token_file: Some(token_file(dir.path())), ..Default::default() },
         nvml: NvmlMode::Off,
         limits,
         ..Default::default()
@@ -43,7 +45,7 @@ fn step_line(run: &str, step: u64) -> Vec<u8> {
 /// A trainer that behaves, on its own connection, while the bad input arrives.
 fn good_run(ingest: SocketAddr) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        let mut s = TcpStream::connect(ingest).unwrap();
+        let mut s = tcp_ingest(ingest);
         for i in 1..=GOOD_STEPS {
             s.write_all(&step_line("good", i)).unwrap();
             if i % 50 == 0 {
@@ -80,7 +82,7 @@ fn wait_for_step(daemon: &Daemon, run: &str, step: f64) {
 }
 
 fn send_bad(ingest: SocketAddr, bytes: &[u8]) {
-    let mut s = TcpStream::connect(ingest).unwrap();
+    let mut s = tcp_ingest(ingest);
     s.write_all(bytes).unwrap();
 }
 
@@ -101,7 +103,7 @@ fn truncated_json_is_counted_as_malformed_and_the_next_line_on_the_same_connecti
 fn a_ten_megabyte_line_is_skipped_unbuffered_and_the_following_line_still_counts() {
     let (daemon, ingest) = start(Limits::default());
     let good = good_run(ingest);
-    let mut s = TcpStream::connect(ingest).unwrap();
+    let mut s = tcp_ingest(ingest);
     let chunk = vec![b'x'; 1 << 20];
     s.write_all(b"{\"v\":1,\"run\":\"").unwrap();
     for _ in 0..10 {
@@ -186,7 +188,7 @@ fn a_hundred_thousand_distinct_param_names_stop_at_the_per_run_cap() {
     let (daemon, ingest) = start(Limits { max_params_per_run: max_params, ..Limits::default() });
     let good = good_run(ingest);
     let flood = thread::spawn(move || {
-        let mut s = std::io::BufWriter::new(TcpStream::connect(ingest).unwrap());
+        let mut s = std::io::BufWriter::new(tcp_ingest(ingest));
         for j in 0..100_000u32 {
             let e = Envelope::new(
                 "flood",
@@ -213,7 +215,7 @@ fn a_hundred_thousand_distinct_param_names_stop_at_the_per_run_cap() {
 #[test]
 fn a_client_that_connects_and_sends_nothing_costs_the_others_nothing() {
     let (daemon, ingest) = start(Limits::default());
-    let _silent = TcpStream::connect(ingest).unwrap();
+    let _silent = tcp_ingest(ingest);
     let good = good_run(ingest);
     good.join().unwrap();
     assert_survived(&daemon, "malformed", 0.0);
@@ -240,12 +242,23 @@ fn a_client_that_disconnects_mid_line_is_counted_and_its_run_goes_down() {
 }
 
 #[test]
-fn connections_beyond_the_cap_are_closed_and_counted() {
+fn connections_beyond_the_cap_are_refused_and_counted_when_none_is_idle() {
     let (daemon, ingest) = start(Limits { max_connections: 3, ..Limits::default() });
     let connections = || sample(&metrics(daemon.metrics_addr()), "gainguard_ingest_connections", &[]);
-    let mut held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(ingest).unwrap()).collect();
+    // Each held connection delivers an event, so none is idle and none is closed to make room.
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|i| {
+            let mut s = tcp_ingest(ingest);
+            s.write_all(&step_line(&format!("held{i}"), 1)).unwrap();
+            s
+        })
+        .collect();
     wait_until(Duration::from_secs(5), "three connections", || (connections() == Some(3.0)).then_some(()));
-    let _refused: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(ingest).unwrap()).collect();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(ingest).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(common::greeting(&mut s), r#"{"status":"refused","reason":"too_many_connections"}"#);
+    }
     wait_until(Duration::from_secs(5), "four refusals", || {
         (rejected(&metrics(daemon.metrics_addr()), "too_many_connections") == 4.0).then_some(())
     });

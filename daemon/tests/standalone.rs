@@ -5,25 +5,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, gainguardd, gainguardd_at, metrics, sample, socket_in, wait_until, ChildGuard};
+use common::{free_port, gainguardd, gainguardd_at, metrics, run_to_exit, sample, socket_in, wait_until};
 use gainguard_daemon::events::*;
 use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode, Sink, SinkOptions};
-
-fn run_to_exit(args: &[&str]) -> (i32, String) {
-    let mut child = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_gainguardd"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let status = child.wait_exit(Duration::from_secs(10)).expect("gainguardd exits on a start-up error");
-    let mut stderr = String::new();
-    use std::io::Read;
-    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    (status.code().unwrap_or(-1), stderr)
-}
 
 #[test]
 fn a_metrics_port_already_in_use_exits_with_status_2_and_names_the_port() {
@@ -34,6 +18,7 @@ fn a_metrics_port_already_in_use_exits_with_status_2_and_names_the_port() {
         run_to_exit(&["--listen", &format!("127.0.0.1:{port}"), "--ingest", &socket_in(dir.path()), "--nvml", "off"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains(&port.to_string()), "message must name the port: {stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "the OS error once: {stderr}");
 }
 
 #[test]
@@ -216,7 +201,7 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
 }
 
 #[test]
-fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_clears_it() {
+fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_or_step_clears_it() {
     let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
     let addr = daemon.metrics_addr();
     let sink = daemon.sink();
@@ -242,6 +227,12 @@ fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_clears_it() {
     sink.send(e(0, hello()));
     wait_until(Duration::from_secs(5), "up again", || sample(&metrics(addr), "gainguard_trainer_up", &[("run", "exits")]).filter(|v| *v == 1.0));
     wait_for(vec![]);
+    // A step after a Goodbye: the trainer carried on, so the run is up and has no exit reason.
+    sink.send(e(2, Event::Goodbye(Goodbye { reason: "error".into() })));
+    wait_for(vec!["error"]);
+    sink.send(e(3, Event::Step(StepEvent { loss: Some(1.0), timestamp_seconds: 1.0, ..Default::default() })));
+    wait_for(vec![]);
+    assert_eq!(sample(&metrics(addr), "gainguard_trainer_up", &[("run", "exits")]), Some(1.0));
     // A reason outside the protocol's list does not become a label value.
     sink.send(e(3, Event::Goodbye(Goodbye { reason: "out of memory".into() })));
     wait_for(vec!["other"]);

@@ -2,6 +2,8 @@
 //! `Sink::connect`. For smoke-testing a deployment, for the daemon's integration tests, and for the ingest
 //! benchmark.
 //!
+//! A TCP address needs the daemon's token: `--token-file PATH` or `$GAINGUARD_INGEST_TOKEN_FILE`.
+//!
 //! Values are functions of the arguments, so a checker can compute what must arrive:
 //! - step i in 1..=steps: loss = loss_base + 1/i, tokens = tokens_per_step, lr_multiplier as given;
 //! - parameter j in 0..params: `blocks.{j}.mlp.up.weight`, matrix-like, layer j, width multiplier 2,
@@ -48,15 +50,29 @@ struct Args {
     /// Sink buffer capacity.
     #[arg(long, default_value_t = 8192)]
     capacity: usize,
+    /// For a tcp: address, the file holding the daemon's ingest token (default: $GAINGUARD_INGEST_TOKEN_FILE).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
 }
 
 fn param_name(j: usize) -> String {
     format!("blocks.{j}.mlp.up.weight")
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let sink = Sink::connect(&args.addr, SinkOptions { capacity: args.capacity, ..Default::default() })?;
+fn main() -> std::process::ExitCode {
+    gainguard_daemon::logging::init();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let options = SinkOptions { capacity: args.capacity, token_file: args.token_file.clone(), ..Default::default() };
+    let sink = Sink::connect(&args.addr, options)?;
     let env = |step: u64, event: Event| Envelope::new(args.run.clone(), args.rank, args.host.clone(), step, event);
     let mut sent = 0u64;
     let mut send = |e: Envelope| {
@@ -123,10 +139,13 @@ fn main() -> anyhow::Result<()> {
     sink.flush(Duration::from_secs(120));
     let dropped = sink.dropped_total();
     drop(sink);
-    println!(
-        "{{\"sent\":{sent},\"dropped\":{dropped},\"send_seconds\":{:.6},\"total_seconds\":{:.6}}}",
+    let report = format!(
+        "{{\"sent\":{sent},\"dropped\":{dropped},\"send_seconds\":{:.6},\"total_seconds\":{:.6}}}\n",
         elapsed.as_secs_f64(),
         start.elapsed().as_secs_f64()
     );
+    // A reader that went away (`| head -0`) is not an error worth a panic or a message.
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(report.as_bytes());
     Ok(())
 }

@@ -5,10 +5,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{GaugeVec, Opts};
+use prometheus::Opts;
 
-use super::{remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
-use crate::daemon::DaemonError;
+use crate::exposition::GaugeVec;
+
+use super::{lock, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
+use crate::error::DaemonError;
 use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "liveness", default_enabled: true, build };
@@ -17,7 +19,7 @@ pub struct Liveness {
     up: GaugeVec,
     exit: GaugeVec,
     /// The reason each down run's series carries, to replace it (and not add a second) or keep it.
-    reasons: Mutex<HashMap<RunKey, &'static str>>,
+    reasons: Mutex<HashMap<RunKey, &'static str, foldhash::fast::RandomState>>,
 }
 
 /// Values of the `reason` label: a Goodbye's reason when it is one of the protocol's, `other` for any
@@ -46,12 +48,12 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
         &["run", "rank", "host", "reason"],
     )?;
     ctx.registry.register(Box::new(exit.clone()))?;
-    Ok(Arc::new(Liveness { up, exit, reasons: Mutex::new(HashMap::new()) }))
+    Ok(Arc::new(Liveness { up, exit, reasons: Mutex::new(HashMap::default()) }))
 }
 
 impl Liveness {
-    fn reasons(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, &'static str>> {
-        self.reasons.lock().unwrap_or_else(|e| e.into_inner())
+    fn reasons(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, &'static str, foldhash::fast::RandomState>> {
+        lock(&self.reasons)
     }
 
     fn clear_exit(&self, run: &RunKey) {
@@ -85,7 +87,11 @@ impl Source for Liveness {
                 self.clear_exit(run.key);
                 1.0
             }
-            Event::Step(_) => 1.0,
+            Event::Step(_) => {
+                // Steps after a Goodbye: the run carries on, so it has no exit reason (yet).
+                self.clear_exit(run.key);
+                1.0
+            }
             Event::Goodbye(g) => {
                 self.set_exit(run.key, exit_reason(&g.reason));
                 0.0

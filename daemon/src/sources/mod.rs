@@ -5,12 +5,12 @@
 //! knows none of them. Adding a source means adding a file with a `SPEC` and listing it in [`SOURCES`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use prometheus::Registry;
-
-use crate::daemon::{DaemonConfig, DaemonError};
+use crate::config::DaemonConfig;
+use crate::error::DaemonError;
 use crate::events::Envelope;
+use crate::exposition::{MetricVec, Registry, Value};
 
 pub mod liveness;
 pub mod nvml;
@@ -21,6 +21,38 @@ pub mod training;
 /// Every known source, with its name and whether it runs unless disabled.
 pub const SOURCES: &[SourceSpec] = &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC];
 
+/// The names of every known source, comma-separated (for messages and `--help`).
+pub fn source_names() -> String {
+    SOURCES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Fails on a disabled-source name that no source has.
+pub fn check_disabled(disabled: &[String]) -> Result<(), DaemonError> {
+    match disabled.iter().find(|d| !SOURCES.iter().any(|s| s.name == d.as_str())) {
+        Some(name) => Err(DaemonError::UnknownSource { name: name.clone(), known: source_names() }),
+        None => Ok(()),
+    }
+}
+
+/// Builds every enabled source, in [`SOURCES`] order; stops those already built when one fails.
+pub fn build_sources(config: &DaemonConfig, registry: &Registry, host: String) -> Result<Vec<Arc<dyn Source>>, DaemonError> {
+    let ctx = SourceContext { registry, host, config };
+    let mut sources: Vec<Arc<dyn Source>> = Vec::new();
+    for spec in SOURCES {
+        if !spec.default_enabled || config.disabled_sources.iter().any(|d| d == spec.name) {
+            continue;
+        }
+        match (spec.build)(&ctx) {
+            Ok(s) => sources.push(s),
+            Err(e) => {
+                sources.iter().for_each(|s| s.stop());
+                return Err(e);
+            }
+        }
+    }
+    Ok(sources)
+}
+
 /// How to build one source.
 pub struct SourceSpec {
     pub name: &'static str,
@@ -30,6 +62,7 @@ pub struct SourceSpec {
 
 /// What a source may use while it is being built.
 pub struct SourceContext<'a> {
+    /// Run and parameter families go here; low-cardinality ones may use `registry.prometheus()`.
     pub registry: &'a Registry,
     /// This machine's host name (for node-level series such as NVML's).
     pub host: String,
@@ -72,10 +105,13 @@ pub fn param_label_values<'a>(run: &'a RunKey, p: &'a ParamLabels) -> [&'a str; 
     [&run.run, &run.rank, &run.host, &p.param, &p.layer, p.class]
 }
 
+/// The admitted parameters of a run, by name.
+pub type ParamMap = HashMap<String, ParamLabels, foldhash::fast::RandomState>;
+
 /// An admitted run as the sources see it: only parameters within the caps are listed.
 pub struct RunView<'a> {
     pub key: &'a RunKey,
-    pub params: &'a HashMap<String, ParamLabels>,
+    pub params: &'a ParamMap,
 }
 
 /// One metric source.
@@ -109,14 +145,27 @@ pub trait Source: Send + Sync {
 /// increases are applied; a decrease means the reporter restarted, and the new total counts from zero.
 #[derive(Default)]
 pub struct CumulativeTracker {
-    last: HashMap<Vec<String>, u64>,
+    /// Last totals by the hash of their labels; a collision shares a bucket. Looking up allocates nothing.
+    last: HashMap<u64, Vec<(Vec<String>, u64)>, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl CumulativeTracker {
+    fn hash(&self, key: &[&str]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
     /// Returns the amount to add to the counter.
     pub fn delta(&mut self, key: &[&str], total: u64) -> u64 {
-        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
-        let last = self.last.insert(key, total).unwrap_or(0);
+        let bucket = self.last.entry(self.hash(key)).or_default();
+        let last = match bucket.iter_mut().find(|(k, _)| k.iter().map(String::as_str).eq(key.iter().copied())) {
+            Some((_, last)) => std::mem::replace(last, total),
+            None => {
+                bucket.push((key.iter().map(|s| s.to_string()).collect(), total));
+                0
+            }
+        };
         if total >= last {
             total - last
         } else {
@@ -125,23 +174,44 @@ impl CumulativeTracker {
     }
 
     pub fn forget(&mut self, key: &[&str]) {
-        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
-        self.last.remove(&key);
+        let h = self.hash(key);
+        if let Some(bucket) = self.last.get_mut(&h) {
+            bucket.retain(|(k, _)| !k.iter().map(String::as_str).eq(key.iter().copied()));
+            if bucket.is_empty() {
+                self.last.remove(&h);
+            }
+        }
     }
 
     pub fn forget_matching(&mut self, prefix: &[&str]) {
-        self.last.retain(|k, _| !(k.len() >= prefix.len() && k.iter().zip(prefix).all(|(a, b)| a == b)));
+        for bucket in self.last.values_mut() {
+            bucket.retain(|(k, _)| !(k.len() >= prefix.len() && k.iter().zip(prefix).all(|(a, b)| a == b)));
+        }
+        self.last.retain(|_, b| !b.is_empty());
     }
 }
 
 /// Removes a label set from a metric vec; absent series are fine (the value was never carried).
-pub fn remove<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, labels: &[&str]) {
+pub fn remove<V: Value>(vec: &MetricVec<V>, labels: &[&str]) {
     let _ = vec.remove_label_values(labels);
+}
+
+/// Locks a source's state. A panic elsewhere while it was held leaves plain maps, still consistent enough to
+/// export and to forget runs from, so poisoning is ignored rather than spread.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_disabled_source_names_every_known_one() {
+        let msg = check_disabled(&["nvml".into(), "gpu".into()]).unwrap_err().to_string();
+        assert!(msg.contains("`gpu`") && msg.contains(&source_names()), "{msg}");
+        assert!(check_disabled(&["nvml".into()]).is_ok());
+    }
 
     #[test]
     fn a_cumulative_total_adds_only_its_increases_and_restarts_from_zero_after_a_decrease() {

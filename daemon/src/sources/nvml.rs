@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts};
 
-use super::{remove, CumulativeTracker, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec};
-use crate::daemon::{DaemonError, NvmlMode};
+use super::{lock, CumulativeTracker, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec};
+use crate::config::NvmlMode;
+use crate::error::DaemonError;
 use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "nvml", default_enabled: true, build };
@@ -60,7 +61,7 @@ pub struct GpuReading {
 }
 
 /// Access to the GPUs of this node.
-pub trait GpuBackend: Send {
+pub trait GpuBackend {
     fn read(&mut self) -> Result<Vec<GpuReading>, String>;
 }
 
@@ -183,7 +184,7 @@ impl Nvml {
             }
         };
         self.up.with_label_values(&[&self.host]).set(1);
-        let mut state = self.state.lock().unwrap();
+        let mut state = lock(&self.state);
         let mut process_series = HashSet::new();
         for r in &readings {
             let index = r.index.to_string();
@@ -237,45 +238,66 @@ impl Nvml {
         }
         for gone in state.process_series.difference(&process_series) {
             let refs: Vec<&str> = gone.iter().map(String::as_str).collect();
-            remove(&self.process_memory, &refs);
+            let _ = self.process_memory.remove_label_values(&refs);
         }
         state.process_series = process_series;
     }
 
-    fn start_poller(self: &Arc<Self>, mut backend: Box<dyn GpuBackend>, interval: Duration) {
+    /// Polls `backend` every `interval` until [`Source::stop`].
+    fn poll_loop(&self, backend: &mut dyn GpuBackend, interval: Duration) {
+        while !self.stop.load(Ordering::Relaxed) {
+            self.apply(backend.read());
+            // Sleep in slices so that shutdown is prompt.
+            let mut slept = Duration::ZERO;
+            while slept < interval && !self.stop.load(Ordering::Relaxed) {
+                let step = Duration::from_millis(50).min(interval - slept);
+                std::thread::sleep(step);
+                slept += step;
+            }
+        }
+    }
+
+    /// Starts the poller thread, which opens NVML and keeps it (and the Xid event set that borrows it) on its
+    /// own stack until it stops. Returns once NVML answered or failed to.
+    fn start_nvml_poller(self: &Arc<Self>, interval: Duration) -> Result<(), String> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let me = Arc::clone(self);
         let handle = std::thread::Builder::new()
             .name("gainguard-nvml".into())
             .spawn(move || {
-                while !me.stop.load(Ordering::Relaxed) {
-                    me.apply(backend.read());
-                    // Sleep in slices so that shutdown is prompt.
-                    let mut slept = Duration::ZERO;
-                    while slept < interval && !me.stop.load(Ordering::Relaxed) {
-                        let step = Duration::from_millis(50).min(interval - slept);
-                        std::thread::sleep(step);
-                        slept += step;
+                let nvml = match open_nvml() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
                     }
-                }
+                };
+                let mut backend = RealNvml::new(&nvml);
+                let _ = ready_tx.send(Ok(()));
+                me.poll_loop(&mut backend, interval);
             })
-            .expect("spawning the NVML poller thread");
-        *self.poller.lock().unwrap() = Some(handle);
+            .map_err(|e| format!("cannot start the NVML poller thread: {e}"))?;
+        let ready = ready_rx.recv().unwrap_or_else(|_| Err("the NVML poller thread ended during start-up".into()));
+        match ready {
+            Ok(()) => *lock(&self.poller) = Some(handle),
+            Err(_) => {
+                let _ = handle.join();
+            }
+        }
+        ready
     }
 }
 
 fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
-    let nvml = Arc::new(Nvml::new(ctx.registry, ctx.host.clone())?);
+    let nvml = Arc::new(Nvml::new(ctx.registry.prometheus(), ctx.host.clone())?);
     if ctx.config.nvml == NvmlMode::Off {
         return Ok(nvml);
     }
-    match RealNvml::init() {
-        Ok(backend) => nvml.start_poller(Box::new(backend), ctx.config.nvml_interval),
-        Err(err) => {
-            if ctx.config.nvml == NvmlMode::On {
-                return Err(DaemonError::Nvml(err));
-            }
-            eprintln!("gainguard: NVML unavailable ({err}); GPU metrics disabled, gainguard_nvml_up 0");
+    if let Err(err) = nvml.start_nvml_poller(ctx.config.nvml_interval) {
+        if ctx.config.nvml == NvmlMode::On {
+            return Err(DaemonError::Nvml(err));
         }
+        tracing::warn!("NVML unavailable ({err}); GPU metrics disabled, gainguard_nvml_up 0");
     }
     Ok(nvml)
 }
@@ -287,52 +309,61 @@ impl Source for Nvml {
 
     fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
         if let Event::Hello(h) = &envelope.event {
-            let mut state = self.state.lock().unwrap();
+            let mut state = lock(&self.state);
             state.pids.retain(|_, k| k != run.key);
             state.pids.insert(h.pid, run.key.clone());
         }
     }
 
     fn forget_run(&self, run: &RunKey, _params: &[ParamLabels]) {
-        self.state.lock().unwrap().pids.retain(|_, k| k != run);
+        lock(&self.state).pids.retain(|_, k| k != run);
     }
 
     fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.poller.lock().unwrap().take() {
+        if let Some(h) = lock(&self.poller).take() {
             let _ = h.join();
         }
     }
 }
 
-/// The real backend: `nvml-wrapper` over the driver's `libnvidia-ml.so`.
-pub struct RealNvml {
-    /// Leaked once per backend (one per daemon) so that the Xid event set, which borrows it, can live
-    /// beside it.
-    nvml: &'static nvml_wrapper::Nvml,
+/// Opens NVML; an error when there is no driver or no GPU.
+fn open_nvml() -> Result<nvml_wrapper::Nvml, String> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("cannot initialise NVML: {e}"))?;
+    let count = nvml.device_count().map_err(|e| format!("NVML device count: {e}"))?;
+    if count == 0 {
+        return Err("NVML reports no GPU".to_string());
+    }
+    Ok(nvml)
+}
+
+/// The real backend: `nvml-wrapper` over the driver's `libnvidia-ml.so`, borrowing the NVML handle that the
+/// poller thread owns.
+pub struct RealNvml<'a> {
+    nvml: &'a nvml_wrapper::Nvml,
     /// Subscription to Xid critical errors on every GPU that supports them (Linux only); None when NVML
     /// refused it (logged once), in which case `gainguard_gpu_xid_errors_total` is absent.
-    xid_events: Option<nvml_wrapper::event::EventSet<'static>>,
+    xid_events: Option<nvml_wrapper::event::EventSet<'a>>,
     /// Xid errors seen since the daemon started, by GPU UUID, for the GPUs subscribed.
     xid_counts: HashMap<String, u64>,
 }
 
-impl RealNvml {
-    pub fn init() -> Result<Self, String> {
-        let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("cannot initialise NVML: {e}"))?;
-        let count = nvml.device_count().map_err(|e| format!("NVML device count: {e}"))?;
-        if count == 0 {
-            return Err("NVML reports no GPU".to_string());
-        }
-        let nvml: &'static nvml_wrapper::Nvml = Box::leak(Box::new(nvml));
+impl<'a> RealNvml<'a> {
+    fn new(nvml: &'a nvml_wrapper::Nvml) -> Self {
+        let count = nvml.device_count().unwrap_or(0);
         let (xid_events, xid_counts) = match subscribe_xid(nvml, count) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("gainguardd: no Xid error events from NVML ({e}); gainguard_gpu_xid_errors_total is not exported");
+                tracing::warn!("no Xid error events from NVML ({e}); gainguard_gpu_xid_errors_total is not exported");
                 (None, HashMap::new())
             }
         };
-        Ok(RealNvml { nvml, xid_events, xid_counts })
+        RealNvml { nvml, xid_events, xid_counts }
+    }
+
+    /// Whether this machine has a working NVML (opened and closed again).
+    pub fn available() -> Result<(), String> {
+        open_nvml().map(drop)
     }
 
     /// Counts the Xid events queued since the last poll, without waiting.
@@ -346,7 +377,7 @@ impl RealNvml {
                 continue;
             }
             let uuid = event.device.uuid().unwrap_or_default();
-            eprintln!("gainguardd: GPU {uuid}: Xid error {:?}", event.event_data);
+            tracing::error!("GPU {uuid}: Xid error {:?}", event.event_data);
             if let Some(n) = self.xid_counts.get_mut(&uuid) {
                 *n += 1;
             }
@@ -356,10 +387,10 @@ impl RealNvml {
 
 /// An event set with every GPU that supports Xid critical-error events registered, and a zero count per
 /// registered GPU (so that the counter exists, at 0, before the first error).
-type XidSubscription = (Option<nvml_wrapper::event::EventSet<'static>>, HashMap<String, u64>);
+type XidSubscription<'a> = (Option<nvml_wrapper::event::EventSet<'a>>, HashMap<String, u64>);
 
 #[cfg(target_os = "linux")]
-fn subscribe_xid(nvml: &'static nvml_wrapper::Nvml, count: u32) -> Result<XidSubscription, String> {
+fn subscribe_xid(nvml: &nvml_wrapper::Nvml, count: u32) -> Result<XidSubscription<'_>, String> {
     use nvml_wrapper::bitmasks::event::EventTypes;
     let mut set = nvml.create_event_set().map_err(|e| e.to_string())?;
     let mut counts = HashMap::new();
@@ -379,66 +410,69 @@ fn subscribe_xid(nvml: &'static nvml_wrapper::Nvml, count: u32) -> Result<XidSub
 }
 
 #[cfg(not(target_os = "linux"))]
-fn subscribe_xid(_: &'static nvml_wrapper::Nvml, _: u32) -> Result<XidSubscription, String> {
+fn subscribe_xid(_: &nvml_wrapper::Nvml, _: u32) -> Result<XidSubscription<'_>, String> {
     Err("NVML events exist on Linux only".into())
 }
 
-impl GpuBackend for RealNvml {
-    #[allow(deprecated)]
+impl GpuBackend for RealNvml<'_> {
     fn read(&mut self) -> Result<Vec<GpuReading>, String> {
-        use nvml_wrapper::bitmasks::device::ThrottleReasons as T;
         self.drain_xid_events();
+        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
+        (0..count).map(|index| self.read_device(index)).collect()
+    }
+}
+
+impl RealNvml<'_> {
+    /// One GPU's reading; a value the device does not support is `None`.
+    #[allow(deprecated)]
+    fn read_device(&self, index: u32) -> Result<GpuReading, String> {
+        use nvml_wrapper::bitmasks::device::ThrottleReasons as T;
         use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
         use nvml_wrapper::enums::device::UsedGpuMemory;
-        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
-        let mut out = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let d = self.nvml.device_by_index(index).map_err(|e| e.to_string())?;
-            let util = d.utilization_rates().ok();
-            let mem = d.memory_info().ok();
-            let throttle = d.current_throttle_reasons().ok().map(|t| {
-                [
-                    T::GPU_IDLE,
-                    T::APPLICATIONS_CLOCKS_SETTING,
-                    T::SW_POWER_CAP,
-                    T::HW_SLOWDOWN,
-                    T::SYNC_BOOST,
-                    T::SW_THERMAL_SLOWDOWN,
-                    T::HW_THERMAL_SLOWDOWN,
-                    T::HW_POWER_BRAKE_SLOWDOWN,
-                    T::DISPLAY_CLOCK_SETTING,
-                ]
-                .map(|flag| t.contains(flag))
-            });
-            let mut processes = Vec::new();
-            for p in d.running_compute_processes().unwrap_or_default().into_iter().chain(d.running_graphics_processes().unwrap_or_default()) {
-                if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
-                    processes.push((p.pid, bytes));
-                }
+        let d = self.nvml.device_by_index(index).map_err(|e| e.to_string())?;
+        let util = d.utilization_rates().ok();
+        let mem = d.memory_info().ok();
+        let throttle = d.current_throttle_reasons().ok().map(|t| {
+            [
+                T::GPU_IDLE,
+                T::APPLICATIONS_CLOCKS_SETTING,
+                T::SW_POWER_CAP,
+                T::HW_SLOWDOWN,
+                T::SYNC_BOOST,
+                T::SW_THERMAL_SLOWDOWN,
+                T::HW_THERMAL_SLOWDOWN,
+                T::HW_POWER_BRAKE_SLOWDOWN,
+                T::DISPLAY_CLOCK_SETTING,
+            ]
+            .map(|flag| t.contains(flag))
+        });
+        let mut processes = Vec::new();
+        for p in d.running_compute_processes().unwrap_or_default().into_iter().chain(d.running_graphics_processes().unwrap_or_default()) {
+            if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                processes.push((p.pid, bytes));
             }
-            let uuid = d.uuid().unwrap_or_default();
-            out.push(GpuReading {
-                index,
-                xid_errors: self.xid_counts.get(&uuid).copied(),
-                uuid,
-                name: d.name().unwrap_or_default(),
-                utilization_percent: util.as_ref().map(|u| u.gpu),
-                memory_utilization_percent: util.as_ref().map(|u| u.memory),
-                memory_used_bytes: mem.as_ref().map(|m| m.used),
-                memory_total_bytes: mem.as_ref().map(|m| m.total),
-                power_milliwatts: d.power_usage().ok(),
-                power_limit_milliwatts: d.enforced_power_limit().ok(),
-                energy_millijoules: d.total_energy_consumption().ok(),
-                temperature_celsius: d.temperature(TemperatureSensor::Gpu).ok(),
-                sm_clock_mhz: d.clock_info(Clock::SM).ok(),
-                memory_clock_mhz: d.clock_info(Clock::Memory).ok(),
-                throttle,
-                ecc_corrected: d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile).ok(),
-                ecc_uncorrected: d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile).ok(),
-                processes,
-            });
         }
-        Ok(out)
+        let uuid = d.uuid().unwrap_or_default();
+        Ok(GpuReading {
+            index,
+            xid_errors: self.xid_counts.get(&uuid).copied(),
+            uuid,
+            name: d.name().unwrap_or_default(),
+            utilization_percent: util.as_ref().map(|u| u.gpu),
+            memory_utilization_percent: util.as_ref().map(|u| u.memory),
+            memory_used_bytes: mem.as_ref().map(|m| m.used),
+            memory_total_bytes: mem.as_ref().map(|m| m.total),
+            power_milliwatts: d.power_usage().ok(),
+            power_limit_milliwatts: d.enforced_power_limit().ok(),
+            energy_millijoules: d.total_energy_consumption().ok(),
+            temperature_celsius: d.temperature(TemperatureSensor::Gpu).ok(),
+            sm_clock_mhz: d.clock_info(Clock::SM).ok(),
+            memory_clock_mhz: d.clock_info(Clock::Memory).ok(),
+            throttle,
+            ecc_corrected: d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile).ok(),
+            ecc_uncorrected: d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile).ok(),
+            processes,
+        })
     }
 }
 
@@ -552,6 +586,6 @@ mod tests {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             return;
         }
-        assert!(RealNvml::init().is_err());
+        assert!(RealNvml::available().is_err());
     }
 }

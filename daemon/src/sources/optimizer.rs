@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{GaugeVec, Opts};
+use prometheus::Opts;
 
-use super::{param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS};
-use crate::daemon::DaemonError;
+use crate::exposition::GaugeVec;
+
+use super::{lock, param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS};
+use crate::error::DaemonError;
 use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "optimizer", default_enabled: true, build };
@@ -72,7 +74,7 @@ impl Source for Optimizer {
     }
 
     fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
-        let mut runs = self.runs.lock().unwrap();
+        let mut runs = lock(&self.runs);
         match &envelope.event {
             Event::Params(table) => {
                 let state = runs.entry(run.key.clone()).or_default();
@@ -104,6 +106,6 @@ impl Source for Optimizer {
             remove(&self.weight_decay, &labels);
             remove(&self.width_multiplier, &labels);
         }
-        self.runs.lock().unwrap().remove(run);
+        lock(&self.runs).remove(run);
     }
 }

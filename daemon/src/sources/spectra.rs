@@ -3,21 +3,21 @@
 
 use std::sync::Arc;
 
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, Opts};
+
+use crate::exposition::{GaugeVec, HistogramVec, IntCounterVec};
 
 use super::{
     param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS,
     RUN_LABELS,
 };
-use crate::daemon::DaemonError;
+use crate::error::DaemonError;
 use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "spectra", default_enabled: true, build };
 
 pub const SAMPLE_DURATION_BUCKETS: [f64; 13] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-
-pub const QUANTILE_FAMILY: &str = "gainguard_singular_value_quantile";
 
 /// The `quantile` label values of `gainguard_singular_value_quantile`.
 pub const QUANTILES: [&str; 4] = ["0.1", "0.5", "0.9", "0.99"];
@@ -61,8 +61,9 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
             "gainguard_effective_rank",
             "exp(entropy of the normalized singular values) (full-spectrum samples).",
         )?,
-        quantile: GaugeVec::new(
-            Opts::new(QUANTILE_FAMILY, "Singular-value quantiles (full-spectrum samples)."),
+        // A summary's quantiles (without _sum and _count): a `quantile` label is legal only on summaries.
+        quantile: GaugeVec::new_quantiles(
+            Opts::new("gainguard_singular_value_quantile", "Singular-value quantiles (full-spectrum samples)."),
             &quantile_labels,
         )?,
         update_ratio: g("gainguard_update_ratio", "||dW||_F / ||W||_F of the sampled step.")?,

@@ -3,10 +3,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, Opts};
 
-use super::{remove, CumulativeTracker, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
-use crate::daemon::DaemonError;
+use crate::exposition::{GaugeVec, HistogramVec, IntCounterVec};
+
+use super::{lock, remove, CumulativeTracker, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
+use crate::error::DaemonError;
 use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "training", default_enabled: true, build };
@@ -106,7 +108,7 @@ impl Source for Training {
 
     fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
         let labels = run.key.labels();
-        let mut state = self.state.lock().unwrap();
+        let mut state = lock(&self.state);
         match &envelope.event {
             Event::Hello(h) => {
                 match h.planned_steps {
@@ -171,7 +173,7 @@ impl Source for Training {
         remove(&self.spectrum_dropped, &labels);
         remove(&self.events_dropped, &labels);
         remove(&self.nonfinite_parameters, &labels);
-        let mut state = self.state.lock().unwrap();
+        let mut state = lock(&self.state);
         if let Some(info) = state.info.remove(run) {
             remove(&self.run_info, &info_labels(run, &info));
         }

@@ -5,9 +5,11 @@
 #![allow(dead_code, unused_imports)]
 
 pub use gainguard_test_support::{free_port, http_get, prometheus_binary, spawn_prometheus, wait_until, ChildGuard, Prometheus};
+pub mod procfs;
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -63,6 +65,53 @@ pub fn gainguardd_at(addr: SocketAddr, args: &[&str]) -> (ChildGuard, SocketAddr
     (guard, addr)
 }
 
+/// Runs `gainguardd` with `args` until it exits (within 20 s); returns its exit code and stderr.
+pub fn run_to_exit(args: &[&str]) -> (i32, String) {
+    let mut child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_gainguardd"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = child.wait_exit(Duration::from_secs(20)).expect("gainguardd exits");
+    let mut stderr = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.code().unwrap_or(-1), stderr)
+}
+
 pub fn socket_in(dir: &Path) -> String {
     format!("unix:{}", dir.join("gainguardd.sock").display())
+}
+
+/// The token every test daemon with TCP ingest uses.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// Writes [`TOKEN`] to a 0600 file in `dir`.
+pub fn token_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("ingest.token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Reads the daemon's one-line greeting.
+pub fn greeting(s: &mut impl Read) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).map(|n| n == 1).unwrap_or(false) && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// A TCP ingest connection that sent the token and was greeted `ok`.
+pub fn tcp_ingest(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(s, "{{\"auth\":\"{TOKEN}\"}}").unwrap();
+    assert_eq!(greeting(&mut s), r#"{"status":"ok"}"#);
+    s
 }
