@@ -137,6 +137,11 @@ fn main() -> anyhow::Result<()> {
 
     let (p, profile_path) = run_proxy(&a, &proxy, &corpus, &planned)?;
     let reference = Arc::new(ReferenceProfile::read_json(&profile_path)?);
+    match reference.min_final_horizon() {
+        Some((name, h)) if h < a.horizon => println!("warning: the reference is not at steady state: `{name}` ended at decay horizon {h:.2} < {}", a.horizon),
+        Some((name, h)) => println!("the reference's smallest final decay horizon: {h:.2} (`{name}`)"),
+        None => println!("the reference profile records no decay horizons (samples without them)"),
+    }
     let daemon = Daemon::spawn(DaemonConfig { listen: a.metrics, ..Default::default() })
         .with_context(|| format!("starting the embedded daemon on {} (use --metrics 127.0.0.1:0 for any free port)", a.metrics))?;
     println!("\nmetrics of both target runs on http://{}/metrics", daemon.metrics_addr());
