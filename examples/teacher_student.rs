@@ -284,23 +284,6 @@ fn log_slope(ms: &[f64], sigmas: &[f64]) -> f64 {
     sxy / sxx
 }
 
-/// The gamma where the piecewise-linear curve through `(gamma, slope)` first crosses zero; NaN if it does not.
-fn zero_crossing(gammas: &[f64], slopes: &[f64]) -> f64 {
-    for i in 1..gammas.len() {
-        let (s0, s1) = (slopes[i - 1], slopes[i]);
-        if s0 == 0.0 {
-            return gammas[i - 1];
-        }
-        if s0.signum() != s1.signum() {
-            return gammas[i - 1] + (gammas[i] - gammas[i - 1]) * s0 / (s0 - s1);
-        }
-    }
-    if slopes.last() == Some(&0.0) {
-        return gammas[gammas.len() - 1];
-    }
-    f64::NAN
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
     // One thread: the models are small, and two threads stall badly on a shared 2-core machine.
@@ -443,12 +426,12 @@ fn gamma_fit(rows: &[RuleRow], widths: &[i64], base: i64) -> Result<String> {
     let ms: Vec<f64> = widths.iter().map(|&w| w as f64 / base as f64).collect();
     let gammas: Vec<f64> = rows.iter().map(|r| r.rule.gamma).collect();
     let slopes: Vec<f64> = rows.iter().map(|r| log_slope(&ms, &r.means())).collect();
-    let gamma_star = zero_crossing(&gammas, &slopes);
+    let gamma_star = gainguard::fit::zero_crossing(&gammas, &slopes).unwrap_or(f64::NAN);
     let cells: Vec<Vec<f64>> = rows.iter().flat_map(|r| r.seed_cells()).collect();
     let k = widths.len();
     let statistic = |c: &[Vec<f64>]| {
         let slopes: Vec<f64> = c.chunks(k).map(|row| log_slope(&ms, &row.iter().map(|v| mean(v)).collect::<Vec<_>>())).collect();
-        zero_crossing(&gammas, &slopes)
+        gainguard::fit::zero_crossing(&gammas, &slopes).unwrap_or(f64::NAN)
     };
     let interval = bootstrap_interval(&cells, statistic, BOOTSTRAP_RESAMPLES, 0.95, 23);
     let mut s = String::new();

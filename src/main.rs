@@ -16,9 +16,9 @@ use clap::Parser;
 use gainguard::daemon::{Daemon, DaemonConfig};
 use gainguard::data::MarkovCorpus;
 use gainguard::reference::{ReferenceProfile, PROFILE_FORMAT};
-use gainguard::steady_state::{warmup_then_constant, HorizonRate};
+use gainguard::steady_state::warmup_then_constant;
 use gainguard::telemetry::{RunIdentity, Telemetry};
-use gainguard::{ParamClass, Rule, WidthScaledAdamW};
+use gainguard::Rule;
 use gainguard_examples::plot;
 use gainguard_examples::train::{self, RunResult, RunSpec};
 
@@ -248,20 +248,7 @@ fn run_target(label: &str, spec: &RunSpec, corpus: &MarkovCorpus, daemon: &Daemo
 
 /// Each hidden matrix's decay horizon after the run, from the plan's width-scaled lr and wd and the schedule.
 fn final_horizons(spec: &RunSpec) -> anyhow::Result<BTreeMap<String, f64>> {
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _ = gainguard_examples::model::llama(vs.root(), &spec.model_config(spec.d_model));
-    let config = spec.optimizer_config();
-    let opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), config.clone())?;
-    Ok(opt
-        .plan()
-        .decisions
-        .iter()
-        .filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none())
-        .map(|d| {
-            let rate = HorizonRate::new(d.lr, d.weight_decay, config.decay, config.schedule_weight_decay);
-            (d.name.clone(), rate.after(&config.schedule, spec.steps))
-        })
-        .collect())
+    Ok(spec.matrix_horizon_rates()?.into_iter().map(|(name, rate)| (name, rate.after(&spec.schedule, spec.steps))).collect())
 }
 
 /// One scrape of our own /metrics, to show what Prometheus sees.

@@ -100,3 +100,29 @@ fn the_gpu_check_says_so_and_fails_without_cuda() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text.contains("CUDA is not available") && text.contains("--cpu"), "{text}");
 }
+
+#[test]
+fn the_demo_trains_to_its_decay_horizon_and_prints_the_alerts_verdict_per_rule_with_a_plot() {
+    // `make demo` with a smaller proxy and horizon (seconds, not a minute); its science is in the report.
+    let dir = std::env::temp_dir().join(format!("gainguard-demo-smoke-{}", std::process::id()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gainguard-demo"));
+    cmd.args(["--proxy-width", "16", "--horizon", "3", "--metrics", "127.0.0.1:0", "--out"]).arg(&dir);
+    let out = run_ok(cmd);
+    for rule in ["paper", "mup-fixed-wd", "proxy, seed 2"] {
+        assert!(out.lines().any(|l| l.starts_with(rule) && l.contains("would fire GainDrift")), "no verdict for {rule}:\n{out}");
+    }
+    let header = out.lines().find(|l| l.starts_with("parameter ")).unwrap_or_else(|| panic!("no verdict table:\n{out}"));
+    assert!(header.contains(" H ") && header.contains("ratio"), "{header}");
+    // Every row: each run's H at or past the horizon asked for.
+    let rows: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("parameter ")).skip(1).take_while(|l| l.starts_with('b')).collect();
+    assert_eq!(rows.len(), 14, "one row per hidden matrix:\n{out}");
+    for row in rows {
+        for cell in row.split('|').skip(1) {
+            let h: f64 = cell.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(h >= 3.0, "H {h} < 3 in `{row}`");
+        }
+    }
+    assert!(out.contains("gainguard_decay_horizon{"), "the exported decay horizons are shown:\n{out}");
+    assert!(dir.join("report.md").exists() && dir.join("gain_ratio_by_param.png").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

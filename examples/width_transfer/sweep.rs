@@ -57,23 +57,6 @@ fn pooled_log_slope(points: &[(String, f64, f64)]) -> f64 {
     fit::pooled_slope("slope", points).map(|f| f.slope).unwrap_or(f64::NAN)
 }
 
-/// The gamma where the piecewise-linear curve through `(gamma, slope)` first crosses zero; NaN if it does not.
-fn zero_crossing(gammas: &[f64], slopes: &[f64]) -> f64 {
-    for i in 1..gammas.len() {
-        let (s0, s1) = (slopes[i - 1], slopes[i]);
-        if s0 == 0.0 {
-            return gammas[i - 1];
-        }
-        if s0.signum() != s1.signum() {
-            return gammas[i - 1] + (gammas[i] - gammas[i - 1]) * s0 / (s0 - s1);
-        }
-    }
-    if slopes.last() == Some(&0.0) {
-        return gammas[gammas.len() - 1];
-    }
-    f64::NAN
-}
-
 struct Sweep<'p> {
     plan: &'p Plan,
     widths: Vec<i64>,
@@ -114,7 +97,7 @@ impl Sweep<'_> {
     /// gamma* and its 95% percentile-bootstrap interval (seeds resampled in every (gamma, width) cell).
     fn gamma_star(&self, kind: &str) -> (f64, Option<(f64, f64)>, usize) {
         let gammas: Vec<f64> = self.cells.iter().map(|c| c[0].gamma).collect();
-        let star = zero_crossing(&gammas, &self.slopes(kind));
+        let star = gainguard::fit::zero_crossing(&gammas, &self.slopes(kind)).unwrap_or(f64::NAN);
         let seeds: Vec<f64> = self.all_seeds().iter().map(|&s| s as f64).collect();
         let k = self.widths.len();
         let cells = vec![seeds; self.cells.len() * k];
@@ -126,7 +109,7 @@ impl Sweep<'_> {
                     self.slope(kind, g, &seeds)
                 })
                 .collect();
-            let z = zero_crossing(&gammas, &slopes);
+            let z = gainguard::fit::zero_crossing(&gammas, &slopes).unwrap_or(f64::NAN);
             if !z.is_finite() {
                 undefined.set(undefined.get() + 1);
             }

@@ -488,6 +488,22 @@ pub fn check_measurements(ms: &[Measurement], origin: &str) -> Result<(), Measur
     Ok(())
 }
 
+/// Where the piecewise-linear curve through `(x_i, y_i)` (sorted by x) first reaches zero: the gamma where the
+/// slope of ln sigma_max on ln d crosses zero, read off measured slopes without assuming a straight line
+/// (what [`calibrate_gamma`] fits). None when the curve stays on one side.
+pub fn zero_crossing(xs: &[f64], ys: &[f64]) -> Option<f64> {
+    for i in 1..xs.len().min(ys.len()) {
+        let (y0, y1) = (ys[i - 1], ys[i]);
+        if y0 == 0.0 {
+            return Some(xs[i - 1]);
+        }
+        if y0.signum() != y1.signum() && y0.is_finite() && y1.is_finite() {
+            return Some(xs[i - 1] + (xs[i] - xs[i - 1]) * y0 / (y0 - y1));
+        }
+    }
+    (ys.last() == Some(&0.0)).then(|| xs[ys.len() - 1])
+}
+
 /// `max / min` of positive values: the spread of sigma_max across widths (1 = perfectly flat).
 pub fn spread(values: &[f64]) -> f64 {
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -727,6 +743,14 @@ mod tests {
         assert_eq!((ms[0].decay_horizon, ms[0].steps, ms[0].seed), (Some(6.5), Some(400), Some(2)));
         let bad = br#"[{"width": 64, "gamma": 0.5, "lr": 0.01, "wd": 0.1, "param": "w", "sigma_max": 2, "horizon": 6.5}]"#;
         assert!(parse_measurements(bad, "m.json").unwrap_err().to_string().contains("unknown field `horizon`"));
+    }
+
+    #[test]
+    fn the_zero_crossing_is_interpolated_between_the_measured_points_and_absent_when_there_is_none() {
+        assert_eq!(zero_crossing(&[0.0, 0.5, 1.0], &[0.3, 0.1, -0.1]), Some(0.75));
+        assert_eq!(zero_crossing(&[0.0, 1.0], &[0.0, 2.0]), Some(0.0));
+        assert_eq!(zero_crossing(&[0.0, 1.0], &[0.2, 0.1]), None);
+        assert_eq!(zero_crossing(&[0.0, 1.0], &[0.2, 0.0]), Some(1.0));
     }
 
     #[test]

@@ -103,19 +103,29 @@ impl RunSpec {
 }
 
 impl RunSpec {
-    /// The steps that bring every matrix-like parameter to decay horizon `horizon` under this spec's rule and
-    /// schedule (`gainguard::steady_state`): the slowest parameter's count. Vector-like parameters (no
-    /// decay under the μP presets) do not count.
-    pub fn steps_to_horizon(&self, horizon: f64) -> anyhow::Result<u64> {
+    /// Each matrix-like parameter's decay-horizon rate under this spec's plan and optimizer settings
+    /// (`gainguard::steady_state`). Vector-like parameters (no decay under the μP presets) are left out.
+    pub fn matrix_horizon_rates(&self) -> anyhow::Result<Vec<(String, HorizonRate)>> {
         let vs = VarStore::new(Device::Cpu);
         let _ = model::llama(vs.root(), &self.model_config(self.d_model));
         let config = self.optimizer_config();
-        let plan = WidthScaledAdamW::new(&vs, &self.base_shapes(), config.clone())?.plan().clone();
+        let opt = WidthScaledAdamW::new(&vs, &self.base_shapes(), config.clone())?;
+        Ok(opt
+            .plan()
+            .decisions
+            .iter()
+            .filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none())
+            .map(|d| (d.name.clone(), HorizonRate::new(d.lr, d.weight_decay, config.decay, config.schedule_weight_decay)))
+            .collect())
+    }
+
+    /// The steps that bring every matrix-like parameter to decay horizon `horizon` under this spec's rule and
+    /// schedule: the slowest parameter's count.
+    pub fn steps_to_horizon(&self, horizon: f64) -> anyhow::Result<u64> {
         let mut steps = 0;
-        for d in plan.decisions.iter().filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none()) {
-            let rate = HorizonRate::new(d.lr, d.weight_decay, config.decay, config.schedule_weight_decay);
-            let n = rate.steps_to_reach(&config.schedule, horizon, 100_000_000).ok_or_else(|| {
-                anyhow::anyhow!("`{}` never reaches decay horizon {horizon} (lr·wd = {:e} under schedule {:?})", d.name, rate.per_step, config.schedule)
+        for (name, rate) in self.matrix_horizon_rates()? {
+            let n = rate.steps_to_reach(&self.schedule, horizon, 100_000_000).ok_or_else(|| {
+                anyhow::anyhow!("`{name}` never reaches decay horizon {horizon} (lr·wd = {:e} under schedule {:?})", rate.per_step, self.schedule)
             })?;
             steps = steps.max(n);
         }
