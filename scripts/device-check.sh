@@ -8,18 +8,21 @@
 #      reference path;
 #   2. the optimizer benchmark on CUDA (d_model 512 and 2048) and on the machine's CPUs;
 #   3. gainguardd --nvml on fed by the example trainer on CUDA: GPU metrics scraped under load, promtool
-#      check metrics on the body.
+#      check metrics on the body;
+#   4. the spectra benchmark (warm sigma_max vs a full SVD and vs its memory floor) on CUDA, with the card's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=target/devcheck
 
 if [[ "${1:-}" == "--build" ]]; then
   set -e
-  cargo build --release -p gainguard-suite --example device_check --example llama --bench optimizer_step
+  cargo build --release -p gainguard-suite --example device_check --example llama --bench optimizer_step --bench spectra
   cargo build --release -p gainguard-daemon --bin gainguardd
   mkdir -p "$B"
   bench=$(ls -t target/release/deps/optimizer_step-* | grep -v '\.d$' | head -1)
-  for f in target/release/examples/device_check target/release/examples/llama "$bench" target/release/gainguardd; do
+  # spectra-<hash> only: the spectra_* test binaries share the prefix.
+  spectra=$(ls -t target/release/deps/spectra-* | grep -E '/spectra-[0-9a-f]+$' | head -1)
+  for f in target/release/examples/device_check target/release/examples/llama "$bench" "$spectra" target/release/gainguardd; do
     strip -o "$B/$(basename "$f" | sed 's/-[0-9a-f]*$//')" "$f"
   done
   gzip -c "$(command -v promtool)" > "$B/promtool.gz"
@@ -83,6 +86,10 @@ wait $trainer || { echo "trainer failed"; failed=1; }
 tail -5 "$OUT/llama_cuda.txt"
 kill -TERM $daemon; wait $daemon; echo "gainguardd exit status $?"
 tail -5 "$OUT/gainguardd.log"
+
+step "4. spectra benchmark on CUDA: warm sigma_max vs full SVD (gesvdj) and vs the memory floor"
+echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/bench_spectra_cuda.txt"
+GAINGUARD_BENCH_DEVICE=cuda timeout 300 "$B/spectra" --sigma-only 2>&1 | tee -a "$OUT/bench_spectra_cuda.txt" || failed=1
 
 echo; echo "device-check: $([[ $failed == 0 ]] && echo OK || echo FAILED)"
 exit $failed

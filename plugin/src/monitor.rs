@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 use gainguard_daemon::events::{Envelope, Event, ParamClass, SpectrumSample};
 use gainguard_daemon::sink::Sink;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::optim::{ParamSlot, StepObserver, StepReport};
 use crate::plan::{ParamDecision, ScalingPlan};
 use crate::reference::GainReference;
-use crate::spectra::{all_finite, frobenius_norm, full_spectrum, Estimator, EstimatorConfig, FullPrecision, MatrixLayout, SpectraError};
+use crate::spectra::{all_finite, frobenius_distance, frobenius_norm, full_spectrum, Estimator, EstimatorConfig, FullPrecision, MatrixLayout, SpectraError};
 
 /// Settings of the sampler.
 #[derive(Clone, Debug)]
@@ -652,16 +652,19 @@ impl Worker {
             sample.duration_seconds = started.elapsed().as_secs_f64();
             return sample;
         }
+        // The estimate's first pass sums ‖W‖_F as well (the matrix holds the snapshot's elements).
+        let mut fro = None;
         match estimator.estimate(&matrix) {
             Ok(e) => {
                 sample.sigma_max = Some(e.sigma_max);
                 sample.top_k = e.top_k;
                 sample.iterations = e.iterations;
+                fro = Some(e.frobenius_norm);
             }
             Err(SpectraError::NonFinite(_)) => sample.nonfinite = true,
             Err(_) => {}
         }
-        let fro = frobenius_norm(&snap.after);
+        let fro = fro.unwrap_or_else(|| frobenius_norm(&snap.after));
         sample.frobenius_norm = Some(fro);
         if let Some(s) = sample.sigma_max {
             if s > 0.0 {
@@ -676,7 +679,7 @@ impl Worker {
         if let Some(before) = &snap.before {
             let norm_before = frobenius_norm(before);
             if norm_before > 0.0 {
-                let delta = tch::no_grad(|| frobenius_norm(&(snap.after.to_kind(Kind::Double) - before.to_kind(Kind::Double))));
+                let delta = frobenius_distance(&snap.after, before);
                 sample.update_ratio = Some(delta / norm_before);
             }
         }

@@ -13,7 +13,10 @@
 //!   iterations. The estimator keeps the right singular vectors of its last answer and starts the next
 //!   call from them, so a matrix that moved a little (one optimizer step or a few) converges in two.
 //!   Ritz values never exceed the true singular values (Cauchy interlacing), so `sigma_max` is a lower
-//!   bound that tightens with every iteration.
+//!   bound that tightens with every iteration. On the CPU each iteration is one fused pass over W in
+//!   memory (`spectra/pass.rs`: `A·Q` and `Aᵀ·A·Q` from one read, the first pass also summing `‖W‖_F` in
+//!   float64, which doubles as the finiteness check); the small float64 algebra of the Rayleigh–Ritz step
+//!   runs on the host (`spectra/dense.rs`). On a GPU the products are libtorch's.
 //! - [`full_spectrum`]: every singular value (no vectors), with quantiles, stable rank, Frobenius norm
 //!   and the entropy effective rank. On CUDA: `linalg_svdvals`. On CPU: the eigenvalues of the smaller
 //!   Gram matrix in float64, because tch's `linalg_svdvals` always passes a driver string, which
@@ -27,8 +30,16 @@
 //! other dimension (stacked experts `[E, out, in]` become `[E·out, in]`). Singular values do not
 //! depend on which side is rows.
 
+mod dense;
+mod pass;
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
 use gainguard_daemon::events::SpectrumQuantiles;
 use tch::{Device, Kind, Tensor};
+
+use pass::{Elem, Flavour, HostMatrix, Mode, PassRequest, Workspace};
 
 use crate::plan::ParamDecision;
 
@@ -93,10 +104,36 @@ impl MatrixLayout {
     }
 }
 
-/// True when every element is finite. One reduction on the tensor's device.
+/// Threads of a pass over a CPU matrix: `configured`, or when 0 libtorch's intra-op setting for the
+/// calling thread (an OpenMP per-thread value: 1 in the sampler's worker, see
+/// `SamplerConfig::worker_threads`).
+fn host_threads(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        tch::get_num_threads().max(1) as usize
+    }
+}
+
+fn flavour() -> Flavour {
+    static FLAVOUR: OnceLock<Flavour> = OnceLock::new();
+    *FLAVOUR.get_or_init(Flavour::detect)
+}
+
+/// True when every element is finite. On the CPU one read without temporaries (the float64 sum of
+/// squares is finite exactly when every element is, short of float64 overflow, which is checked
+/// element-wise); elsewhere one reduction on the tensor's device.
 pub fn all_finite(t: &Tensor) -> bool {
     if t.numel() == 0 {
         return true;
+    }
+    if let Some(h) = HostMatrix::flat(t) {
+        if pass::sum_squares(&h, host_threads(0)).is_finite() {
+            return true;
+        }
+        if h.elem != Elem::F64 {
+            return false;
+        }
     }
     t.isfinite().all().int64_value(&[]) != 0
 }
@@ -117,7 +154,8 @@ pub struct EstimatorConfig {
     pub k: usize,
     /// Extra columns in the block; they speed convergence and absorb a near-degenerate k-th value.
     pub oversample: usize,
-    /// Stop when `|sigma_max − previous| ≤ tol · sigma_max` between two iterations.
+    /// Stop when `|sigma_max − previous| ≤ tol · sigma_max` between two iterations (every top-k value,
+    /// each relative to itself, with [`EstimatorConfig::tol_top_k`]).
     pub tol: f64,
     /// Iteration cap; an estimate that hits it reports `converged: false`.
     pub max_iters: u32,
@@ -126,11 +164,20 @@ pub struct EstimatorConfig {
     /// Seed of the random start block. The estimator has its own generator: sampling never moves the
     /// trainer's libtorch RNG.
     pub seed: u64,
+    /// Threads of a pass over a CPU matrix; 0 takes libtorch's intra-op setting of the calling thread.
+    pub threads: usize,
+    /// Apply `tol` to every reported value, not only sigma_max (`gainguard inspect` does; the sampler
+    /// exports top_k but pages on sigma_max).
+    pub tol_top_k: bool,
+    /// Keep the answer's singular vectors to start the next call from (the sampler does). A one-off
+    /// estimate (`gainguard inspect`) skips them: after a cold start they cost a full eigensolve of the
+    /// projected matrix, side up to a few hundred.
+    pub warm_start: bool,
 }
 
 impl Default for EstimatorConfig {
     fn default() -> Self {
-        EstimatorConfig { k: 4, oversample: 4, tol: 1e-5, max_iters: 40, exact_below: 32, seed: 0x5eed }
+        EstimatorConfig { k: 4, oversample: 4, tol: 1e-5, max_iters: 40, exact_below: 32, seed: 0x5eed, threads: 0, tol_top_k: false, warm_start: true }
     }
 }
 
@@ -140,17 +187,118 @@ pub struct Estimate {
     pub sigma_max: f64,
     /// Descending; `min(k, rows, cols)` values.
     pub top_k: Vec<f64>,
-    /// Block iterations (products with A and Aᵀ) the estimate took; 0 for an all-zero matrix.
+    /// `‖W‖_F`, summed in float64 during the estimate's first pass over the matrix.
+    pub frobenius_norm: f64,
+    /// Block iterations (passes with a new block) the estimate took; 0 for an all-zero matrix.
     pub iterations: u32,
     pub converged: bool,
+}
+
+/// What a warm start is valid for: the same operand shape, side and device.
+#[derive(Clone, Debug, PartialEq)]
+struct WarmKey {
+    device: Device,
+    rows: usize,
+    cols: usize,
+    double: bool,
+}
+
+struct Warm {
+    key: WarmKey,
+    /// `cols × width`, column-major, orthonormal.
+    vectors: Vec<f64>,
+    width: usize,
 }
 
 /// Per-parameter state of the top-k estimator: the last right singular vectors, for warm starts.
 pub struct Estimator {
     config: EstimatorConfig,
-    /// `[n', b]` basis in the space of the smaller side, on the matrix's device.
-    warm: Option<Tensor>,
+    warm: Option<Warm>,
     rng: u64,
+}
+
+/// The estimator's buffers, one set per thread (the sampler's worker estimates every parameter on one
+/// thread), kept from call to call so that a warm estimate allocates nothing once they have grown.
+#[derive(Default)]
+struct Scratch {
+    /// The basis, `n × dim`, column-major.
+    q: Vec<f64>,
+    /// `AᵀA` times each basis block, same layout.
+    w: Vec<f64>,
+    /// The projected matrix `QᵀAᵀAQ`, side `ld`.
+    h: Vec<f64>,
+    /// Its leading `dim × dim` part, compact, for the eigensolver.
+    h_dim: Vec<f64>,
+    bb: Vec<f64>,
+    block: Vec<f64>,
+    ws32: Option<Workspace<f32>>,
+    ws64: Option<Workspace<f64>>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// The matrix a pass reads: in host memory (read in place by [`pass`]), or a device tensor (libtorch
+/// products; `b` keeps `A·Q` between a forward and a backward pass).
+enum Operand<'a> {
+    Host(HostMatrix<'a>),
+    Device { op: Tensor, b: Option<Tensor> },
+}
+
+impl Operand<'_> {
+    /// `(rows, cols)`; the Krylov space lives in the columns' space.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Operand::Host(h) => (h.rows, h.cols),
+            Operand::Device { op, .. } => (op.size()[0] as usize, op.size()[1] as usize),
+        }
+    }
+
+    fn pass(
+        &mut self,
+        scratch_ws32: &mut Option<Workspace<f32>>,
+        scratch_ws64: &mut Option<Workspace<f64>>,
+        req: PassRequest,
+        w_out: &mut [f64],
+        bb_out: &mut [f64],
+    ) -> Result<f64, SpectraError> {
+        let PassRequest { q, width, mode, norm, .. } = req;
+        match self {
+            Operand::Host(a) if a.elem == Elem::F64 => {
+                let ws = scratch_ws64.get_or_insert_with(|| Workspace::new(flavour()));
+                Ok(ws.pass(a, req, w_out, bb_out))
+            }
+            Operand::Host(a) => {
+                let ws = scratch_ws32.get_or_insert_with(|| Workspace::new(flavour()));
+                Ok(ws.pass(a, req, w_out, bb_out))
+            }
+            Operand::Device { op, b } => {
+                let n = op.size()[1];
+                let fro2 = if norm { frobenius_norm(op).powi(2) } else { f64::NAN };
+                if mode != Mode::Backward {
+                    let qt = Tensor::f_from_slice(&q[..n as usize * width])?.f_view([width as i64, n])?.f_to_kind(op.kind())?.f_to_device(op.device())?;
+                    let bj = op.f_matmul(&qt.f_tr()?)?;
+                    let gram = bj.f_tr()?.f_matmul(&bj)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+                    bb_out[..width * width].copy_from_slice(&Vec::<f64>::try_from(&gram.f_view([-1])?)?);
+                    *b = Some(bj);
+                }
+                if mode != Mode::Forward {
+                    let bj = b.as_ref().expect("a backward pass follows a forward pass");
+                    // (Aᵀ·B)ᵀ = Bᵀ·A, row-major `width × n`: the column-major layout of `n × width`.
+                    let wt = bj.f_tr()?.f_matmul(op)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+                    w_out[..n as usize * width].copy_from_slice(&Vec::<f64>::try_from(&wt.f_view([-1])?)?);
+                }
+                Ok(fro2)
+            }
+        }
+    }
+}
+
+/// Whether a sum of squares from a first pass means NaN/Inf in `a`: float32, bf16 and f16 squares
+/// cannot overflow a float64 sum, float64 ones can, so those are checked element-wise.
+fn sum_means_nonfinite(fro2: f64, a: &Tensor) -> bool {
+    !fro2.is_finite() && (a.kind() != Kind::Double || !all_finite(a))
 }
 
 impl Estimator {
@@ -183,104 +331,176 @@ impl Estimator {
         if shape.len() != 2 || shape[0] <= 0 || shape[1] <= 0 {
             return Err(SpectraError::NotAMatrix(shape));
         }
-        if !all_finite(a) {
-            self.warm = None;
-            return Err(SpectraError::NonFinite(shape));
+        let threads = host_threads(self.config.threads);
+        let small = shape[0].min(shape[1]);
+        let k = self.config.k.max(1).min(small as usize);
+        let block = (self.config.k.max(1) + self.config.oversample).min(small as usize);
+        if small <= self.config.exact_below.max(block as i64) {
+            return self.exact(a, k, threads);
         }
-        let kind = compute_kind(a);
-        let a = a.f_to_kind(kind)?.f_detach()?;
-        // Work in the space of the smaller side: `op` is m' × n' with n' ≤ m'.
-        let op = if shape[1] <= shape[0] { a } else { a.f_tr()? };
-        let (_, n) = (op.size()[0], op.size()[1]);
-        let k = self.config.k.max(1).min(n as usize);
-        let b = (self.config.k.max(1) + self.config.oversample).min(n as usize) as i64;
-        let fro2 = op.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-        if fro2 == 0.0 {
-            return Ok(Estimate { sigma_max: 0.0, top_k: vec![0.0; k], iterations: 0, converged: true });
-        }
-        if n <= self.config.exact_below.max(b) {
-            let sv = gram_singular_values(&op)?;
-            self.warm = None;
-            let top_k: Vec<f64> = sv.iter().take(k).copied().collect();
-            return Ok(Estimate { sigma_max: top_k[0], top_k, iterations: 1, converged: true });
-        }
-        let device = op.device();
-        let start = match self.warm.take() {
-            Some(w) if w.size() == [n, b] && w.device() == device && w.kind() == kind => w,
-            _ => self.random_block(n, b, kind, device)?,
+        // A CPU copy for the layouts and dtypes the pass does not read in place (strided views, ints).
+        let owned: Tensor;
+        let mut operand = match HostMatrix::of_tensor(a) {
+            Some(h) => Operand::Host(h),
+            None if a.device() == Device::Cpu => {
+                owned = a.f_to_kind(compute_kind(a))?.f_contiguous()?;
+                Operand::Host(HostMatrix::of_tensor(&owned).ok_or_else(|| SpectraError::NotAMatrix(shape.clone()))?)
+            }
+            None => {
+                // On a device the products are libtorch's; there the smaller side is the Krylov side.
+                let x = a.f_to_kind(compute_kind(a))?.f_detach()?;
+                Operand::Device { op: if shape[1] <= shape[0] { x } else { x.f_tr()? }, b: None }
+            }
         };
-        let (mut q, _) = Tensor::f_linalg_qr(&start, "reduced")?;
-
-        // Basis blocks Q_j, their images B_j = op·Q_j, and the f64 Gram matrices M = QᵀQ, G = BᵀB of
-        // the whole basis, grown one block at a time. M stays ≈ I; carrying it makes the Ritz step
-        // correct even where a rank-deficient block left a column that is not orthogonal.
-        // ceil(n / b) blocks span the whole space: the last one is narrowed to what is left, so an
-        // estimate that runs out of directions is exact rather than stopping a few columns short.
-        let max_iters = self.config.max_iters.max(1).min(((n + b - 1) / b) as u32);
-        let m_rows = op.size()[0];
-        let width = (b * max_iters as i64).min(n);
-        let q_buf = Tensor::f_empty([n, width], (kind, device))?;
-        let b_buf = Tensor::f_empty([m_rows, width], (kind, device))?;
-        let mut m_all = Tensor::zeros([0, 0], (Kind::Double, Device::Cpu));
-        let mut g_all = Tensor::zeros([0, 0], (Kind::Double, Device::Cpu));
-        let mut prev: Option<f64> = None;
-        let mut result = None;
-        let mut dim = 0;
-        for it in 1..=max_iters {
-            let bw = q.size()[1];
-            let bj = op.f_matmul(&q)?;
-            q_buf.f_narrow(1, dim, bw)?.f_copy_(&q)?;
-            b_buf.f_narrow(1, dim, bw)?.f_copy_(&bj)?;
-            dim += bw;
-            let q_all = q_buf.f_narrow(1, 0, dim)?;
-            let b_all = b_buf.f_narrow(1, 0, dim)?;
-            // New column blocks [QᵀQ_j ; BᵀB_j], in one device→host transfer.
-            let cols = Tensor::f_cat(&[q_all.f_tr()?.f_matmul(&q)?, b_all.f_tr()?.f_matmul(&bj)?], 0)?
-                .f_to_kind(Kind::Double)?
-                .f_to_device(Device::Cpu)?;
-            m_all = grow_symmetric(&m_all, &cols.f_narrow(0, 0, dim)?)?;
-            g_all = grow_symmetric(&g_all, &cols.f_narrow(0, dim, dim)?)?;
-            let (sigmas, coeffs) = rayleigh_ritz(&m_all, &g_all, b)?;
-            let sigma = sigmas[0];
-            let exhausted = dim >= n;
-            let converged = prev.is_some_and(|p| (sigma - p).abs() <= self.config.tol * sigma) || exhausted;
-            if converged || it == max_iters {
-                // Right singular vectors of the top b Ritz values, kept for the next call.
-                if coeffs.size()[1] == b {
-                    self.warm = Some(q_all.f_matmul(&coeffs.f_to_kind(kind)?.f_to_device(device)?)?);
+        let (m, n) = operand.dims();
+        let b = block.min(n);
+        // The Krylov space of AᵀA beyond the first block lies in A's row space: rank ≤ min(m, n). With
+        // more columns than rows (a wide matrix read row-major) the basis is complete at m + b vectors.
+        let d_max = if m >= n { n } else { n.min(m + b) };
+        let max_iters = (self.config.max_iters.max(1) as usize).min(d_max.div_ceil(b));
+        let key = WarmKey { device: a.device(), rows: m, cols: n, double: a.kind() == Kind::Double };
+        let warm = self.warm.take().filter(|w| w.key == key && w.width == b);
+        let warm_started = warm.is_some();
+        let tol = self.config.tol;
+        let check = if self.config.tol_top_k { k } else { 1 };
+        let keep_warm = self.config.warm_start;
+        let rng = &mut self.rng;
+        let outcome = SCRATCH.with(|cell| -> Result<Result<(Estimate, Option<Vec<f64>>), SpectraError>, SpectraError> {
+            let mut guard = cell.borrow_mut();
+            let Scratch { q, w, h, h_dim, bb, block: next_block, ws32, ws64 } = &mut *guard;
+            q.clear();
+            match warm {
+                // Ritz vectors of the last answer: orthonormal already, used as they are.
+                Some(wv) => q.extend_from_slice(&wv.vectors),
+                None => {
+                    q.extend((0..n * b).map(|_| gauss(rng)));
+                    dense::orthonormalize(&[], 0, q, b, n, &mut || gauss(rng));
                 }
-                let top_k = sigmas.iter().take(k).copied().collect();
-                result = Some(Estimate { sigma_max: sigma, top_k, iterations: it, converged });
-                break;
             }
-            prev = Some(sigma);
-            // Next Krylov block: AᵀA Q_j = opᵀ B_j, orthogonalized against the basis twice (CGS2),
-            // no wider than the directions the basis does not span yet.
-            let mut w = op.f_tr()?.f_matmul(&bj)?;
-            for _ in 0..2 {
-                w = w.f_sub(&q_all.f_matmul(&q_all.f_tr()?.f_matmul(&w)?)?)?;
+            w.clear();
+            let ld = (b * max_iters).min(d_max);
+            if h.len() < ld * ld {
+                h.resize(ld * ld, 0.0);
             }
-            let w = w.f_narrow(1, 0, bw.min(n - dim))?;
-            q = Tensor::f_linalg_qr(&w, "reduced")?.0;
+            let mut dim = 0;
+            let mut width = b;
+            let mut prev: Vec<f64> = Vec::new();
+            let mut fro2 = f64::NAN;
+            for it in 1..=max_iters {
+                let mode = if warm_started && it == 2 { Mode::Forward } else { Mode::Full };
+                bb.resize(width * width, 0.0);
+                w.resize((dim + width) * n, 0.0);
+                let req = PassRequest { q: &q[dim * n..(dim + width) * n], width, mode, norm: it == 1, threads };
+                let s = operand.pass(ws32, ws64, req, &mut w[dim * n..(dim + width) * n], bb)?;
+                if it == 1 {
+                    fro2 = s;
+                    if sum_means_nonfinite(fro2, a) {
+                        return Ok(Err(SpectraError::NonFinite(shape.clone())));
+                    }
+                    if fro2 == 0.0 {
+                        let e = Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true };
+                        return Ok(Ok((e, None)));
+                    }
+                }
+                // New entries of QᵀAᵀAQ: W_iᵀ Q_j against every earlier block, BᵀB on the diagonal block.
+                for c in 0..width {
+                    let qc = &q[(dim + c) * n..(dim + c + 1) * n];
+                    for i in 0..dim {
+                        let v = dense::dot(&w[i * n..(i + 1) * n], qc);
+                        h[(dim + c) * ld + i] = v;
+                        h[i * ld + dim + c] = v;
+                    }
+                    for c2 in 0..width {
+                        h[(dim + c) * ld + dim + c2] = bb[c * width + c2];
+                    }
+                }
+                dim += width;
+                h_dim.clear();
+                for col in 0..dim {
+                    h_dim.extend_from_slice(&h[col * ld..col * ld + dim]);
+                }
+                // Small projections get their vectors at once (Jacobi gives them nearly free), large
+                // ones only when the estimate stops.
+                let (theta, vectors_now) = if dim <= dense::JACOBI_MAX {
+                    let (values, z) = dense::symmetric_eigen(h_dim, dim);
+                    (values, Some(z))
+                } else {
+                    (dense::symmetric_eigenvalues(h_dim, dim), None)
+                };
+                let sigmas: Vec<f64> = theta.iter().take(b).map(|l| l.max(0.0).sqrt()).collect();
+                let floor = 1e-6 * sigmas[0];
+                let converged = !prev.is_empty() && (0..check.min(sigmas.len())).all(|i| (sigmas[i] - prev[i]).abs() <= tol * sigmas[i].max(floor));
+                let exhausted = dim >= d_max;
+                if converged || exhausted || it == max_iters {
+                    // The top b Ritz vectors, Q·z_i, for the next call.
+                    let vectors = (keep_warm && dim >= b).then(|| {
+                        let z = vectors_now.unwrap_or_else(|| dense::symmetric_eigen(h_dim, dim).1);
+                        let mut v = vec![0f64; n * b];
+                        for i in 0..b {
+                            dense::combine(&mut v[i * n..(i + 1) * n], &q[..dim * n], &z[i * dim..(i + 1) * dim], n);
+                        }
+                        v
+                    });
+                    let top_k = sigmas.iter().take(k).copied().collect::<Vec<_>>();
+                    let e = Estimate {
+                        sigma_max: sigmas[0],
+                        top_k,
+                        frobenius_norm: fro2.sqrt(),
+                        iterations: it as u32,
+                        converged: converged || exhausted,
+                    };
+                    return Ok(Ok((e, vectors)));
+                }
+                prev = sigmas;
+                if mode == Mode::Forward {
+                    let j = dim - width;
+                    let req = PassRequest { q: &[], width, mode: Mode::Backward, norm: false, threads };
+                    operand.pass(ws32, ws64, req, &mut w[j * n..dim * n], bb)?;
+                }
+                // Next Krylov block: AᵀA·Q_j, orthonormalised against the basis, no wider than the
+                // directions the basis does not span yet.
+                let next = width.min(d_max - dim);
+                next_block.clear();
+                next_block.extend_from_slice(&w[(dim - width) * n..(dim - width + next) * n]);
+                dense::orthonormalize(q, dim, next_block, next, n, &mut || gauss(rng));
+                q.extend_from_slice(next_block);
+                width = next;
+            }
+            unreachable!("the loop returns on its last iteration")
+        })?;
+        match outcome {
+            Ok((e, vectors)) => {
+                self.warm = vectors.map(|vectors| Warm { key, vectors, width: b });
+                Ok(e)
+            }
+            Err(e) => Err(e),
         }
-        Ok(result.expect("the loop always sets a result on its last iteration"))
     }
 
-    /// A Gaussian `[n, b]` block from the estimator's own generator (splitmix64 + Box–Muller).
-    fn random_block(&mut self, n: i64, b: i64, kind: Kind, device: Device) -> Result<Tensor, SpectraError> {
-        let len = (n * b) as usize;
-        let mut v = Vec::with_capacity(len);
-        while v.len() < len {
-            let u1 = (splitmix64(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64;
-            let u2 = (splitmix64(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64;
-            let r = (-2.0 * (1.0 - u1).ln()).sqrt();
-            let t = 2.0 * std::f64::consts::PI * u2;
-            v.push(r * t.cos());
-            v.push(r * t.sin());
+    /// Matrices with a small side: every singular value, from the float64 Gram matrix.
+    fn exact(&mut self, a: &Tensor, k: usize, threads: usize) -> Result<Estimate, SpectraError> {
+        self.warm = None;
+        let fro2 = match HostMatrix::of_tensor(a) {
+            Some(h) => pass::sum_squares(&h, threads),
+            None => frobenius_norm(a).powi(2),
+        };
+        if sum_means_nonfinite(fro2, a) {
+            return Err(SpectraError::NonFinite(a.size()));
         }
-        v.truncate(len);
-        Ok(Tensor::from_slice(&v).f_view([n, b])?.f_to_kind(kind)?.f_to_device(device)?)
+        if fro2 == 0.0 {
+            return Ok(Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true });
+        }
+        let sv = gram_singular_values(a)?;
+        let top_k: Vec<f64> = sv.iter().take(k).copied().collect();
+        Ok(Estimate { sigma_max: top_k[0], top_k, frobenius_norm: fro2.sqrt(), iterations: 1, converged: true })
     }
+}
+
+/// One standard normal draw from the estimator's own generator (splitmix64, Box–Muller).
+fn gauss(state: &mut u64) -> f64 {
+    let u1 = (splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64;
+    let u2 = (splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64;
+    (-2.0 * (1.0 - u1).ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -289,44 +509,6 @@ fn splitmix64(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// `[[old, c_top], [c_topᵀ, c_new]]` from the new columns `c` (`[dim, b]`, the last b rows being the
-/// new block's own entries).
-fn grow_symmetric(old: &Tensor, c: &Tensor) -> Result<Tensor, SpectraError> {
-    let dim = c.size()[0];
-    let b = c.size()[1];
-    let prev = dim - b;
-    let top = c.f_narrow(0, 0, prev)?;
-    let corner = c.f_narrow(0, prev, b)?;
-    let corner = (&corner + corner.f_tr()?) * 0.5;
-    let upper = Tensor::f_cat(&[old.shallow_clone(), top.shallow_clone()], 1)?;
-    let lower = Tensor::f_cat(&[top.f_tr()?, corner], 1)?;
-    Ok(Tensor::f_cat(&[upper, lower], 0)?)
-}
-
-/// Ritz values of `AᵀA` on a basis with Gram matrix `m` and image Gram `g` (both f64, CPU):
-/// the generalized problem `g y = λ m y`, solved by whitening `m` on its well-conditioned part.
-/// Returns the singular values (descending) and the coefficients `[dim, ≤b]` of the top Ritz vectors.
-fn rayleigh_ritz(m: &Tensor, g: &Tensor, b: i64) -> Result<(Vec<f64>, Tensor), SpectraError> {
-    let (mu, u) = m.f_linalg_eigh("L")?;
-    let mu_v: Vec<f64> = Vec::<f64>::try_from(&mu)?;
-    let mu_max = mu_v.iter().cloned().fold(0.0, f64::max);
-    // fp32 bases are orthonormal to ~1e-7; an eigenvalue of QᵀQ far below 1 marks a direction the
-    // basis spans only by rounding, whose Rayleigh quotient rounding would inflate.
-    let keep: Vec<i64> = mu_v.iter().enumerate().filter(|(_, &x)| x > 0.5 * mu_max).map(|(i, _)| i as i64).collect();
-    let idx = Tensor::from_slice(&keep);
-    let t = u.f_index_select(1, &idx)?.f_div(&mu.f_index_select(0, &idx)?.f_sqrt()?)?;
-    let h = t.f_tr()?.f_matmul(g)?.f_matmul(&t)?;
-    let h = (&h + h.f_tr()?) * 0.5;
-    let (lam, z) = h.f_linalg_eigh("L")?;
-    let r = lam.size()[0];
-    let take = b.min(r);
-    let lam = lam.f_flip([0])?;
-    let z = z.f_flip([1])?.f_narrow(1, 0, take)?;
-    let sigmas: Vec<f64> = Vec::<f64>::try_from(&lam)?.into_iter().map(|l| l.max(0.0).sqrt()).collect();
-    let coeffs = t.f_matmul(&z)?;
-    Ok((sigmas, coeffs))
 }
 
 /// Singular values, descending, from the eigenvalues of the smaller Gram matrix in float64.
@@ -435,14 +617,18 @@ fn quantile(ascending: &[f64], p: f64) -> f64 {
     ascending[lo] + (ascending[hi] - ascending[lo]) * (pos - lo as f64)
 }
 
-/// Elements converted to float64 at a time by [`frobenius_norm`]: at most 256 MiB of float64 temporaries
-/// (a chunk's copy and its square).
+/// Elements converted to float64 at a time by [`frobenius_norm`] off the CPU: at most 256 MiB of
+/// float64 temporaries (a chunk's copy and its square).
 const NORM_CHUNK: i64 = 1 << 24;
 
-/// `‖W‖_F` of any tensor, squared and summed in float64 on the tensor's device. Squaring in float32
-/// first would round every square (up to 3e-8 relative in the norm when the roundings do not cancel);
-/// converting in chunks bounds the float64 copies of a large weight.
+/// `‖W‖_F` of any tensor, each element squared and summed in float64. Squaring in float32 first would
+/// round every square (up to 3e-8 relative in the norm when the roundings do not cancel). On the CPU one
+/// read of a dense tensor, no temporaries; elsewhere on the tensor's device, converting in chunks to
+/// bound the float64 copies of a large weight.
 pub fn frobenius_norm(t: &Tensor) -> f64 {
+    if let Some(h) = HostMatrix::flat(t) {
+        return pass::sum_squares(&h, host_threads(0)).sqrt();
+    }
     tch::no_grad(|| {
         let flat = t.reshape([-1]);
         let sum = flat
@@ -452,6 +638,17 @@ pub fn frobenius_norm(t: &Tensor) -> f64 {
             .fold(Tensor::zeros([], (Kind::Double, t.device())), |acc, s| acc + s);
         sum.double_value(&[]).sqrt()
     })
+}
+
+/// `‖a − b‖_F` in float64 (the sampler's update size). On the CPU one read of each, no temporaries;
+/// elsewhere on the device through float64 copies.
+pub fn frobenius_distance(a: &Tensor, b: &Tensor) -> f64 {
+    if a.size() == b.size() && a.kind() == b.kind() {
+        if let (Some(x), Some(y)) = (HostMatrix::flat(a), HostMatrix::flat(b)) {
+            return pass::distance_squares(&x, &y, host_threads(0)).sqrt();
+        }
+    }
+    tch::no_grad(|| frobenius_norm(&(a.to_kind(Kind::Double) - b.to_kind(Kind::Double))))
 }
 
 #[cfg(test)]
@@ -472,6 +669,33 @@ mod tests {
         let big = Tensor::randn([3, NORM_CHUNK / 2 + 7], (Kind::Float, Device::Cpu)).transpose(0, 1);
         let one = big.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]).sqrt();
         assert!((frobenius_norm(&big) - one).abs() / one <= 1e-13);
+    }
+
+    #[test]
+    fn the_libtorch_pass_of_devices_computes_what_the_host_pass_does() {
+        // The device branch runs libtorch's products; on a CPU tensor it must agree with the host pass.
+        let a = Tensor::randn([90, 70], (Kind::Float, Device::Cpu));
+        let q: Vec<f64> = Vec::try_from(&Tensor::randn([70 * 8], (Kind::Double, Device::Cpu))).unwrap();
+        let run = |operand: &mut Operand, mode| {
+            let (mut ws32, mut ws64) = (None, None);
+            let (mut w, mut bb) = (vec![0.0; 70 * 8], vec![0.0; 64]);
+            let req = PassRequest { q: &q, width: 8, mode, norm: true, threads: 1 };
+            let s = operand.pass(&mut ws32, &mut ws64, req, &mut w, &mut bb).unwrap();
+            (s, w, bb)
+        };
+        let host = run(&mut Operand::Host(HostMatrix::of_tensor(&a).unwrap()), Mode::Full);
+        let mut device = Operand::Device { op: a.shallow_clone(), b: None };
+        let full = run(&mut device, Mode::Full);
+        assert!((host.0 - full.0).abs() <= 1e-12 * host.0, "sum of squares");
+        let scale = host.1.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (x, y) in host.1.iter().zip(&full.1).chain(host.2.iter().zip(&full.2)) {
+            assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+        }
+        // Forward then backward: the same W from the kept B.
+        let forward = run(&mut device, Mode::Forward);
+        assert_eq!(forward.2, full.2);
+        let backward = run(&mut device, Mode::Backward);
+        assert_eq!(backward.1, full.1);
     }
 
     #[test]

@@ -1,0 +1,1034 @@
+//! One pass over a weight matrix in host memory: `B = A·Q` and `W = Aᵀ·B = AᵀA·Q` for a block `Q` of
+//! up to a few dozen columns, and on request `Σ a_ij²` in float64, all from a single read of `A`.
+//!
+//! Why not libtorch's `mm`: a product with an 8-column block is a matrix–vector product in disguise,
+//! bound by reading `A`, and on the development machine MKL's `sgemm` reached 10 GB/s for `A·Q` and 2
+//! GB/s for `Aᵀ·B` (a transposed operand), where a read runs at 40 GB/s from DRAM. Two such products
+//! and the separate float64 norm read `A` three times and wrote W-sized temporaries. Here each group of
+//! 4 rows is read from memory once and then, from L1, multiplied by `Q` (giving 4 rows of `B`) and
+//! scattered into `W` (`W += A_rowsᵀ · B_rows`).
+//!
+//! Rounding: products are summed in float32 (float64 for float64 matrices), and the float32 partial
+//! sums are folded into float64 every [`SEGMENT`] terms along a row and every [`FOLD_GROUPS`] row groups
+//! along a column, so that no float32 sum runs over more than about a thousand terms whatever the shape.
+//! The norm squares each element in float64 (exact for float32, bf16 and f16 inputs) and sums in float64.
+//!
+//! Three code paths compute the same thing: AVX-512F and AVX2+FMA (float32 inputs, chosen at run time)
+//! and portable Rust (float64, and any CPU). bf16 and f16 rows are widened to float32 four at a time into
+//! a small per-thread buffer, never as a whole matrix.
+
+use std::marker::PhantomData;
+
+/// Columns of `Q` processed together: one AVX2 register of float32, half an AVX-512 one.
+pub(crate) const LANES: usize = 8;
+/// Rows of `A` read together; each row of `Q` (or `W`) is loaded once per group.
+const R: usize = 4;
+/// Products summed in float32 registers along a row before they are folded into float64.
+const SEGMENT: usize = 1024;
+/// Row groups accumulated into `W` in float32 before it is folded into float64 (256 rows).
+const FOLD_GROUPS: usize = 64;
+
+/// Element type of a matrix in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    F64,
+    Bf16,
+    F16,
+}
+
+impl Elem {
+    pub(crate) fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::F64 => 8,
+            Elem::Bf16 | Elem::F16 => 2,
+        }
+    }
+}
+
+/// A dense row-major matrix in host memory, borrowed for `'a`. The data may be unaligned (a tensor
+/// inside a memory-mapped safetensors file): it is read with unaligned loads only.
+#[derive(Clone, Copy)]
+pub(crate) struct HostMatrix<'a> {
+    ptr: *const u8,
+    pub rows: usize,
+    pub cols: usize,
+    pub elem: Elem,
+    _data: PhantomData<&'a [u8]>,
+}
+
+// SAFETY: a HostMatrix only reads memory that its creator guarantees stays valid and unwritten for 'a.
+unsafe impl Send for HostMatrix<'_> {}
+unsafe impl Sync for HostMatrix<'_> {}
+
+impl<'a> HostMatrix<'a> {
+    /// # Safety
+    /// `ptr` must be valid for reads of `rows · cols · elem.size()` bytes, and not written, for `'a`.
+    pub(crate) unsafe fn from_raw(ptr: *const u8, rows: usize, cols: usize, elem: Elem) -> HostMatrix<'a> {
+        HostMatrix { ptr, rows, cols, elem, _data: PhantomData }
+    }
+
+    /// A 2-D CPU tensor of f32, f64, bf16 or f16 whose elements are dense in memory, row-major
+    /// (contiguous) or column-major (the transpose of a contiguous tensor, which is then read as its
+    /// transpose: the singular values are the same). None for anything else.
+    pub(crate) fn of_tensor(t: &'a tch::Tensor) -> Option<HostMatrix<'a>> {
+        if t.device() != tch::Device::Cpu || t.dim() != 2 {
+            return None;
+        }
+        let elem = match t.kind() {
+            tch::Kind::Float => Elem::F32,
+            tch::Kind::Double => Elem::F64,
+            tch::Kind::BFloat16 => Elem::Bf16,
+            tch::Kind::Half => Elem::F16,
+            _ => return None,
+        };
+        let size = t.size();
+        let (r, c) = (size[0], size[1]);
+        if r <= 0 || c <= 0 {
+            return None;
+        }
+        let (rows, cols) = if t.is_contiguous() {
+            (r, c)
+        } else if t.stride() == [1, r] {
+            (c, r)
+        } else {
+            return None;
+        };
+        // SAFETY: the tensor owns rows·cols dense elements from data_ptr() and is borrowed for 'a; the
+        // estimator never writes to it.
+        Some(unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, rows as usize, cols as usize, elem) })
+    }
+
+    /// Any contiguous CPU tensor of f32, f64, bf16 or f16 as the rows of its last dimension (a scalar
+    /// is one row of one): for sums over every element.
+    pub(crate) fn flat(t: &'a tch::Tensor) -> Option<HostMatrix<'a>> {
+        if t.device() != tch::Device::Cpu || !t.is_contiguous() || t.numel() == 0 {
+            return None;
+        }
+        let elem = match t.kind() {
+            tch::Kind::Float => Elem::F32,
+            tch::Kind::Double => Elem::F64,
+            tch::Kind::BFloat16 => Elem::Bf16,
+            tch::Kind::Half => Elem::F16,
+            _ => return None,
+        };
+        let cols = t.size().last().map_or(1, |&c| c as usize);
+        // SAFETY: as in `of_tensor`: numel dense elements from data_ptr(), borrowed for 'a, read only.
+        Some(unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, t.numel() / cols, cols, elem) })
+    }
+
+    fn row(&self, i: usize) -> *const u8 {
+        // SAFETY: i < rows, so the offset stays inside the matrix.
+        unsafe { self.ptr.add(i * self.cols * self.elem.size()) }
+    }
+}
+
+/// Which SIMD code path computes a float32 pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavour {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Flavour {
+    /// The fastest path this CPU runs.
+    pub(crate) fn detect() -> Flavour {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Flavour::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Flavour::Avx2;
+            }
+        }
+        Flavour::Portable
+    }
+
+    /// Whether this CPU can run the path.
+    #[cfg(test)]
+    pub(crate) fn runs_here(self) -> bool {
+        match self {
+            Flavour::Portable => true,
+            Flavour::Avx2 => matches!(Flavour::detect(), Flavour::Avx2 | Flavour::Avx512),
+            Flavour::Avx512 => Flavour::detect() == Flavour::Avx512,
+        }
+    }
+
+    /// Length of one packed `n × 8` block of `Q` or `W`. AVX-512 interleaves two rows per register,
+    /// `[q(j,0), q(j+1,0), q(j,1), q(j+1,1), …]`, so that one 64-bit broadcast of `a_j, a_j+1`
+    /// multiplies both rows; the other paths store rows of 8.
+    fn packed_len(self, n: usize) -> usize {
+        match self {
+            Flavour::Avx512 => n.div_ceil(2) * 2 * LANES,
+            _ => n * LANES,
+        }
+    }
+
+    fn at(self, j: usize, col: usize) -> usize {
+        match self {
+            Flavour::Avx512 => (j / 2) * 2 * LANES + col * 2 + (j & 1),
+            _ => j * LANES + col,
+        }
+    }
+}
+
+/// The arithmetic type of a pass: float32 for f32/bf16/f16 matrices, float64 for f64 ones.
+pub(crate) trait Real: Copy + Default + Send + Sync + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + 'static {
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// The rows' products with the packed block `q`, each folded into float64. Meanwhile `next` (the
+    /// next group's rows, `n` elements of `next_size` bytes each) is prefetched into L2, so that reading
+    /// memory overlaps the arithmetic instead of stalling the next group.
+    ///
+    /// # Safety
+    /// Each `rows[i]` points at `n` readable values; `q` at `flavour.packed_len(n)`; `next[i]` at
+    /// `n · next_size` bytes (prefetches of them never fault, but must stay inside the allocation).
+    unsafe fn dot(flavour: Flavour, rows: &[*const Self; R], n: usize, q: *const Self, next: &Prefetch) -> [[f64; LANES]; R];
+    /// `w[j] += Σ_i rows[i][j] · b[i]` over the packed block `w`.
+    ///
+    /// # Safety
+    /// As for [`Real::dot`], with `w` writable.
+    unsafe fn axpy(flavour: Flavour, rows: &[*const Self; R], n: usize, b: &[[Self; LANES]; R], w: *mut Self);
+    /// `Σ x²` of one row, each square and the sum in float64.
+    ///
+    /// # Safety
+    /// `row` points at `n` readable values.
+    unsafe fn sum_squares(flavour: Flavour, row: *const Self, n: usize) -> f64;
+}
+
+impl Real for f32 {
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    unsafe fn dot(flavour: Flavour, rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+        match flavour {
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx512 => x86::dot_avx512(rows, n, q, next),
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx2 => x86::dot_avx2(rows, n, q, next),
+            _ => {
+                let _ = next;
+                portable::dot(rows, n, q)
+            }
+        }
+    }
+    unsafe fn axpy(flavour: Flavour, rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
+        match flavour {
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx512 => x86::axpy_avx512(rows, n, b, w),
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx2 => x86::axpy_avx2(rows, n, b, w),
+            _ => portable::axpy(rows, n, b, w),
+        }
+    }
+    unsafe fn sum_squares(flavour: Flavour, row: *const f32, n: usize) -> f64 {
+        match flavour {
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx512 => x86::sum_squares_avx512(row, n),
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx2 => x86::sum_squares_avx2(row, n),
+            _ => portable::sum_squares(row, n),
+        }
+    }
+}
+
+impl Real for f64 {
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    unsafe fn dot(_: Flavour, rows: &[*const f64; R], n: usize, q: *const f64, _: &Prefetch) -> [[f64; LANES]; R] {
+        portable::dot(rows, n, q)
+    }
+    unsafe fn axpy(_: Flavour, rows: &[*const f64; R], n: usize, b: &[[f64; LANES]; R], w: *mut f64) {
+        portable::axpy(rows, n, b, w)
+    }
+    unsafe fn sum_squares(_: Flavour, row: *const f64, n: usize) -> f64 {
+        portable::sum_squares(row, n)
+    }
+}
+
+/// The rows of the group after the current one, to prefetch while the current one is multiplied.
+pub(crate) struct Prefetch {
+    rows: [*const u8; R],
+    elem_size: usize,
+}
+
+/// What a pass computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `B = A·Q` (kept for a later [`Mode::Backward`]) and `W = Aᵀ·B`.
+    Full,
+    /// `B = A·Q` only: the last iteration of a warm start needs `BᵀB` and not the next block.
+    Forward,
+    /// `W = Aᵀ·B` from the `B` of the previous [`Mode::Forward`] pass.
+    Backward,
+}
+
+/// One pass's request: the block `q` (`a.cols × width`, column-major, float64; ignored by
+/// [`Mode::Backward`]), what to compute, whether to sum the squares too, and on how many threads.
+#[derive(Clone, Copy)]
+pub(crate) struct PassRequest<'q> {
+    pub q: &'q [f64],
+    pub width: usize,
+    pub mode: Mode,
+    pub norm: bool,
+    pub threads: usize,
+}
+
+/// What one thread accumulates.
+#[derive(Default)]
+struct Part<T> {
+    w: Vec<T>,
+    fold: Vec<f64>,
+    bb: Vec<f64>,
+    widened: Vec<f32>,
+    sum_squares: f64,
+}
+
+/// A raw pointer that threads writing disjoint rows may share.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: each thread writes only the rows of B in its own range.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// Buffers of the passes over one matrix, reused from call to call.
+pub(crate) struct Workspace<T> {
+    flavour: Flavour,
+    q: Vec<T>,
+    /// `B`, one `rows × 8` block per 8 columns.
+    b: Vec<T>,
+    parts: Vec<Part<T>>,
+}
+
+impl<T: Real> Workspace<T> {
+    pub(crate) fn new(flavour: Flavour) -> Workspace<T> {
+        // The float64 path is portable only; its layout is the plain one.
+        let flavour = if std::mem::size_of::<T>() == 8 { Flavour::Portable } else { flavour };
+        Workspace { flavour, q: Vec::new(), b: Vec::new(), parts: Vec::new() }
+    }
+
+    /// One pass over `a` with the block of `req`.
+    ///
+    /// Writes `W = AᵀA·Q` to `w_out` (column-major, `a.cols × width`) unless the mode is
+    /// [`Mode::Forward`], and `BᵀB = QᵀAᵀA·Q` to `bb_out` (`width × width`) unless it is
+    /// [`Mode::Backward`]. Returns `Σ a_ij²` when `req.norm` (NaN otherwise); a non-finite sum means a
+    /// non-finite element (or, for float64 matrices only, squares that overflow).
+    pub(crate) fn pass(&mut self, a: &HostMatrix, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> f64 {
+        let PassRequest { q, width, mode, norm, threads } = req;
+        let (m, n) = (a.rows, a.cols);
+        let chunks = width.div_ceil(LANES);
+        let plen = self.flavour.packed_len(n);
+        if mode != Mode::Backward {
+            self.q.clear();
+            self.q.resize(chunks * plen, T::default());
+            for col in 0..width {
+                let (c, k) = (col / LANES, col % LANES);
+                for j in 0..n {
+                    self.q[c * plen + self.flavour.at(j, k)] = T::from_f64(q[col * n + j]);
+                }
+            }
+            self.b.clear();
+            self.b.resize(chunks * m * LANES, T::default());
+        }
+        assert_eq!(self.b.len(), chunks * m * LANES, "a backward pass follows a forward pass of the same width");
+        // Row ranges per thread, whole groups each; a thread gets at least 16 groups.
+        let groups = m.div_ceil(R);
+        let threads = threads.clamp(1, groups.div_ceil(16).max(1));
+        let per = groups.div_ceil(threads) * R;
+        self.parts.resize_with(threads, Part::default);
+        for p in &mut self.parts[..threads] {
+            p.w.clear();
+            p.w.resize(chunks * plen, T::default());
+            p.fold.clear();
+            p.fold.resize(chunks * plen, 0.0);
+            p.bb.clear();
+            p.bb.resize(width * width, 0.0);
+            p.sum_squares = 0.0;
+        }
+        let job = Job { a: *a, flavour: self.flavour, q: &self.q, b: Shared(self.b.as_mut_ptr()), chunks, plen, width, mode, norm };
+        if threads == 1 {
+            job.run(0, m, &mut self.parts[0]);
+        } else {
+            for_each_part(&mut self.parts[..threads], |i, p| job.run((i * per).min(m), ((i + 1) * per).min(m), p));
+        }
+        let parts = &self.parts[..threads];
+        if mode != Mode::Forward {
+            for col in 0..width {
+                let (c, k) = (col / LANES, col % LANES);
+                for j in 0..n {
+                    let at = c * plen + self.flavour.at(j, k);
+                    w_out[col * n + j] = parts.iter().map(|p| p.fold[at]).sum();
+                }
+            }
+        }
+        if mode != Mode::Backward {
+            for x in 0..width {
+                for y in x..width {
+                    let v: f64 = parts.iter().map(|p| p.bb[x * width + y]).sum();
+                    bb_out[x * width + y] = v;
+                    bb_out[y * width + x] = v;
+                }
+            }
+        }
+        if norm {
+            parts.iter().map(|p| p.sum_squares).sum()
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// What every thread of one pass shares.
+struct Job<'a, T> {
+    a: HostMatrix<'a>,
+    flavour: Flavour,
+    q: &'a [T],
+    b: Shared<T>,
+    chunks: usize,
+    plen: usize,
+    width: usize,
+    mode: Mode,
+    norm: bool,
+}
+
+// SAFETY: the shared B pointer is written at disjoint rows; everything else is read-only.
+unsafe impl<T: Sync> Sync for Job<'_, T> {}
+
+impl<T: Real> Job<'_, T> {
+    /// Rows `r0..r1` into `part`.
+    fn run(&self, r0: usize, r1: usize, part: &mut Part<T>) {
+        let (m, n) = (self.a.rows, self.a.cols);
+        let widen = self.a.elem == Elem::Bf16 || self.a.elem == Elem::F16;
+        debug_assert!(!widen || std::mem::size_of::<T>() == 4, "bf16 and f16 are widened to float32");
+        if widen {
+            part.widened.resize(R * n, 0.0);
+        }
+        let mut groups = 0;
+        let mut r = r0;
+        while r < r1 {
+            let count = R.min(r1 - r);
+            let mut rows = [std::ptr::null::<T>(); R];
+            for (i, row) in rows.iter_mut().enumerate() {
+                // Missing rows of the last group repeat its last row; their B is zero.
+                let src = r + i.min(count - 1);
+                *row = if widen {
+                    // SAFETY: `widened` holds R·n floats; T is f32 whenever the matrix is widened.
+                    unsafe { (part.widened.as_ptr() as *const T).add(i.min(count - 1) * n) }
+                } else {
+                    self.a.row(src) as *const T
+                };
+            }
+            // The next group's rows in memory (the last group prefetches its own rows again).
+            let next_start = if r + count < r1 { r + count } else { r };
+            let next = Prefetch { rows: std::array::from_fn(|i| self.a.row((next_start + i).min(r1 - 1))), elem_size: self.a.elem.size() };
+            if widen {
+                for i in 0..count {
+                    let s = widen_row(&self.a, r + i, &mut part.widened[i * n..(i + 1) * n]);
+                    if self.norm {
+                        part.sum_squares += s;
+                    }
+                }
+            } else if self.norm {
+                for row in rows.iter().take(count) {
+                    // SAFETY: each row points at n elements of the matrix.
+                    part.sum_squares += unsafe { T::sum_squares(self.flavour, *row, n) };
+                }
+            }
+            for c in 0..self.chunks {
+                // SAFETY: B has chunks·m·8 elements; this thread alone writes rows r..r+count.
+                let b_rows = unsafe { self.b.0.add((c * m + r) * LANES) };
+                let mut b = [[T::default(); LANES]; R];
+                if self.mode == Mode::Backward {
+                    for (i, bi) in b.iter_mut().enumerate().take(count) {
+                        for (k, v) in bi.iter_mut().enumerate() {
+                            // SAFETY: as above.
+                            *v = unsafe { *b_rows.add(i * LANES + k) };
+                        }
+                    }
+                } else {
+                    // SAFETY: rows hold n values each, q one packed block per chunk.
+                    let d = unsafe { T::dot(self.flavour, &rows, n, self.q.as_ptr().add(c * self.plen), &next) };
+                    for i in 0..count {
+                        for k in 0..LANES {
+                            b[i][k] = T::from_f64(d[i][k]);
+                            // SAFETY: as above.
+                            unsafe { *b_rows.add(i * LANES + k) = b[i][k] };
+                        }
+                    }
+                }
+                if self.mode != Mode::Forward {
+                    // SAFETY: part.w holds one packed block per chunk.
+                    unsafe { T::axpy(self.flavour, &rows, n, &b, part.w.as_mut_ptr().add(c * self.plen)) };
+                }
+            }
+            groups += 1;
+            if groups % FOLD_GROUPS == 0 && self.mode != Mode::Forward {
+                fold(part);
+            }
+            r += count;
+        }
+        if self.mode != Mode::Forward {
+            fold(part);
+        }
+        if self.mode != Mode::Backward {
+            // BᵀB of this thread's rows, in float64.
+            let w = self.width;
+            let mut row = [0f64; 64];
+            let row = &mut row[..w.min(64)];
+            if w > 64 {
+                // Blocks this wide (top-k of 60 and more) are rare; a heap row then.
+                return self.gram_wide(r0, r1, part);
+            }
+            for r in r0..r1 {
+                for (col, v) in row.iter_mut().enumerate() {
+                    // SAFETY: rows r0..r1 of B were written above by this thread.
+                    *v = unsafe { *self.b.0.add(((col / LANES) * m + r) * LANES + col % LANES) }.to_f64();
+                }
+                for x in 0..w {
+                    let bx = row[x];
+                    for y in x..w {
+                        part.bb[x * w + y] += bx * row[y];
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: Real> Job<'_, T> {
+    /// `BᵀB` of rows `r0..r1` for blocks wider than 64 columns.
+    fn gram_wide(&self, r0: usize, r1: usize, part: &mut Part<T>) {
+        let (m, w) = (self.a.rows, self.width);
+        let mut row = vec![0f64; w];
+        for r in r0..r1 {
+            for (col, v) in row.iter_mut().enumerate() {
+                // SAFETY: rows r0..r1 of B were written by this thread.
+                *v = unsafe { *self.b.0.add(((col / LANES) * m + r) * LANES + col % LANES) }.to_f64();
+            }
+            for x in 0..w {
+                for y in x..w {
+                    part.bb[x * w + y] += row[x] * row[y];
+                }
+            }
+        }
+    }
+}
+
+fn fold<T: Real>(part: &mut Part<T>) {
+    for (f, w) in part.fold.iter_mut().zip(part.w.iter_mut()) {
+        *f += w.to_f64();
+        *w = T::default();
+    }
+}
+
+/// Widens row `i` of a bf16 or f16 matrix into `out`; returns its `Σ x²` in float64.
+fn widen_row(a: &HostMatrix, i: usize, out: &mut [f32]) -> f64 {
+    let p = a.row(i) as *const u16;
+    let mut s = 0.0;
+    for (j, o) in out.iter_mut().enumerate() {
+        // SAFETY: the row holds a.cols 16-bit values.
+        let bits = unsafe { p.add(j).read_unaligned() };
+        let x = match a.elem {
+            Elem::Bf16 => f32::from_bits((bits as u32) << 16),
+            _ => half::f16::from_bits(bits).to_f32(),
+        };
+        *o = x;
+        s += (x as f64) * (x as f64);
+    }
+    s
+}
+
+/// `Σ x²` in float64 of every element of `a`, with `threads` threads (one pass, no temporaries).
+pub(crate) fn sum_squares(a: &HostMatrix, threads: usize) -> f64 {
+    let flavour = Flavour::detect();
+    let part = |r0: usize, r1: usize| -> f64 {
+        let mut s = 0.0;
+        let mut buf = Vec::new();
+        for r in r0..r1 {
+            s += unsafe {
+                // SAFETY: each row holds a.cols elements of a.elem.
+                match a.elem {
+                    Elem::F32 => f32::sum_squares(flavour, a.row(r) as *const f32, a.cols),
+                    Elem::F64 => f64::sum_squares(flavour, a.row(r) as *const f64, a.cols),
+                    Elem::Bf16 | Elem::F16 => {
+                        buf.resize(a.cols, 0.0);
+                        widen_row(a, r, &mut buf)
+                    }
+                }
+            };
+        }
+        s
+    };
+    split_rows(a.rows, threads, a.cols, part)
+}
+
+/// `Σ (a_ij − b_ij)²` in float64, one pass over both (same shape and element type).
+pub(crate) fn distance_squares(a: &HostMatrix, b: &HostMatrix, threads: usize) -> f64 {
+    debug_assert!(a.rows == b.rows && a.cols == b.cols && a.elem == b.elem);
+    let part = |r0: usize, r1: usize| -> f64 {
+        let mut s = 0.0;
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for r in r0..r1 {
+            match a.elem {
+                Elem::F32 | Elem::F64 => {
+                    for j in 0..a.cols {
+                        // SAFETY: j < cols of row r in both matrices.
+                        let d = unsafe {
+                            if a.elem == Elem::F32 {
+                                (a.row(r) as *const f32).add(j).read_unaligned() as f64 - (b.row(r) as *const f32).add(j).read_unaligned() as f64
+                            } else {
+                                (a.row(r) as *const f64).add(j).read_unaligned() - (b.row(r) as *const f64).add(j).read_unaligned()
+                            }
+                        };
+                        s += d * d;
+                    }
+                }
+                Elem::Bf16 | Elem::F16 => {
+                    x.resize(a.cols, 0.0);
+                    y.resize(a.cols, 0.0);
+                    widen_row(a, r, &mut x);
+                    widen_row(b, r, &mut y);
+                    s += x.iter().zip(&y).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum::<f64>();
+                }
+            }
+        }
+        s
+    };
+    split_rows(a.rows, threads, a.cols, part)
+}
+
+/// Runs `part` over row ranges on up to `threads` threads (each at least 1 MiB of work) and sums.
+fn split_rows(rows: usize, threads: usize, cols: usize, part: impl Fn(usize, usize) -> f64 + Sync) -> f64 {
+    let threads = threads.clamp(1, (rows * cols / (1 << 18)).max(1)).min(rows);
+    if threads == 1 {
+        return part(0, rows);
+    }
+    let per = rows.div_ceil(threads);
+    let mut sums = vec![0.0; threads];
+    for_each_part(&mut sums, |i, out| *out = part((i * per).min(rows), ((i + 1) * per).min(rows)));
+    sums.iter().sum()
+}
+
+/// Runs `f(i, &mut parts[i])` for every part, in parallel. Where libtorch's OpenMP runtime is linked
+/// (the build with the C++ shim), on its thread pool: libgomp's workers spin for a while after each
+/// parallel region, and on a 2-core machine threads of our own would wait behind those spinning
+/// workers after every libtorch call (a cold estimate took seconds instead of 50 ms that way). Else on
+/// rayon's pool.
+fn for_each_part<P: Send>(parts: &mut [P], f: impl Fn(usize, &mut P) + Sync) {
+    #[cfg(gainguard_fused_shim)]
+    {
+        omp::for_each_part(parts, &f);
+    }
+    #[cfg(not(gainguard_fused_shim))]
+    {
+        let (first, rest) = parts.split_at_mut(1);
+        rayon::in_place_scope(|s| {
+            for (i, p) in rest.iter_mut().enumerate() {
+                let f = &f;
+                s.spawn(move |_| f(i + 1, p));
+            }
+            f(0, &mut first[0]);
+        });
+    }
+}
+
+#[cfg(gainguard_fused_shim)]
+mod omp {
+    use std::ffi::c_void;
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+    use std::sync::Mutex;
+
+    // libgomp's entry points (GCC ≥ 4.9 ABI), from the runtime libtorch itself uses (linked by build.rs).
+    extern "C" {
+        fn GOMP_parallel(f: unsafe extern "C" fn(*mut c_void), data: *mut c_void, num_threads: u32, flags: u32);
+        fn omp_get_thread_num() -> i32;
+        fn omp_get_num_threads() -> i32;
+    }
+
+    struct Region<'a, P> {
+        parts: *mut P,
+        len: usize,
+        f: &'a (dyn Fn(usize, &mut P) + Sync),
+        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+
+    unsafe extern "C" fn body<P>(data: *mut c_void) {
+        // SAFETY: `data` is the Region that for_each_part keeps alive until GOMP_parallel returns.
+        let region = &*(data as *const Region<P>);
+        let (t, team) = (omp_get_thread_num().max(0) as usize, omp_get_num_threads().max(1) as usize);
+        // The team may be smaller than asked for (nested regions get one thread): stride over parts.
+        let mut i = t;
+        while i < region.len {
+            // SAFETY: part i is visited by thread i mod team only.
+            let p = &mut *region.parts.add(i);
+            if let Err(e) = catch_unwind(AssertUnwindSafe(|| (region.f)(i, p))) {
+                *region.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+            i += team;
+        }
+    }
+
+    pub(super) fn for_each_part<P: Send>(parts: &mut [P], f: &(dyn Fn(usize, &mut P) + Sync)) {
+        let region = Region { parts: parts.as_mut_ptr(), len: parts.len(), f, panic: Mutex::new(None) };
+        // SAFETY: body only touches `region`, which outlives the call; a panic in `f` is carried across
+        // the C frames and resumed here.
+        unsafe { GOMP_parallel(body::<P>, &region as *const Region<P> as *mut c_void, parts.len() as u32, 0) };
+        if let Some(e) = region.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            resume_unwind(e);
+        }
+    }
+}
+
+mod portable {
+    use super::{Real, LANES, R, SEGMENT};
+
+    pub(super) unsafe fn dot<T: Real>(rows: &[*const T; R], n: usize, q: *const T) -> [[f64; LANES]; R] {
+        let mut out = [[0f64; LANES]; R];
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = n.min(j0 + SEGMENT);
+            let mut acc = [[T::default(); LANES]; R];
+            for j in j0..j1 {
+                let qj = q.add(j * LANES);
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let a = rows[i].add(j).read_unaligned();
+                    for (k, s) in acc_i.iter_mut().enumerate() {
+                        *s = *s + a * *qj.add(k);
+                    }
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                for (x, y) in o.iter_mut().zip(a) {
+                    *x += y.to_f64();
+                }
+            }
+            j0 = j1;
+        }
+        out
+    }
+
+    pub(super) unsafe fn axpy<T: Real>(rows: &[*const T; R], n: usize, b: &[[T; LANES]; R], w: *mut T) {
+        for j in 0..n {
+            let wj = w.add(j * LANES);
+            let a: [T; R] = std::array::from_fn(|i| rows[i].add(j).read_unaligned());
+            for k in 0..LANES {
+                *wj.add(k) = *wj.add(k) + (a[0] * b[0][k] + a[1] * b[1][k]) + (a[2] * b[2][k] + a[3] * b[3][k]);
+            }
+        }
+    }
+
+    pub(super) unsafe fn sum_squares<T: Real>(row: *const T, n: usize) -> f64 {
+        let mut acc = [0f64; 4];
+        let mut j = 0;
+        while j + 4 <= n {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let x = row.add(j + k).read_unaligned().to_f64();
+                *s += x * x;
+            }
+            j += 4;
+        }
+        let mut s: f64 = acc.iter().sum();
+        while j < n {
+            let x = row.add(j).read_unaligned().to_f64();
+            s += x * x;
+            j += 1;
+        }
+        s
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Prefetch, LANES, R, SEGMENT};
+    use std::arch::x86_64::*;
+
+    /// Prefetches the next group's data at column `j` (one call per 16 columns: a line of f32).
+    #[inline(always)]
+    unsafe fn prefetch(next: &Prefetch, j: usize) {
+        for row in next.rows {
+            _mm_prefetch(row.wrapping_add(j * next.elem_size) as *const i8, _MM_HINT_T1);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load1(p: *const f32) -> f32 {
+        p.read_unaligned()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+        let mut out = [[0f64; LANES]; R];
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = n.min(j0 + SEGMENT);
+            // Two accumulators per row (even and odd j) hide the FMA latency.
+            let mut even = [_mm256_setzero_ps(); R];
+            let mut odd = [_mm256_setzero_ps(); R];
+            let mut j = j0;
+            while j + 2 <= j1 {
+                if j % 16 == 0 {
+                    prefetch(next, j);
+                }
+                let q0 = _mm256_loadu_ps(q.add(j * LANES));
+                let q1 = _mm256_loadu_ps(q.add((j + 1) * LANES));
+                for i in 0..R {
+                    even[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[i].add(j))), q0, even[i]);
+                    odd[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[i].add(j + 1))), q1, odd[i]);
+                }
+                j += 2;
+            }
+            if j < j1 {
+                let q0 = _mm256_loadu_ps(q.add(j * LANES));
+                for i in 0..R {
+                    even[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[i].add(j))), q0, even[i]);
+                }
+            }
+            for i in 0..R {
+                let s = _mm256_add_ps(even[i], odd[i]);
+                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(s));
+                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1));
+                let o = out[i].as_mut_ptr();
+                _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), lo));
+                _mm256_storeu_pd(o.add(4), _mm256_add_pd(_mm256_loadu_pd(o.add(4)), hi));
+            }
+            j0 = j1;
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_avx2(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
+        let bv: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(b[i].as_ptr()));
+        for j in 0..n {
+            let wj = w.add(j * LANES);
+            let t = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[1].add(j))), bv[1], _mm256_mul_ps(_mm256_set1_ps(load1(rows[0].add(j))), bv[0]));
+            let u = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[3].add(j))), bv[3], _mm256_mul_ps(_mm256_set1_ps(load1(rows[2].add(j))), bv[2]));
+            _mm256_storeu_ps(wj, _mm256_add_ps(_mm256_loadu_ps(wj), _mm256_add_ps(t, u)));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sum_squares_avx2(row: *const f32, n: usize) -> f64 {
+        let mut s0 = _mm256_setzero_pd();
+        let mut s1 = _mm256_setzero_pd();
+        let mut j = 0;
+        while j + 8 <= n {
+            let v = _mm256_loadu_ps(row.add(j));
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            s0 = _mm256_fmadd_pd(lo, lo, s0);
+            s1 = _mm256_fmadd_pd(hi, hi, s1);
+            j += 8;
+        }
+        let mut lanes = [0f64; 4];
+        _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(s0, s1));
+        let mut s: f64 = lanes.iter().sum();
+        while j < n {
+            let x = load1(row.add(j)) as f64;
+            s += x * x;
+            j += 1;
+        }
+        s
+    }
+
+    /// `[a_j, a_j+1]` repeated over the register: one 64-bit broadcast (needs j + 1 < n).
+    #[inline(always)]
+    unsafe fn pair(row: *const f32, j: usize) -> __m512 {
+        _mm512_castpd_ps(_mm512_set1_pd((row.add(j) as *const f64).read_unaligned()))
+    }
+
+    /// `[a_j, 0]` repeated, for the last element of an odd row.
+    #[inline(always)]
+    unsafe fn last(row: *const f32, j: usize) -> __m512 {
+        _mm512_castpd_ps(_mm512_set1_pd(f64::from_bits(load1(row.add(j)).to_bits() as u64)))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+        let mut out = [[0f64; LANES]; R];
+        let mut j0 = 0;
+        while j0 < n {
+            // SEGMENT is even, so pairs never straddle two segments.
+            let j1 = n.min(j0 + SEGMENT);
+            let mut even = [_mm512_setzero_ps(); R];
+            let mut odd = [_mm512_setzero_ps(); R];
+            let mut j = j0;
+            while j + 4 <= j1 {
+                if j % 16 == 0 {
+                    prefetch(next, j);
+                }
+                let q0 = _mm512_loadu_ps(q.add(j * LANES));
+                let q1 = _mm512_loadu_ps(q.add((j + 2) * LANES));
+                for i in 0..R {
+                    even[i] = _mm512_fmadd_ps(pair(rows[i], j), q0, even[i]);
+                    odd[i] = _mm512_fmadd_ps(pair(rows[i], j + 2), q1, odd[i]);
+                }
+                j += 4;
+            }
+            if j + 2 <= j1 {
+                let q0 = _mm512_loadu_ps(q.add(j * LANES));
+                for i in 0..R {
+                    even[i] = _mm512_fmadd_ps(pair(rows[i], j), q0, even[i]);
+                }
+                j += 2;
+            }
+            if j < j1 {
+                let q0 = _mm512_loadu_ps(q.add(j * LANES));
+                for i in 0..R {
+                    even[i] = _mm512_fmadd_ps(last(rows[i], j), q0, even[i]);
+                }
+            }
+            for i in 0..R {
+                // Lane 2k holds the even-j half of column k, lane 2k+1 the odd half: add neighbours.
+                let s = _mm512_add_ps(even[i], odd[i]);
+                let s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
+                let mut lanes = [0f32; 2 * LANES];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+                for k in 0..LANES {
+                    out[i][k] += lanes[2 * k] as f64;
+                }
+            }
+            j0 = j1;
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn axpy_avx512(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
+        // b duplicated into lane pairs, matching the interleaved layout of w.
+        let bv: [__m512; R] = std::array::from_fn(|i| {
+            let mut d = [0f32; 2 * LANES];
+            for k in 0..LANES {
+                d[2 * k] = b[i][k];
+                d[2 * k + 1] = b[i][k];
+            }
+            _mm512_loadu_ps(d.as_ptr())
+        });
+        let mut j = 0;
+        while j + 2 <= n {
+            let wj = w.add(j * LANES);
+            let t = _mm512_fmadd_ps(pair(rows[1], j), bv[1], _mm512_mul_ps(pair(rows[0], j), bv[0]));
+            let u = _mm512_fmadd_ps(pair(rows[3], j), bv[3], _mm512_mul_ps(pair(rows[2], j), bv[2]));
+            _mm512_storeu_ps(wj, _mm512_add_ps(_mm512_loadu_ps(wj), _mm512_add_ps(t, u)));
+            j += 2;
+        }
+        if j < n {
+            let wj = w.add(j * LANES);
+            let t = _mm512_fmadd_ps(last(rows[1], j), bv[1], _mm512_mul_ps(last(rows[0], j), bv[0]));
+            let u = _mm512_fmadd_ps(last(rows[3], j), bv[3], _mm512_mul_ps(last(rows[2], j), bv[2]));
+            _mm512_storeu_ps(wj, _mm512_add_ps(_mm512_loadu_ps(wj), _mm512_add_ps(t, u)));
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sum_squares_avx512(row: *const f32, n: usize) -> f64 {
+        let mut s0 = _mm512_setzero_pd();
+        let mut s1 = _mm512_setzero_pd();
+        let mut j = 0;
+        while j + 16 <= n {
+            let lo = _mm512_cvtps_pd(_mm256_loadu_ps(row.add(j)));
+            let hi = _mm512_cvtps_pd(_mm256_loadu_ps(row.add(j + 8)));
+            s0 = _mm512_fmadd_pd(lo, lo, s0);
+            s1 = _mm512_fmadd_pd(hi, hi, s1);
+            j += 16;
+        }
+        let mut s = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+        while j < n {
+            let x = load1(row.add(j)) as f64;
+            s += x * x;
+            j += 1;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    /// The pass against libtorch's float64 products, on every path this CPU runs, for shapes whose
+    /// rows and columns are not multiples of the group, segment or pair sizes.
+    #[test]
+    fn every_code_path_matches_float64_products() {
+        for flavour in [Flavour::Portable, Flavour::Avx2, Flavour::Avx512].into_iter().filter(|f| f.runs_here()) {
+            for (m, n, width) in [(37i64, 23i64, 8usize), (5, 1031, 3), (300, 2051, 12), (2100, 41, 8)] {
+                for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
+                    let a = Tensor::randn([m, n], (Kind::Float, Device::Cpu)).to_kind(kind);
+                    let q = Tensor::randn([n, width as i64], (Kind::Double, Device::Cpu));
+                    let q_cols: Vec<f64> = Vec::try_from(&q.tr().contiguous().view([-1])).unwrap();
+                    let a64 = a.to_kind(Kind::Double);
+                    let b = a64.mm(&q);
+                    let w_ref = Vec::<f64>::try_from(&a64.tr().mm(&b).tr().contiguous().view([-1])).unwrap();
+                    let bb_ref = Vec::<f64>::try_from(&b.tr().mm(&b).contiguous().view([-1])).unwrap();
+                    let ss_ref = a64.square().sum(Kind::Double).double_value(&[]);
+                    let host = HostMatrix::of_tensor(&a).unwrap();
+                    let (wn, bn) = (n as usize * width, width * width);
+                    let scale = |v: &[f64]| v.iter().fold(0f64, |x, y| x.max(y.abs()));
+                    let tol = if kind == Kind::Double { 1e-12 } else { 1e-5 };
+                    for threads in [1, 3] {
+                        let mut ws = Workspace::<f32>::new(flavour);
+                        let mut ws64 = Workspace::<f64>::new(flavour);
+                        let (mut w, mut bb) = (vec![0.0; wn], vec![0.0; bn]);
+                        let ss = if kind == Kind::Double {
+                            ws64.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Full, norm: true, threads }, &mut w, &mut bb)
+                        } else {
+                            ws.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Full, norm: true, threads }, &mut w, &mut bb)
+                        };
+                        let what = format!("{flavour:?} {m}x{n} width {width} {kind:?} threads {threads}");
+                        assert!((ss - ss_ref).abs() <= 1e-13 * ss_ref, "{what}: sum of squares {ss} vs {ss_ref}");
+                        let (sw, sb) = (scale(&w_ref), scale(&bb_ref));
+                        for (x, y) in w.iter().zip(&w_ref) {
+                            assert!((x - y).abs() <= tol * sw, "{what}: W {x} vs {y}");
+                        }
+                        for (x, y) in bb.iter().zip(&bb_ref) {
+                            assert!((x - y).abs() <= tol * sb, "{what}: BᵀB {x} vs {y}");
+                        }
+                        // Forward then backward gives the same W.
+                        if kind != Kind::Double {
+                            let (mut w2, mut bb2) = (vec![0.0; wn], vec![0.0; bn]);
+                            ws.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Forward, norm: false, threads }, &mut w2, &mut bb2);
+                            ws.pass(&host, PassRequest { q: &q_cols, width, mode: Mode::Backward, norm: false, threads }, &mut w2, &mut vec![0.0; bn]);
+                            assert_eq!(bb2, bb, "{what}: forward BᵀB");
+                            for (x, y) in w2.iter().zip(&w) {
+                                assert!((x - y).abs() <= 1e-6 * sw, "{what}: backward W {x} vs {y}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_view_is_read_as_its_contiguous_transpose() {
+        let a = Tensor::randn([40, 70], (Kind::Float, Device::Cpu));
+        let t = a.tr();
+        let h = HostMatrix::of_tensor(&t).unwrap();
+        assert_eq!((h.rows, h.cols), (40, 70));
+        assert!(HostMatrix::of_tensor(&a.narrow(1, 0, 30)).is_none(), "a strided view is not dense");
+    }
+
+    #[test]
+    fn sums_of_squares_and_distances_square_in_float64() {
+        let a = Tensor::randn([333, 257], (Kind::Float, Device::Cpu));
+        let b = &a + Tensor::randn([333, 257], (Kind::Float, Device::Cpu)) * 1e-3;
+        let (ha, hb) = (HostMatrix::of_tensor(&a).unwrap(), HostMatrix::of_tensor(&b).unwrap());
+        let want = a.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+        let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).square().sum(Kind::Double).double_value(&[]);
+        for threads in [1, 2] {
+            assert!((sum_squares(&ha, threads) - want).abs() <= 1e-13 * want);
+            assert!((distance_squares(&ha, &hb, threads) - d).abs() <= 1e-12 * d);
+        }
+    }
+}
