@@ -61,6 +61,10 @@ struct Args {
     /// Decay horizon H = Σ lr_t·wd_t of the hidden matrix at which every run stops.
     #[arg(long, default_value_t = 8.0)]
     horizon: f64,
+    /// Train every run exactly this many steps instead of until the horizon: equal data for every width
+    /// (then the narrower or faster-decaying runs end past the horizon; every run's H is printed).
+    #[arg(long)]
+    steps: Option<u64>,
     /// Linear warmup steps before the constant lr.
     #[arg(long, default_value_t = 20)]
     warmup: u64,
@@ -185,9 +189,12 @@ impl Setup<'_> {
             bail!("{PARAM} planned as {:?} with m = {}, expected matrix-like with m = {}", hidden.class, hidden.width_multiplier, d as f64 / self.base as f64);
         }
         let rate = HorizonRate::new(hidden.lr, hidden.weight_decay, opt.config().decay, opt.config().schedule_weight_decay);
-        let steps = rate
-            .steps_to_reach(&schedule, a.horizon, 50_000_000)
-            .with_context(|| format!("H = {} is out of reach at lr·wd = {:e}", a.horizon, rate.per_step))?;
+        let steps = match a.steps {
+            Some(n) => n,
+            None => rate
+                .steps_to_reach(&schedule, a.horizon, 50_000_000)
+                .with_context(|| format!("H = {} is out of reach at lr·wd = {:e}", a.horizon, rate.per_step))?,
+        };
         let final_horizon = rate.after(&schedule, steps);
         let timescale = rate.timescale_steps();
         let every = ((timescale / SAMPLES_PER_TIMESCALE).floor() as u64).max(1);
@@ -313,10 +320,19 @@ fn main() -> Result<()> {
     let mut text = String::new();
     let header = format!(
         "teacher–student FFN, student widths {widths:?} (base {base}), teacher width {TEACHER_WIDTH}, base lr {}, base wd {}, batch {}\n\
-         steady-state protocol: constant lr after a {}-step warmup; each run stops when {PARAM}'s decay horizon\n\
-         H = Σ lr_t·wd_t (width-scaled, schedule included) reaches {}; sigma_max = mean over the last timescale\n\
+         steady-state protocol: constant lr after a {}-step warmup; {}\n\
+         H = Σ lr_t·wd_t (width-scaled, schedule included){}; sigma_max = mean over the last timescale\n\
          (float64 SVD, {SAMPLES_PER_TIMESCALE} samples per timescale); {} seed(s) per cell; checks on seed 0\n",
-        a.lr, a.wd, a.batch, a.warmup, a.horizon, a.seeds
+        a.lr,
+        a.wd,
+        a.batch,
+        a.warmup,
+        match a.steps {
+            Some(n) => format!("every run trains {n} steps (equal data); {PARAM}'s decay horizon"),
+            None => format!("each run stops when {PARAM}'s decay horizon"),
+        },
+        if a.steps.is_some() { " is printed per run".to_string() } else { format!(" reaches {}", a.horizon) },
+        a.seeds
     );
     print!("{header}");
     text.push_str(&header);
