@@ -1,6 +1,8 @@
 //! Optimizer step time on the example LLaMA at ~23M parameters: our fused step (both CPU kernels), our
 //! reference (non-fused) step, libtorch's C++ AdamW and PyTorch's `torch.optim.AdamW(fused=True)`, with the
 //! same shapes, (lr, wd) groups and thread count, against the memory-traffic floor measured in the same run.
+//! Our steps include the gradient check every step makes first (norm and NaN/Inf, one read of the gradients);
+//! that check is also timed alone.
 //!
 //! `cargo bench --bench optimizer_step` (results in BENCHMARKS.md). Settings by environment:
 //! `GAINGUARD_BENCH_STEPS` (timed steps per variant, default 30), `GAINGUARD_PYTHON` (the interpreter
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use gainguard::{AdamWConfig, BaseShapes, CpuKernel, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, CpuKernel, NonFiniteGrad, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{COptimizer, Device, Kind, Tensor};
 
@@ -24,6 +26,8 @@ const WARMUP: usize = 5;
 /// Blocks of our interleaved steps, with a PyTorch run before each and after the last.
 const ROUNDS: usize = 3;
 const PROBE: &str = "stream probe: the step's traffic, no math (floor)";
+const CHECK: &str = "gradient check alone (fused Σg² pass, in every step)";
+const UNCHECKED: &str = "ours fused, nonfinite_grad: Step (no check, as torch)";
 const BYTES_PER_ELEMENT: usize = 28; // fp32: param r+w 8, grad r 4, first moment r+w 8, second moment r+w 8
 
 fn median(xs: &[f64]) -> f64 {
@@ -172,6 +176,9 @@ fn main() {
     // process: it separates "our loop vs ATen's loop" from "this process vs the Python one".
     let mut aten = (device == Device::Cpu)
         .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { cpu_kernel: CpuKernel::Aten, ..cfg.clone() }).unwrap());
+    // The default step without its gradient check: what the check costs, and our loop against PyTorch's alone.
+    let mut unchecked = (device == Device::Cpu)
+        .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { nonfinite_grad: NonFiniteGrad::Step, ..cfg.clone() }).unwrap());
     assert!(gainguard::fused::available(), "built without the fused AdamW shim");
     let mut libtorch = COptimizer::adamw(cfg.lr, cfg.beta1, cfg.beta2, 0.0, cfg.eps, false).unwrap();
     let mut groups_json = Vec::new();
@@ -189,13 +196,13 @@ fn main() {
     let spec = serde_json::json!({
         "shapes": shapes, "groups": groups_json, "warmup": WARMUP, "steps": steps, "threads": threads,
         "device": if device == Device::Cpu { "cpu".to_string() } else { format!("cuda:{}", match device { Device::Cuda(i) => i, _ => 0 }) },
-        "variants": if device == Device::Cpu { vec!["fused", "for-loop"] } else { vec!["fused", "foreach", "for-loop"] },
+        "variants": if device == Device::Cpu { vec!["fused", "fused+check", "for-loop"] } else { vec!["fused", "fused+check", "foreach", "for-loop"] },
     });
 
     let (copy_bw, add_bw) = bandwidths(device);
     let traffic = (BYTES_PER_ELEMENT * numel) as f64;
     if device == Device::Cpu {
-        assert_eq!(gainguard::fused::stream_probe(&fused).unwrap(), numel, "the probe must cover every parameter");
+        assert_eq!(fused.stream_probe().unwrap(), numel, "the probe must cover every parameter");
     }
 
     // PyTorch before and after ours, to see drift from other load; ours interleaved step by step.
@@ -206,7 +213,12 @@ fn main() {
     if aten.is_some() {
         names.push("ours fused, cpu_kernel: Aten");
         names.push(PROBE);
+        names.push(CHECK);
+        names.push(UNCHECKED);
     }
+    // What every step now reads first: the gradients' norm and finiteness (one read of g).
+    let grads: Vec<Tensor> = named.iter().map(|(_, p)| p.grad()).collect();
+    let grad_refs: Vec<&Tensor> = grads.iter().collect();
     let mut py: Vec<(String, Vec<f64>)> = Vec::new();
     let add_python = |py: &mut Vec<(String, Vec<f64>)>| {
         for (name, samples) in pytorch_samples(&spec) {
@@ -237,8 +249,14 @@ fn main() {
                     3 => {
                         aten.as_mut().unwrap().step();
                     }
+                    4 => {
+                        fused.stream_probe().unwrap();
+                    }
+                    5 => {
+                        gainguard::fused::sum_squares(&grad_refs).unwrap();
+                    }
                     _ => {
-                        gainguard::fused::stream_probe(&fused).unwrap();
+                        unchecked.as_mut().unwrap().step();
                     }
                 }
                 sync(device);
@@ -282,8 +300,17 @@ fn main() {
         let vs_py = pytorch_fused.map_or("-".to_string(), |p| format!("{:.2}×", ms / p));
         println!("{name:<50} {ms:>10.2} {n:>8} {vs_py:>12} {:>11.2}× {:>8.2}×", ms / libtorch_ms, ms / floor_ms);
     }
+    // Like with like: our default step (with its gradient check) against PyTorch's fused step behind its own
+    // non-finite check; ours without the check against PyTorch's fused step alone.
+    let find = |name: &str| rows.iter().find(|r| r.0.starts_with(name)).map(|r| r.1);
+    if let (Some(ours), Some(theirs)) = (find("ours fused (default)"), find("PyTorch AdamW fused+check")) {
+        println!("ours fused (default, checked) ÷ PyTorch fused+check: {:.2}×", ours / theirs);
+    }
+    if let (Some(ours), Some(theirs)) = (find(UNCHECKED), pytorch_fused) {
+        println!("ours fused, no check ÷ PyTorch fused: {:.2}×", ours / theirs);
+    }
     if device == Device::Cpu {
-        drop((fused, reference, aten, libtorch));
+        drop((fused, reference, aten, unchecked, libtorch));
         mixed_precision(&base, d_model, steps.min(10));
     }
     println!("load average after: {}", load_average());

@@ -1,6 +1,8 @@
-//! Compiles the C++ shim to ATen's `_fused_adamw_` (csrc/fused_adamw.cpp) against the headers of the
-//! libtorch that torch-sys links. Without those headers the shim is left out and the fused step falls
-//! back to the reference path (cfg `gainguard_fused_shim` unset).
+//! Compiles the C++ shim (csrc/fused_adamw.cpp: the fused AdamW kernels, ATen's `_fused_adamw_`, the gradient
+//! sums of squares, dropping gradients, the per-thread thread limit; reached through src/shim.rs) against the
+//! headers of the libtorch that torch-sys links. Without those headers the shim is left out (cfg
+//! `gainguard_fused_shim` unset): the fused step falls back to the reference path, the gradient check to
+//! libtorch norms, and `zero_grad` zeroes gradients instead of dropping them.
 
 use std::path::PathBuf;
 

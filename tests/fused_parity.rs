@@ -331,7 +331,7 @@ fn the_stream_probe_moves_every_element_and_changes_none() {
     let corpus = MarkovCorpus::new(48, 4, 1);
     run.train(&corpus, 0..2);
     let before: Vec<Tensor> = run.opt.slots().iter().flat_map(|s| [s.tensor.copy(), s.first_moment.copy(), s.second_moment.copy()]).collect();
-    let moved = gainguard::fused::stream_probe(&run.opt).unwrap();
+    let moved = run.opt.stream_probe().unwrap();
     let total: usize = run.opt.slots().iter().map(|s| s.tensor.numel()).sum();
     assert_eq!(moved, total);
     let after: Vec<Tensor> = run.opt.slots().iter().flat_map(|s| [s.tensor.copy(), s.first_moment.copy(), s.second_moment.copy()]).collect();

@@ -1,5 +1,6 @@
 //! A run interrupted at step 50, saved, and continued in a fresh process to step 100 must be identical,
-//! bit for bit, to an uninterrupted 100-step run.
+//! bit for bit, to an uninterrupted 100-step run. One parameter gets its first gradient at step 21, so its own
+//! step count (and bias corrections) at the checkpoint is 29, not 50.
 
 use gainguard_examples::model;
 
@@ -12,6 +13,8 @@ use tch::{Device, Tensor};
 
 const PHASE_ENV: &str = "GAINGUARD_RESUME_PHASE";
 const DIR_ENV: &str = "GAINGUARD_RESUME_DIR";
+const LATE_PARAM: &str = "blocks.1.attn.q.weight";
+const LATE_STEP: u64 = 21;
 
 fn setup(fused: bool) -> (VarStore, model::Llama, WidthScaledAdamW, MarkovCorpus) {
     tch::manual_seed(42);
@@ -34,7 +37,10 @@ fn setup(fused: bool) -> (VarStore, model::Llama, WidthScaledAdamW, MarkovCorpus
 }
 
 fn train(m: &model::Llama, opt: &mut WidthScaledAdamW, corpus: &MarkovCorpus, steps: std::ops::Range<u64>) {
+    // No gradient for `LATE_PARAM` before step `LATE_STEP` (frozen, as an unrouted expert would be).
+    let late = opt.slots().iter().find(|s| s.name == LATE_PARAM).unwrap().tensor.shallow_clone();
     for s in steps {
+        let _ = late.set_requires_grad(s >= LATE_STEP);
         let x = Tensor::from_slice(&corpus.batch(s, 4, 12)).view([4, 12]);
         opt.zero_grad();
         m.loss(&x).backward();
@@ -57,6 +63,7 @@ fn child(phase: &str, dir: &Path, fused: bool) {
             vs.load(dir.join("model50.safetensors")).unwrap();
             opt.load(&dir.join("opt50.gg")).unwrap();
             assert_eq!(opt.step_count(), 50);
+            assert_eq!(opt.param_step_count(LATE_PARAM), Some(50 - LATE_STEP), "its own count survives the checkpoint");
             train(&m, &mut opt, &corpus, 50..100);
             vs.save(dir.join("resumed.safetensors")).unwrap();
         }

@@ -147,6 +147,9 @@ pub struct StepEvent {
     /// Number of parameters that held NaN/Inf after this step (None when not checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonfinite_parameters: Option<u64>,
+    /// Cumulative optimizer steps skipped because a gradient held NaN or Inf.
+    #[serde(default)]
+    pub skipped_steps_total: u64,
 }
 
 fn one() -> f64 {
@@ -167,6 +170,7 @@ impl Default for StepEvent {
             spectrum_samples_dropped_total: 0,
             events_dropped_total: 0,
             nonfinite_parameters: None,
+            skipped_steps_total: 0,
         }
     }
 }

@@ -83,6 +83,7 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
                 events_dropped_total: 0,
                 nonfinite_parameters: Some(0),
                 loss_nonfinite: false,
+                skipped_steps_total: [0, 1, 1][i],
             })
         )));
     }
@@ -122,6 +123,7 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
     prom.expect(&format!("gainguard_trainer_last_step_timestamp_seconds{{{run}}}"), 1.7e9 + 2.0);
     prom.expect(&format!("gainguard_progress_ratio{{{run}}}"), 17.0 / planned as f64);
     prom.expect(&format!("gainguard_spectrum_samples_dropped_total{{{run}}}"), 7.0);
+    prom.expect(&format!("gainguard_skipped_steps_total{{{run},reason=\"nonfinite_grad\"}}"), 1.0);
     prom.expect(&format!("gainguard_trainer_up{{{run}}}"), 1.0);
     prom.expect(
         &format!(r#"gainguard_run_info{{{run},rule="paper",gamma="0.5",alpha="0.75",reference="proxy-w128.json"}}"#),
@@ -155,6 +157,17 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
     )));
     prom.expect(&format!("gainguard_loss{{{run}}}"), f64::NAN);
     prom.expect(&format!("gainguard_loss_nonfinite_total{{{run}}}"), 1.0);
+
+    // Non-finite weights: the flag is set, and what was measured from the earlier weights is gone.
+    assert!(sink.send(env(
+        3,
+        19,
+        Event::Spectrum(SpectrumSample { nonfinite: true, ..SpectrumSample::empty("blocks.2.attn.q.weight", Some(2), ParamClass::MatrixLike) })
+    )));
+    prom.expect(&format!("gainguard_spectrum_nonfinite{{{run},{q}}}"), 1.0);
+    for family in ["gainguard_sigma_max", "gainguard_gain_ratio", "gainguard_frobenius_norm", "gainguard_singular_value_quantile"] {
+        assert!(prom.query(&format!("{family}{{{run},{q}}}")).is_empty(), "{family} left standing beside spectrum_nonfinite 1");
+    }
 
     // Embedded mode: the trainer is up while its sink lives.
     drop(sink);

@@ -1,5 +1,7 @@
-// A C entry point to ATen's `_fused_adamw_` (the kernel behind `torch.optim.AdamW(fused=True)`), for the
-// fused step in plugin/src/fused.rs. Tensors arrive as tch's `C_tensor*`, which are `at::Tensor*`
+// gainguard's C++ shim, reached from Rust only through plugin/src/shim.rs: the fused AdamW step's kernels
+// (plugin/src/fused.rs), a C entry point to ATen's `_fused_adamw_` (the kernel behind
+// `torch.optim.AdamW(fused=True)`), the gradients' sums of squares, dropping gradients (`set_to_none`), and
+// the spectra worker's per-thread thread limit. Tensors arrive as tch's `C_tensor*`, which are `at::Tensor*`
 // (torch-sys torch_api.h: `typedef torch::Tensor *tensor;`).
 //
 // Kernel semantics (ATen FusedAdamKernel.cpp / fused_adamw_impl.cu, PyTorch 2.11), per element:
@@ -7,7 +9,8 @@
 //   exp_avg = lerp(exp_avg, grad, 1 − beta1)
 //   exp_avg_sq = beta2·exp_avg_sq + (1 − beta2)·grad²
 //   param -= lr / (1 − beta1^step) · exp_avg / (sqrt(exp_avg_sq) / sqrt(1 − beta2^step) + eps)
-// `step` is read from `state_steps` and not incremented (Python's caller increments it first).
+// `step` is read from `state_steps` (one per tensor, as torch keeps `state['step']` per parameter) and not
+// incremented (Python's caller increments it first).
 //
 // On CPU, `gainguard_adamw_cpu` is used instead (unless the caller picked ATen's kernel): one pass per
 // group, parallel over torch's own OpenMP thread pool (at::parallel_for; this file must be compiled with
@@ -155,21 +158,67 @@ void for_each_segment(const int64_t *numels, size_t n, Body body) {
 }
 
 // P is the parameter (and gradient) type, T the moments' and the arithmetic's. Scalars arrive as double and
-// are rounded to T once, as ATen rounds a Python/C++ scalar operand.
+// are rounded to T once, as ATen rounds a Python/C++ scalar operand. `step_sizes[t]` = lr / (1 − beta1^t_t) and
+// `bias_correction2_sqrts[t]` = sqrt(1 − beta2^t_t) are per tensor: each parameter has its own step count.
 template <typename P, typename T, typename Loop>
 void adamw_cpu(Loop loop, void *const *params, const void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
-               const int64_t *numels, size_t n, double decay, double beta1, double beta2, double bias_correction2_sqrt,
-               double eps, double step_size) {
+               const int64_t *numels, size_t n, double decay, double beta1, double beta2, double eps,
+               const double *step_sizes, const double *bias_correction2_sqrts) {
   const T d = static_cast<T>(decay), b1 = static_cast<T>(beta1), omb1 = static_cast<T>(1.0 - beta1),
-          b2 = static_cast<T>(beta2), omb2 = static_cast<T>(1.0 - beta2), bc2 = static_cast<T>(bias_correction2_sqrt),
-          e = static_cast<T>(eps), s = static_cast<T>(step_size);
+          b2 = static_cast<T>(beta2), omb2 = static_cast<T>(1.0 - beta2), e = static_cast<T>(eps);
   for_each_segment(numels, n, [&](size_t t, int64_t lo, int64_t hi) {
     P *p = static_cast<P *>(params[t]);
     const P *g = static_cast<const P *>(grads[t]);
     T *m = static_cast<T *>(exp_avgs[t]);
     T *v = static_cast<T *>(exp_avg_sqs[t]);
-    loop(p + lo, g + lo, m + lo, v + lo, hi - lo, d, b1, omb1, b2, omb2, bc2, e, s);
+    loop(p + lo, g + lo, m + lo, v + lo, hi - lo, d, b1, omb1, b2, omb2, static_cast<T>(bias_correction2_sqrts[t]), e,
+         static_cast<T>(step_sizes[t]));
   });
+}
+
+// Σ x² of `n` values in a fixed order, so that the result does not depend on the thread count or on timing:
+// 16 lanes square in f32 (exact for bf16 and f16 values, one rounding of 6e-8 for f32) and add 64 squares
+// each in f32 before passing the partial sum to f64 lanes: f32's precision (~1e-7 relative), at the memory's
+// speed (widening every value to f64 first cost 12% more time on AVX2). NaN or ±Inf in the values makes the result non-finite; so does an
+// f32 square's overflow (|x| > 1.8e19), which the caller tells apart.
+#define GAINGUARD_SUM_SQUARES(P, NAME)                                                                     \
+  __attribute__((target_clones("avx2", "default"))) double NAME(const P *g, int64_t n) {                  \
+    constexpr int lanes = 16;                                                                            \
+    constexpr int64_t flush = 64 * lanes;                                                                \
+    double acc[lanes] = {0};                                                                             \
+    int64_t i = 0;                                                                                       \
+    for (; i + flush <= n; i += flush) {                                                                 \
+      float part[lanes] = {0};                                                                           \
+      for (int64_t k = 0; k < flush; k += lanes)                                                         \
+        for (int j = 0; j < lanes; ++j) {                                                                \
+          const float x = static_cast<float>(g[i + k + j]);                                              \
+          part[j] += x * x;                                                                              \
+        }                                                                                                \
+      for (int j = 0; j < lanes; ++j) acc[j] += part[j];                                                 \
+    }                                                                                                    \
+    for (int j = 0; i < n; ++i, j = (j + 1) % lanes) {                                                   \
+      const float x = static_cast<float>(g[i]);                                                          \
+      acc[j] += static_cast<double>(x * x);                                                              \
+    }                                                                                                    \
+    double sum = 0;                                                                                      \
+    for (int j = 0; j < lanes; ++j) sum += acc[j];                                                       \
+    return sum;                                                                                          \
+  }
+
+GAINGUARD_SUM_SQUARES(float, sum_squares_f32)
+GAINGUARD_SUM_SQUARES(c10::BFloat16, sum_squares_bf16)
+GAINGUARD_SUM_SQUARES(c10::Half, sum_squares_f16)
+
+__attribute__((target_clones("avx2", "default"))) double sum_squares_f64(const double *g, int64_t n) {
+  constexpr int lanes = 16;
+  double acc[lanes] = {0};
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    for (int j = 0; j < lanes; ++j) acc[j] += g[i + j] * g[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += g[i] * g[i];
+  double sum = 0;
+  for (int j = 0; j < lanes; ++j) sum += acc[j];
+  return sum;
 }
 
 }  // namespace
@@ -196,33 +245,84 @@ int gainguard_sqrt_cpu(const void *in, void *out, int64_t n, int dtype, char *er
 
 // Steps `n` contiguous CPU parameters of one dtype given their raw buffers and element counts. `dtype`:
 // 0 = f32 (f32 moments), 1 = f64 (f64 moments), 2 = bf16 and 3 = f16 (gradients of the parameter's dtype,
-// f32 moments). `decay` is the factor theta is multiplied by (1 − lr·wd or 1 − wd);
-// `step_size` = lr / (1 − beta1^t). Returns 0, or 1 with the exception text in `err`.
+// f32 moments). `decay` is the factor theta is multiplied by (1 − lr·wd or 1 − wd); per tensor,
+// `step_sizes[t]` = lr / (1 − beta1^t) and `bias_correction2_sqrts[t]` = sqrt(1 − beta2^t) with that tensor's
+// own step count t. Returns 0, or 1 with the exception text in `err`.
 int gainguard_adamw_cpu(void *const *params, const void *const *grads, void *const *exp_avgs,
                         void *const *exp_avg_sqs, const int64_t *numels, size_t n, int dtype, double decay,
-                        double beta1, double beta2, double bias_correction2_sqrt, double eps, double step_size,
-                        char *err, size_t cap) {
+                        double beta1, double beta2, double eps, const double *step_sizes,
+                        const double *bias_correction2_sqrts, char *err, size_t cap) {
   return guarded(err, cap, "unknown C++ exception in the CPU AdamW loop", [&] {
     switch (dtype) {
       case 0:
         adamw_cpu<float, float>(adamw_loop_f32, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1, beta2,
-                                bias_correction2_sqrt, eps, step_size);
+                                eps, step_sizes, bias_correction2_sqrts);
         break;
       case 1:
         adamw_cpu<double, double>(adamw_loop_f64, params, grads, exp_avgs, exp_avg_sqs, numels, n, decay, beta1,
-                                  beta2, bias_correction2_sqrt, eps, step_size);
+                                  beta2, eps, step_sizes, bias_correction2_sqrts);
         break;
       case 2:
         adamw_cpu<c10::BFloat16, float>(adamw_loop_mixed<c10::BFloat16>, params, grads, exp_avgs, exp_avg_sqs, numels,
-                                        n, decay, beta1, beta2, bias_correction2_sqrt, eps, step_size);
+                                        n, decay, beta1, beta2, eps, step_sizes, bias_correction2_sqrts);
         break;
       case 3:
         adamw_cpu<c10::Half, float>(adamw_loop_mixed<c10::Half>, params, grads, exp_avgs, exp_avg_sqs, numels, n,
-                                    decay, beta1, beta2, bias_correction2_sqrt, eps, step_size);
+                                    decay, beta1, beta2, eps, step_sizes, bias_correction2_sqrts);
         break;
       default:
         write_error(err, cap, "gainguard_adamw_cpu: unknown dtype code");
         return 1;
+    }
+    return 0;
+  });
+}
+
+// Per tensor t of `n` contiguous CPU tensors (dtype codes as gainguard_adamw_cpu's, one per tensor):
+// `sums[t]` = Σ x² in double. The work is cut into fixed blocks of 64 Ki elements whose partial sums are added
+// in order, so the result is the same on any number of threads. Returns 0, or 1 with the text in `err`.
+int gainguard_sum_squares(const void *const *tensors, const int64_t *numels, const int *dtypes, size_t n,
+                          double *sums, char *err, size_t cap) {
+  return guarded(err, cap, "unknown C++ exception in the sum of squares", [&] {
+    constexpr int64_t block = 1 << 16;
+    std::vector<int64_t> first_block(n + 1, 0);
+    for (size_t t = 0; t < n; ++t) {
+      if (dtypes[t] < 0 || dtypes[t] > 3) {
+        write_error(err, cap, "gainguard_sum_squares: unknown dtype code");
+        return 1;
+      }
+      first_block[t + 1] = first_block[t] + (numels[t] + block - 1) / block;
+    }
+    std::vector<double> partial(first_block[n], 0.0);
+    at::parallel_for(0, first_block[n], 1, [&](int64_t begin, int64_t end) {
+      size_t t = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
+      for (int64_t b = begin; b < end; ++b) {
+        while (b >= first_block[t + 1]) ++t;
+        const int64_t lo = (b - first_block[t]) * block, len = std::min(block, numels[t] - lo);
+        switch (dtypes[t]) {
+          case 0: partial[b] = sum_squares_f32(static_cast<const float *>(tensors[t]) + lo, len); break;
+          case 1: partial[b] = sum_squares_f64(static_cast<const double *>(tensors[t]) + lo, len); break;
+          case 2: partial[b] = sum_squares_bf16(static_cast<const c10::BFloat16 *>(tensors[t]) + lo, len); break;
+          default: partial[b] = sum_squares_f16(static_cast<const c10::Half *>(tensors[t]) + lo, len); break;
+        }
+      }
+    });
+    for (size_t t = 0; t < n; ++t) {
+      double sum = 0;
+      for (int64_t b = first_block[t]; b < first_block[t + 1]; ++b) sum += partial[b];
+      sums[t] = sum;
+    }
+    return 0;
+  });
+}
+
+// Drops the gradient of each of `n` tensors (`at::Tensor*`), as `zero_grad(set_to_none=True)`: the next
+// backward allocates a fresh one, and a tensor that gets none stays without. Returns 0, or 1 with the text.
+int gainguard_clear_grads(void *const *tensors, size_t n, char *err, size_t cap) {
+  return guarded(err, cap, "unknown C++ exception while dropping gradients", [&] {
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor *t = static_cast<at::Tensor *>(tensors[i]);
+      if (t->grad().defined()) t->mutable_grad().reset();
     }
     return 0;
   });
@@ -251,19 +351,29 @@ int gainguard_stream_probe(void *const *params, void *const *grads, void *const 
   });
 }
 
-// Steps `n` parameters that share one device, dtype, lr and weight decay. Returns 0 on success; on a C++
+// Steps `n` parameters that share one device, dtype, lr and weight decay; `steps[i]` is parameter i's own
+// step count (this step included). One step tensor per distinct count. Returns 0 on success; on a C++
 // exception returns 1 and writes its message (truncated to `cap` bytes) into `err`.
 int gainguard_fused_adamw(void *const *params, void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
-                          size_t n, double step, double lr, double beta1, double beta2, double weight_decay,
+                          size_t n, const double *steps, double lr, double beta1, double beta2, double weight_decay,
                           double eps, char *err, size_t cap) {
   return guarded(err, cap, "unknown C++ exception in _fused_adamw_", [&] {
     if (n == 0) return 0;
     std::vector<at::Tensor> p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n),
                             v = gather(exp_avg_sqs, n);
-    // Our step count is global, so one float step tensor on the parameters' device serves every member.
-    at::Tensor t = at::full({}, step, at::TensorOptions().dtype(at::kFloat).device(p[0].device()));
-    std::vector<at::Tensor> steps(n, t);
-    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2, weight_decay, eps,
+    // Most members share one count; the kernel reads each tensor's step, so they can share the tensor.
+    std::vector<std::pair<double, at::Tensor>> distinct;
+    std::vector<at::Tensor> state_steps;
+    state_steps.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      auto it = std::find_if(distinct.begin(), distinct.end(), [&](const auto &d) { return d.first == steps[i]; });
+      if (it == distinct.end()) {
+        distinct.emplace_back(steps[i], at::full({}, steps[i], at::TensorOptions().dtype(at::kFloat).device(p[0].device())));
+        it = distinct.end() - 1;
+      }
+      state_steps.push_back(it->second);
+    }
+    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, state_steps, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
     return 0;
   });

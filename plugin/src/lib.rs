@@ -2,7 +2,8 @@
 //!
 //! Width-scaled AdamW for tch trainers (arXiv 2510.15262): matrix-like parameters get `lr ∝ 1/m` and
 //! `weight decay ∝ m^gamma` (gamma = 0.5 by default), vector-like parameters get the base lr and no decay,
-//! so that `(lr, wd)` tuned on a small proxy transfer to a wide target. See the README for the rule table.
+//! so that `(lr, wd)` tuned on a small proxy transfer to a wide target. Other presets reproduce microsoft/mup's
+//! `MuAdamW`, Megatron-LM's muP and plain AdamW. See the README for the rule table.
 //!
 //! ```no_run
 //! use gainguard::{AdamWConfig, BaseShapes, WidthScaledAdamW};
@@ -28,12 +29,13 @@ pub mod plan;
 pub mod reference;
 pub mod rule;
 pub mod schedule;
+mod shim;
 pub mod spectra;
 pub mod steady_state;
 pub mod telemetry;
 
 pub use classify::{BaseShapes, Override, ParamClass, ParamRole};
-pub use optim::{AdamWConfig, CpuKernel, DecayMode, StepObserver, StepReport, WidthScaledAdamW};
+pub use optim::{AdamWConfig, CpuKernel, DecayMode, NonFiniteGrad, OptimError, StepObserver, StepReport, WidthScaledAdamW};
 pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};
 pub use schedule::Schedule;

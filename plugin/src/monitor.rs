@@ -9,7 +9,12 @@
 //! ```
 //!
 //! The training thread never waits: the only work on it is one device copy per sampled parameter
-//! (two where the update ratio is wanted) and an O(1) `try_send`. A round that does not fit in the
+//! (two where the update ratio is wanted) and an O(1) `try_send`. The one exception is a step whose gradients
+//! held NaN or Inf ([`StepReport::nonfinite_grad`]), the usual first sign of non-finite weights: then the
+//! sampler checks every parameter's weights at once, on the training thread, so that
+//! [`SamplerHandle::nonfinite_parameters`] (and `gainguard_nonfinite_parameters` through telemetry) says so in
+//! that very step, and each non-finite sampled matrix is sent as a non-finite sample, rather than waiting for
+//! the next scheduled round (thousands of steps away once the budget has stretched the interval). A round that does not fit in the
 //! queue or the in-flight byte budget is dropped *before* anything is copied, and every parameter
 //! sample in it is counted in [`SamplerHandle::dropped_total`].
 //!
@@ -158,8 +163,12 @@ enum Control {
 /// State shared by the sampler, its worker and every [`SamplerHandle`].
 struct Shared {
     dropped: Arc<AtomicU64>,
+    /// Parameters whose latest check found NaN/Inf: the count of `nonfinite_checks` entries that say so.
     nonfinite: Arc<AtomicU64>,
     nonfinite_known: AtomicBool,
+    /// Per parameter name: the step of its latest check and whether it found NaN/Inf. A round the worker
+    /// finishes late does not overwrite a newer check.
+    nonfinite_checks: Mutex<HashMap<String, (u64, bool)>>,
     emitted: AtomicU64,
     in_flight_bytes: AtomicU64,
     /// Exponential averages, in nanoseconds: worker time per round, trainer time per step.
@@ -192,7 +201,8 @@ impl SamplerHandle {
         Arc::clone(&self.shared.dropped)
     }
 
-    /// Parameters that held NaN/Inf in the last round the worker finished; None before the first.
+    /// Parameters whose latest check found NaN/Inf weights (a sampled round, or the check of every parameter
+    /// after a step with a non-finite gradient); None before the first check.
     pub fn nonfinite_parameters(&self) -> Option<u64> {
         self.shared.nonfinite_known.load(Ordering::Acquire).then(|| self.shared.nonfinite.load(Ordering::Relaxed))
     }
@@ -260,6 +270,11 @@ impl SamplerHandle {
 pub struct SpectrumSampler {
     config: SamplerConfig,
     shared: Arc<Shared>,
+    /// For the non-finite samples of the check after a non-finite gradient (everything else goes through
+    /// the worker).
+    sink: Sink,
+    /// Whether the latest check of every parameter found NaN/Inf.
+    nonfinite_found: bool,
     tx: Sender<Round>,
     /// Per decision index: the parameter's info when it is eligible for sampling.
     eligible: Vec<Option<Arc<ParamInfo>>>,
@@ -298,6 +313,7 @@ impl SpectrumSampler {
             dropped: Arc::new(AtomicU64::new(0)),
             nonfinite: Arc::new(AtomicU64::new(0)),
             nonfinite_known: AtomicBool::new(false),
+            nonfinite_checks: Mutex::new(HashMap::new()),
             emitted: AtomicU64::new(0),
             in_flight_bytes: AtomicU64::new(0),
             worker_ns_per_round: AtomicU64::new(0),
@@ -312,7 +328,7 @@ impl SpectrumSampler {
         });
         let worker = Worker {
             shared: Arc::clone(&shared),
-            sink,
+            sink: sink.clone(),
             rounds: rx,
             control: control_rx,
             estimators: HashMap::new(),
@@ -335,6 +351,8 @@ impl SpectrumSampler {
             .map_err(MonitorError::Thread)?;
         *shared.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(SpectrumSampler {
+            sink,
+            nonfinite_found: false,
             next_step: config.interval,
             config,
             shared,
@@ -438,7 +456,7 @@ fn thread_cpu_time() -> Option<Duration> {
 /// Either can fail (no shim, a nice the process may not set); the worker then runs as it is, after one
 /// log line.
 fn configure_worker_thread(threads: usize, nice: i32) {
-    if threads > 0 && !crate::fused::limit_this_thread(threads) {
+    if threads > 0 && !crate::shim::limit_this_thread(threads) {
         eprintln!("gainguard: cannot limit the spectra worker to {threads} libtorch thread(s) in this build; it uses libtorch's default");
     }
     #[cfg(target_os = "linux")]
@@ -492,6 +510,12 @@ impl StepObserver for SpectrumSampler {
         if let Some(last) = self.last_after_step.replace(now) {
             ema(&self.shared.step_ns, now.duration_since(last).as_nanos() as u64);
         }
+        // After a check that found NaN/Inf, the first step with finite gradients checks again, so that weights
+        // repaired (e.g. by loading a checkpoint) are not counted forever.
+        let recovered = self.nonfinite_found && report.grad_norm.is_some_and(f64::is_finite);
+        if report.nonfinite_grad.is_some() || recovered {
+            self.check_every_parameter(report.step, slots);
+        }
         let Some((step, chosen, bytes)) = self.pending.take() else { return };
         if step != report.step {
             self.shared.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
@@ -525,6 +549,42 @@ impl StepObserver for SpectrumSampler {
             self.shared.dropped.fetch_add(n, Ordering::Relaxed);
         }
     }
+}
+
+impl SpectrumSampler {
+    /// Checks every parameter's weights for NaN/Inf now, records the result for
+    /// [`SamplerHandle::nonfinite_parameters`], and sends a non-finite sample for each sampled matrix that
+    /// holds them (the daemon then drops its stale spectrum series).
+    fn check_every_parameter(&mut self, step: u64, slots: &[ParamSlot]) {
+        let results: Vec<(usize, bool)> = slots.iter().enumerate().map(|(i, s)| (i, !tch::no_grad(|| all_finite(&s.tensor)))).collect();
+        self.nonfinite_found = results.iter().any(|&(_, bad)| bad);
+        record_checks(&self.shared, step, results.iter().map(|&(i, bad)| (slots[i].name.as_str(), bad)));
+        let progress = self.config.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64);
+        for (i, _) in results.into_iter().filter(|&(_, bad)| bad) {
+            let Some(info) = self.eligible.get(slots[i].decision).cloned().flatten() else { continue };
+            let sample = SpectrumSample { nonfinite: true, progress, ..SpectrumSample::empty(info.name.clone(), info.layer, info.class) };
+            let (run, host) = (self.config.run.clone(), self.config.host.clone());
+            self.sink.send(Envelope::new(run, self.config.rank, host, step, Event::Spectrum(sample)));
+            self.shared.emitted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Records the checks of one step (parameter name, whether it holds NaN/Inf), unless a later step's check of
+/// that parameter is already recorded, and updates the count.
+fn record_checks<'a>(shared: &Shared, step: u64, checks: impl Iterator<Item = (&'a str, bool)>) {
+    let mut map = shared.nonfinite_checks.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, bad) in checks {
+        match map.get_mut(name) {
+            Some(entry) if entry.0 > step => {}
+            Some(entry) => *entry = (step, bad),
+            None => {
+                map.insert(name.to_string(), (step, bad));
+            }
+        }
+    }
+    shared.nonfinite.store(map.values().filter(|(_, bad)| *bad).count() as u64, Ordering::Relaxed);
+    shared.nonfinite_known.store(true, Ordering::Release);
 }
 
 impl Drop for SpectrumSampler {
@@ -604,13 +664,11 @@ impl Worker {
         // core costs nothing, and its wall time would stretch the interval for that wait); on a GPU its
         // wall time, which covers the device work it queued and waited for.
         let on_cpu = round.snapshots.first().is_some_and(|s| s.after.device() == tch::Device::Cpu);
-        let mut nonfinite = 0;
+        let mut checks = Vec::with_capacity(round.snapshots.len());
         let bytes = round.bytes;
         for snap in round.snapshots {
             let sample = self.sample(&snap, round.step);
-            if sample.nonfinite {
-                nonfinite += 1;
-            }
+            checks.push((snap.info.name.clone(), sample.nonfinite));
             {
                 let mut listeners = self.shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
                 for l in listeners.iter_mut() {
@@ -622,8 +680,7 @@ impl Worker {
             self.shared.emitted.fetch_add(1, Ordering::Relaxed);
         }
         self.shared.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        self.shared.nonfinite.store(nonfinite, Ordering::Relaxed);
-        self.shared.nonfinite_known.store(true, Ordering::Release);
+        record_checks(&self.shared, round.step, checks.iter().map(|(n, bad)| (n.as_str(), *bad)));
         let cost = match (on_cpu, cpu_started, thread_cpu_time()) {
             (true, Some(a), Some(b)) => b.saturating_sub(a),
             _ => started.elapsed(),

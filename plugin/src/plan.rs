@@ -118,7 +118,7 @@ impl ScalingPlan {
             let weight_decay = match (c.class, c.weight_decay_override) {
                 // An explicit per-parameter decay on a vector-like param is taken as given.
                 (ParamClass::VectorLike, Some(wd)) => wd,
-                _ => rule.weight_decay(c.class, lambda, c.width_multiplier),
+                _ => rule.weight_decay_for(&c.name, &c.shape, c.class, lambda, c.width_multiplier),
             } * c.wd_multiplier;
             if tied_to.is_none() {
                 warnings.extend(c.warnings);

@@ -1,4 +1,4 @@
-//! The width-scaling rule: how a parameter's learning rate and weight decay follow its width.
+//! The width-scaling rule: how a parameter's learning rate, weight decay and Adam epsilon follow its width.
 //!
 //! Fan, Liu, Zhao, Yuan, Gu, "Robust Layerwise Scaling Rules by Proper Weight Decay Tuning",
 //! arXiv 2510.15262 (2025). Under AdamW the top singular value of a hidden matrix settles at
@@ -6,10 +6,15 @@
 //! taking `lambda ∝ m^gamma` with `gamma = 2·alpha − 1 = 0.5` keeps `sigma_max` width-invariant, so the
 //! proxy's tuned `(eta, lambda)` transfer.
 //!
-//! | class        | lr                     | weight decay           |
-//! |--------------|------------------------|------------------------|
-//! | matrix-like  | `eta · m^(−lr_exponent)` | `lambda · m^gamma`     |
-//! | vector-like  | `eta`                  | `0`                    |
+//! Each preset reproduces the parameter groups of the code it is named after (README, "The rule"):
+//!
+//! | preset         | matrix-like                      | vector-like                                           |
+//! |----------------|----------------------------------|-------------------------------------------------------|
+//! | `paper`        | `eta/m`, `lambda·m^0.5`          | `eta`, `0`                                            |
+//! | `mup-coupled`  | `eta/m`, `lambda·m`              | `eta`, `lambda` (microsoft/mup `MuAdam`)              |
+//! | `mup-fixed-wd` | `eta/m`, `lambda`, eps `eps/m`   | `eta`, `lambda`; `0` for rank ≤ 1 or `*.bias` (Megatron-LM) |
+//! | `standard`     | `eta`, `lambda`                  | `eta`, `lambda` (plain `torch.optim.AdamW`)           |
+//! | custom         | `eta·m^(−lr_exponent)`, `lambda·m^gamma` | `eta`, `0` (as `paper`)                       |
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -21,13 +26,17 @@ use crate::classify::ParamClass;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
-    /// arXiv 2510.15262: lr ∝ 1/m, wd ∝ m^0.5.
+    /// arXiv 2510.15262: matrix-like lr ∝ 1/m, wd ∝ m^0.5; vector-like base lr, no decay (the paper's choice).
     Paper,
-    /// microsoft/mup MuAdamW, OLMo-core, CompleteP: lr ∝ 1/m, wd ∝ m (eta·lambda constant).
+    /// microsoft/mup `MuAdamW` (`mup/optim.py`, `MuAdam`): matrix-like lr ∝ 1/m, wd ∝ m (eta·lambda constant);
+    /// vector-like base lr and base wd (MuAdam only rescales the matrix-like groups).
     MupCoupled,
-    /// Megatron-LM muP: lr ∝ 1/m, wd unchanged.
+    /// NVIDIA Megatron-LM's muP for Adam (`megatron/core/optimizer/__init__.py`, `get_mup_config_overrides`
+    /// with `get_standard_config_overrides`): matrix-like lr and eps ∝ 1/m, wd unchanged; vector-like base lr
+    /// and eps, base wd except rank ≤ 1 and `*.bias` parameters, which get none.
     MupFixedWd,
-    /// Standard parameterization: no width scaling at all.
+    /// Standard parameterization, plain `torch.optim.AdamW(model.parameters(), lr, weight_decay)`: every
+    /// parameter gets the base lr and the base wd.
     Standard,
     /// User-chosen `gamma` and `lr_exponent`.
     Custom,
@@ -146,13 +155,37 @@ impl Rule {
         }
     }
 
-    /// Weight decay of a parameter of `class` with width multiplier `m`, from the base `lambda`.
+    /// Weight decay of parameter `name` of shape `shape` and `class`, with width multiplier `m`, from the base
+    /// `lambda`.
     ///
-    /// Matrix-like: `lambda · m^gamma` (arXiv 2510.15262, gamma = 0.5). Vector-like: no decay.
+    /// Matrix-like: `lambda · m^gamma` (arXiv 2510.15262: gamma = 0.5). Vector-like: `0` under `paper` and
+    /// custom rules, `lambda` under `mup-coupled` and `standard`. `mup-fixed-wd` follows Megatron-LM, which
+    /// takes no decay for any parameter of rank 1 or named `*.bias` (`get_standard_config_overrides`:
+    /// `wd_mult = 0` for `len(param.shape) == 1` or `fnmatch(name, "*.bias")`) and `lambda` for the rest.
+    pub fn weight_decay_for(&self, name: &str, shape: &[i64], class: ParamClass, lambda: f64, m: f64) -> f64 {
+        if self.preset == Preset::MupFixedWd && (shape.len() <= 1 || name.ends_with(".bias")) {
+            return 0.0;
+        }
+        match (class, self.preset) {
+            (ParamClass::MatrixLike, _) => lambda * m.powf(self.gamma),
+            (ParamClass::VectorLike, Preset::MupCoupled | Preset::MupFixedWd | Preset::Standard) => lambda,
+            (ParamClass::VectorLike, Preset::Paper | Preset::Custom) => 0.0,
+        }
+    }
+
+    /// [`weight_decay_for`](Self::weight_decay_for) of a parameter of rank ≥ 2 whose name does not end in
+    /// `.bias`, for callers that reason about classes rather than parameters (e.g. a matrix-like class).
     pub fn weight_decay(&self, class: ParamClass, lambda: f64, m: f64) -> f64 {
-        match class {
-            ParamClass::MatrixLike => lambda * m.powf(self.gamma),
-            ParamClass::VectorLike => 0.0,
+        self.weight_decay_for("", &[0, 0], class, lambda, m)
+    }
+
+    /// Adam's epsilon of a parameter of `class` with width multiplier `m`, from the base `eps`: `eps / m` for
+    /// matrix-like parameters under `mup-fixed-wd` (Megatron-LM's `get_mup_config_overrides` scales the hidden
+    /// layers' `adam_eps` by `1 / mup_width_mult`, "MuP Appendix B.3"), `eps` everywhere else.
+    pub fn eps(&self, class: ParamClass, eps: f64, m: f64) -> f64 {
+        match (class, self.preset) {
+            (ParamClass::MatrixLike, Preset::MupFixedWd) => eps / m,
+            _ => eps,
         }
     }
 }
@@ -228,11 +261,33 @@ mod tests {
     }
 
     #[test]
-    fn vector_like_params_get_base_lr_and_no_decay_under_every_rule() {
+    fn vector_like_params_get_the_base_lr_under_every_rule_and_the_decay_of_their_presets_namesake() {
+        let vector = |p: Preset, name: &str, shape: &[i64]| {
+            let r = Rule::preset(p);
+            (r.learning_rate(ParamClass::VectorLike, ETA, 8.0), r.weight_decay_for(name, shape, ParamClass::VectorLike, LAMBDA, 8.0))
+        };
+        // The paper: no decay. MuAdam rescales only the matrix-like groups, so vector-like ones keep the base
+        // wd; plain AdamW decays everything.
+        assert_eq!(vector(Preset::Paper, "tok_emb.weight", &[100, 64]), (ETA, 0.0));
+        assert_eq!(vector(Preset::Paper, "norm.weight", &[64]), (ETA, 0.0));
+        for p in [Preset::MupCoupled, Preset::Standard] {
+            assert_eq!(vector(p, "tok_emb.weight", &[100, 64]), (ETA, LAMBDA), "{p}");
+            assert_eq!(vector(p, "norm.weight", &[64]), (ETA, LAMBDA), "{p}");
+            assert_eq!(vector(p, "out.bias", &[100]), (ETA, LAMBDA), "{p}");
+        }
+        // Megatron-LM: embedding and output layer decay, rank-1 parameters and biases do not.
+        assert_eq!(vector(Preset::MupFixedWd, "tok_emb.weight", &[100, 64]), (ETA, LAMBDA));
+        assert_eq!(vector(Preset::MupFixedWd, "norm.weight", &[64]), (ETA, 0.0));
+        assert_eq!(vector(Preset::MupFixedWd, "proj.bias", &[4, 64]), (ETA, 0.0));
+    }
+
+    #[test]
+    fn only_megatrons_mup_scales_adams_epsilon_and_only_for_matrix_like_parameters() {
         for p in Preset::ALL {
             let r = Rule::preset(p);
-            assert_eq!(r.learning_rate(ParamClass::VectorLike, ETA, 8.0), ETA, "{p}");
-            assert_eq!(r.weight_decay(ParamClass::VectorLike, LAMBDA, 8.0), 0.0, "{p}");
+            let expected = if p == Preset::MupFixedWd { 1e-8 / 4.0 } else { 1e-8 };
+            assert_eq!(r.eps(ParamClass::MatrixLike, 1e-8, 4.0), expected, "{p}");
+            assert_eq!(r.eps(ParamClass::VectorLike, 1e-8, 4.0), 1e-8, "{p}");
         }
     }
 

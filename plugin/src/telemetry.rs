@@ -45,8 +45,9 @@ pub fn hostname() -> String {
 
 pub use gainguard_daemon::events::unix_now;
 
-/// Sends a run's training events. With a spectra sampler attached, each step event also carries the
-/// sampler's dropped-sample count and the non-finite parameters of its latest round.
+/// Sends a run's training events. Each step event carries the optimizer's count of steps skipped for a
+/// non-finite gradient; with a spectra sampler attached, also the sampler's dropped-sample count and the
+/// parameters whose latest check found NaN/Inf weights.
 pub struct Telemetry {
     sink: Sink,
     id: RunIdentity,
@@ -128,6 +129,7 @@ impl Telemetry {
             spectrum_samples_dropped_total: self.sampler.as_ref().map_or(0, |s| s.dropped_total()),
             events_dropped_total: self.sink.dropped_total(),
             nonfinite_parameters: self.sampler.as_ref().and_then(|s| s.nonfinite_parameters()),
+            skipped_steps_total: report.skipped_steps_total,
         };
         self.sink.send(self.id.envelope(report.step, Event::Step(event)));
     }

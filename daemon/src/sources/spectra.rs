@@ -122,6 +122,30 @@ impl Spectra {
     }
 }
 
+impl Spectra {
+    /// Removes a parameter's quantile series.
+    fn remove_quantiles(&self, labels: &[&str]) {
+        for q in QUANTILES {
+            let mut l = labels.to_vec();
+            l.push(q);
+            remove(&self.quantile, &l);
+        }
+    }
+
+    /// Per-parameter gauges whose values are measured from the weights (the reference profile's value is not).
+    fn measured_from_weights(&self) -> [&GaugeVec; 7] {
+        [
+            &self.sigma_max,
+            &self.sigma_max_normalized,
+            &self.gain_ratio,
+            &self.stable_rank,
+            &self.frobenius_norm,
+            &self.effective_rank,
+            &self.update_ratio,
+        ]
+    }
+}
+
 impl Source for Spectra {
     fn name(&self) -> &'static str {
         SPEC.name
@@ -155,6 +179,14 @@ impl Source for Spectra {
         set(&self.iterations, Some(s.iterations as f64));
         set(&self.nonfinite, Some(if s.nonfinite { 1.0 } else { 0.0 }));
         set(&self.decay_horizon, s.decay_horizon);
+        if s.nonfinite {
+            // Non-finite weights have no spectrum: what was measured from the earlier, finite weights goes,
+            // rather than standing beside `gainguard_spectrum_nonfinite 1` as if it were current.
+            for vec in self.measured_from_weights() {
+                remove(vec, &labels);
+            }
+            self.remove_quantiles(&labels);
+        }
         if let Some(q) = &s.quantiles {
             for (name, v) in QUANTILES.iter().zip([q.p10, q.p50, q.p90, q.p99]) {
                 let mut l = labels.to_vec();
@@ -174,11 +206,7 @@ impl Source for Spectra {
             for vec in self.gauges() {
                 remove(vec, &labels);
             }
-            for q in QUANTILES {
-                let mut l = labels.to_vec();
-                l.push(q);
-                remove(&self.quantile, &l);
-            }
+            self.remove_quantiles(&labels);
         }
         let labels = run.labels();
         remove(&self.samples, &labels);

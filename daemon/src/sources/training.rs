@@ -1,4 +1,5 @@
-//! Training progress from Hello and Step events: step, loss, tokens, step time, progress, drop counters.
+//! Training progress from Hello and Step events: step, loss, tokens, step time, progress, drop and skip
+//! counters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,9 +29,13 @@ pub struct Training {
     spectrum_dropped: IntCounterVec,
     events_dropped: IntCounterVec,
     nonfinite_parameters: GaugeVec,
+    skipped_steps: IntCounterVec,
     run_info: GaugeVec,
     state: Mutex<State>,
 }
+
+/// The `reason` of `gainguard_skipped_steps_total` the optimizer reports (its only one so far).
+pub const SKIP_REASON_NONFINITE_GRAD: &str = "nonfinite_grad";
 
 #[derive(Default)]
 struct State {
@@ -39,6 +44,7 @@ struct State {
     info: HashMap<RunKey, [String; 4]>,
     spectrum_dropped: CumulativeTracker,
     events_dropped: CumulativeTracker,
+    skipped_steps: CumulativeTracker,
 }
 
 fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
@@ -71,6 +77,13 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
             "gainguard_nonfinite_parameters",
             "Parameters holding NaN or Inf after the latest checked step.",
         )?,
+        skipped_steps: IntCounterVec::new(
+            Opts::new(
+                "gainguard_skipped_steps_total",
+                "Optimizer steps the plugin skipped, by reason (nonfinite_grad: a gradient held NaN or Inf).",
+            ),
+            &["run", "rank", "host", "reason"],
+        )?,
         run_info: GaugeVec::new(
             Opts::new("gainguard_run_info", "Always 1; the scaling rule of the run as labels."),
             &["run", "rank", "host", "rule", "gamma", "alpha", "reference"],
@@ -88,6 +101,7 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
     r.register(Box::new(t.spectrum_dropped.clone()))?;
     r.register(Box::new(t.events_dropped.clone()))?;
     r.register(Box::new(t.nonfinite_parameters.clone()))?;
+    r.register(Box::new(t.skipped_steps.clone()))?;
     r.register(Box::new(t.run_info.clone()))?;
     Ok(Arc::new(t))
 }
@@ -102,8 +116,8 @@ impl Source for Training {
     }
 
     fn series_per_run(&self) -> usize {
-        // 10 single series, the histogram (buckets + +Inf + sum + count), run_info.
-        10 + STEP_DURATION_BUCKETS.len() + 3 + 1
+        // 11 single series, the histogram (buckets + +Inf + sum + count), run_info.
+        11 + STEP_DURATION_BUCKETS.len() + 3 + 1
     }
 
     fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
@@ -132,6 +146,7 @@ impl Source for Training {
                 self.loss_nonfinite.with_label_values(&labels).inc_by(0);
                 self.spectrum_dropped.with_label_values(&labels).inc_by(0);
                 self.events_dropped.with_label_values(&labels).inc_by(0);
+                self.skipped_steps.with_label_values(&skip_labels(&labels)).inc_by(0);
             }
             Event::Step(s) => {
                 self.step.with_label_values(&labels).set(envelope.step as f64);
@@ -156,6 +171,8 @@ impl Source for Training {
                 if let Some(n) = s.nonfinite_parameters {
                     self.nonfinite_parameters.with_label_values(&labels).set(n as f64);
                 }
+                let d = state.skipped_steps.delta(&labels, s.skipped_steps_total);
+                self.skipped_steps.with_label_values(&skip_labels(&labels)).inc_by(d);
             }
             _ => {}
         }
@@ -173,6 +190,7 @@ impl Source for Training {
         remove(&self.spectrum_dropped, &labels);
         remove(&self.events_dropped, &labels);
         remove(&self.nonfinite_parameters, &labels);
+        remove(&self.skipped_steps, &skip_labels(&labels));
         let mut state = lock(&self.state);
         if let Some(info) = state.info.remove(run) {
             remove(&self.run_info, &info_labels(run, &info));
@@ -180,7 +198,12 @@ impl Source for Training {
         state.planned_steps.remove(run);
         state.spectrum_dropped.forget(&labels);
         state.events_dropped.forget(&labels);
+        state.skipped_steps.forget(&labels);
     }
+}
+
+fn skip_labels<'a>(run: &[&'a str]) -> [&'a str; 4] {
+    [run[0], run[1], run[2], SKIP_REASON_NONFINITE_GRAD]
 }
 
 fn info_labels<'a>(run: &'a RunKey, info: &'a [String; 4]) -> [&'a str; 7] {
