@@ -145,6 +145,8 @@ struct Snapshot {
     /// Effective lr and wd at the sampled step (width-scaled × schedule multipliers).
     lr: f64,
     weight_decay: f64,
+    /// The optimizer's decay horizon of the parameter after the sampled step.
+    decay_horizon: f64,
     full: bool,
 }
 
@@ -537,6 +539,7 @@ impl StepObserver for SpectrumSampler {
                     before,
                     lr: d.lr * report.lr_multiplier,
                     weight_decay: d.weight_decay * report.wd_multiplier,
+                    decay_horizon: slot.decay_horizon,
                     full,
                 })
             })
@@ -562,7 +565,12 @@ impl SpectrumSampler {
         let progress = self.config.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64);
         for (i, _) in results.into_iter().filter(|&(_, bad)| bad) {
             let Some(info) = self.eligible.get(slots[i].decision).cloned().flatten() else { continue };
-            let sample = SpectrumSample { nonfinite: true, progress, ..SpectrumSample::empty(info.name.clone(), info.layer, info.class) };
+            let sample = SpectrumSample {
+                nonfinite: true,
+                progress,
+                decay_horizon: Some(slots[i].decay_horizon),
+                ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
+            };
             let (run, host) = (self.config.run.clone(), self.config.host.clone());
             self.sink.send(Envelope::new(run, self.config.rank, host, step, Event::Spectrum(sample)));
             self.shared.emitted.fetch_add(1, Ordering::Relaxed);
@@ -691,8 +699,10 @@ impl Worker {
     fn sample(&mut self, snap: &Snapshot, step: u64) -> SpectrumSample {
         let started = Instant::now();
         let info = &snap.info;
+        // The horizon goes on every sample, before the reference is asked: a SelfBaseline windows by it.
         let mut sample = SpectrumSample {
             progress: self.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64),
+            decay_horizon: Some(snap.decay_horizon),
             ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
         };
         let estimator = self.estimators.entry(info.name.clone()).or_insert_with(|| Estimator::new(self.estimator_config.clone()));
