@@ -199,7 +199,7 @@ impl Setup<'_> {
         let timescale = rate.timescale_steps();
         let every = ((timescale / SAMPLES_PER_TIMESCALE).floor() as u64).max(1);
         let weights = vs.variables()[PARAM].shallow_clone();
-        let (mut horizon, mut trace, mut tail) = (0.0, SteadyStateTrace::default(), Vec::new());
+        let (mut trace, mut tail) = (SteadyStateTrace::default(), Vec::new());
         for step in 0..steps {
             let x = Tensor::randn([a.batch, D_IN], (Kind::Float, Device::Cpu));
             let y = tch::no_grad(|| self.teacher.forward(&x));
@@ -207,13 +207,18 @@ impl Setup<'_> {
             opt.zero_grad();
             loss.backward();
             opt.step();
-            horizon += rate.at(&schedule, step);
+            let horizon = opt.decay_horizon(PARAM).context("the optimizer counts hidden.weight's horizon")?;
             if horizon > final_horizon - 2.0 && ((steps - 1 - step) % every == 0) {
                 trace.push(horizon, sigma_max(&weights));
             }
             if horizon > final_horizon - 1.0 {
                 tail.push(loss.double_value(&[]));
             }
+        }
+        // The optimizer's own count and the plan's must agree: they are two computations of one sum.
+        let horizon = opt.decay_horizon(PARAM).context("the optimizer counts hidden.weight's horizon")?;
+        if (horizon - final_horizon).abs() > 1e-9 * final_horizon {
+            bail!("{PARAM}: the optimizer counted decay horizon {horizon}, the plan predicts {final_horizon}");
         }
         Ok(RunResult {
             steps,

@@ -264,13 +264,15 @@ impl RunRequest {
         RunRequest { width, rule, lr, wd, seed, steps: None, init_scale: 1.0, matrix_scale: 1.0 }
     }
 
-    /// Two requests with the same key train the same model on the same data: one run serves both. Vector-like
-    /// parameters' wd is part of the key, since the presets differ there.
+    /// Two requests with the same key train the same model on the same data: one run serves both. The preset
+    /// is part of the key, since presets differ in what the effective lr and wd below do not show (vector-like
+    /// decay by rank, Adam's eps); runs of one preset at equal effective values are shared (a gamma sweep's m = 1).
     fn key(&self, base: i64) -> String {
         let m = self.width as f64 / base as f64;
         let r = &self.rule;
         format!(
-            "d{}-s{}-n{:?}-i{}-x{}-{:.10e}-{:.10e}-{:.10e}-{:.10e}",
+            "{}-d{}-s{}-n{:?}-i{}-x{}-{:.10e}-{:.10e}-{:.10e}-{:.10e}",
+            r.preset.name(),
             self.width,
             self.seed,
             self.steps,

@@ -170,6 +170,38 @@ mod tests {
     }
 
     #[test]
+    fn the_optimizers_own_decay_horizon_is_the_planned_one_under_a_warmup_and_a_scheduled_weight_decay() {
+        use crate::classify::BaseShapes;
+        use crate::optim::{AdamWConfig, WidthScaledAdamW};
+        use tch::{nn, Device, Kind};
+        for (schedule, scheduled_wd, decay) in [
+            (warmup_then_constant(7), false, DecayMode::Coupled),
+            (Schedule::WarmupCosine { warmup: 5, total: 40, floor: 0.1 }, true, DecayMode::Coupled),
+            (Schedule::WarmupCosine { warmup: 5, total: 40, floor: 0.1 }, true, DecayMode::Independent),
+        ] {
+            let build = |d: i64| {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let _ = vs.root().randn("w", &[d, d], 0.0, 0.1);
+                vs
+            };
+            let (base, delta, vs) = (build(4), build(8), build(16));
+            let shapes = BaseShapes::from_var_stores(&base, &delta);
+            let config = AdamWConfig { lr: 0.03, weight_decay: 0.2, schedule: schedule.clone(), schedule_weight_decay: scheduled_wd, decay, ..Default::default() };
+            let mut opt = WidthScaledAdamW::new(&vs, &shapes, config).unwrap();
+            let w = vs.variables()["w"].shallow_clone();
+            for _ in 0..40 {
+                opt.zero_grad();
+                (&w * &w).sum(Kind::Float).backward();
+                opt.step();
+            }
+            let d = opt.plan().get("w").unwrap();
+            let planned = HorizonRate::new(d.lr, d.weight_decay, decay, scheduled_wd).after(&schedule, 40);
+            let counted = opt.decay_horizon("w").unwrap();
+            assert!((counted - planned).abs() <= 1e-12 * planned, "{schedule:?} {decay:?}: optimizer {counted} vs planned {planned}");
+        }
+    }
+
+    #[test]
     fn a_decaying_initialisation_drifts_by_e_to_the_minus_one_and_a_steady_state_does_not() {
         let mut decaying = SteadyStateTrace::default();
         let mut steady = SteadyStateTrace::default();

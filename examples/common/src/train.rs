@@ -321,7 +321,7 @@ pub struct SteadyRun {
 
 /// Trains `spec` as [`train_on`] does, without monitoring, and reads every matrix-like parameter's sigma_max
 /// at its steady state: the mean over its last timescale, with the drift from the timescale before. The
-/// decay horizon is summed from the plan's width-scaled lr and wd and the schedule, step by step.
+/// decay horizon is the optimizer's own count, checked at the end against the plan's prediction.
 pub fn train_steady(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, steady: &SteadyState) -> anyhow::Result<SteadyRun> {
     tch::manual_seed(spec.seed as i64);
     let vs = VarStore::new(spec.device);
@@ -376,9 +376,9 @@ pub fn train_steady(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, steady: &St
     }
     let start = Instant::now();
     let steps = spec.steps;
-    let mut sample = |step: u64, _: &WidthScaledAdamW| {
+    let mut sample = |step: u64, opt: &WidthScaledAdamW| {
         for w in &mut watched {
-            w.horizon += w.rate.at(&config.schedule, step);
+            w.horizon = opt.decay_horizon(&w.name).unwrap_or(f64::NAN);
             if w.horizon > w.final_horizon - 2.0 && (steps - 1 - step) % w.every == 0 {
                 let m = w.weights.to_device(Device::Cpu).to_kind(Kind::Double);
                 let (_, s, _) = m.reshape([m.size()[0], -1]).svd(true, false);
@@ -387,6 +387,12 @@ pub fn train_steady(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, steady: &St
         }
     };
     let losses = run_steps(spec, &net, &mut opt, batch, &ProgressBar::hidden(), None, &mut sample);
+    // The optimizer's own count and the plan's must agree: they are two computations of one sum.
+    for w in &watched {
+        if (w.horizon - w.final_horizon).abs() > 1e-9 * w.final_horizon {
+            anyhow::bail!("`{}`: the optimizer counted decay horizon {}, the plan predicts {}", w.name, w.horizon, w.final_horizon);
+        }
+    }
     let slowest = watched.iter().map(|w| w.rate.timescale_steps()).fold(1.0, f64::max);
     let tail = &losses[losses.len().saturating_sub(slowest.ceil() as usize)..];
     let params = watched
