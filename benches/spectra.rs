@@ -17,7 +17,7 @@ use gainguard_examples::model;
 
 use std::time::{Duration, Instant};
 
-use gainguard::daemon::Sink;
+use gainguard::protocol::Sink;
 use gainguard::data::MarkovCorpus;
 use gainguard::monitor::{SamplerConfig, SpectrumSampler};
 use gainguard::spectra::{frobenius_norm, Estimator, EstimatorConfig};

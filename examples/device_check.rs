@@ -154,7 +154,7 @@ fn sampler(c: &mut Checks, device: Device) {
         shutdown_timeout: std::time::Duration::from_secs(60),
         ..Default::default()
     };
-    let mut s = SpectrumSampler::new(cfg, opt.plan(), gainguard::daemon::Sink::disabled()).unwrap();
+    let mut s = SpectrumSampler::new(cfg, opt.plan(), gainguard::protocol::Sink::disabled()).unwrap();
     let seen = samples.clone();
     s.add_listener(Box::new(move |sample, step| {
         if let Some(sigma) = sample.sigma_max {

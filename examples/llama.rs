@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
             daemon = Some(d);
             Some(s)
         }
-        (None, Some(addr)) => Some(gainguard::daemon::Sink::connect(addr, Default::default())?),
+        (None, Some(addr)) => Some(gainguard::protocol::Sink::connect(addr, Default::default())?),
         (None, None) => None,
     };
     let monitoring = train::Monitoring {

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gainguard_daemon::events::*;
-use gainguard_daemon::protocol::encode_line;
+use gainguard_protocol::events::*;
+use gainguard_protocol::wire::encode_line;
 
 mod support;
 use support::{bin, die_with_parent, get, free_addr, status_mib, cpu_seconds, Guard};

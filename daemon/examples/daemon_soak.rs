@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gainguard_daemon::events::*;
-use gainguard_daemon::{Sink, SinkOptions};
+use gainguard_protocol::events::*;
+use gainguard_protocol::{Sink, SinkOptions};
 
 mod support;
 use support::{bin, die_with_parent, get, status_mib, Guard};

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::addr::IngestAddr;
+use gainguard_protocol::addr::IngestAddr;
+use gainguard_protocol::wire::DEFAULT_MAX_LINE_BYTES;
+
 use crate::error::DaemonError;
-use crate::protocol::DEFAULT_MAX_LINE_BYTES;
 
 /// Whether to read GPU statistics through NVML.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 use tokio::sync::Semaphore;
 
-use crate::addr::{host_name, IngestAddr};
+use gainguard_protocol::addr::{host_name, IngestAddr};
+use gainguard_protocol::sink::Sink;
+
 use crate::admission::ConnectionTable;
 use crate::auth::{Token, UidPolicy};
 use crate::config::DaemonConfig;
@@ -21,11 +23,10 @@ use crate::exposition::Registry;
 use crate::http::{self, Http};
 use crate::ingest::{self, Ingest};
 use crate::listeners::{BoundIngest, Listeners};
-use crate::queue::{queue, IngestMsg, Queue, QueueReceiver};
+use crate::queue::{queue, EmbeddedSender, IngestMsg, Queue, QueueReceiver};
 use crate::runs::{Control, RunTable};
 use crate::scrape::{Exposition, ScrapeCache};
 use crate::selfmetrics::SelfMetrics;
-use crate::sink::Sink;
 use crate::sources::{build_sources, Source};
 
 /// A running exporter. Stops on [`Daemon::shutdown`] or when dropped.
@@ -142,7 +143,7 @@ impl Daemon {
     /// clone is alive, and goes down (then expires after the TTL) when the last clone is dropped.
     pub fn sink(&self) -> Sink {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        Sink::embedded(self.queue.clone(), self.control.clone(), conn, self.metrics.connections.clone())
+        Sink::local(EmbeddedSender::new(self.queue.clone(), self.control.clone(), conn, self.metrics.connections.clone()))
     }
 
     /// The address `/metrics` is actually served on (useful with port 0).

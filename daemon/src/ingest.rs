@@ -18,10 +18,11 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use gainguard_protocol::events::Envelope;
+use gainguard_protocol::wire::{decode_line, AuthLine, Greeting, RejectReason};
+
 use crate::admission::{accept_loop, ConnectionTable, Peer, Refusal, Slot};
 use crate::auth::{Token, UidPolicy};
-use crate::events::Envelope;
-use crate::protocol::{decode_line, AuthLine, Greeting, RejectReason};
 use crate::queue::Queue;
 use crate::runs::{ConnId, Control};
 use crate::selfmetrics::SelfMetrics;

@@ -10,7 +10,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use crate::addr::IngestAddr;
+use gainguard_protocol::addr::IngestAddr;
+
 use crate::config::DaemonConfig;
 use crate::error::DaemonError;
 
@@ -59,7 +60,7 @@ impl Listeners {
 }
 
 /// Makes sure the socket's directory exists. One this function creates is 0700; the default directory
-/// (see [`crate::addr::default_ingest_addr`]) must also, if it already exists, be ours and closed to others,
+/// (see [`gainguard_protocol::addr::default_ingest_addr`]) must also, if it already exists, be ours and closed to others,
 /// since its path in /tmp is predictable.
 fn prepare_dir(path: &Path) -> Result<(), DaemonError> {
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else { return Ok(()) };
@@ -69,7 +70,7 @@ fn prepare_dir(path: &Path) -> Result<(), DaemonError> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
         Err(e) => return Err(err(e.to_string())),
     };
-    if !created && !crate::addr::is_default_socket_dir(dir) {
+    if !created && !gainguard_protocol::addr::is_default_socket_dir(dir) {
         return Ok(());
     }
     let meta = std::fs::symlink_metadata(dir).map_err(|e| err(e.to_string()))?;

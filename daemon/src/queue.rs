@@ -9,8 +9,11 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::Semaphore;
 
-use crate::events::{Envelope, Event};
-use crate::runs::ConnId;
+use gainguard_protocol::events::{Envelope, Event};
+use gainguard_protocol::sink::LocalReceiver;
+use prometheus::IntGauge;
+
+use crate::runs::{ConnId, Control};
 
 /// Data-path messages, in arrival order per connection: a connection's end queues behind its last lines.
 pub(crate) enum IngestMsg {
@@ -95,10 +98,42 @@ impl QueueReceiver {
     }
 }
 
+/// An embedded sink's end of the queue: one connection of the run table for the trainer process, which ends
+/// when the last clone of the sink is dropped.
+pub(crate) struct EmbeddedSender {
+    queue: Queue,
+    control: Sender<Control>,
+    conn: ConnId,
+    connections: IntGauge,
+}
+
+impl EmbeddedSender {
+    pub fn new(queue: Queue, control: Sender<Control>, conn: ConnId, connections: IntGauge) -> Self {
+        connections.inc();
+        EmbeddedSender { queue, control, conn, connections }
+    }
+}
+
+impl LocalReceiver for EmbeddedSender {
+    fn try_send(&self, envelope: Envelope) -> bool {
+        self.queue.try_send(self.conn, envelope)
+    }
+}
+
+impl Drop for EmbeddedSender {
+    fn drop(&mut self) {
+        self.connections.dec();
+        // Queued behind this sink's last events so that a late Step cannot revive the run.
+        if !self.queue.disconnected(self.conn) {
+            let _ = self.control.send(Control::Disconnected { conn: self.conn });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::StepEvent;
+    use gainguard_protocol::events::StepEvent;
 
     fn step() -> Envelope {
         Envelope::new("r", 0, "h", 1, Event::Step(StepEvent::default()))

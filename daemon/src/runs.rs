@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gainguard_protocol::events::{Envelope, Event, ParamClass};
+use gainguard_protocol::wire::{self, RejectReason};
+
 use crate::config::Limits;
-use crate::events::{Envelope, Event, ParamClass};
-use crate::protocol::{self, RejectReason};
 use crate::selfmetrics::SelfMetrics;
 use crate::sources::{ParamLabels, ParamMap, RunKey, RunView, Source};
 
@@ -84,7 +85,7 @@ impl RunTable {
 
     pub fn handle(&mut self, conn: ConnId, envelope: Envelope, validated: bool, now: Instant) {
         if !validated {
-            if let Err(r) = protocol::validate(&envelope) {
+            if let Err(r) = wire::validate(&envelope) {
                 self.metrics.reject(r.reason);
                 return;
             }

@@ -1,9 +1,9 @@
 //! The daemon's own metrics: what it ingested, what it refused, how much it exports.
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use gainguard_protocol::events::Event;
+use gainguard_protocol::wire::{event_type, RejectReason, EVENT_TYPES};
 
-use crate::events::Event;
-use crate::protocol::{event_type, RejectReason, EVENT_TYPES};
 
 /// Why the daemon closed an ingest connection it had admitted (`gainguard_ingest_connections_closed_total`).
 pub const CLOSE_REASONS: [&str; 2] = ["idle_timeout", "evicted"];

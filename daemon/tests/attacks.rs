@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::procfs::{cpu_seconds, peak_rss_mib, rss_mib};
 use common::{free_port, greeting, http_get, metrics, sample, token_file, wait_until, ChildGuard, TOKEN};
-use gainguard_daemon::events::*;
-use gainguard_daemon::protocol::encode_line;
+use gainguard_protocol::events::*;
+use gainguard_protocol::wire::encode_line;
 
 /// Memory a daemon may use after an attack (it starts near 10 MiB; the largest byte budget is 64 MiB).
 const RSS_BOUND_MIB: f64 = 160.0;

@@ -9,9 +9,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::{http_get, metrics, sample, tcp_ingest, token_file, wait_until};
-use gainguard_daemon::events::*;
-use gainguard_daemon::protocol::encode_line;
 use gainguard_daemon::{Daemon, DaemonConfig, IngestAddr, IngestAuth, Limits, NvmlMode};
+use gainguard_protocol::events::*;
+use gainguard_protocol::wire::encode_line;
 
 const GOOD_STEPS: u64 = 300;
 const GOOD_TOKENS: u64 = 64;

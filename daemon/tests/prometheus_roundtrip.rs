@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{gainguardd, socket_in, ChildGuard, Prometheus};
-use gainguard_daemon::events::*;
 use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode};
+use gainguard_protocol::events::*;
 
 fn env(rank: u32, step: u64, event: Event) -> Envelope {
     Envelope::new("emb", rank, "node-a", step, event)

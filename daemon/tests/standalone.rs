@@ -6,8 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, gainguardd, gainguardd_at, metrics, run_to_exit, sample, socket_in, wait_until};
-use gainguard_daemon::events::*;
-use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode, Sink, SinkOptions};
+use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode};
+use gainguard_protocol::events::*;
+use gainguard_protocol::{Sink, SinkOptions};
 
 #[test]
 fn a_metrics_port_already_in_use_exits_with_status_2_and_names_the_port() {

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use gainguard_daemon::events::ParamClass;
+pub use gainguard_protocol::events::ParamClass;
 
 /// `` `a`, `b`, `c` ``: names quoted for a message.
 pub(crate) fn quoted_list<S: AsRef<str>>(names: &[S]) -> String {

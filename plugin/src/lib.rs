@@ -40,5 +40,12 @@ pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};
 pub use schedule::Schedule;
 
-/// The event types and sinks of the daemon side, re-exported for trainers.
+/// The events, their wire format and the sinks a trainer sends through (`protocol::Sink`), with or without
+/// the embedded daemon.
+pub use gainguard_protocol as protocol;
+
+/// The exporter, to run it inside the trainer (`daemon::Daemon::spawn`, `daemon::DaemonConfig`); it also
+/// re-exports the protocol's `events` and `Sink` at the paths trainers used before the protocol had its own
+/// crate. Behind the default-on `embedded-daemon` feature, which brings tokio, hyper and NVML.
+#[cfg(feature = "embedded-daemon")]
 pub use gainguard_daemon as daemon;

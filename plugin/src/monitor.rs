@@ -39,8 +39,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use gainguard_daemon::events::{Envelope, Event, ParamClass, SpectrumSample};
-use gainguard_daemon::sink::Sink;
+use gainguard_protocol::events::{Envelope, Event, ParamClass, SpectrumSample};
+use gainguard_protocol::sink::Sink;
 use tch::Tensor;
 
 use crate::optim::{ParamSlot, StepObserver, StepReport};

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use gainguard_daemon::events::{ParamClass, SpectrumSample};
+use gainguard_protocol::events::{ParamClass, SpectrumSample};
 
 use crate::plan::ScalingPlan;
 

@@ -36,7 +36,7 @@ mod pass;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use gainguard_daemon::events::SpectrumQuantiles;
+use gainguard_protocol::events::SpectrumQuantiles;
 use tch::{Device, Kind, Tensor};
 
 use pass::{Elem, Flavour, HostMatrix, Mode, PassRequest, Workspace};

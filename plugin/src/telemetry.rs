@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
-use gainguard_daemon::events::{Envelope, Event, Goodbye, Hello, ParamInfo, ParamsTable, StepEvent};
-use gainguard_daemon::Sink;
+use gainguard_protocol::events::{Envelope, Event, Goodbye, Hello, ParamInfo, ParamsTable, StepEvent};
+use gainguard_protocol::Sink;
 
 use crate::monitor::SamplerHandle;
 use crate::optim::StepReport;
@@ -43,7 +43,7 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-pub use gainguard_daemon::events::unix_now;
+pub use gainguard_protocol::events::unix_now;
 
 /// Sends a run's training events. Each step event carries the optimizer's count of steps skipped for a
 /// non-finite gradient; with a spectra sampler attached, also the sampler's dropped-sample count and the

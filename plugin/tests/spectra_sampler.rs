@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gainguard::daemon::events::{Envelope, Event, SpectrumSample};
-use gainguard::daemon::Sink;
+use gainguard::protocol::events::{Envelope, Event, SpectrumSample};
+use gainguard::protocol::Sink;
 use gainguard::data::MarkovCorpus;
 use gainguard::monitor::{SamplerConfig, SpectrumSampler};
 use gainguard::reference::GainReference;

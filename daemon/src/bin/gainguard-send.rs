@@ -12,10 +12,10 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use gainguard_daemon::events::{
+use gainguard_protocol::events::{
     Envelope, Event, Goodbye, Hello, ParamClass, ParamInfo, ParamsTable, SpectrumSample, StepEvent,
 };
-use gainguard_daemon::{Sink, SinkOptions};
+use gainguard_protocol::{Sink, SinkOptions};
 
 #[derive(Parser, Debug)]
 #[command(name = "gainguard-send", version)]

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::Opts;
 
+use gainguard_protocol::events::{Envelope, Event};
+
 use crate::exposition::GaugeVec;
 
 use super::{lock, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
 use crate::error::DaemonError;
-use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "liveness", default_enabled: true, build };
 

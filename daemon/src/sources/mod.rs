@@ -7,9 +7,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use gainguard_protocol::events::Envelope;
+
 use crate::config::DaemonConfig;
 use crate::error::DaemonError;
-use crate::events::Envelope;
 use crate::exposition::{MetricVec, Registry, Value};
 
 pub mod liveness;

@@ -14,9 +14,10 @@ use std::time::Duration;
 use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts};
 
 use super::{lock, CumulativeTracker, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec};
+use gainguard_protocol::events::{Envelope, Event};
+
 use crate::config::NvmlMode;
 use crate::error::DaemonError;
-use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "nvml", default_enabled: true, build };
 

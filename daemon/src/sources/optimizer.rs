@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::Opts;
 
+use gainguard_protocol::events::{Envelope, Event};
+
 use crate::exposition::GaugeVec;
 
 use super::{lock, param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS};
 use crate::error::DaemonError;
-use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "optimizer", default_enabled: true, build };
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use prometheus::{HistogramOpts, Opts};
 
+use gainguard_protocol::events::{Envelope, Event};
+
 use crate::exposition::{GaugeVec, HistogramVec, IntCounterVec};
 
 use super::{
@@ -12,7 +14,6 @@ use super::{
     RUN_LABELS,
 };
 use crate::error::DaemonError;
-use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "spectra", default_enabled: true, build };
 
@@ -196,7 +197,7 @@ impl Source for Spectra {
         }
         let run_labels = run.key.labels();
         self.samples.with_label_values(&run_labels).inc();
-        self.last_sample_timestamp.with_label_values(&run_labels).set(crate::events::unix_now());
+        self.last_sample_timestamp.with_label_values(&run_labels).set(gainguard_protocol::events::unix_now());
         self.sample_duration.with_label_values(&run_labels).observe(s.duration_seconds);
     }
 

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::{HistogramOpts, Opts};
 
+use gainguard_protocol::events::{Envelope, Event};
+
 use crate::exposition::{GaugeVec, HistogramVec, IntCounterVec};
 
 use super::{lock, remove, CumulativeTracker, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
 use crate::error::DaemonError;
-use crate::events::{Envelope, Event};
 
 pub const SPEC: SourceSpec = SourceSpec { name: "training", default_enabled: true, build };
 

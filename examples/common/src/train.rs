@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
-use gainguard::daemon::Sink;
+use gainguard::protocol::Sink;
 use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
 use gainguard::telemetry::{RunIdentity, Telemetry};

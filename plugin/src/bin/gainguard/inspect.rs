@@ -212,7 +212,7 @@ fn tensor_of(entry: &Entry, data: &[u8]) -> Result<Tensor> {
     }
 }
 
-fn quantiles(q: &gainguard::daemon::events::SpectrumQuantiles) -> Quantiles {
+fn quantiles(q: &gainguard::protocol::events::SpectrumQuantiles) -> Quantiles {
     Quantiles { p10: q.p10, p50: q.p50, p90: q.p90, p99: q.p99 }
 }
 

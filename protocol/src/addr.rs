@@ -67,8 +67,8 @@ fn default_socket_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/gainguardd-{uid}"))
 }
 
-/// True for the directory of the default socket path without `XDG_RUNTIME_DIR`.
-pub(crate) fn is_default_socket_dir(dir: &std::path::Path) -> bool {
+/// True for the directory of the default socket path without `XDG_RUNTIME_DIR` (the daemon creates it).
+pub fn is_default_socket_dir(dir: &std::path::Path) -> bool {
     dir == default_socket_dir()
 }
 

@@ -1,8 +1,8 @@
 //! The event types that flow from a trainer to the daemon.
 //!
 //! In embedded mode they travel as values over a crossbeam channel; across processes they travel as
-//! versioned JSON lines (one [`Envelope`] per line, see `docs/protocol.md`). These are plain serde structs
-//! so that the plugin can depend on them without the daemon depending on libtorch.
+//! versioned JSON lines (one [`Envelope`] per line, see `docs/protocol.md`). They are plain serde structs,
+//! so that the plugin and the daemon share them without either one's heavy dependencies (libtorch, tokio).
 
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ impl Envelope {
     }
 }
 
-/// The payloads a trainer sends. Deserialized by hand (see `protocol.rs`): serde's derive for an internally
+/// The payloads a trainer sends. Deserialized by hand (see `wire.rs`): serde's derive for an internally
 /// tagged enum buffers every event into an intermediate tree first, which was most of the cost of ingest.
 #[derive(Serialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -1,6 +1,6 @@
 //! The trainer's side of the channel: a [`Sink`] whose `send` never blocks.
 //!
-//! - embedded: straight into the in-process daemon's queue ([`crate::Daemon::sink`]);
+//! - local: handed to a receiver in the same process ([`Sink::local`]; an embedded daemon's `sink()`);
 //! - remote: a background thread writes JSON lines to a standalone `gainguardd` ([`Sink::connect`]),
 //!   reconnecting with capped exponential backoff and replaying the last Hello and Params on reconnect;
 //! - capture: into any crossbeam channel ([`Sink::from_sender`]), for tests;
@@ -18,14 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use prometheus::IntGauge;
 
 use crate::addr::{AddrError, IngestAddr};
 use crate::auth::{Token, TOKEN_FILE_ENV};
 use crate::events::{Envelope, Event};
-use crate::protocol::{encode_line, AuthLine, Greeting};
-use crate::queue::Queue;
-use crate::runs::{ConnId, Control};
+use crate::wire::{encode_line, AuthLine, Greeting};
 
 /// Settings of a remote sink.
 #[derive(Clone, Debug)]
@@ -85,10 +82,17 @@ struct Inner {
     dropped: Arc<AtomicU64>,
 }
 
+/// A receiver in the trainer's own process, such as an embedded daemon's queue. It is dropped with the last
+/// clone of its [`Sink`], which is how it learns that the trainer went away.
+pub trait LocalReceiver: Send + Sync + 'static {
+    /// Takes one event without blocking; false when it refused it (full), which the sink counts as a drop.
+    fn try_send(&self, envelope: Envelope) -> bool;
+}
+
 enum Target {
     Disabled,
     Capture(Sender<Envelope>),
-    Embedded { queue: Queue, control: Sender<Control>, conn: ConnId, connections: IntGauge },
+    Local(Box<dyn LocalReceiver>),
     Remote {
         tx: Option<Sender<Envelope>>,
         closed: Arc<AtomicBool>,
@@ -124,9 +128,9 @@ impl Sink {
         Sink::with_target(Target::Capture(sender))
     }
 
-    pub(crate) fn embedded(queue: Queue, control: Sender<Control>, conn: ConnId, connections: IntGauge) -> Sink {
-        connections.inc();
-        Sink::with_target(Target::Embedded { queue, control, conn, connections })
+    /// Hands events to a receiver in this process; a refused event counts as a drop.
+    pub fn local(receiver: impl LocalReceiver) -> Sink {
+        Sink::with_target(Target::Local(Box::new(receiver)))
     }
 
     /// Connects to a standalone daemon at `unix:/path` or `tcp:127.0.0.1:PORT`. Succeeds even when the
@@ -195,7 +199,7 @@ impl Sink {
         let ok = match &self.inner.target {
             Target::Disabled => return false,
             Target::Capture(tx) => tx.try_send(envelope).is_ok(),
-            Target::Embedded { queue, conn, .. } => queue.try_send(*conn, envelope),
+            Target::Local(receiver) => receiver.try_send(envelope),
             Target::Remote { tx, pending, .. } => {
                 pending.fetch_add(1, Ordering::SeqCst);
                 let ok = tx.as_ref().is_some_and(|tx| tx.try_send(envelope).is_ok());
@@ -243,13 +247,6 @@ impl Drop for SetOnDrop {
 impl Drop for Inner {
     fn drop(&mut self) {
         match &mut self.target {
-            Target::Embedded { queue, control, conn, connections } => {
-                connections.dec();
-                // Queued behind this sink's last events so that a late Step cannot revive the run.
-                if !queue.disconnected(*conn) {
-                    let _ = control.send(Control::Disconnected { conn: *conn });
-                }
-            }
             Target::Remote { tx, closed, done, flush_on_drop, .. } => {
                 drop(tx.take());
                 let deadline = Instant::now() + *flush_on_drop;
@@ -644,7 +641,7 @@ mod tests {
     #[test]
     fn every_reconnect_path_ends_without_a_panic_and_each_event_is_delivered_once_or_counted() {
         let refused = FakeConnection {
-            greeting: Greeting::refused(crate::protocol::RejectReason::TooManyConnections).line(),
+            greeting: Greeting::refused(crate::wire::RejectReason::TooManyConnections).line(),
             ..FakeConnection::ok(usize::MAX)
         };
         let closed_before_greeting = FakeConnection { greeting: Vec::new(), closed: true, ..FakeConnection::ok(usize::MAX) };
