@@ -28,7 +28,10 @@ const RULES: &str = include_str!("../dashboards/prometheus/gainguard.rules.yml")
 #[derive(Parser)]
 #[command(about = "gainguard demo: proxy run, then a 4x target under the paper rule and under mup-fixed-wd, at steady state, with the alert's verdict per parameter")]
 struct Args {
-    #[arg(long, default_value_t = 32)]
+    /// A multiple of 48, so that every width dimension scales by exactly the multiplier: heads are 16 wide
+    /// and the SwiGLU hidden size is 8/3·d rounded up to a multiple of 8 (128 at 48, 512 at 192). At 32 it
+    /// is 88 against 344 at 128, a ratio of 3.91 that the plan flags as `uneven_width_ratio`.
+    #[arg(long, default_value_t = 48)]
     proxy_width: i64,
     #[arg(long, default_value_t = 4)]
     multiplier: i64,
