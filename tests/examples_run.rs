@@ -73,6 +73,37 @@ fn the_width_transfer_smoke_preset_writes_both_reports_with_decay_horizons_plots
         if mode == "sweep" {
             let ms: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("measurements.json")).unwrap()).unwrap();
             assert!(!ms.is_empty() && ms.iter().all(|m| m["decay_horizon"].as_f64().is_some_and(|h| h >= 2.0)), "{ms:?}");
+        } else {
+            // Every grid point's record carries its steps, lr, wd and each hidden matrix's horizon.
+            let runs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("runs.json")).unwrap()).unwrap();
+            assert!(runs.len() >= 2 * 2 * 9, "two rules, a 3 x 3 grid at each of two widths: {}", runs.len());
+            for r in &runs {
+                assert!(r["steps"].as_u64().is_some() && r["lr"].as_f64().is_some() && r["wd"].as_f64().is_some(), "{r}");
+                let params = r["params"].as_object().unwrap();
+                assert!(!params.is_empty() && params.values().all(|p| p["decay_horizon"].as_f64().is_some_and(|h| h > 0.0)), "{r}");
+            }
+            // Two processes splitting the runs through --shared-runs make the same grids as one alone.
+            let shared = dir.join("shared");
+            let children: Vec<_> = (0..2)
+                .map(|k| {
+                    let mut cmd = example("width_transfer");
+                    cmd.args(["--preset", "smoke", "--first-rule", &k.to_string(), "--shared-runs"]).arg(&shared).arg("--out").arg(dir.join(format!("p{k}")));
+                    cmd.stdout(std::process::Stdio::null()).spawn().unwrap()
+                })
+                .collect();
+            for mut c in children {
+                assert!(c.wait().unwrap().success());
+            }
+            let losses = |path: std::path::PathBuf| -> Vec<(String, i64, String, f64)> {
+                let runs: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+                let mut v: Vec<_> = runs.iter().map(|r| (r["rule"].to_string(), r["width"].as_i64().unwrap(), r["offset"].to_string(), r["final_loss"].as_f64().unwrap())).collect();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                v
+            };
+            let alone = losses(dir.join("runs.json"));
+            for k in 0..2 {
+                assert_eq!(losses(dir.join(format!("p{k}/runs.json"))), alone, "process {k} of two sharing the runs");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -111,10 +142,12 @@ fn the_demo_trains_to_its_decay_horizon_and_prints_the_alerts_verdict_per_rule_w
     for rule in ["paper", "mup-fixed-wd", "proxy, seed 2"] {
         assert!(out.lines().any(|l| l.starts_with(rule) && l.contains("would fire GainDrift")), "no verdict for {rule}:\n{out}");
     }
-    let header = out.lines().find(|l| l.starts_with("parameter ")).unwrap_or_else(|| panic!("no verdict table:\n{out}"));
+    // The verdict table's header, not the rule tables' (`parameter   shape   class ...`, no `|`).
+    let is_verdict_header = |l: &&str| l.starts_with("parameter ") && l.contains('|');
+    let header = out.lines().find(is_verdict_header).unwrap_or_else(|| panic!("no verdict table:\n{out}"));
     assert!(header.contains(" H ") && header.contains("ratio"), "{header}");
     // Every row: each run's H at or past the horizon asked for.
-    let rows: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("parameter ")).skip(1).take_while(|l| l.starts_with('b')).collect();
+    let rows: Vec<&str> = out.lines().skip_while(|l| !is_verdict_header(l)).skip(1).take_while(|l| l.starts_with('b')).collect();
     assert_eq!(rows.len(), 14, "one row per hidden matrix:\n{out}");
     for row in rows {
         for cell in row.split('|').skip(1) {

@@ -39,7 +39,7 @@ use gainguard::steady_state::warmup_then_constant;
 use gainguard::{ParamClass, Preset, Rule};
 use gainguard_examples::plot;
 use gainguard_examples::train::{self, RunSpec, SteadyRun, SteadyState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -69,6 +69,16 @@ pub struct Args {
     /// machine, two threads stalled 10× whenever another process ran (measured: 1 s runs took 18 s).
     #[arg(long, default_value_t = 1)]
     threads: i32,
+    /// A folder shared by several processes running the same experiment on one machine: each run is claimed
+    /// there before it is trained and its outcome written there, so the processes split the runs between
+    /// them and each reads the others'. Every process makes the same decisions (the grids widen on the
+    /// same losses) and writes the same report.
+    #[arg(long)]
+    shared_runs: Option<PathBuf>,
+    /// With --shared-runs: start with the rule at this index (of the preset's rules), so that processes
+    /// begin on different rules instead of queueing behind one.
+    #[arg(long, default_value_t = 0)]
+    first_rule: usize,
 }
 
 /// Sizes of one experiment.
@@ -90,13 +100,16 @@ pub struct Plan {
     wd: f64,
     gammas: Vec<f64>,
     seeds: u64,
-    /// The transfer experiment's target widths, as multiples of the base width.
+    /// The transfer experiment's proxy width (the base width of its multipliers, lr and wd).
+    transfer_base_width: i64,
+    /// The transfer experiment's target widths, as multiples of its proxy width.
     transfer_multipliers: Vec<i64>,
     /// The factor between neighbouring grid points, on both axes.
     grid_factor: f64,
     /// A grid starts at ±reach steps on both axes and grows by one ring until its optimum is inside.
     initial_reach: i32,
     max_reach: i32,
+    /// The transfer experiment's rules.
     rules: Vec<Preset>,
 }
 
@@ -117,6 +130,7 @@ impl Plan {
                 wd: 1.0,
                 gammas: vec![0.0, 1.0],
                 seeds: 2,
+                transfer_base_width: 16,
                 transfer_multipliers: vec![2],
                 grid_factor: 2.0,
                 initial_reach: 1,
@@ -143,11 +157,19 @@ impl Plan {
                 wd: 0.5,
                 gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
                 seeds: 3,
-                transfer_multipliers: vec![4],
+                // The transfer's proxy is 32 wide: a 16-wide model cannot learn this corpus (loss 2.7 at every
+                // grid point against 1.8 at d = 64), so its optimum says little about a wider model's. A grid
+                // point costs about 8 s of CPU at d = 32 and 15 s at d = 64 (1700 steps, paper's at d = 64 reach
+                // H = 6), so two rules on grids of up to 5 × 5 fit in 20 minutes of CPU: paper, and standard,
+                // which a 2× target sets a whole lr step away (mup-coupled's and mup-fixed-wd's wd differ from
+                // paper's by half a grid step there). --shared-runs splits the runs between processes; the gpu
+                // preset runs every rule at 2-8×.
+                transfer_base_width: 32,
+                transfer_multipliers: vec![2],
                 grid_factor: 2.0,
                 initial_reach: 1,
-                max_reach: 3,
-                rules: Preset::ALL.to_vec(),
+                max_reach: 2,
+                rules: vec![Preset::Paper, Preset::Standard],
             },
             "gpu" => Plan {
                 name: "gpu",
@@ -163,6 +185,7 @@ impl Plan {
                 wd: 0.5,
                 gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
                 seeds: 3,
+                transfer_base_width: 128,
                 transfer_multipliers: vec![2, 4, 8],
                 grid_factor: 2.0,
                 initial_reach: 1,
@@ -286,15 +309,27 @@ impl RunRequest {
     }
 }
 
-/// One finished run, as the reports need it.
-#[derive(Clone, Debug, Serialize)]
+/// One finished run, as the reports need it. NaN (a diverged run) is written as null.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunOutcome {
     pub steps: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub final_loss: f64,
     /// Per hidden matrix: (decay horizon, steady-state sigma_max, drift over the last two timescales).
+    #[serde(deserialize_with = "params_nan_if_null")]
     pub params: BTreeMap<String, (f64, f64, Option<f64>)>,
     pub seconds: f64,
     pub trained_as: String,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+#[allow(clippy::type_complexity)]
+fn params_nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, (f64, f64, Option<f64>)>, D::Error> {
+    let raw = BTreeMap::<String, (Option<f64>, Option<f64>, Option<f64>)>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(n, (h, s, drift))| (n, (h.unwrap_or(f64::NAN), s.unwrap_or(f64::NAN), drift))).collect())
 }
 
 impl RunOutcome {
@@ -308,6 +343,8 @@ pub struct Runner<'a> {
     data: &'a Data,
     device: tch::Device,
     cache: BTreeMap<String, RunOutcome>,
+    /// See `Args::shared_runs`.
+    shared: Option<PathBuf>,
     trained: usize,
     reused: usize,
     start: Instant,
@@ -345,12 +382,48 @@ impl Runner<'_> {
         spec.steps_to_horizon(self.plan.horizon)
     }
 
+    /// The outcome of `r`, waiting for another process that claimed it in the shared folder.
     fn run(&mut self, r: &RunRequest) -> Result<RunOutcome> {
+        loop {
+            if let Some(o) = self.try_run(r)? {
+                return Ok(o);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// The outcome of `r`, from the cache, the shared folder or a training run; None when another process
+    /// has claimed it and not finished.
+    fn try_run(&mut self, r: &RunRequest) -> Result<Option<RunOutcome>> {
         let key = r.key(self.plan.base_width);
         if let Some(o) = self.cache.get(&key) {
             self.reused += 1;
-            return Ok(o.clone());
+            return Ok(Some(o.clone()));
         }
+        if let Some(dir) = self.shared.clone() {
+            let done = dir.join(format!("{key}.json"));
+            if let Ok(text) = std::fs::read_to_string(&done) {
+                let o: RunOutcome = serde_json::from_str(&text).with_context(|| format!("reading {}", done.display()))?;
+                self.reused += 1;
+                self.cache.insert(key, o.clone());
+                return Ok(Some(o));
+            }
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(dir.join(format!("{key}.claim"))) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("claiming {key} in {}", dir.display())),
+            }
+            let o = self.train(r, &key)?;
+            // Written whole, then renamed: a reader never sees half a file.
+            let partial = dir.join(format!("{key}.partial"));
+            std::fs::write(&partial, serde_json::to_string(&o)?)?;
+            std::fs::rename(&partial, &done)?;
+            return Ok(Some(o));
+        }
+        self.train(r, &key).map(Some)
+    }
+
+    fn train(&mut self, r: &RunRequest, key: &str) -> Result<RunOutcome> {
         let steps = self.steps_for(r)?;
         let spec = RunSpec { steps, ..self.spec(r) };
         let steady = SteadyState { init_scale: r.init_scale, matrix_scale: r.matrix_scale, ..Default::default() };
@@ -379,7 +452,7 @@ impl Runner<'_> {
             o.final_loss,
             o.seconds
         );
-        self.cache.insert(key, o.clone());
+        self.cache.insert(key.to_string(), o.clone());
         Ok(o)
     }
 }
@@ -393,11 +466,18 @@ fn main() -> Result<()> {
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
     }
+    if !a.gamma_sweep {
+        plan.base_width = plan.transfer_base_width;
+    }
     let data = Data::parse(&a.data, plan.seq_len as usize)?;
     let device = gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     plot::ensure_font()?;
-    let mut runner = Runner { plan: &plan, data: &data, device, cache: BTreeMap::new(), trained: 0, reused: 0, start: Instant::now() };
+    if let Some(dir) = &a.shared_runs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let shared = a.shared_runs.clone();
+    let mut runner = Runner { plan: &plan, data: &data, device, cache: BTreeMap::new(), shared, trained: 0, reused: 0, start: Instant::now() };
     if a.gamma_sweep {
         sweep::run(&a, &plan, &mut runner)
     } else {

@@ -45,13 +45,20 @@ fn grid(plan: &Plan, runner: &mut Runner, centre: (f64, f64), request: &dyn Fn(f
     let mut reach = plan.initial_reach;
     let mut points = BTreeMap::new();
     loop {
-        for i in -reach..=reach {
-            for j in -reach..=reach {
-                if let std::collections::btree_map::Entry::Vacant(e) = points.entry((i, j)) {
-                    let (lr, wd) = (centre.0 * plan.grid_factor.powi(i), centre.1 * plan.grid_factor.powi(j));
-                    e.insert(runner.run(&request(lr, wd))?);
+        // Two passes: the runs nobody has claimed first, then those other processes are training.
+        let ring: Vec<(i32, i32)> = (-reach..=reach).flat_map(|i| (-reach..=reach).map(move |j| (i, j))).filter(|ij| !points.contains_key(ij)).collect();
+        let at = |(i, j): (i32, i32)| request(centre.0 * plan.grid_factor.powi(i), centre.1 * plan.grid_factor.powi(j));
+        let mut claimed = Vec::new();
+        for ij in ring {
+            match runner.try_run(&at(ij))? {
+                Some(o) => {
+                    points.insert(ij, o);
                 }
+                None => claimed.push(ij),
             }
+        }
+        for ij in claimed {
+            points.insert(ij, runner.run(&at(ij))?);
         }
         let best = *points.iter().min_by(|a, b| loss_key(a.1).total_cmp(&loss_key(b.1))).expect("a grid has points").0;
         let on_edge = best.0.abs() == reach || best.1.abs() == reach;
@@ -80,7 +87,8 @@ pub fn run(a: &Args, plan: &Plan, runner: &mut Runner) -> Result<()> {
         }
     }
     let mut results = Vec::new();
-    for &p in &plan.rules {
+    let n = plan.rules.len();
+    for &p in (0..n).map(|k| &plan.rules[(k + a.first_rule) % n]) {
         let rule = Rule::preset(p);
         let at = |w: i64| move |lr: f64, wd: f64| RunRequest { steps: Some(steps), ..RunRequest::new(w, rule, lr, wd, 0) };
         let proxy = grid(plan, runner, (plan.lr, plan.wd), &at(plan.base_width))?;
@@ -91,7 +99,9 @@ pub fn run(a: &Args, plan: &Plan, runner: &mut Runner) -> Result<()> {
         }
         results.push(RuleResult { rule: p, proxy, targets });
     }
+    results.sort_by_key(|res| plan.rules.iter().position(|&q| q == res.rule));
     plot_grids(&a.out.join("loss_transfer.png"), plan, &results)?;
+    write_runs(&a.out.join("runs.json"), plan, &results, steps)?;
 
     let mut r = String::new();
     setup_section(&mut r, "Loss transfer at steady state", a, plan, runner, runner.data);
@@ -178,6 +188,35 @@ fn grid_section(r: &mut String, plan: &Plan, title: &str, g: &Grid) {
         let _ = writeln!(r, "| {:.3e} | {} |", g.at((i, 0), plan.grid_factor).0, cells.join(" | "));
     }
     let _ = writeln!(r);
+}
+
+/// Every grid point as a record: rule, width, (lr, wd), its offset, steps, schedule, final loss, and per hidden
+/// matrix (decay horizon, steady-state sigma_max, drift), so every figure of the report can be read back.
+fn write_runs(path: &std::path::Path, plan: &Plan, results: &[RuleResult], steps: u64) -> Result<()> {
+    let mut runs = Vec::new();
+    for res in results {
+        for (w, g) in std::iter::once((plan.base_width, &res.proxy)).chain(res.targets.iter().map(|(w, g)| (*w, g))) {
+            for (&(i, j), o) in &g.points {
+                let (lr, wd) = g.at((i, j), plan.grid_factor);
+                runs.push(serde_json::json!({
+                    "rule": res.rule.name(),
+                    "width": w,
+                    "base_width": plan.base_width,
+                    "lr": lr,
+                    "wd": wd,
+                    "offset": [i, j],
+                    "optimum": (i, j) == g.best,
+                    "steps": steps,
+                    "schedule": format!("linear warmup {} steps, then constant", plan.warmup),
+                    "final_loss": o.final_loss,
+                    "min_decay_horizon": o.min_horizon(),
+                    "params": o.params.iter().map(|(n, (h, s, d))| (n.clone(), serde_json::json!({"decay_horizon": h, "sigma_max": s, "drift": d}))).collect::<serde_json::Map<_, _>>(),
+                }));
+            }
+        }
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&runs)?)?;
+    Ok(())
 }
 
 /// Per rule and target width: loss against the lr step from the transferred point, one line per wd step.
