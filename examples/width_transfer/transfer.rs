@@ -1,4 +1,4 @@
-//! Loss transfer at steady state: is the proxy's best `(lr, wd)` still best at the target width under each
+//! Loss transfer with equal tokens for every run: is the proxy's best `(lr, wd)` still best at the target width under each
 //! rule? 2-D grids, widened until their optimum is inside, with equal tokens for every run.
 
 use std::collections::BTreeMap;
@@ -104,7 +104,9 @@ pub fn run(a: &Args, plan: &Plan, runner: &mut Runner) -> Result<()> {
     write_runs(&a.out.join("runs.json"), plan, &results, steps)?;
 
     let mut r = String::new();
-    setup_section(&mut r, "Loss transfer at steady state", a, plan, runner, runner.data);
+    // Equal tokens put the grid's centre at the horizon, not every point: the optimum may be a transient, and
+    // each cell's H says so.
+    setup_section(&mut r, "Loss transfer at equal tokens, with each run's decay horizon", a, plan, runner, runner.data);
     let _ = writeln!(
         r,
         "- every run: {steps} steps of {} × {} tokens (equal tokens at every width), enough for the slowest rule's hidden matrices at d = {} to reach H = {} at the grid's centre (lr {}, wd {}); grids: lr × {f}^i, wd × {f}^j, |i|, |j| ≤ {} to start, widened one ring at a time (up to {}) until the optimum is inside\n",
@@ -235,5 +237,5 @@ fn plot_grids(path: &std::path::Path, plan: &Plan, results: &[RuleResult]) -> Re
         }
     }
     let axes = Axes { x_label: "lr step from the transferred point (×2 each)", y_label: "final loss", log_x: false, log_y: false };
-    plot_panels(path, &format!("Loss around the transferred (lr, wd), steady state (H ≥ {} at the centre)", plan.horizon), axes, &panels, 2)
+    plot_panels(path, &format!("Loss near the transferred (lr, wd), equal tokens (H {} at the proxy grid centre)", plan.horizon), axes, &panels, 2)
 }
