@@ -20,13 +20,15 @@
 //!   last two timescales under 3%). gamma*, where the slope of `ln sigma_max` on `ln m` crosses zero, for
 //!   the attention and the MLP matrices separately, with 95% bootstrap intervals over the seeds.
 //! - default: loss transfer. A 2-D `(lr, wd)` grid at the base width (not a cross: under coupled decay an lr
-//!   step also moves `lr·wd`), widened until its optimum is inside, never on its edge; then at each target
-//!   width under each rule a 2-D grid around the transferred point, widened the same way; per rule, the
-//!   optimum's offset in grid steps. Every run has the same number of steps (equal tokens at every width):
-//!   enough for the slowest rule's hidden matrices at the widest target to reach `horizon` at the centre of
-//!   the grid; each run's H is reported beside its loss.
+//!   step also moves `lr·wd`), widened one ring at a time until its optimum is inside (up to the preset's
+//!   `max_reach`; the report marks an optimum still on the edge); then at each target width under each rule
+//!   a 2-D grid around the transferred point, widened the same way; per rule, the optimum's offset in grid
+//!   steps. Every run has the same number of steps (equal tokens at every width): enough for the slowest
+//!   rule's hidden matrices at the widest target to reach `horizon` at the centre of the grid, so points of
+//!   smaller `lr·wd` are transients; each run's H is reported beside its loss.
 //!
-//! Identical runs (same width, seed and effective per-class lr and wd) are trained once.
+//! Identical runs (same width, seed and effective per-class lr and wd) are trained once; `--shared-runs`
+//! splits one experiment's runs between processes.
 
 mod report;
 mod sweep;
