@@ -169,96 +169,121 @@ fn main() {
         (p * r).sum(Kind::Float).backward();
     }
 
-    let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, ..Default::default() };
-    let mut fused = WidthScaledAdamW::new(&vs, &base, AdamWConfig { fused: true, ..cfg.clone() }).unwrap();
-    let mut reference = WidthScaledAdamW::new(&vs, &base, AdamWConfig { fused: false, ..cfg.clone() }).unwrap();
-    // On CPU, the fused step with ATen's kernel (the one PyTorch's fused=True runs) called from this
-    // process: it separates "our loop vs ATen's loop" from "this process vs the Python one".
-    let mut aten = (device == Device::Cpu)
-        .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { cpu_kernel: CpuKernel::Aten, ..cfg.clone() }).unwrap());
-    // The default step without its gradient check: what the check costs, and our loop against PyTorch's alone.
-    let mut unchecked = (device == Device::Cpu)
-        .then(|| WidthScaledAdamW::new(&vs, &base, AdamWConfig { nonfinite_grad: NonFiniteGrad::Step, ..cfg.clone() }).unwrap());
-    assert!(gainguard::fused::available(), "built without the fused AdamW shim");
-    let mut libtorch = COptimizer::adamw(cfg.lr, cfg.beta1, cfg.beta2, 0.0, cfg.eps, false).unwrap();
-    let mut groups_json = Vec::new();
-    for (gi, g) in fused.groups().iter().enumerate() {
-        let members: Vec<usize> = g.members.iter().map(|&si| fused.slots()[si].decision).collect();
-        for &si in &g.members {
-            libtorch.add_parameters(&fused.slots()[si].tensor, gi).unwrap();
-        }
-        libtorch.set_learning_rate_group(gi, g.lr).unwrap();
-        libtorch.set_weight_decay_group(gi, g.weight_decay).unwrap();
-        groups_json.push(serde_json::json!({"lr": g.lr, "weight_decay": g.weight_decay, "members": members}));
-    }
-    println!("{} (lr, wd) groups", fused.groups().len());
+    let mut variants = Variants::new(&vs, &base, device, named.iter().map(|(_, p)| p.grad()).collect());
     let shapes: Vec<Vec<i64>> = named.iter().map(|(_, t)| t.size()).collect();
     let spec = serde_json::json!({
-        "shapes": shapes, "groups": groups_json, "warmup": WARMUP, "steps": steps, "threads": threads,
+        "shapes": shapes, "groups": variants.groups_json(), "warmup": WARMUP, "steps": steps, "threads": threads,
         "device": if device == Device::Cpu { "cpu".to_string() } else { format!("cuda:{}", match device { Device::Cuda(i) => i, _ => 0 }) },
         "variants": if device == Device::Cpu { vec!["fused", "fused+check", "for-loop"] } else { vec!["fused", "fused+check", "foreach", "for-loop"] },
     });
 
     let (copy_bw, add_bw) = bandwidths(device);
-    let traffic = (BYTES_PER_ELEMENT * numel) as f64;
     if device == Device::Cpu {
-        assert_eq!(fused.stream_probe().unwrap(), numel, "the probe must cover every parameter");
+        assert_eq!(variants.fused.stream_probe().unwrap(), numel, "the probe must cover every parameter");
+    }
+    let (ours, py) = time_rounds(&mut variants, &spec, steps, device);
+    let mut rows: Vec<(String, f64, usize)> =
+        variants.names.iter().zip(&ours).map(|(n, s)| (n.to_string(), median(s), s.len())).collect();
+    rows.extend(py.iter().map(|(n, s)| (n.clone(), median(s), s.len())));
+    print_rows(&rows, numel, copy_bw, add_bw);
+    if device == Device::Cpu {
+        drop(variants);
+        mixed_precision(&base, d_model, steps.min(10));
+    }
+    println!("load average after: {}", load_average());
+}
+
+/// Every step timed in this process, in the order of `names`.
+struct Variants {
+    names: Vec<&'static str>,
+    fused: WidthScaledAdamW,
+    reference: WidthScaledAdamW,
+    libtorch: COptimizer,
+    /// On CPU, the fused step with ATen's kernel (the one PyTorch's fused=True runs) called from this
+    /// process: it separates "our loop vs ATen's loop" from "this process vs the Python one".
+    aten: Option<WidthScaledAdamW>,
+    /// The default step without its gradient check: what the check costs, and our loop against PyTorch's alone.
+    unchecked: Option<WidthScaledAdamW>,
+    /// What every step now reads first: the gradients' norm and finiteness (one read of g).
+    grads: Vec<Tensor>,
+}
+
+impl Variants {
+    fn new(vs: &VarStore, base: &BaseShapes, device: Device, grads: Vec<Tensor>) -> Variants {
+        let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, ..Default::default() };
+        let fused = WidthScaledAdamW::new(vs, base, AdamWConfig { fused: true, ..cfg.clone() }).unwrap();
+        let reference = WidthScaledAdamW::new(vs, base, AdamWConfig { fused: false, ..cfg.clone() }).unwrap();
+        let on_cpu = device == Device::Cpu;
+        let aten = on_cpu.then(|| WidthScaledAdamW::new(vs, base, AdamWConfig { cpu_kernel: CpuKernel::Aten, ..cfg.clone() }).unwrap());
+        let unchecked =
+            on_cpu.then(|| WidthScaledAdamW::new(vs, base, AdamWConfig { nonfinite_grad: NonFiniteGrad::Step, ..cfg.clone() }).unwrap());
+        assert!(gainguard::fused::available(), "built without the fused AdamW shim");
+        let mut libtorch = COptimizer::adamw(cfg.lr, cfg.beta1, cfg.beta2, 0.0, cfg.eps, false).unwrap();
+        for (gi, g) in fused.groups().iter().enumerate() {
+            for &si in &g.members {
+                libtorch.add_parameters(&fused.slots()[si].tensor, gi).unwrap();
+            }
+            libtorch.set_learning_rate_group(gi, g.lr).unwrap();
+            libtorch.set_weight_decay_group(gi, g.weight_decay).unwrap();
+        }
+        println!("{} (lr, wd) groups", fused.groups().len());
+        let mut names = vec!["ours fused (default)", "ours reference (non-fused)", "libtorch AdamW (tch::COptimizer)"];
+        if on_cpu {
+            names.extend(["ours fused, cpu_kernel: Aten", PROBE, CHECK, UNCHECKED]);
+        }
+        Variants { names, fused, reference, libtorch, aten, unchecked, grads }
     }
 
-    // PyTorch before and after ours, to see drift from other load; ours interleaved step by step.
-    // PyTorch runs in its own process between ROUNDS blocks of ours (and after the last), so slow drift
-    // in the machine's load reaches both sides alike; ours are interleaved step by step, with the stream
-    // probe (the floor, CPU only) as one more variant.
-    let mut names = vec!["ours fused (default)", "ours reference (non-fused)", "libtorch AdamW (tch::COptimizer)"];
-    if aten.is_some() {
-        names.push("ours fused, cpu_kernel: Aten");
-        names.push(PROBE);
-        names.push(CHECK);
-        names.push(UNCHECKED);
+    /// The (lr, wd) groups with their members' plan indices, for the PyTorch side.
+    fn groups_json(&self) -> Vec<serde_json::Value> {
+        let f = &self.fused;
+        f.groups()
+            .iter()
+            .map(|g| {
+                let members: Vec<usize> = g.members.iter().map(|&si| f.slots()[si].decision).collect();
+                serde_json::json!({"lr": g.lr, "weight_decay": g.weight_decay, "members": members})
+            })
+            .collect()
     }
-    // What every step now reads first: the gradients' norm and finiteness (one read of g).
-    let grads: Vec<Tensor> = named.iter().map(|(_, p)| p.grad()).collect();
-    let grad_refs: Vec<&Tensor> = grads.iter().collect();
+
+    fn run(&mut self, v: usize) {
+        match v {
+            0 => drop(self.fused.step()),
+            1 => drop(self.reference.step()),
+            2 => self.libtorch.step().unwrap(),
+            3 => drop(self.aten.as_mut().unwrap().step()),
+            4 => drop(self.fused.stream_probe().unwrap()),
+            5 => drop(gainguard::fused::sum_squares(&self.grads.iter().collect::<Vec<_>>()).unwrap()),
+            _ => drop(self.unchecked.as_mut().unwrap().step()),
+        }
+    }
+}
+
+/// Ours interleaved step by step, with the stream probe (the floor, CPU only) as one more variant; PyTorch
+/// in its own process between ROUNDS blocks of ours (and after the last), so that slow drift in the
+/// machine's load reaches both sides alike. Returns our samples per variant and PyTorch's by name (ms).
+fn time_rounds(variants: &mut Variants, spec: &serde_json::Value, steps: usize, device: Device) -> (Vec<Vec<f64>>, Vec<(String, Vec<f64>)>) {
     let mut py: Vec<(String, Vec<f64>)> = Vec::new();
     let add_python = |py: &mut Vec<(String, Vec<f64>)>| {
-        for (name, samples) in pytorch_samples(&spec) {
+        for (name, samples) in pytorch_samples(spec) {
             match py.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, s)) => s.extend(samples),
                 None => py.push((name, samples)),
             }
         }
     };
-    let mut ours: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let count = variants.names.len();
+    let mut ours: Vec<Vec<f64>> = vec![Vec::new(); count];
     let per_round = steps.div_ceil(ROUNDS);
     for block in 0..ROUNDS {
         add_python(&mut py);
         let warmup = if block == 0 { WARMUP } else { 0 };
         for round in 0..warmup + per_round {
-            for k in 0..names.len() {
-                let v = (k + round) % names.len();
+            for k in 0..count {
+                let v = (k + round) % count;
                 sync(device);
                 let t = Instant::now();
-                match v {
-                    0 => {
-                        fused.step();
-                    }
-                    1 => {
-                        reference.step();
-                    }
-                    2 => libtorch.step().unwrap(),
-                    3 => {
-                        aten.as_mut().unwrap().step();
-                    }
-                    4 => {
-                        fused.stream_probe().unwrap();
-                    }
-                    5 => {
-                        gainguard::fused::sum_squares(&grad_refs).unwrap();
-                    }
-                    _ => {
-                        unchecked.as_mut().unwrap().step();
-                    }
-                }
+                variants.run(v);
                 sync(device);
                 if round >= warmup {
                     ours[v].push(t.elapsed().as_secs_f64() * 1e3);
@@ -267,13 +292,15 @@ fn main() {
         }
     }
     add_python(&mut py);
+    (ours, py)
+}
 
-    let mut rows: Vec<(String, f64, usize)> =
-        names.iter().zip(&ours).map(|(n, s)| (n.to_string(), median(s), s.len())).collect();
-    rows.extend(py.iter().map(|(n, s)| (n.clone(), median(s), s.len())));
+/// The table: each variant's median against PyTorch's fused step, libtorch's AdamW (row 2) and the floor
+/// (on CPU the probe with the step's own traffic; on CUDA the better of the two streams).
+fn print_rows(rows: &[(String, f64, usize)], numel: usize, copy_bw: f64, add_bw: f64) {
+    let traffic = (BYTES_PER_ELEMENT * numel) as f64;
     let pytorch_fused = rows.iter().find(|r| r.0.contains("fused (torch")).map(|r| r.1);
     let libtorch_ms = rows[2].1;
-    // The floor: on CPU the probe with the step's own traffic; on CUDA the better of the two streams.
     let probe_ms = rows.iter().find(|r| r.0 == PROBE).map(|r| r.1);
     let floor_ms = probe_ms.unwrap_or_else(|| traffic / copy_bw.max(add_bw) * 1e3);
 
@@ -296,7 +323,7 @@ fn main() {
         ),
     }
     println!("{:<50} {:>10} {:>8} {:>12} {:>12} {:>9}", "variant", "median ms", "steps", "÷ PT fused", "÷ libtorch", "÷ floor");
-    for (name, ms, n) in &rows {
+    for (name, ms, n) in rows {
         let vs_py = pytorch_fused.map_or("-".to_string(), |p| format!("{:.2}×", ms / p));
         println!("{name:<50} {ms:>10.2} {n:>8} {vs_py:>12} {:>11.2}× {:>8.2}×", ms / libtorch_ms, ms / floor_ms);
     }
@@ -309,11 +336,6 @@ fn main() {
     if let (Some(ours), Some(theirs)) = (find(UNCHECKED), pytorch_fused) {
         println!("ours fused, no check ÷ PyTorch fused: {:.2}×", ours / theirs);
     }
-    if device == Device::Cpu {
-        drop((fused, reference, aten, unchecked, libtorch));
-        mixed_precision(&base, d_model, steps.min(10));
-    }
-    println!("load average after: {}", load_average());
 }
 
 /// Mixed precision on CPU (bf16 parameters and gradients, f32 moments): our fused loop against our

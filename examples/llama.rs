@@ -1,17 +1,19 @@
-//! The example trainer: a small LLaMA-style model trained with gainguard's width-scaled AdamW.
+//! The example trainer: a small LLaMA-style model trained with gainguard's width-scaled AdamW, monitored live.
+//! Model, optimizer and loop are all in this file; the model itself is examples/common/src/model.rs.
 //!
 //! ```text
 //! cargo run --release --example llama -- --d-model 256 --base-d-model 64 --steps 200 --metrics 127.0.0.1:9464
 //! ```
-//! Where gainguard enters the loop: `WidthScaledAdamW::new(&vs, &base_shapes, config)`, then
-//! `opt.zero_grad(); loss.backward(); opt.step();` (see `gainguard_examples::train`, examples/common/src/train.rs).
 
 use anyhow::Context;
 use clap::Parser;
 use gainguard::data::MarkovCorpus;
-use gainguard::telemetry::{RunIdentity, Telemetry};
-use gainguard::{Rule, Schedule};
-use gainguard_examples::train;
+use gainguard::monitor::SamplerConfig;
+use gainguard::protocol::Sink;
+use gainguard::{AdamWConfig, BaseShapes, Monitor, Override, ParamRole, Rule, Schedule, WidthScaledAdamW};
+use gainguard_examples::model;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
 
 #[derive(Parser)]
 #[command(about = "Train the example LLaMA-style model with width-scaled AdamW")]
@@ -49,52 +51,82 @@ struct Args {
     run: String,
 }
 
+const VOCAB: i64 = 256;
+const BATCH: i64 = 16;
+const SEQ_LEN: i64 = 64;
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let spec = train::RunSpec {
-        name: a.run.clone(),
-        d_model: a.d_model,
-        base_d_model: a.base_d_model,
-        layers: a.layers,
-        steps: a.steps,
-        lr: a.lr,
-        wd: a.wd,
-        rule: Rule::parse(&a.rule)?,
-        schedule: Schedule::parse(&a.schedule).map_err(anyhow::Error::msg)?,
-        device: gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
-        ..Default::default()
+    let device = gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
+    let config = |d_model| model::Config::new(VOCAB, d_model, a.base_d_model, a.layers, SEQ_LEN);
+
+    // The model.
+    tch::manual_seed(0);
+    let vs = VarStore::new(device);
+    let net = model::llama(vs.root(), &config(a.d_model));
+
+    // The optimizer: each parameter's (lr, wd) from its width relative to the proxy's. The proxy's shapes
+    // come with a delta model at twice its width, which says which dimensions are widths (mup's
+    // `set_base_shapes(base, delta)`), so that a run at the proxy's own width decays its hidden matrices too.
+    let (proxy, delta) = (VarStore::new(Device::Cpu), VarStore::new(Device::Cpu));
+    let _ = model::llama(proxy.root(), &config(a.base_d_model));
+    let _ = model::llama(delta.root(), &config(2 * a.base_d_model));
+    let mut opt = WidthScaledAdamW::new(
+        &vs,
+        &BaseShapes::from_var_stores(&proxy, &delta),
+        AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.wd,
+            rule: Rule::parse(&a.rule)?,
+            schedule: Schedule::parse(&a.schedule).map_err(anyhow::Error::msg)?,
+            max_grad_norm: Some(1.0),
+            // Shapes cannot tell a `[vocab, d]` embedding from a `[vocab, d]` readout, so they are declared.
+            overrides: vec![
+                Override { role: Some(ParamRole::Embedding), ..Override::new("tok_emb.weight") },
+                Override { role: Some(ParamRole::Readout), ..Override::new("lm_head.weight") },
+            ],
+            ..Default::default()
+        },
+    )?;
+    println!("{}", opt.plan().to_table());
+
+    // Monitoring: an embedded daemon, a standalone one, or nothing at all (a monitor that sends nowhere).
+    let settings = Monitor::builder(&a.run)
+        .planned_steps(a.steps)
+        .sampler(SamplerConfig { interval: 10, budget_fraction: None, ..Default::default() });
+    let mon = match (a.metrics, &a.gainguardd) {
+        (Some(listen), _) => settings.listen(listen).embedded().context("--metrics")?,
+        (None, Some(addr)) => settings.connect(addr).context("--gainguardd")?,
+        (None, None) => settings.spectra(false).to_sink(Sink::disabled()),
     };
-    let mut daemon = None;
-    let sink = match (&a.metrics, &a.gainguardd) {
-        (Some(addr), _) => {
-            let d = gainguard::daemon::Daemon::spawn(gainguard::daemon::DaemonConfig { listen: *addr, ..Default::default() })
-                .with_context(|| format!("starting the embedded daemon on {addr}"))?;
-            eprintln!("metrics on http://{}/metrics", d.metrics_addr());
-            let s = d.sink();
-            daemon = Some(d);
-            Some(s)
-        }
-        (None, Some(addr)) => Some(gainguard::protocol::Sink::connect(addr, Default::default())?),
-        (None, None) => None,
-    };
-    let monitoring = train::Monitoring {
-        telemetry: sink.map(|s| Telemetry::new(s, RunIdentity::local(&a.run))),
-        alpha: 0.75,
-        ..Default::default()
-    };
-    let corpus = MarkovCorpus::new(256, 4, 0);
-    let r = train::train(&spec, &corpus, monitoring)?;
-    println!("{}", r.table);
+    if let Some(addr) = mon.metrics_addr() {
+        eprintln!("metrics on http://{addr}/metrics");
+    }
+    let mut mon = mon.attach(&mut opt)?;
+
+    // The loop.
+    let corpus = MarkovCorpus::new(VOCAB as usize, 4, 0);
+    let started = std::time::Instant::now();
+    let mut losses = Vec::with_capacity(a.steps as usize);
+    for step in 0..a.steps {
+        let ids = Tensor::from_slice(&corpus.batch(step, BATCH as usize, SEQ_LEN as usize)).view([BATCH, SEQ_LEN]).to_device(device);
+        opt.zero_grad();
+        let loss = net.loss(&ids);
+        loss.backward();
+        let loss = loss.double_value(&[]);
+        mon.step(&opt.step(), loss, (BATCH * SEQ_LEN) as u64);
+        losses.push(loss);
+    }
+    mon.finish()?;
+
+    let tail = &losses[losses.len() - (losses.len() / 10).max(1)..];
     println!(
         "loss: first {:.3}, last-10% mean {:.3}, entropy floor {:.3} nats; {} steps in {:.1}s",
-        r.losses[0],
-        r.final_loss,
+        losses[0],
+        tail.iter().sum::<f64>() / tail.len() as f64,
         corpus.entropy_rate(),
-        r.losses.len(),
-        r.seconds
+        losses.len(),
+        started.elapsed().as_secs_f64()
     );
-    if let Some(d) = daemon {
-        d.shutdown();
-    }
     Ok(())
 }

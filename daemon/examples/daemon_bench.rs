@@ -3,13 +3,19 @@
 //! 1. `/metrics` at ~20k series against a Python `prometheus_client` exporter serving the same series
 //!    (p50/p99 of sequential scrapes, each rendered afresh: `--metrics-max-age 0`), and both processes' RSS.
 //! 2. At ~206k series: 16 concurrent scrapers (each every `--scrape-interval` seconds, default 5; 0 = back to
-//!    back), the daemon's peak RSS, and ingest throughput while they scrape against the same ingest without.
+//!    back; asking for gzip as Prometheus does unless `--scrape-encoding identity`), the daemon's peak RSS, and
+//!    ingest throughput while they scrape against the same ingest without.
 //! 3. Ingest throughput: 8 senders over the Unix socket writing realistic lines (3 spectrum samples and a step
 //!    per training step) as fast as the socket takes them; and end to end through 8 `gainguard-send`
-//!    processes (their JSON encoding shares the same cores).
+//!    processes (their JSON encoding shares the same cores). With `--baseline-gainguardd PATH` (another
+//!    build's binary, e.g. one built from main), first the raw-line measurement alternating between that
+//!    build and this one, 3 rounds each: their ratio.
+//! 4. Decoding section 3's lines on one thread: serde alone against one sender's `LineDecoder` (the
+//!    hand-written path gainguardd takes), interleaved in rounds.
 //!
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
-//!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5] [--only N]
+//!      target/release/examples/daemon_bench [--scrapes 40] [--python PYTHON] [--scrape-interval 5]
+//!      [--scrape-encoding gzip|identity] [--baseline-gainguardd PATH] [--only N]
 //! Without --python, the baseline's `prometheus_client` is installed into a throwaway virtualenv under
 //! target/bench-venv. Loopback only; every request count is bounded.
 
@@ -23,10 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gainguard_protocol::events::*;
-use gainguard_protocol::wire::encode_line;
+use gainguard_protocol::wire::{decode_line_serde, encode_line, LineDecoder, Rejection};
 
 mod support;
-use support::{bin, die_with_parent, get, free_addr, status_mib, cpu_seconds, Guard};
+use support::{bin, cpu_seconds, die_with_parent, free_addr, get, get_with, status_mib, threads_cpu_seconds, Guard};
 
 
 
@@ -82,10 +88,15 @@ struct Gd {
 }
 
 fn gainguardd(dir: &Path, name: &str, extra: &[&str]) -> Gd {
+    gainguardd_at(&bin("gainguardd"), dir, name, extra)
+}
+
+/// Like [`gainguardd`], with another build's binary.
+fn gainguardd_at(binary: &Path, dir: &Path, name: &str, extra: &[&str]) -> Gd {
     let sock = dir.join(format!("{name}.sock"));
     let metrics = free_addr();
     let child = Guard(
-        die_with_parent(&mut Command::new(bin("gainguardd")))
+        die_with_parent(&mut Command::new(binary))
             .args(["--listen", &metrics.to_string(), "--nvml", "off"])
             .arg(format!("--ingest=unix:{}", sock.display()))
             .args(extra)
@@ -183,11 +194,24 @@ fn step_block(rank: u32, steps: u64) -> (Vec<u8>, u64) {
     (out, events)
 }
 
-/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second, from the
-/// first byte until the daemon has counted every event.
-fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
+/// Copies of each sender's 1,000-step block per ingest measurement: 8 × 4,000 × 100 = 3.2M events, a few
+/// seconds, so that one burst of another process's load moves a figure little.
+const REPEATS: usize = 100;
+/// Section 2's: 12.8M events, longer than the default 5 s between scrape rounds, so that the measurement with
+/// scrapers spans at least one round.
+const SCRAPE_REPEATS: usize = 400;
+
+/// The daemon's threads that ingest (reading and decoding sockets, the run table), not those serving HTTP.
+const INGEST_THREADS: [&str; 2] = ["gainguard-inges", "gainguard-runs"];
+
+/// 8 senders each write `repeats` copies of a 1,000-step block; returns accepted events per second, the
+/// event count and the daemon's CPU µs per event. Timed from the first byte until the daemon's ingest threads stop (their CPU time, from /proc,
+/// has not risen for 200 ms), then checked against its event counter. /metrics is read only then: polling it
+/// would load the daemon (a 28.8 MB body in section 2), and a body can be up to --metrics-max-age old.
+fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64, f64) {
+    let pid = gd.child.0.id();
     let before = metric(gd.metrics, "gainguard_ingest_events_total");
-    let cpu = cpu_seconds(gd.child.0.id());
+    let (cpu, ingest_cpu) = (cpu_seconds(pid), threads_cpu_seconds(pid, &INGEST_THREADS));
     let blocks: Vec<(Vec<u8>, u64)> = (0..8).map(|r| step_block(r, 1000)).collect();
     let total: u64 = blocks.iter().map(|(_, n)| n * repeats as u64).sum();
     let conns: Vec<UnixStream> = (0..8).map(|_| connect(&gd.sock)).collect();
@@ -205,23 +229,43 @@ fn ingest_rate(gd: &Gd, repeats: usize) -> (f64, f64) {
         })
         .collect();
     let conns: Vec<UnixStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    loop {
-        let now = metric(gd.metrics, "gainguard_ingest_events_total") - before;
-        if now >= total as f64 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(600), "ingest stalled at {now} of {total}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(gd.child.0.id()) - cpu;
+    let secs = (ingested(gd, before, total as f64) - start).as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu;
+    let ingest_cpu = threads_cpu_seconds(pid, &INGEST_THREADS) - ingest_cpu;
     println!(
-        "  {total} events in {secs:.2} s: daemon CPU {cpu:.2} s = {:.2} µs per event (2 cores: at most {:.0} events/s for the daemon alone)",
+        "  {total} events in {secs:.2} s: daemon CPU {cpu:.2} s = {:.2} µs per event, {:.2} µs in its ingest and \
+         run-table threads (2 cores: at most {:.0} events/s for the daemon alone)",
         cpu / total as f64 * 1e6,
+        ingest_cpu / total as f64 * 1e6,
         2.0 * total as f64 / cpu
     );
     drop(conns);
-    (total as f64 / secs, total as f64)
+    (total as f64 / secs, total as f64, cpu / total as f64 * 1e6)
+}
+
+/// When the daemon finished ingesting, once every sender is done: the last moment its ingest threads' CPU time
+/// rose before it stayed flat for 200 ms and its counter showed `total` events more than `before`.
+fn ingested(gd: &Gd, before: f64, total: f64) -> Instant {
+    let pid = gd.child.0.id();
+    let start = Instant::now();
+    let (mut seen, mut last_active) = (threads_cpu_seconds(pid, &INGEST_THREADS), Instant::now());
+    let mut next_check = last_active + Duration::from_millis(200);
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = threads_cpu_seconds(pid, &INGEST_THREADS);
+        if now > seen {
+            (seen, last_active) = (now, Instant::now());
+            next_check = last_active + Duration::from_millis(200);
+        }
+        if Instant::now() >= next_check {
+            let counted = metric(gd.metrics, "gainguard_ingest_events_total") - before;
+            if counted >= total {
+                return last_active;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600), "ingest stalled at {counted} of {total}");
+            next_check = Instant::now() + Duration::from_millis(200);
+        }
+    }
 }
 
 /// Creates target/bench-venv with prometheus_client, unless it is there; returns its python.
@@ -274,10 +318,18 @@ fn main() {
     }
     if run(2) {
         let interval = Duration::from_secs_f64(arg("--scrape-interval").map_or(5.0, |s| s.parse().unwrap()));
-        concurrent_scrapes_at_200k(&dir, interval);
+        let gzip = match arg("--scrape-encoding").as_deref() {
+            None | Some("gzip") => true,
+            Some("identity") => false,
+            Some(other) => panic!("--scrape-encoding {other}: expected gzip or identity"),
+        };
+        concurrent_scrapes_at_200k(&dir, interval, gzip);
     }
     if run(3) {
-        ingest_throughput(&dir);
+        ingest_throughput(&dir, arg("--baseline-gainguardd").map(PathBuf::from));
+    }
+    if run(4) {
+        decoding();
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -308,12 +360,15 @@ fn exporter_against_python(dir: &Path, scrapes: usize, python: Option<String>) {
 }
 
 /// Section 2: 206k series, 16 concurrent scrapers each scraping every `interval` (0: back to back); ingest
-/// with and without them.
-fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
+/// while they scrape against ingest without them, measured before and after (the mean is the baseline, so that
+/// a change in the machine's other load during the run shows as a gap between the two).
+fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration, gzip: bool) {
     let gd = gainguardd(&dir, "b", &[]);
     let series = load(&gd, 3, 4096);
     let (cached50, _, big_bytes) = scrape_latency(gd.metrics, 5);
-    let (idle_rate, _) = ingest_rate(&gd, 60);
+    let headers = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+    let sent_bytes = get_with(gd.metrics, "/metrics", headers).map_or(0, |b| b.len());
+    let (idle_before, _, _) = ingest_rate(&gd, SCRAPE_REPEATS);
     let stop = Arc::new(AtomicBool::new(false));
     let scrapers: Vec<_> = (0..16)
         .map(|_| {
@@ -325,7 +380,7 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
                 let mut n = 0;
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    if get(addr, "/metrics").is_some() {
+                    if get_with(addr, "/metrics", headers).is_some() {
                         n += 1;
                     }
                     next += interval;
@@ -338,17 +393,23 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    let (busy_rate, _) = ingest_rate(&gd, 60);
+    let (busy_rate, _, _) = ingest_rate(&gd, SCRAPE_REPEATS);
     stop.store(true, Ordering::Relaxed);
     let served: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
+    let (idle_after, _, _) = ingest_rate(&gd, SCRAPE_REPEATS);
+    let idle_rate = (idle_before + idle_after) / 2.0;
     let peak = status_mib(gd.child.0.id(), "VmHWM:");
-    println!("## 2. {series} series ({big_bytes} bytes), 16 concurrent scrapers, each every {interval:?}");
+    let encoding = if gzip { "gzip" } else { "identity" };
     println!(
-        "scrape p50 {:.1} ms (cached body); {served} scrapes served during the busy ingest; peak RSS {peak:.0} MiB",
+        "## 2. {series} series ({big_bytes} bytes; {sent_bytes} as sent, {encoding}), 16 concurrent scrapers, each every {interval:?}"
+    );
+    println!(
+        "scrape p50 {:.1} ms (cached body); {served} scrapes served while the scrapers ran; peak RSS {peak:.0} MiB",
         ms(cached50)
     );
     println!(
-        "ingest: {idle_rate:.0} events/s without scrapers, {busy_rate:.0} with 16; ratio {:.2}",
+        "ingest: {idle_before:.0} and {idle_after:.0} events/s without scrapers (before, after), {busy_rate:.0} \
+         with 16; ratio to their mean {:.2}",
         busy_rate / idle_rate
     );
     drop(gd);
@@ -356,9 +417,12 @@ fn concurrent_scrapes_at_200k(dir: &Path, interval: Duration) {
 }
 
 /// Section 3: ingest from 8 raw senders, then from 8 gainguard-send processes.
-fn ingest_throughput(dir: &Path) {
+fn ingest_throughput(dir: &Path, baseline: Option<PathBuf>) {
+    if let Some(baseline) = baseline {
+        against_baseline(dir, &baseline);
+    }
     let gd = gainguardd(&dir, "c", &[]);
-    let (rate, total) = ingest_rate(&gd, 40);
+    let (rate, total, _) = ingest_rate(&gd, REPEATS);
     let rejected = metric(gd.metrics, "gainguard_ingest_rejected_total");
     println!("## 3. ingest, 8 senders over the Unix socket");
     println!("raw lines: {total} events in {:.2} s = {rate:.0} events/s, {rejected} rejected", total / rate);
@@ -386,10 +450,66 @@ fn ingest_throughput(dir: &Path) {
         dropped += v["dropped"].as_u64().unwrap();
     }
     let expected = (sent - dropped) as f64;
-    while metric(gd.metrics, "gainguard_ingest_events_total") - before < expected {
-        assert!(start.elapsed() < Duration::from_secs(300), "ingest stalled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let secs = (ingested(&gd, before, expected) - start).as_secs_f64();
     println!("gainguard-send x 8: {sent} events ({dropped} dropped by senders) in {secs:.2} s = {:.0} events/s end to end", expected / secs);
+}
+
+/// Section 4: ns per line of section 3's lines, serde alone against a sender's `LineDecoder`, median of 15
+/// interleaved rounds after 3 warm-up rounds.
+/// Section 3's raw-line measurement with another build of gainguardd (`--baseline-gainguardd`) and this one,
+/// alternating over 3 rounds so that both see the same changes in the machine's other load; a fresh daemon
+/// each time.
+fn against_baseline(dir: &Path, baseline: &Path) {
+    println!("## 3a. ingest, this build against {}, alternating", baseline.display());
+    let (mut base, mut this) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        for (binary, into, label) in [(baseline.to_path_buf(), &mut base, "baseline"), (bin("gainguardd"), &mut this, "this build")] {
+            let gd = gainguardd_at(&binary, dir, &format!("ab{round}"), &[]);
+            println!("{label}, round {}:", round + 1);
+            let (rate, _, cpu_us) = ingest_rate(&gd, REPEATS);
+            into.push((rate, cpu_us));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let column = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+    let (br, bc) = (median(&mut column(&base, |x| x.0)), median(&mut column(&base, |x| x.1)));
+    let (tr, tc) = (median(&mut column(&this, |x| x.0)), median(&mut column(&this, |x| x.1)));
+    println!(
+        "medians: baseline {br:.0} events/s, {bc:.2} µs CPU per event; this build {tr:.0} events/s, {tc:.2} µs; \
+         ratio {:.2} in events/s, {:.2} in CPU per event",
+        tr / br,
+        tc / bc
+    );
+}
+
+fn decoding() {
+    let (block, _) = step_block(0, 1000);
+    let lines: Vec<&[u8]> = block.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let time = |decode: &mut dyn FnMut(&[u8]) -> Result<Envelope, Rejection>| {
+        let start = Instant::now();
+        let ok = lines.iter().filter(|l| std::hint::black_box(decode(std::hint::black_box(l))).is_ok()).count();
+        assert_eq!(ok, lines.len());
+        start.elapsed().as_secs_f64() * 1e9 / lines.len() as f64
+    };
+    let mut sender = LineDecoder::default();
+    let (mut serde, mut fast) = (Vec::new(), Vec::new());
+    for round in 0..18 {
+        let s = time(&mut decode_line_serde);
+        let f = time(&mut |l| sender.decode(l));
+        if round >= 3 {
+            serde.push(s);
+            fast.push(f);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s, f) = (median(&mut serde), median(&mut fast));
+    let bytes = lines.iter().map(|l| l.len()).sum::<usize>() as f64 / lines.len() as f64;
+    println!("## 4. decoding {} lines of {bytes:.0} bytes on one thread", lines.len());
+    println!("serde alone {s:.0} ns per line, LineDecoder {f:.0} ns per line: {:.2}x ({:.1}x faster)", f / s, s / f);
 }

@@ -266,9 +266,9 @@ fn run_core(mut table: RunTable, data: QueueReceiver, control: Receiver<Control>
             },
             recv(data.rx) -> msg => match msg {
                 Ok(IngestMsg::Events { conn, events, validated, bytes }) => {
-                    let now = Instant::now();
-                    for e in events {
-                        table.handle(conn, e, validated, now);
+                    let (now, received) = (Instant::now(), gainguard_protocol::events::unix_now());
+                    for e in &events {
+                        table.handle(conn, e, validated, now, received);
                     }
                     data.release(bytes);
                 }

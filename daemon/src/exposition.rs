@@ -176,6 +176,13 @@ impl<V: Value> MetricVec<V> {
         Ok(s)
     }
 
+    /// The series in `handle`, looked up (and created) with these label values only the first time. The
+    /// handle must not outlive the series in the family: sources keep handles in a run's memo
+    /// (`sources::RunMemo`), which goes with the run, and remove the run's series only then.
+    pub fn cached<'h>(&self, handle: &'h mut Option<Arc<Series<V>>>, values: &[&str]) -> &'h Series<V> {
+        handle.get_or_insert_with(|| self.with_label_values(values))
+    }
+
     /// Like [`Self::get_metric_with_label_values`]; a wrong number of values is a bug in the caller (every
     /// call site passes a fixed-size array matching the family's label names).
     pub fn with_label_values(&self, values: &[&str]) -> Arc<Series<V>> {

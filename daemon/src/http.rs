@@ -71,6 +71,18 @@ fn reply(status: StatusCode, content_type: &'static str, body: Reply) -> Respons
 
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Whether the request's `Accept-Encoding` lists gzip with a non-zero weight.
+fn accepts_gzip(req: &Request<Incoming>) -> bool {
+    req.headers().get_all(hyper::header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let q = parts.find_map(|p| p.strip_prefix("q=")).map_or(Some(1.0), |q| q.parse::<f64>().ok());
+            name.eq_ignore_ascii_case("gzip") && q.is_some_and(|q| q > 0.0)
+        })
+    })
+}
+
 impl Http {
     async fn respond(&self, req: Request<Incoming>, slot: &Slot) -> Response<Reply> {
         let busy = slot.busy_guard();
@@ -83,11 +95,17 @@ impl Http {
                     self.metrics.http_refused("too_many_scrapes");
                     return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", Reply::new("too many concurrent scrapes\n"));
                 };
-                let Some(body) = self.cache.body().await else {
+                let gzipped = accepts_gzip(&req);
+                let Some(body) = self.cache.body(gzipped).await else {
                     return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", Reply::new("rendering failed; see the log\n"));
                 };
                 let body = Reply { inner: Full::new(body), _busy: Some(busy), _permit: Some(permit) };
-                reply(StatusCode::OK, TEXT_FORMAT, body)
+                let mut r = reply(StatusCode::OK, TEXT_FORMAT, body);
+                r.headers_mut().insert(hyper::header::VARY, hyper::header::HeaderValue::from_static("Accept-Encoding"));
+                if gzipped {
+                    r.headers_mut().insert(hyper::header::CONTENT_ENCODING, hyper::header::HeaderValue::from_static("gzip"));
+                }
+                r
             }
             "/healthz" if self.healthy.load(Ordering::Relaxed) => reply(StatusCode::OK, "text/plain", Reply::new("ok\n")),
             "/healthz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", Reply::new("the run table stopped\n")),

@@ -19,7 +19,7 @@ use crossbeam_channel::Sender;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use gainguard_protocol::events::Envelope;
-use gainguard_protocol::wire::{decode_line, AuthLine, Greeting, RejectReason};
+use gainguard_protocol::wire::{AuthLine, Greeting, LineDecoder, RejectReason};
 
 use crate::admission::{accept_loop, ConnectionTable, Peer, Refusal, Slot};
 use crate::auth::{Token, UidPolicy};
@@ -113,6 +113,7 @@ impl Ingest {
             reserved: 0,
             skipping: false,
             awaiting_auth: auth,
+            decoder: LineDecoder::default(),
         };
         let _open = OpenConnection::new(Arc::clone(&self), conn);
         let mut chunk = vec![0u8; READ_CHUNK];
@@ -194,12 +195,14 @@ struct LineReader {
     skipping: bool,
     /// A TCP connection whose first line (the token) has not arrived yet.
     awaiting_auth: bool,
+    decoder: LineDecoder,
 }
 
 impl LineReader {
     async fn feed<S: AsyncWrite + Unpin>(&mut self, mut rest: &[u8], stream: &mut S, slot: &Slot) -> Flow {
         let max = self.ingest.max_line_bytes;
-        let mut batch = Batch::default();
+        // Sized for the chunk's lines (an encoded step or spectrum line is 150-300 bytes), so that it seldom grows.
+        let mut batch = Batch { events: Vec::with_capacity(rest.len() / 160 + 1), bytes: 0 };
         while !rest.is_empty() {
             let newline = memchr::memchr(b'\n', rest);
             let (segment, next) = match newline {
@@ -239,7 +242,7 @@ impl LineReader {
                     return Flow::Close;
                 }
             } else {
-                self.decode(line, &mut batch);
+                decode(&mut self.decoder, &self.ingest.metrics, line, &mut batch);
             }
             self.clear_line();
             if batch.bytes >= BATCH_BYTES && !self.flush(&mut batch, slot).await {
@@ -250,20 +253,6 @@ impl LineReader {
             Flow::Continue
         } else {
             Flow::Close
-        }
-    }
-
-    fn decode(&self, line: &[u8], batch: &mut Batch) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return;
-        }
-        match decode_line(line) {
-            Ok(envelope) => {
-                batch.bytes += line.len() + std::mem::size_of::<Envelope>();
-                batch.events.push(envelope);
-            }
-            Err(r) => self.ingest.metrics.reject(r.reason),
         }
     }
 
@@ -324,6 +313,21 @@ impl LineReader {
 impl Drop for LineReader {
     fn drop(&mut self) {
         self.ingest.line_budget.fetch_add(std::mem::take(&mut self.reserved), Ordering::AcqRel);
+    }
+}
+
+/// Decodes one line into the batch, or counts why it was refused.
+fn decode(decoder: &mut LineDecoder, metrics: &SelfMetrics, line: &[u8], batch: &mut Batch) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    match decoder.decode(line) {
+        Ok(envelope) => {
+            batch.bytes += line.len() + std::mem::size_of::<Envelope>();
+            batch.events.push(envelope);
+        }
+        Err(r) => metrics.reject(r.reason),
     }
 }
 

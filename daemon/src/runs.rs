@@ -16,7 +16,7 @@ use gainguard_protocol::wire::{self, RejectReason};
 
 use crate::config::Limits;
 use crate::selfmetrics::SelfMetrics;
-use crate::sources::{ParamLabels, ParamMap, RunKey, RunView, Source};
+use crate::sources::{ParamLabels, ParamMap, RunKey, RunMemo, RunView, Source};
 
 /// Identifies one trainer connection (socket) or one embedded sink.
 pub(crate) type ConnId = u64;
@@ -38,6 +38,8 @@ struct RunState {
     /// Set when nothing feeds the run any more: its Goodbye, or the end of its connection.
     unfed_since: Option<Instant>,
     params: ParamMap,
+    /// One per source, in source order; dropped with the run.
+    memos: Vec<RunMemo>,
 }
 
 impl RunState {
@@ -62,8 +64,13 @@ pub(crate) struct RunTable {
     last_key: Option<(u32, RunKey)>,
 }
 
-fn labels_of(name: &str, layer: Option<u32>, class: ParamClass) -> ParamLabels {
-    ParamLabels { param: name.to_string(), layer: layer.map(|l| l.to_string()).unwrap_or_default(), class: class.as_str() }
+fn labels_of(name: &str, layer: Option<u32>, class: ParamClass, slot: usize) -> ParamLabels {
+    ParamLabels {
+        param: name.to_string(),
+        layer: layer.map(|l| l.to_string()).unwrap_or_default(),
+        class: class.as_str(),
+        slot,
+    }
 }
 
 impl RunTable {
@@ -83,30 +90,36 @@ impl RunTable {
         }
     }
 
-    pub fn handle(&mut self, conn: ConnId, envelope: Envelope, validated: bool, now: Instant) {
+    /// Applies one event received at `now` (Unix time `received`).
+    pub fn handle(&mut self, conn: ConnId, envelope: &Envelope, validated: bool, now: Instant, received: f64) {
         if !validated {
-            if let Err(r) = wire::validate(&envelope) {
+            if let Err(r) = wire::validate(envelope) {
                 self.metrics.reject(r.reason);
                 return;
             }
         }
         let rank = envelope.rank;
         let key = match self.last_key.take() {
-            Some((rank, k)) if rank == envelope.rank && k.run == envelope.run && k.host == envelope.host => k,
-            _ => RunKey::of(&envelope),
+            Some((rank, k)) if rank == envelope.rank && *k.run == *envelope.run && *k.host == *envelope.host => k,
+            _ => RunKey::of(envelope),
         };
-        self.apply(conn, &key, envelope, now);
+        self.apply(conn, &key, envelope, now, received);
         self.last_key = Some((rank, key));
     }
 
-    fn apply(&mut self, conn: ConnId, key: &RunKey, envelope: Envelope, now: Instant) {
-        if !self.runs.contains_key(key) {
-            if let Err(r) = self.admit_run(key, conn, matches!(envelope.event, Event::Hello(_)), now) {
-                self.metrics.reject(r);
-                return;
+    fn apply(&mut self, conn: ConnId, key: &RunKey, envelope: &Envelope, now: Instant, received: f64) {
+        // One lookup for a known run (nearly every event).
+        let state = match self.runs.get_mut(key) {
+            Some(state) => state,
+            None => {
+                if let Err(r) = self.admit_run(key, conn, matches!(envelope.event, Event::Hello(_)), now) {
+                    self.metrics.reject(r);
+                    return;
+                }
+                let Some(state) = self.runs.get_mut(key) else { return };
+                state
             }
-        }
-        let Some(state) = self.runs.get_mut(key) else { return };
+        };
         state.conn = conn;
         state.last_event = now;
         let mut admit = |name: &str, layer: Option<u32>, class: ParamClass| -> Result<(), RejectReason> {
@@ -120,7 +133,7 @@ impl RunTable {
                 return Err(RejectReason::TooManySeries);
             }
             self.series += self.param_cost;
-            state.params.insert(name.to_string(), labels_of(name, layer, class));
+            state.params.insert(name.to_string(), labels_of(name, layer, class, state.params.len()));
             Ok(())
         };
         let refused = match &envelope.event {
@@ -159,9 +172,8 @@ impl RunTable {
             Event::Params(_) | Event::Spectrum(_) => state.unfed_since = None,
         }
         self.metrics.count_event(&envelope.event);
-        let view = RunView { key, params: &state.params };
-        for s in &self.sources {
-            s.observe(&view, &envelope);
+        for (source, memo) in self.sources.iter().zip(&mut state.memos) {
+            source.observe(&mut RunView { key, params: &state.params, memo, received }, envelope);
         }
     }
 
@@ -177,8 +189,15 @@ impl RunTable {
             return Err(RejectReason::TooManySeries);
         }
         self.series += self.run_cost;
-        let state =
-            RunState { conn, up: false, said_hello: false, last_event: now, unfed_since: None, params: ParamMap::default() };
+        let state = RunState {
+            conn,
+            up: false,
+            said_hello: false,
+            last_event: now,
+            unfed_since: None,
+            params: ParamMap::default(),
+            memos: self.sources.iter().map(|_| RunMemo::default()).collect(),
+        };
         self.runs.insert(key.clone(), state);
         self.metrics.runs.set(self.runs.len() as i64);
         Ok(())
@@ -205,8 +224,8 @@ impl RunTable {
             state.unfed_since = Some(now);
             if state.up {
                 state.up = false;
-                for s in &self.sources {
-                    s.trainer_down(key);
+                for (source, memo) in self.sources.iter().zip(&mut state.memos) {
+                    source.trainer_down(key, memo);
                 }
             }
         }

@@ -168,6 +168,14 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
     for family in ["gainguard_sigma_max", "gainguard_gain_ratio", "gainguard_frobenius_norm", "gainguard_singular_value_quantile"] {
         assert!(prom.query(&format!("{family}{{{run},{q}}}")).is_empty(), "{family} left standing beside spectrum_nonfinite 1");
     }
+    // Finite weights again: what they measure is exported again.
+    assert!(sink.send(env(
+        3,
+        20,
+        Event::Spectrum(SpectrumSample { sigma_max: Some(2.5), ..SpectrumSample::empty("blocks.2.attn.q.weight", Some(2), ParamClass::MatrixLike) })
+    )));
+    prom.expect(&format!("gainguard_sigma_max{{{run},{q}}}"), 2.5);
+    prom.expect(&format!("gainguard_spectrum_nonfinite{{{run},{q}}}"), 0.0);
 
     // Embedded mode: the trainer is up while its sink lives.
     drop(sink);

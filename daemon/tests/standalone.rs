@@ -187,6 +187,8 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
         }),
     ));
     sink.send(e(1, Event::Step(StepEvent { loss: Some(1.0), timestamp_seconds: 1.0, ..Default::default() })));
+    let spectrum = |sigma| Event::Spectrum(SpectrumSample { sigma_max: Some(sigma), ..SpectrumSample::empty("w", Some(0), ParamClass::MatrixLike) });
+    sink.send(e(1, spectrum(1.5)));
     sink.send(e(1, Event::Goodbye(Goodbye { reason: "finished".into() })));
     wait_until(Duration::from_secs(5), "the goodbye", || {
         (sample(&metrics(addr), "gainguard_trainer_up", &[("run", "ttl")]) == Some(0.0)).then_some(())
@@ -199,6 +201,20 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
         (!body.lines().any(|l| !l.starts_with('#') && l.contains("run=\"ttl\""))).then_some(())
     });
     assert_eq!(sample(&metrics(addr), "gainguard_runs", &[]), Some(0.0));
+    // The same run coming back starts afresh: its series are new (the daemon keeps handles to a run's series
+    // between events; none may outlive the run), its counters count from zero.
+    sink.send(e(7, Event::Step(StepEvent { loss: Some(3.0), timestamp_seconds: 2.0, ..Default::default() })));
+    sink.send(e(7, spectrum(2.5)));
+    let ttl = [("run", "ttl")];
+    wait_until(Duration::from_secs(5), "the run's return", || {
+        (sample(&metrics(addr), "gainguard_sigma_max", &ttl) == Some(2.5)).then_some(())
+    });
+    let body = metrics(addr);
+    assert_eq!(sample(&body, "gainguard_step", &ttl), Some(7.0));
+    assert_eq!(sample(&body, "gainguard_loss", &ttl), Some(3.0));
+    assert_eq!(sample(&body, "gainguard_trainer_up", &ttl), Some(1.0));
+    assert_eq!(sample(&body, "gainguard_spectrum_samples_total", &ttl), Some(1.0));
+    assert_eq!(sample(&body, "gainguard_trainer_exit_info", &[("run", "ttl"), ("reason", "finished")]), None);
 }
 
 #[test]
@@ -302,4 +318,44 @@ fn promtool_finds_no_problem_in_a_realistic_metrics_body() {
     let out = child.wait_with_output().unwrap();
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+}
+
+/// A raw GET of /metrics with the given extra header lines: the response head and body bytes.
+fn get_metrics(addr: std::net::SocketAddr, headers: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    (String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase(), raw[split + 4..].to_vec())
+}
+
+#[test]
+fn a_scraper_that_accepts_gzip_gets_the_same_body_gzipped_and_others_get_it_plain() {
+    let daemon = Daemon::spawn(DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        nvml: NvmlMode::Off,
+        metrics_max_age: Duration::ZERO,
+        ..Default::default()
+    })
+    .unwrap();
+    let addr = daemon.metrics_addr();
+    let sink = daemon.sink();
+    for step in 1..=3 {
+        sink.send(Envelope::new("gz", 0, "h", step, Event::Step(StepEvent { loss: Some(1.5), timestamp_seconds: 1.0, ..Default::default() })));
+    }
+    wait_until(Duration::from_secs(5), "the steps", || (sample(&metrics(addr), "gainguard_step", &[("run", "gz")]) == Some(3.0)).then_some(()));
+    // Every scrape renders afresh (max age 0), and nothing changes between these renders: the same bytes.
+    let (plain_head, plain) = get_metrics(addr, "");
+    assert!(!plain_head.contains("content-encoding"), "{plain_head}");
+    let (head, gzipped) = get_metrics(addr, "Accept-Encoding: deflate, gzip;q=0.5\r\n");
+    assert!(head.contains("content-encoding: gzip") && head.contains("vary: accept-encoding"), "{head}");
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzipped[..]), &mut unzipped).expect("a gzip stream");
+    assert_eq!(unzipped, plain);
+    assert!(gzipped.len() < plain.len());
+    let (refused_head, refused) = get_metrics(addr, "Accept-Encoding: gzip;q=0, identity\r\n");
+    assert!(!refused_head.contains("content-encoding"), "{refused_head}");
+    assert_eq!(refused, plain);
 }

@@ -463,6 +463,63 @@ fn uneven_ratio(target: i64, base: i64) -> Option<(i64, i64)> {
 
 /// Classifies one parameter against its base (and delta) shape, then applies overrides.
 pub fn classify(name: &str, shape: &[i64], base: &BaseShapes, overrides: &Overrides) -> Result<Classification, ClassifyError> {
+    let (base_shape, delta_shape) = checked_shapes(name, shape, base)?;
+    let merged = MergedOverride::of(name, shape, overrides)?;
+    let fixed_size = merged.fixed_size == Some(true);
+    let dims_declared = fixed_size || merged.width_dims.is_some();
+    let width_dims = width_dims_of(name, shape, base_shape, delta_shape, merged.width_dims.as_deref(), fixed_size)?;
+
+    let class = match merged.class {
+        Some(c) => c,
+        None if merged.role.is_some() || fixed_size || width_dims.len() < 2 => ParamClass::VectorLike,
+        None => ParamClass::MatrixLike,
+    };
+    let fan_in_dim = merged.fan_in_dim.or(width_dims.last().copied());
+    let width_multiplier = match (merged.width_multiplier, fan_in_dim) {
+        (Some(m), _) => m,
+        (None, Some(d)) => shape[d] as f64 / base_shape[d] as f64,
+        (None, None) => 1.0,
+    };
+    if !(width_multiplier.is_finite() && width_multiplier > 0.0) {
+        return Err(ClassifyError::BadWidthMultiplier { name: name.to_string(), m: width_multiplier });
+    }
+
+    let mut warnings = Vec::new();
+    if !dims_declared {
+        warnings.extend(uneven_width_warnings(name, shape, base_shape, &width_dims));
+    }
+    let last = shape.len().wrapping_sub(1);
+    if merged.role.is_none() && class == ParamClass::VectorLike && shape.len() >= 2 && width_dims == [last] && fan_in_dim == Some(last) {
+        warnings.push(ParamWarning {
+            param: name.to_string(),
+            kind: WarningKind::PossibleReadout,
+            message: format!(
+                "`{name}` {shape:?}: its only width dimension is its fan-in (the last) and its fan-out is fixed, so under μP it is an output layer (a readout, a router) whose output must be divided by m = {width_multiplier} (gainguard::mup::MuReadout), or it trains m× too hot; if that is done, or it is an embedding, declare its role with an override: {{\"pattern\": \"{name}\", \"role\": \"readout\"}} (or \"embedding\")"
+            ),
+        });
+    }
+
+    Ok(Classification {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        base_shape: base_shape.clone(),
+        class,
+        width_dims,
+        fan_in_dim,
+        width_multiplier,
+        lr_multiplier: merged.lr_multiplier,
+        wd_multiplier: merged.wd_multiplier,
+        weight_decay_override: merged.weight_decay,
+        layer: layer_of(name),
+        role: merged.role,
+        declared: merged.class.is_some() || dims_declared || merged.role.is_some(),
+        warnings,
+    })
+}
+
+/// `name`'s base shape and (with a delta model) delta shape, after checking that both exist, that their
+/// ranks agree with `shape`'s and that no dimension is zero or negative.
+fn checked_shapes<'a>(name: &str, shape: &[i64], base: &'a BaseShapes) -> Result<(&'a Vec<i64>, Option<&'a Vec<i64>>), ClassifyError> {
     let base_shape = base.get(name).ok_or_else(|| ClassifyError::MissingInBase {
         name: name.to_string(),
         shape: shape.to_vec(),
@@ -496,136 +553,115 @@ pub fn classify(name: &str, shape: &[i64], base: &BaseShapes, overrides: &Overri
             return Err(ClassifyError::ZeroDim { name: name.to_string(), which, shape: s.unwrap_or_default().to_vec(), dim });
         }
     }
+    Ok((base_shape, delta_shape))
+}
 
-    let (mut class_override, mut fan_in_override, mut m_override) = (None, None, None);
-    let (mut lr_multiplier, mut wd_multiplier, mut weight_decay_override) = (1.0, 1.0, None);
-    let (mut width_dims_override, mut fixed_size, mut role) = (None, None, None);
-    for o in overrides.matching(name) {
-        if let Some(c) = o.class {
-            class_override = Some(c);
-        }
-        if let Some(d) = o.fan_in_dim {
-            if d >= shape.len() {
-                return Err(ClassifyError::FanInDimOutOfRange { name: name.to_string(), dim: d, shape: shape.to_vec(), rank: shape.len() });
+/// Every override matching a parameter, folded in order: a later override's field replaces an earlier one's.
+struct MergedOverride {
+    class: Option<ParamClass>,
+    fan_in_dim: Option<usize>,
+    width_multiplier: Option<f64>,
+    lr_multiplier: f64,
+    wd_multiplier: f64,
+    weight_decay: Option<f64>,
+    width_dims: Option<Vec<usize>>,
+    fixed_size: Option<bool>,
+    role: Option<ParamRole>,
+}
+
+impl MergedOverride {
+    fn of(name: &str, shape: &[i64], overrides: &Overrides) -> Result<MergedOverride, ClassifyError> {
+        let mut m = MergedOverride {
+            class: None,
+            fan_in_dim: None,
+            width_multiplier: None,
+            lr_multiplier: 1.0,
+            wd_multiplier: 1.0,
+            weight_decay: None,
+            width_dims: None,
+            fixed_size: None,
+            role: None,
+        };
+        for o in overrides.matching(name) {
+            if let Some(d) = o.fan_in_dim {
+                if d >= shape.len() {
+                    return Err(ClassifyError::FanInDimOutOfRange { name: name.to_string(), dim: d, shape: shape.to_vec(), rank: shape.len() });
+                }
+                m.fan_in_dim = Some(d);
             }
-            fan_in_override = Some(d);
+            m.class = o.class.or(m.class);
+            m.width_multiplier = o.width_multiplier.or(m.width_multiplier);
+            m.lr_multiplier = o.lr_multiplier.unwrap_or(m.lr_multiplier);
+            m.wd_multiplier = o.wd_multiplier.unwrap_or(m.wd_multiplier);
+            m.weight_decay = o.weight_decay.or(m.weight_decay);
+            m.width_dims = o.width_dims.clone().or(m.width_dims);
+            m.fixed_size = o.fixed_size.or(m.fixed_size);
+            m.role = o.role.or(m.role);
         }
-        if let Some(m) = o.width_multiplier {
-            m_override = Some(m);
-        }
-        if let Some(x) = o.lr_multiplier {
-            lr_multiplier = x;
-        }
-        if let Some(x) = o.wd_multiplier {
-            wd_multiplier = x;
-        }
-        if let Some(x) = o.weight_decay {
-            weight_decay_override = Some(x);
-        }
-        if let Some(dims) = &o.width_dims {
-            width_dims_override = Some(dims.clone());
-        }
-        if let Some(f) = o.fixed_size {
-            fixed_size = Some(f);
-        }
-        if let Some(r) = o.role {
-            role = Some(r);
-        }
+        Ok(m)
     }
-    let fixed_size = fixed_size == Some(true);
+}
 
-    let dims_declared = fixed_size || width_dims_override.is_some();
-    let width_dims: Vec<usize> = match (&width_dims_override, fixed_size) {
-        (Some(dims), true) if !dims.is_empty() => {
-            return Err(ClassifyError::FixedSizeWithWidthDims { name: name.to_string(), dims: dims.clone() });
-        }
-        (_, true) => Vec::new(),
+/// The dimensions along which `name` grows with width: none when it is declared fixed-size, the declared
+/// ones, else those where base and delta differ (mup's `zip_infshape(base, delta)`), else (no delta model)
+/// those where the target differs from the base.
+fn width_dims_of(
+    name: &str,
+    shape: &[i64],
+    base_shape: &[i64],
+    delta_shape: Option<&Vec<i64>>,
+    declared: Option<&[usize]>,
+    fixed_size: bool,
+) -> Result<Vec<usize>, ClassifyError> {
+    match (declared, fixed_size) {
+        (Some(dims), true) if !dims.is_empty() => Err(ClassifyError::FixedSizeWithWidthDims { name: name.to_string(), dims: dims.to_vec() }),
+        (_, true) => Ok(Vec::new()),
         (Some(dims), false) => {
             if dims.iter().any(|&d| d >= shape.len()) {
-                return Err(ClassifyError::WidthDimsOutOfRange { name: name.to_string(), dims: dims.clone(), shape: shape.to_vec() });
+                return Err(ClassifyError::WidthDimsOutOfRange { name: name.to_string(), dims: dims.to_vec(), shape: shape.to_vec() });
             }
-            let mut dims = dims.clone();
+            let mut dims = dims.to_vec();
             dims.sort_unstable();
             dims.dedup();
-            dims
+            Ok(dims)
         }
         (None, false) => match delta_shape {
-            // mup's zip_infshape(base, delta): a width iff base and delta differ there.
             Some(delta) => {
                 let changed: Vec<usize> = (0..shape.len()).filter(|&i| delta[i] == base_shape[i] && shape[i] != base_shape[i]).collect();
                 if !changed.is_empty() {
                     return Err(ClassifyError::NonWidthDimDiffers {
                         name: name.to_string(),
                         shape: shape.to_vec(),
-                        base: base_shape.clone(),
+                        base: base_shape.to_vec(),
                         dims: changed,
                     });
                 }
-                (0..shape.len()).filter(|&i| delta[i] != base_shape[i]).collect()
+                Ok((0..shape.len()).filter(|&i| delta[i] != base_shape[i]).collect())
             }
-            None => (0..shape.len()).filter(|&i| shape[i] != base_shape[i]).collect(),
+            None => Ok((0..shape.len()).filter(|&i| shape[i] != base_shape[i]).collect()),
         },
-    };
-
-    let class = match class_override {
-        Some(c) => c,
-        None if role.is_some() || fixed_size || width_dims.len() < 2 => ParamClass::VectorLike,
-        None => ParamClass::MatrixLike,
-    };
-    let fan_in_dim = fan_in_override.or(width_dims.last().copied());
-    let width_multiplier = match (m_override, fan_in_dim) {
-        (Some(m), _) => m,
-        (None, Some(d)) => shape[d] as f64 / base_shape[d] as f64,
-        (None, None) => 1.0,
-    };
-    if !(width_multiplier.is_finite() && width_multiplier > 0.0) {
-        return Err(ClassifyError::BadWidthMultiplier { name: name.to_string(), m: width_multiplier });
     }
+}
 
-    let mut warnings = Vec::new();
-    if !dims_declared {
-        for &d in &width_dims {
-            if let Some((p, q)) = uneven_ratio(shape[d], base_shape[d]) {
-                warnings.push(ParamWarning {
-                    param: name.to_string(),
-                    kind: WarningKind::UnevenWidthRatio,
-                    message: format!(
-                        "`{name}`: width dimension {d} is {} in the base and {} in the target, a ratio of {:.4} ({p}/{q}) that is no clean multiple or fraction: a non-width dimension off by one? If so, fix the shapes or declare the width dimensions with an override (`width_dims`)",
-                        base_shape[d],
-                        shape[d],
-                        shape[d] as f64 / base_shape[d] as f64
-                    ),
-                });
-            }
-        }
-    }
-    let last = shape.len().wrapping_sub(1);
-    if role.is_none() && class == ParamClass::VectorLike && shape.len() >= 2 && width_dims == [last] && fan_in_dim == Some(last) {
-        warnings.push(ParamWarning {
-            param: name.to_string(),
-            kind: WarningKind::PossibleReadout,
-            message: format!(
-                "`{name}` {shape:?}: its only width dimension is its fan-in (the last) and its fan-out is fixed, so under μP it is an output layer (a readout, a router) whose output must be divided by m = {width_multiplier} (gainguard::mup::MuReadout), or it trains m× too hot; if that is done, or it is an embedding, declare its role with an override: {{\"pattern\": \"{name}\", \"role\": \"readout\"}} (or \"embedding\")"
-            ),
-        });
-    }
-
-    Ok(Classification {
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        base_shape: base_shape.clone(),
-        class,
-        width_dims,
-        fan_in_dim,
-        width_multiplier,
-        lr_multiplier,
-        wd_multiplier,
-        weight_decay_override,
-        layer: layer_of(name),
-        role,
-        declared: class_override.is_some() || dims_declared || role.is_some(),
-        warnings,
-    })
+/// One `uneven_width_ratio` warning per width dimension whose target/base ratio is no clean multiple or
+/// fraction (an off-by-one non-width dimension taken for a width).
+fn uneven_width_warnings(name: &str, shape: &[i64], base_shape: &[i64], width_dims: &[usize]) -> Vec<ParamWarning> {
+    width_dims
+        .iter()
+        .filter_map(|&d| {
+            let (p, q) = uneven_ratio(shape[d], base_shape[d])?;
+            Some(ParamWarning {
+                param: name.to_string(),
+                kind: WarningKind::UnevenWidthRatio,
+                message: format!(
+                    "`{name}`: width dimension {d} is {} in the base and {} in the target, a ratio of {:.4} ({p}/{q}) that is no clean multiple or fraction: a non-width dimension off by one? If so, fix the shapes or declare the width dimensions with an override (`width_dims`)",
+                    base_shape[d],
+                    shape[d],
+                    shape[d] as f64 / base_shape[d] as f64
+                ),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

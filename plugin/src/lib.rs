@@ -16,6 +16,8 @@
 //! opt.step();
 //! # Ok(()) }
 //! ```
+//!
+//! Monitoring (telemetry, spectra, a reference profile) attaches in one call: [`Monitor`].
 
 pub mod classify;
 pub mod data;
@@ -33,12 +35,15 @@ mod shim;
 pub mod spectra;
 pub mod steady_state;
 pub mod telemetry;
+pub mod watch;
 
 pub use classify::{BaseShapes, Override, ParamClass, ParamRole};
 pub use optim::{AdamWConfig, CpuKernel, DecayMode, NonFiniteGrad, OptimError, StepObserver, StepReport, WidthScaledAdamW};
 pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};
 pub use schedule::Schedule;
+pub use telemetry::RunIdentity;
+pub use watch::{Monitor, MonitorBuilder, MonitorError};
 
 /// The events, their wire format and the sinks a trainer sends through (`protocol::Sink`), with or without
 /// the embedded daemon.

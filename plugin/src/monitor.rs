@@ -18,13 +18,13 @@
 //! queue or the in-flight byte budget is dropped *before* anything is copied, and every parameter
 //! sample in it is counted in [`SamplerHandle::dropped_total`].
 //!
-//! Wiring it into a trainer:
+//! [`crate::Monitor`] wires it, telemetry and a reference into a trainer in one call. By hand:
 //!
 //! ```no_run
-//! # use gainguard::{WidthScaledAdamW, monitor::{SamplerConfig, SpectrumSampler}};
-//! # fn demo(opt: &mut WidthScaledAdamW, sink: gainguard::daemon::sink::Sink) -> Result<(), Box<dyn std::error::Error>> {
-//! let config = SamplerConfig { run: "target-w512".into(), planned_steps: Some(10_000), ..Default::default() };
-//! let sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
+//! # use gainguard::{RunIdentity, WidthScaledAdamW, monitor::{SamplerConfig, SpectrumSampler}};
+//! # fn demo(opt: &mut WidthScaledAdamW, sink: gainguard::protocol::Sink) -> Result<(), Box<dyn std::error::Error>> {
+//! let config = SamplerConfig { planned_steps: Some(10_000), ..Default::default() };
+//! let sampler = SpectrumSampler::for_run(config, RunIdentity::local("target-w512"), opt.plan(), sink)?;
 //! let handle = sampler.handle(); // dropped_total(), nonfinite_parameters(), finish()
 //! opt.add_observer(Box::new(sampler));
 //! // … train …
@@ -39,19 +39,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use gainguard_protocol::events::{Envelope, Event, ParamClass, SpectrumSample};
+use gainguard_protocol::events::{Event, ParamClass, SpectrumSample};
 use gainguard_protocol::sink::Sink;
 use tch::Tensor;
 
 use crate::optim::{ParamSlot, StepObserver, StepReport};
 use crate::plan::{ParamDecision, ScalingPlan};
 use crate::reference::GainReference;
+use crate::telemetry::RunIdentity;
 use crate::spectra::{all_finite, frobenius_distance, frobenius_norm, full_spectrum, Estimator, EstimatorConfig, FullPrecision, MatrixLayout, SpectraError};
 
 /// Settings of the sampler.
 #[derive(Clone, Debug)]
 pub struct SamplerConfig {
-    /// Identity carried by every event.
+    /// Identity carried by every event, for [`SpectrumSampler::new`] only: [`SpectrumSampler::for_run`] and
+    /// [`crate::Monitor`] take it from their [`RunIdentity`] and ignore these three.
     pub run: String,
     pub rank: u32,
     pub host: String,
@@ -118,7 +120,7 @@ impl Default for SamplerConfig {
 
 
 #[derive(Debug, thiserror::Error)]
-pub enum MonitorError {
+pub enum SamplerError {
     #[error("sampler setting {0}")]
     Config(String),
     #[error("cannot start the spectra worker thread: {0}")]
@@ -145,8 +147,8 @@ struct Snapshot {
     /// Effective lr and wd at the sampled step (width-scaled × schedule multipliers).
     lr: f64,
     weight_decay: f64,
-    /// The optimizer's decay horizon of the parameter after the sampled step.
-    decay_horizon: f64,
+    /// The optimizer's decay horizon of the parameter after the sampled step (None: not counted there).
+    decay_horizon: Option<f64>,
     full: bool,
 }
 
@@ -271,6 +273,9 @@ impl SamplerHandle {
 /// The observer half, owned by the optimizer. See the module docs for how to wire it.
 pub struct SpectrumSampler {
     config: SamplerConfig,
+    id: RunIdentity,
+    /// Parameter name → index into the plan's decisions, for parameters given by name ([`ParamRef`]).
+    decision_of: HashMap<String, usize>,
     shared: Arc<Shared>,
     /// For the non-finite samples of the check after a non-finite gradient (everything else goes through
     /// the worker).
@@ -292,20 +297,27 @@ pub struct SpectrumSampler {
 impl SpectrumSampler {
     /// A sampler for the parameters of `plan` (the optimizer's [`crate::WidthScaledAdamW::plan`]),
     /// emitting through `sink`. Starts its worker thread.
-    pub fn new(config: SamplerConfig, plan: &ScalingPlan, sink: Sink) -> Result<SpectrumSampler, MonitorError> {
+    pub fn new(config: SamplerConfig, plan: &ScalingPlan, sink: Sink) -> Result<SpectrumSampler, SamplerError> {
+        let id = RunIdentity { run: config.run.clone(), rank: config.rank, host: config.host.clone() };
+        SpectrumSampler::for_run(config, id, plan, sink)
+    }
+
+    /// As [`new`](Self::new), with the identity every event carries given once as a [`RunIdentity`]
+    /// (`config.run`, `rank` and `host` are ignored).
+    pub fn for_run(config: SamplerConfig, id: RunIdentity, plan: &ScalingPlan, sink: Sink) -> Result<SpectrumSampler, SamplerError> {
         if config.interval == 0 {
-            return Err(MonitorError::Config("interval = 0, expected at least 1".into()));
+            return Err(SamplerError::Config("interval = 0, expected at least 1".into()));
         }
         if config.queue_capacity == 0 {
-            return Err(MonitorError::Config("queue_capacity = 0, expected at least 1".into()));
+            return Err(SamplerError::Config("queue_capacity = 0, expected at least 1".into()));
         }
         if let Some(f) = config.budget_fraction {
             if !(f.is_finite() && f > 0.0 && f <= 1.0) {
-                return Err(MonitorError::Config(format!("budget_fraction = {f}, expected 0 < f <= 1")));
+                return Err(SamplerError::Config(format!("budget_fraction = {f}, expected 0 < f <= 1")));
             }
         }
         if !config.alpha.is_finite() {
-            return Err(MonitorError::Config(format!("alpha = {}, expected a finite number", config.alpha)));
+            return Err(SamplerError::Config(format!("alpha = {}, expected a finite number", config.alpha)));
         }
         let eligible = plan.decisions.iter().map(|d| eligible_info(d, config.include_all_matrices)).collect();
         let (tx, rx) = bounded::<Round>(config.queue_capacity);
@@ -335,9 +347,7 @@ impl SpectrumSampler {
             control: control_rx,
             estimators: HashMap::new(),
             estimator_config: config.estimator.clone(),
-            run: config.run.clone(),
-            rank: config.rank,
-            host: config.host.clone(),
+            id: id.clone(),
             alpha: config.alpha,
             planned_steps: config.planned_steps,
             shutdown_timeout: config.shutdown_timeout,
@@ -350,9 +360,11 @@ impl SpectrumSampler {
                 worker.run();
                 let _ = done_tx.send(());
             })
-            .map_err(MonitorError::Thread)?;
+            .map_err(SamplerError::Thread)?;
         *shared.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(SpectrumSampler {
+            id,
+            decision_of: plan.decisions.iter().enumerate().map(|(i, d)| (d.name.clone(), i)).collect(),
             sink,
             nonfinite_found: false,
             next_step: config.interval,
@@ -473,8 +485,89 @@ fn configure_worker_thread(threads: usize, nice: i32) {
     let _ = nice;
 }
 
+/// One parameter of an optimizer that is not a [`crate::WidthScaledAdamW`], as its step hooks hand it to
+/// [`SpectrumSampler::before_step_of`] / [`SpectrumSampler::after_step_of`] (and [`crate::Monitor`]'s):
+/// its name in the plan and the live tensor (the sampler copies it on its device, never keeps it).
+#[derive(Clone, Copy)]
+pub struct ParamRef<'a> {
+    pub name: &'a str,
+    pub tensor: &'a Tensor,
+}
+
+/// What the sampler reads of the optimizer's parameters: the optimizer's own slots, or [`ParamRef`]s.
+trait ParamView {
+    fn count(&self) -> usize;
+    fn name(&self, i: usize) -> &str;
+    fn tensor(&self, i: usize) -> &Tensor;
+    /// Index into the plan's decisions; None for a name the plan does not hold.
+    fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize>;
+    /// The optimizer's decay horizon of the parameter; None where the optimizer does not count it.
+    fn decay_horizon(&self, i: usize) -> Option<f64>;
+}
+
+impl ParamView for [ParamSlot] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn name(&self, i: usize) -> &str {
+        &self[i].name
+    }
+    fn tensor(&self, i: usize) -> &Tensor {
+        &self[i].tensor
+    }
+    fn decision(&self, i: usize, _: &HashMap<String, usize>) -> Option<usize> {
+        Some(self[i].decision)
+    }
+    fn decay_horizon(&self, i: usize) -> Option<f64> {
+        Some(self[i].decay_horizon)
+    }
+}
+
+impl ParamView for [ParamRef<'_>] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn name(&self, i: usize) -> &str {
+        self[i].name
+    }
+    fn tensor(&self, i: usize) -> &Tensor {
+        self[i].tensor
+    }
+    fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize> {
+        decision_of.get(self[i].name).copied()
+    }
+    fn decay_horizon(&self, _: usize) -> Option<f64> {
+        None
+    }
+}
+
 impl StepObserver for SpectrumSampler {
     fn before_step(&mut self, step: u64, slots: &[ParamSlot]) {
+        self.observe_before(step, slots);
+    }
+
+    fn after_step(&mut self, report: &StepReport, slots: &[ParamSlot], plan: &ScalingPlan) {
+        self.observe_after(report, slots, plan);
+    }
+}
+
+impl SpectrumSampler {
+    /// [`StepObserver::before_step`] for an optimizer that is not a [`crate::WidthScaledAdamW`]: call it
+    /// before the parameters change, with the step about to be taken (1-based) and every parameter of the
+    /// plan the sampler was built for (names not in the plan are ignored). Copies on the device at most,
+    /// on sampling steps only.
+    pub fn before_step_of(&mut self, step: u64, params: &[ParamRef<'_>]) {
+        self.observe_before(step, params);
+    }
+
+    /// [`StepObserver::after_step`] for such an optimizer: after the update, with the same parameters and
+    /// the step's report (at least `step`, `lr_multiplier` and `wd_multiplier`; `nonfinite_grad` and
+    /// `grad_norm` when known, for the check of every parameter).
+    pub fn after_step_of(&mut self, report: &StepReport, params: &[ParamRef<'_>], plan: &ScalingPlan) {
+        self.observe_after(report, params, plan);
+    }
+
+    fn observe_before<P: ParamView + ?Sized>(&mut self, step: u64, slots: &P) {
         self.pending = None;
         if step < self.next_step {
             return;
@@ -482,8 +575,9 @@ impl StepObserver for SpectrumSampler {
         self.next_step = step + self.adapt_interval();
         self.shared.interval.store(self.next_step - step, Ordering::Relaxed);
         // Round-robin: the next `max_params_per_sample` eligible slots after the cursor.
-        let candidates: Vec<usize> =
-            slots.iter().enumerate().filter(|(_, s)| self.eligible.get(s.decision).is_some_and(|e| e.is_some())).map(|(i, _)| i).collect();
+        let candidates: Vec<usize> = (0..slots.count())
+            .filter(|&i| slots.decision(i, &self.decision_of).is_some_and(|d| self.eligible.get(d).is_some_and(|e| e.is_some())))
+            .collect();
         if candidates.is_empty() {
             return;
         }
@@ -492,7 +586,7 @@ impl StepObserver for SpectrumSampler {
         let chosen: Vec<usize> = (0..take).map(|i| candidates[(start + i) % candidates.len()]).collect();
         self.cursor = (start + take) % candidates.len();
         let copies = if self.config.update_ratio { 2 } else { 1 };
-        let bytes: u64 = chosen.iter().map(|&i| copies * tensor_bytes(&slots[i].tensor)).sum();
+        let bytes: u64 = chosen.iter().map(|&i| copies * tensor_bytes(slots.tensor(i))).sum();
         // Decide before copying anything: a round that cannot be queued costs the trainer nothing.
         let over_budget = self.shared.in_flight_bytes.load(Ordering::Acquire) + bytes > self.config.max_in_flight_bytes;
         if self.tx.is_full() || over_budget {
@@ -502,12 +596,12 @@ impl StepObserver for SpectrumSampler {
         self.shared.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
         let before = chosen
             .into_iter()
-            .map(|i| (i, self.config.update_ratio.then(|| device_copy(&slots[i].tensor))))
+            .map(|i| (i, self.config.update_ratio.then(|| device_copy(slots.tensor(i)))))
             .collect();
         self.pending = Some((step, before, bytes));
     }
 
-    fn after_step(&mut self, report: &StepReport, slots: &[ParamSlot], plan: &ScalingPlan) {
+    fn observe_after<P: ParamView + ?Sized>(&mut self, report: &StepReport, slots: &P, plan: &ScalingPlan) {
         let now = Instant::now();
         if let Some(last) = self.last_after_step.replace(now) {
             ema(&self.shared.step_ns, now.duration_since(last).as_nanos() as u64);
@@ -527,19 +621,22 @@ impl StepObserver for SpectrumSampler {
         let snapshots: Vec<Snapshot> = chosen
             .into_iter()
             .filter_map(|(si, before)| {
-                let slot = slots.get(si)?;
-                let info = self.eligible.get(slot.decision)?.clone()?;
-                let d = plan.decisions.get(slot.decision)?;
-                let count = self.samples_of.entry(slot.decision).or_insert(0);
+                if si >= slots.count() {
+                    return None;
+                }
+                let decision = slots.decision(si, &self.decision_of)?;
+                let info = self.eligible.get(decision)?.clone()?;
+                let d = plan.decisions.get(decision)?;
+                let count = self.samples_of.entry(decision).or_insert(0);
                 let full = every > 0 && *count % every == 0;
                 *count += 1;
                 Some(Snapshot {
                     info,
-                    after: device_copy(&slot.tensor),
+                    after: device_copy(slots.tensor(si)),
                     before,
                     lr: d.lr * report.lr_multiplier,
                     weight_decay: d.weight_decay * report.wd_multiplier,
-                    decay_horizon: slot.decay_horizon,
+                    decay_horizon: slots.decay_horizon(si),
                     full,
                 })
             })
@@ -558,21 +655,20 @@ impl SpectrumSampler {
     /// Checks every parameter's weights for NaN/Inf now, records the result for
     /// [`SamplerHandle::nonfinite_parameters`], and sends a non-finite sample for each sampled matrix that
     /// holds them (the daemon then drops its stale spectrum series).
-    fn check_every_parameter(&mut self, step: u64, slots: &[ParamSlot]) {
-        let results: Vec<(usize, bool)> = slots.iter().enumerate().map(|(i, s)| (i, !tch::no_grad(|| all_finite(&s.tensor)))).collect();
+    fn check_every_parameter<P: ParamView + ?Sized>(&mut self, step: u64, slots: &P) {
+        let results: Vec<(usize, bool)> = (0..slots.count()).map(|i| (i, !tch::no_grad(|| all_finite(slots.tensor(i))))).collect();
         self.nonfinite_found = results.iter().any(|&(_, bad)| bad);
-        record_checks(&self.shared, step, results.iter().map(|&(i, bad)| (slots[i].name.as_str(), bad)));
+        record_checks(&self.shared, step, results.iter().map(|&(i, bad)| (slots.name(i), bad)));
         let progress = self.config.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64);
         for (i, _) in results.into_iter().filter(|&(_, bad)| bad) {
-            let Some(info) = self.eligible.get(slots[i].decision).cloned().flatten() else { continue };
+            let Some(info) = slots.decision(i, &self.decision_of).and_then(|d| self.eligible.get(d).cloned().flatten()) else { continue };
             let sample = SpectrumSample {
                 nonfinite: true,
                 progress,
-                decay_horizon: Some(slots[i].decay_horizon),
+                decay_horizon: slots.decay_horizon(i),
                 ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
             };
-            let (run, host) = (self.config.run.clone(), self.config.host.clone());
-            self.sink.send(Envelope::new(run, self.config.rank, host, step, Event::Spectrum(sample)));
+            self.sink.send(self.id.envelope(step, Event::Spectrum(sample)));
             self.shared.emitted.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -616,9 +712,7 @@ struct Worker {
     control: Receiver<Control>,
     estimators: HashMap<String, Estimator>,
     estimator_config: EstimatorConfig,
-    run: String,
-    rank: u32,
-    host: String,
+    id: RunIdentity,
     alpha: f64,
     planned_steps: Option<u64>,
     shutdown_timeout: Duration,
@@ -683,7 +777,7 @@ impl Worker {
                     l(&sample, round.step);
                 }
             }
-            let envelope = Envelope::new(self.run.clone(), self.rank, self.host.clone(), round.step, Event::Spectrum(sample));
+            let envelope = self.id.envelope(round.step, Event::Spectrum(sample));
             self.sink.send(envelope);
             self.shared.emitted.fetch_add(1, Ordering::Relaxed);
         }
@@ -702,7 +796,7 @@ impl Worker {
         // The horizon goes on every sample, before the reference is asked: a SelfBaseline windows by it.
         let mut sample = SpectrumSample {
             progress: self.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64),
-            decay_horizon: Some(snap.decay_horizon),
+            decay_horizon: snap.decay_horizon,
             ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
         };
         let estimator = self.estimators.entry(info.name.clone()).or_insert_with(|| Estimator::new(self.estimator_config.clone()));

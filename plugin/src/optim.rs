@@ -224,22 +224,18 @@ pub struct StepScalars {
 
 impl StepScalars {
     pub fn new(config: &AdamWConfig, group: &Group, lr_multiplier: f64, wd_multiplier: f64) -> StepScalars {
-        let lr = group.lr * lr_multiplier;
-        let weight_decay = group.weight_decay * wd_multiplier;
-        let horizon = match config.decay {
+        let (beta1, beta2) = (config.beta1, config.beta2);
+        StepScalars::of(group.lr * lr_multiplier, group.weight_decay * wd_multiplier, beta1, beta2, group.eps, config.decay)
+    }
+
+    /// The scalars for this step's `lr` and `weight_decay` as given (schedule already applied), for a caller
+    /// that keeps its own groups (the Python package, whose `param_groups` a torch scheduler scales).
+    pub fn of(lr: f64, weight_decay: f64, beta1: f64, beta2: f64, eps: f64, mode: DecayMode) -> StepScalars {
+        let horizon = match mode {
             DecayMode::Coupled => lr * weight_decay,
             DecayMode::Independent => weight_decay,
         };
-        StepScalars {
-            lr,
-            weight_decay,
-            decay: 1.0 - horizon,
-            beta1: config.beta1,
-            beta2: config.beta2,
-            eps: group.eps,
-            horizon,
-            mode: config.decay,
-        }
+        StepScalars { lr, weight_decay, decay: 1.0 - horizon, beta1, beta2, eps, horizon, mode }
     }
 
     /// The bias corrections of a parameter at its own step `t` (1 for its first).
@@ -285,6 +281,93 @@ struct GradientCheck {
     norm: Option<f64>,
     /// The first slot whose gradient holds NaN or Inf.
     nonfinite: Option<usize>,
+}
+
+/// The global 2-norm of the defined gradients (None when none is defined) and the index of the first one
+/// holding NaN or Inf. The squares are summed in f64 (an f64 gradient stays f64, narrower ones are squared in
+/// f32): in one fused pass over the dense CPU gradients ([`fused::sum_squares`]), per tensor with libtorch
+/// elsewhere. The optimizer's check before a step; public for the Python package, which keeps its own tensors.
+pub fn gradient_norm(grads: &[Option<Tensor>]) -> (Option<f64>, Option<usize>) {
+    let mut sums: Vec<Option<f64>> = vec![None; grads.len()];
+    let cpu: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].as_ref().is_some_and(|g| g.device() == Device::Cpu)).collect();
+    let cpu_grads: Vec<&Tensor> = cpu.iter().filter_map(|&i| grads[i].as_ref()).collect();
+    if let Ok(cpu_sums) = fused::sum_squares(&cpu_grads) {
+        for (&i, v) in cpu.iter().zip(cpu_sums) {
+            sums[i] = Some(v);
+        }
+    }
+    let rest: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some() && sums[i].is_none()).collect();
+    let rest_grads: Vec<&Tensor> = rest.iter().filter_map(|&i| grads[i].as_ref()).collect();
+    for (&i, v) in rest.iter().zip(libtorch_sum_squares(&rest_grads)) {
+        sums[i] = Some(v);
+    }
+    // A non-finite sum is a NaN/Inf value, or an overflow of finite ones: tell them apart.
+    let nonfinite = (0..grads.len()).find(|&i| {
+        sums[i].is_some_and(|s| !s.is_finite()) && grads[i].as_ref().is_some_and(|g| !bool::try_from(g.isfinite().all()).unwrap_or(false))
+    });
+    let defined: Vec<f64> = sums.iter().flatten().copied().collect();
+    let norm = (!defined.is_empty()).then(|| defined.iter().sum::<f64>().sqrt());
+    (norm, nonfinite)
+}
+
+/// One AdamW step of `members` at their own steps `steps` (this step included), on buffers the caller owns:
+/// one fused kernel call where a kernel covers them (the CPU loop on the CPU unless `cpu_kernel` is
+/// [`CpuKernel::Aten`] for f32/f64, ATen's `_fused_adamw_` elsewhere), else the reference path per member. The
+/// optimizer's step of one group; public for the Python package, whose moments live in torch's `state`.
+pub fn step_buffers(members: &[Buffers<'_>], s: &StepScalars, steps: &[u64], fused: bool, cpu_kernel: CpuKernel) {
+    if !(fused && fused_step(members, s, steps, cpu_kernel)) {
+        for (b, &t) in members.iter().zip(steps) {
+            reference_step(*b, s, t);
+        }
+    }
+}
+
+/// One fused kernel call for `buffers` (see [`step_buffers`]). Returns false, having changed nothing, when no
+/// kernel covers them or the kernel refused them.
+fn fused_step(buffers: &[Buffers<'_>], s: &StepScalars, steps: &[u64], cpu_kernel: CpuKernel) -> bool {
+    let Some(layout) = fused::layout(buffers) else { return false };
+    let result = if layout.device == Device::Cpu && (cpu_kernel == CpuKernel::Exact || layout.mixed_precision()) {
+        let bias: Vec<BiasCorrection> = steps.iter().map(|&t| s.bias_correction(t)).collect();
+        let shared = fused::CpuScalars { decay: s.decay, beta1: s.beta1, beta2: s.beta2, eps: s.eps };
+        fused::adamw_cpu(buffers, &shared, &bias)
+    } else {
+        let Some(weight_decay) = s.aten_weight_decay() else { return false };
+        let shared = fused::AtenScalars { lr: s.lr, beta1: s.beta1, beta2: s.beta2, weight_decay, eps: s.eps };
+        fused::adamw_aten(buffers, &shared, steps)
+    };
+    match result {
+        Ok(()) => true,
+        Err(fused::FusedError::NoShim) => false,
+        Err(e) => {
+            // `layout` checked what the kernels check (dtype, device, layout), so a refusal here is
+            // unexpected; the reference path then steps the group.
+            static LOGGED: Once = Once::new();
+            LOGGED.call_once(|| eprintln!("gainguard: fused AdamW step failed, using the reference path: {e}"));
+            false
+        }
+    }
+}
+
+/// The reference path for one parameter at its own step `t`: libtorch tensor ops in libtorch AdamW's order.
+fn reference_step(b: Buffers<'_>, s: &StepScalars, t: u64) {
+    let bias = s.bias_correction(t);
+    let (mut first_moment, mut second_moment) = (b.first_moment.shallow_clone(), b.second_moment.shallow_clone());
+    let g = b.grad.to_kind(first_moment.kind());
+    let mut theta = if b.param.kind() == first_moment.kind() { b.param.shallow_clone() } else { b.param.to_kind(first_moment.kind()) };
+    if s.decay != 1.0 {
+        let _ = theta.g_mul_scalar_(s.decay);
+    }
+    let _ = first_moment.g_mul_scalar_(s.beta1);
+    let _ = first_moment.g_add_(&(&g * (1.0 - s.beta1)));
+    let _ = second_moment.g_mul_scalar_(s.beta2);
+    let _ = second_moment.g_add_(&(&g * &g * (1.0 - s.beta2)));
+    // The correctly rounded sqrt, as the fused CPU loop takes (libtorch's CPU sqrt may be MKL's).
+    let root = fused::correctly_rounded_sqrt(&second_moment).unwrap_or_else(|| second_moment.sqrt());
+    let denom = root / bias.bias_correction2_sqrt + s.eps;
+    let _ = theta.g_sub_(&(&first_moment / denom * bias.step_size));
+    if b.param.kind() != theta.kind() {
+        b.param.shallow_clone().copy_(&theta);
+    }
 }
 
 pub struct WidthScaledAdamW {
@@ -490,30 +573,10 @@ impl WidthScaledAdamW {
             .collect()
     }
 
-    /// Every slot's gradient, its global norm and the first non-finite one. The norm adds the gradients'
-    /// squares in f64 (an f64 gradient stays f64, narrower ones are squared in f32): in one fused pass over the
-    /// dense CPU gradients ([`fused::sum_squares`]), and per tensor with libtorch elsewhere.
+    /// Every slot's gradient, its global norm and the first non-finite one ([`gradient_norm`]).
     fn check_gradients(&self) -> GradientCheck {
         let grads = self.gradients();
-        let mut sums: Vec<Option<f64>> = vec![None; grads.len()];
-        let cpu: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].as_ref().is_some_and(|g| g.device() == Device::Cpu)).collect();
-        let cpu_grads: Vec<&Tensor> = cpu.iter().filter_map(|&i| grads[i].as_ref()).collect();
-        if let Ok(cpu_sums) = fused::sum_squares(&cpu_grads) {
-            for (&i, v) in cpu.iter().zip(cpu_sums) {
-                sums[i] = Some(v);
-            }
-        }
-        let rest: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some() && sums[i].is_none()).collect();
-        let rest_grads: Vec<&Tensor> = rest.iter().filter_map(|&i| grads[i].as_ref()).collect();
-        for (&i, v) in rest.iter().zip(libtorch_sum_squares(&rest_grads)) {
-            sums[i] = Some(v);
-        }
-        // A non-finite sum is a NaN/Inf value, or an overflow of finite ones: tell them apart.
-        let nonfinite = (0..grads.len()).find(|&i| {
-            sums[i].is_some_and(|s| !s.is_finite()) && grads[i].as_ref().is_some_and(|g| !bool::try_from(g.isfinite().all()).unwrap_or(false))
-        });
-        let defined: Vec<f64> = sums.iter().flatten().copied().collect();
-        let norm = (!defined.is_empty()).then(|| defined.iter().sum::<f64>().sqrt());
+        let (norm, nonfinite) = gradient_norm(&grads);
         GradientCheck { grads, norm, nonfinite }
     }
 
@@ -617,11 +680,7 @@ impl WidthScaledAdamW {
             return without;
         }
         let steps: Vec<u64> = members.iter().map(|&(si, _)| self.slots[si].step + 1).collect();
-        if !(self.config.fused && self.fused_step(&scalars, &members, &steps)) {
-            for (&(si, g), &t) in members.iter().zip(&steps) {
-                self.reference_step(si, g, &scalars, t);
-            }
-        }
+        step_buffers(&self.buffers(&members), &scalars, &steps, self.config.fused, self.config.cpu_kernel);
         for &(si, _) in &members {
             let slot = &mut self.slots[si];
             slot.step += 1;
@@ -630,64 +689,15 @@ impl WidthScaledAdamW {
         without
     }
 
-    /// One fused kernel call for `members` (slot, gradient) at their own steps `steps`: the CPU loop on the CPU
-    /// (unless [`CpuKernel::Aten`] is chosen for f32/f64), ATen's `_fused_adamw_` elsewhere. Returns false,
-    /// having changed nothing, when no kernel covers them or the kernel refused them.
-    fn fused_step(&self, s: &StepScalars, members: &[(usize, &Tensor)], steps: &[u64]) -> bool {
-        let buffers: Vec<Buffers<'_>> = members
+    /// The buffers of `members` (slot, gradient).
+    fn buffers<'a>(&'a self, members: &[(usize, &'a Tensor)]) -> Vec<Buffers<'a>> {
+        members
             .iter()
             .map(|&(si, grad)| {
                 let slot = &self.slots[si];
                 Buffers { param: &slot.tensor, grad, first_moment: &slot.first_moment, second_moment: &slot.second_moment }
             })
-            .collect();
-        let Some(layout) = fused::layout(&buffers) else { return false };
-        let result = if layout.device == Device::Cpu && (self.config.cpu_kernel == CpuKernel::Exact || layout.mixed_precision()) {
-            let bias: Vec<BiasCorrection> = steps.iter().map(|&t| s.bias_correction(t)).collect();
-            let shared = fused::CpuScalars { decay: s.decay, beta1: s.beta1, beta2: s.beta2, eps: s.eps };
-            fused::adamw_cpu(&buffers, &shared, &bias)
-        } else {
-            let Some(weight_decay) = s.aten_weight_decay() else { return false };
-            let shared = fused::AtenScalars { lr: s.lr, beta1: s.beta1, beta2: s.beta2, weight_decay, eps: s.eps };
-            fused::adamw_aten(&buffers, &shared, steps)
-        };
-        match result {
-            Ok(()) => true,
-            Err(fused::FusedError::NoShim) => false,
-            Err(e) => {
-                // `layout` checked what the kernels check (dtype, device, layout), so a refusal here is
-                // unexpected; the reference path then steps the group.
-                static LOGGED: Once = Once::new();
-                LOGGED.call_once(|| eprintln!("gainguard: fused AdamW step failed, using the reference path: {e}"));
-                false
-            }
-        }
-    }
-
-    /// The reference path for one parameter at its own step `t`: libtorch tensor ops in libtorch AdamW's order.
-    fn reference_step(&mut self, si: usize, grad: &Tensor, s: &StepScalars, t: u64) {
-        let bias = s.bias_correction(t);
-        let slot = &mut self.slots[si];
-        let g = grad.to_kind(slot.first_moment.kind());
-        let mut theta = if slot.tensor.kind() == slot.first_moment.kind() {
-            slot.tensor.shallow_clone()
-        } else {
-            slot.tensor.to_kind(slot.first_moment.kind())
-        };
-        if s.decay != 1.0 {
-            let _ = theta.g_mul_scalar_(s.decay);
-        }
-        let _ = slot.first_moment.g_mul_scalar_(s.beta1);
-        let _ = slot.first_moment.g_add_(&(&g * (1.0 - s.beta1)));
-        let _ = slot.second_moment.g_mul_scalar_(s.beta2);
-        let _ = slot.second_moment.g_add_(&(&g * &g * (1.0 - s.beta2)));
-        // The correctly rounded sqrt, as the fused CPU loop takes (libtorch's CPU sqrt may be MKL's).
-        let root = fused::correctly_rounded_sqrt(&slot.second_moment).unwrap_or_else(|| slot.second_moment.sqrt());
-        let denom = root / bias.bias_correction2_sqrt + s.eps;
-        let _ = theta.g_sub_(&(&slot.first_moment / denom * bias.step_size));
-        if slot.tensor.kind() != theta.kind() {
-            slot.tensor.copy_(&theta);
-        }
+            .collect()
     }
 
     /// Saves moments, per-parameter step counts, decay horizons, the step and skip counters and the plan to one

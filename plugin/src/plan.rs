@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::classify::{classify, BaseShapes, ClassifyError, Override, Overrides, ParamClass, ParamRole, ParamWarning};
-use crate::rule::Rule;
+use crate::rule::{Preset, Rule};
 
 /// One parameter to plan for. `storage` identifies the underlying tensor storage: parameters that share
 /// one (tied weights) are scaled and stepped once, under the first name.
@@ -139,38 +139,11 @@ impl ScalingPlan {
                 role: c.role,
             });
         }
-        let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
-        let known: std::collections::BTreeSet<&str> = names.iter().copied().collect();
-        let shape_maps = [("base", Some(&base.base)), ("delta", base.delta.as_ref())];
-        for (which, map) in shape_maps {
-            let unused: Vec<String> = map.into_iter().flat_map(|m| m.keys()).filter(|n| !known.contains(n.as_str())).cloned().collect();
-            if !unused.is_empty() {
-                errors.push(ClassifyError::UnusedShapes { which, names: unused });
-            }
-        }
-        let unmatched = overrides.unmatched(&names);
-        if !unmatched.is_empty() {
-            errors.push(ClassifyError::UnmatchedPatterns { patterns: unmatched.into_iter().map(String::from).collect() });
-        }
+        errors.extend(names_used_nowhere(params, base, &overrides));
         if !errors.is_empty() {
             return Err(PlanError::Params(errors));
         }
-        // The partial-width trap: with some width dims found, a matrix without one is more likely a shape
-        // test that could not see its widths (base = target there) than a fixed-size matrix.
-        let stepped = || decisions.iter().zip(&declared).filter(|(d, _)| d.tied_to.is_none());
-        let any_width = stepped().any(|(d, _)| !d.width_dims.is_empty());
-        let hidden: Vec<(String, Vec<i64>)> = stepped()
-            .filter(|(d, declared)| !**declared && d.shape.len() >= 2 && d.width_dims.is_empty())
-            .map(|(d, _)| (d.name.clone(), d.shape.clone()))
-            .collect();
-        if any_width && !hidden.is_empty() {
-            return Err(PlanError::Params(vec![ClassifyError::HiddenWithoutWidth { params: hidden }]));
-        }
-        let none_matrix_like = decisions.iter().all(|d| d.class != ParamClass::MatrixLike);
-        if !decisions.is_empty() && !any_width && none_matrix_like && !declared.iter().all(|d| *d) {
-            let why = if base.delta.is_some() { "the base and delta shapes are equal" } else { "every shape equals its base shape" };
-            return Err(PlanError::NoWidthDims(decisions.len(), why));
-        }
+        refuse_width_traps(&decisions, &declared, base)?;
         Ok(ScalingPlan { rule, base_lr, base_weight_decay, decisions, warnings })
     }
 
@@ -252,11 +225,56 @@ impl ScalingPlan {
         }
         let matrix = self.decisions.iter().filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none()).count();
         let _ = writeln!(out, "{} parameters: {} matrix-like, {} vector-like", self.decisions.len(), matrix, self.decisions.len() - matrix);
+        if self.rule.preset == Preset::MupFixedWd {
+            let _ = writeln!(out, "Adam's eps: the base eps / m on matrix-like parameters (Megatron-LM's mup), the base eps elsewhere");
+        }
         for w in &self.warnings {
             let _ = writeln!(out, "warning ({}): {}", w.kind.as_str(), w.message);
         }
         out
     }
+}
+
+/// The errors for names given but used by no parameter: base or delta shapes of parameters the model does not
+/// have, and override patterns that match nothing (unless they say they may).
+fn names_used_nowhere(params: &[ParamSpec], base: &BaseShapes, overrides: &Overrides) -> Vec<ClassifyError> {
+    let mut errors = Vec::new();
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+    let known: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+    let shape_maps = [("base", Some(&base.base)), ("delta", base.delta.as_ref())];
+    for (which, map) in shape_maps {
+        let unused: Vec<String> = map.into_iter().flat_map(|m| m.keys()).filter(|n| !known.contains(n.as_str())).cloned().collect();
+        if !unused.is_empty() {
+            errors.push(ClassifyError::UnusedShapes { which, names: unused });
+        }
+    }
+    let unmatched = overrides.unmatched(&names);
+    if !unmatched.is_empty() {
+        errors.push(ClassifyError::UnmatchedPatterns { patterns: unmatched.into_iter().map(String::from).collect() });
+    }
+    errors
+}
+
+/// Refuses the two ways a plan would silently give hidden matrices base lr and no decay: some parameters
+/// have width dimensions but an undeclared matrix has none (the partial-width trap), or nothing has any.
+fn refuse_width_traps(decisions: &[ParamDecision], declared: &[bool], base: &BaseShapes) -> Result<(), PlanError> {
+    // With some width dims found, a matrix without one is more likely a shape test that could not see its
+    // widths (base = target there) than a fixed-size matrix.
+    let stepped = || decisions.iter().zip(declared).filter(|(d, _)| d.tied_to.is_none());
+    let any_width = stepped().any(|(d, _)| !d.width_dims.is_empty());
+    let hidden: Vec<(String, Vec<i64>)> = stepped()
+        .filter(|(d, declared)| !**declared && d.shape.len() >= 2 && d.width_dims.is_empty())
+        .map(|(d, _)| (d.name.clone(), d.shape.clone()))
+        .collect();
+    if any_width && !hidden.is_empty() {
+        return Err(PlanError::Params(vec![ClassifyError::HiddenWithoutWidth { params: hidden }]));
+    }
+    let none_matrix_like = decisions.iter().all(|d| d.class != ParamClass::MatrixLike);
+    if !decisions.is_empty() && !any_width && none_matrix_like && !declared.iter().all(|d| *d) {
+        let why = if base.delta.is_some() { "the base and delta shapes are equal" } else { "every shape equals its base shape" };
+        return Err(PlanError::NoWidthDims(decisions.len(), why));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -404,6 +422,16 @@ mod tests {
         for name in ["blocks.0.attn.q.weight", "blocks.0.mlp.up.weight"] {
             let d = p.get(name).unwrap();
             assert_eq!((d.class, d.width_dims.as_slice(), d.lr, d.weight_decay), (ParamClass::VectorLike, &[][..], 1e-3, 0.0), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_the_mup_fixed_wd_table_says_that_adams_eps_is_divided_by_m() {
+        let params = [spec("blocks.0.w", &[1024, 256]), spec("norm", &[256])];
+        let b = base(&["blocks.0.w", "norm"]);
+        for preset in [Preset::Paper, Preset::MupCoupled, Preset::MupFixedWd, Preset::Standard] {
+            let table = ScalingPlan::build(&params, &b, &[], Rule::preset(preset), 1e-3, 0.1).unwrap().to_table();
+            assert_eq!(table.contains("eps / m"), preset == Preset::MupFixedWd, "{preset}: {table}");
         }
     }
 

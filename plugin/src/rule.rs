@@ -64,7 +64,7 @@ impl fmt::Display for Preset {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RuleError {
-    #[error("unknown rule `{0}`: expected one of paper, mup-coupled, mup-fixed-wd, standard")]
+    #[error("unknown rule `{0}`: expected one of paper, mup-coupled, mup-fixed-wd, standard, or gamma=G[,lr_exponent=E]")]
     UnknownPreset(String),
     #[error("rule exponent `{name}` = {value} is not finite")]
     NonFinite { name: &'static str, value: f64 },

@@ -326,6 +326,10 @@ impl Estimator {
         tch::no_grad(|| self.estimate_inner(a))
     }
 
+    /// One block-Krylov (Lanczos on AᵀA) run: set up the operand, grow the basis one fused pass at a time,
+    /// solve the small projected problem after each and stop at convergence. Kept as one function (issue 15
+    /// allows it for one algorithm): the loop's state (basis, projected matrix, block width, previous Ritz
+    /// values) is shared by every step, and split functions would pass all of it back and forth.
     fn estimate_inner(&mut self, a: &Tensor) -> Result<Estimate, SpectraError> {
         let shape = a.size();
         if shape.len() != 2 || shape[0] <= 0 || shape[1] <= 0 {

@@ -2,7 +2,8 @@
 //! goodbye), through a [`Sink`] that never blocks.
 //!
 //! The sink is either an embedded daemon's ([`gainguard_daemon::Daemon::sink`]) or a connection to a
-//! standalone `gainguardd` ([`Sink::connect`]); the trainer code is the same for both.
+//! standalone `gainguardd` ([`Sink::connect`]); the trainer code is the same for both. [`crate::Monitor`] sets
+//! it up with the spectra sampler in one call.
 
 use std::time::Instant;
 

@@ -170,7 +170,7 @@ fn events_carry_identity_sigma_max_normalization_update_ratio_and_full_spectrum_
     assert_eq!(heard.load(Ordering::Relaxed), 56);
     let vars = vs.variables();
     for (env, s) in &events {
-        assert_eq!((env.run.as_str(), env.rank, env.host.as_str()), ("target-w64", 3, "node-a"));
+        assert_eq!((&*env.run, env.rank, &*env.host), ("target-w64", 3, "node-a"));
         assert_eq!(s.class, ParamClass::MatrixLike);
         assert!(s.param.starts_with("blocks.") && s.layer == s.param.split('.').nth(1).unwrap().parse().ok());
         assert_eq!(s.progress, Some(env.step as f64 / 20.0));

@@ -4,6 +4,8 @@
 //! versioned JSON lines (one [`Envelope`] per line, see `docs/protocol.md`). They are plain serde structs,
 //! so that the plugin and the daemon share them without either one's heavy dependencies (libtorch, tokio).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// Seconds since the Unix epoch, the clock of every `*_timestamp_seconds` field and metric.
@@ -15,18 +17,20 @@ pub fn unix_now() -> f64 {
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// One event together with the identity of the trainer that sent it. Absent optional values are left out of
-/// the encoded line (they decode back to `None`), which keeps lines short for the daemon to parse.
+/// the encoded line (they decode back to `None`), which keeps lines short for the daemon to parse. The run and
+/// host names are shared (`Arc<str>`): a sender's events, and the lines a daemon decodes from one connection,
+/// carry the same two names over and over, and then hold one allocation of each.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
     /// Protocol version; a daemon rejects versions it does not know.
     pub v: u32,
     /// Run name, e.g. `proxy-w128` or `target-w512`.
-    pub run: String,
+    pub run: Arc<str>,
     /// Data-parallel rank of the sending process.
     pub rank: u32,
     /// Host name of the sending process.
-    pub host: String,
+    pub host: Arc<str>,
     /// Optimizer step the event refers to.
     pub step: u64,
     /// The payload, tagged by `"type"`.
@@ -34,7 +38,7 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    pub fn new(run: impl Into<String>, rank: u32, host: impl Into<String>, step: u64, event: Event) -> Self {
+    pub fn new(run: impl Into<Arc<str>>, rank: u32, host: impl Into<Arc<str>>, step: u64, event: Event) -> Self {
         Envelope { v: PROTOCOL_VERSION, run: run.into(), rank, host: host.into(), step, event }
     }
 }

@@ -35,8 +35,13 @@ pub fn free_addr() -> SocketAddr {
 
 /// GET over HTTP/1.0; the body of a 200 answer.
 pub fn get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+    get_with(addr, path, "")
+}
+
+/// [`get`] with extra header lines (each ending in `\r\n`); the body as sent (not decompressed).
+pub fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Option<Vec<u8>> {
     let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n").ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     raw.get(..12).filter(|h| h.ends_with(b"200"))?;
@@ -56,14 +61,33 @@ pub fn status_mib(pid: u32, field: &str) -> f64 {
     kib / 1024.0
 }
 
-/// User plus system CPU seconds a process has used.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// User plus system CPU seconds in a `/proc/.../stat` file (of a process or of one thread).
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let f: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz
+}
+
+/// User plus system CPU seconds a process has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds of the process's threads whose name starts with one of `prefixes` (names are cut to 15
+/// bytes: `gainguard-inges`).
+pub fn threads_cpu_seconds(pid: u32, prefixes: &[&str]) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            prefixes.iter().any(|p| comm.starts_with(p))
+        })
+        .map(|t| stat_cpu_seconds(&t.path().join("stat").to_string_lossy()))
+        .sum()
 }
 
 /// A binary built beside this example (target/release/NAME).

@@ -2,16 +2,15 @@
 //! embedded sink) goes away without one; and, once it is down, why (`gainguard_trainer_exit_info`), so that
 //! a run that said `finished` is not paged as a crash even when it never reported its planned steps.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus::Opts;
 
 use gainguard_protocol::events::{Envelope, Event};
 
-use crate::exposition::GaugeVec;
+use crate::exposition::{GaugeCell, GaugeVec, Series};
 
-use super::{lock, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
+use super::{remove, ParamLabels, RunKey, RunMemo, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
 use crate::error::DaemonError;
 
 pub const SPEC: SourceSpec = SourceSpec { name: "liveness", default_enabled: true, build };
@@ -19,8 +18,14 @@ pub const SPEC: SourceSpec = SourceSpec { name: "liveness", default_enabled: tru
 pub struct Liveness {
     up: GaugeVec,
     exit: GaugeVec,
-    /// The reason each down run's series carries, to replace it (and not add a second) or keep it.
-    reasons: Mutex<HashMap<RunKey, &'static str, foldhash::fast::RandomState>>,
+}
+
+/// Per run: the `up` series, and the reason its exit series carries while it is down (to replace it, and
+/// not add a second, or keep it).
+#[derive(Default)]
+struct Memo {
+    up: Option<Arc<Series<GaugeCell>>>,
+    exit: Option<&'static str>,
 }
 
 /// Values of the `reason` label: a Goodbye's reason when it is one of the protocol's, `other` for any
@@ -49,26 +54,22 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
         &["run", "rank", "host", "reason"],
     )?;
     ctx.registry.register(Box::new(exit.clone()))?;
-    Ok(Arc::new(Liveness { up, exit, reasons: Mutex::new(HashMap::default()) }))
+    Ok(Arc::new(Liveness { up, exit }))
 }
 
 impl Liveness {
-    fn reasons(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, &'static str, foldhash::fast::RandomState>> {
-        lock(&self.reasons)
-    }
-
-    fn clear_exit(&self, run: &RunKey) {
-        if let Some(reason) = self.reasons().remove(run) {
+    fn clear_exit(&self, run: &RunKey, memo: &mut Memo) {
+        if let Some(reason) = memo.exit.take() {
             let [r, k, h] = run.labels();
             remove(&self.exit, &[r, k, h, reason]);
         }
     }
 
-    fn set_exit(&self, run: &RunKey, reason: &'static str) {
-        self.clear_exit(run);
+    fn set_exit(&self, run: &RunKey, memo: &mut Memo, reason: &'static str) {
+        self.clear_exit(run, memo);
         let [r, k, h] = run.labels();
         self.exit.with_label_values(&[r, k, h, reason]).set(1.0);
-        self.reasons().insert(run.clone(), reason);
+        memo.exit = Some(reason);
     }
 }
 
@@ -81,37 +82,38 @@ impl Source for Liveness {
         2
     }
 
-    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
+    fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
+        let memo: &mut Memo = run.memo.get();
         let value = match &envelope.event {
-            Event::Hello(_) => {
-                // A new process for the same run and rank: it is running again.
-                self.clear_exit(run.key);
-                1.0
-            }
-            Event::Step(_) => {
-                // Steps after a Goodbye: the run carries on, so it has no exit reason (yet).
-                self.clear_exit(run.key);
+            // A new process for the same run and rank, or steps after a Goodbye: it is running again, and
+            // has no exit reason (yet).
+            Event::Hello(_) | Event::Step(_) => {
+                self.clear_exit(run.key, memo);
                 1.0
             }
             Event::Goodbye(g) => {
-                self.set_exit(run.key, exit_reason(&g.reason));
+                self.set_exit(run.key, memo, exit_reason(&g.reason));
                 0.0
             }
             _ => return,
         };
-        self.up.with_label_values(&run.key.labels()).set(value);
+        self.up.cached(&mut memo.up, &run.key.labels()).set(value);
     }
 
-    fn trainer_down(&self, run: &RunKey) {
+    fn trainer_down(&self, run: &RunKey, memo: &mut RunMemo) {
+        let memo: &mut Memo = memo.get();
         // After a Goodbye the connection closes too: keep the reason the trainer gave.
-        if !self.reasons().contains_key(run) {
-            self.set_exit(run, "vanished");
+        if memo.exit.is_none() {
+            self.set_exit(run, memo, "vanished");
         }
-        self.up.with_label_values(&run.labels()).set(0.0);
+        self.up.cached(&mut memo.up, &run.labels()).set(0.0);
     }
 
     fn forget_run(&self, run: &RunKey, _params: &[ParamLabels]) {
-        remove(&self.up, &run.labels());
-        self.clear_exit(run);
+        let [r, k, h] = run.labels();
+        remove(&self.up, &[r, k, h]);
+        for reason in EXIT_REASONS {
+            remove(&self.exit, &[r, k, h, reason]);
+        }
     }
 }

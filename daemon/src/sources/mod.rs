@@ -4,6 +4,7 @@
 //! events it observes (or from its own poller, like NVML). The HTTP layer only gathers the registry and
 //! knows none of them. Adding a source means adding a file with a `SPEC` and listing it in [`SOURCES`].
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -80,7 +81,7 @@ pub struct RunKey {
 
 impl RunKey {
     pub fn of(envelope: &Envelope) -> Self {
-        RunKey { run: envelope.run.clone(), rank: envelope.rank.to_string(), host: envelope.host.clone() }
+        RunKey { run: envelope.run.to_string(), rank: envelope.rank.to_string(), host: envelope.host.to_string() }
     }
 
     pub fn labels(&self) -> [&str; 3] {
@@ -95,6 +96,9 @@ pub struct ParamLabels {
     pub param: String,
     pub layer: String,
     pub class: &'static str,
+    /// The parameter's index among its run's admitted parameters, in admission order (0, 1, 2, ...): where
+    /// a source keeps its per-parameter state in the run's [`RunMemo`].
+    pub slot: usize,
 }
 
 /// Label names of run-level series.
@@ -113,6 +117,27 @@ pub type ParamMap = HashMap<String, ParamLabels, foldhash::fast::RandomState>;
 pub struct RunView<'a> {
     pub key: &'a RunKey,
     pub params: &'a ParamMap,
+    /// What this source keeps for this run between events.
+    pub memo: &'a mut RunMemo,
+    /// Unix time at which the daemon received the event (its batch).
+    pub received: f64,
+}
+
+/// What one source keeps for one run between its events: above all the handles of the series it updates on
+/// every event, so that the hot path looks up no label set. The run table owns it and drops it with the run,
+/// in the same step as it asks the sources to remove the run's series, so that no handle outlives its series.
+#[derive(Default)]
+pub struct RunMemo(Option<Box<dyn Any + Send>>);
+
+impl RunMemo {
+    /// The memo as a `T`, created with `T::default()` on first use.
+    pub fn get<T: Default + Send + 'static>(&mut self) -> &mut T {
+        let memo = self.0.get_or_insert_with(|| Box::new(T::default()));
+        if !memo.is::<T>() {
+            *memo = Box::new(T::default());
+        }
+        memo.downcast_mut().expect("the memo holds a T")
+    }
 }
 
 /// One metric source.
@@ -130,16 +155,28 @@ pub trait Source: Send + Sync {
     }
 
     /// Applies one accepted event. Events whose parameters were not admitted never reach here.
-    fn observe(&self, _run: &RunView<'_>, _envelope: &Envelope) {}
+    fn observe(&self, _run: &mut RunView<'_>, _envelope: &Envelope) {}
 
     /// The trainer's connection dropped without a Goodbye, or its embedded sink was dropped.
-    fn trainer_down(&self, _run: &RunKey) {}
+    fn trainer_down(&self, _run: &RunKey, _memo: &mut RunMemo) {}
 
     /// The run's TTL expired: remove every series it created.
     fn forget_run(&self, _run: &RunKey, _params: &[ParamLabels]) {}
 
     /// The daemon is shutting down: stop any thread the source started.
     fn stop(&self) {}
+}
+
+/// What to add to a counter that follows a cumulative total reported by someone else, whose previous report
+/// was `last` (0 before the first): the increase, or after a decrease (the reporter restarted) the whole new
+/// total. Updates `last`.
+pub fn cumulative_delta(last: &mut u64, total: u64) -> u64 {
+    let previous = std::mem::replace(last, total);
+    if total >= previous {
+        total - previous
+    } else {
+        total
+    }
 }
 
 /// Keeps a Prometheus counter equal to a cumulative total reported by someone else (a trainer or NVML):
@@ -160,17 +197,12 @@ impl CumulativeTracker {
     /// Returns the amount to add to the counter.
     pub fn delta(&mut self, key: &[&str], total: u64) -> u64 {
         let bucket = self.last.entry(self.hash(key)).or_default();
-        let last = match bucket.iter_mut().find(|(k, _)| k.iter().map(String::as_str).eq(key.iter().copied())) {
-            Some((_, last)) => std::mem::replace(last, total),
+        match bucket.iter_mut().find(|(k, _)| k.iter().map(String::as_str).eq(key.iter().copied())) {
+            Some((_, last)) => cumulative_delta(last, total),
             None => {
                 bucket.push((key.iter().map(|s| s.to_string()).collect(), total));
-                0
+                total
             }
-        };
-        if total >= last {
-            total - last
-        } else {
-            total
         }
     }
 

@@ -308,7 +308,7 @@ impl Source for Nvml {
         SPEC.name
     }
 
-    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
+    fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
         if let Event::Hello(h) = &envelope.event {
             let mut state = lock(&self.state);
             state.pids.retain(|_, k| k != run.key);

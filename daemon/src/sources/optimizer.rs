@@ -2,7 +2,7 @@
 //! the schedule multipliers of the latest Step.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus::Opts;
 
@@ -10,7 +10,7 @@ use gainguard_protocol::events::{Envelope, Event};
 
 use crate::exposition::GaugeVec;
 
-use super::{lock, param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS};
+use super::{param_label_values, remove, ParamLabels, ParamMap, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS};
 use crate::error::DaemonError;
 
 pub const SPEC: SourceSpec = SourceSpec { name: "optimizer", default_enabled: true, build };
@@ -19,9 +19,9 @@ pub struct Optimizer {
     learning_rate: GaugeVec,
     weight_decay: GaugeVec,
     width_multiplier: GaugeVec,
-    runs: Mutex<HashMap<RunKey, RunOptimizer>>,
 }
 
+/// Per run (in its memo): the schedule multipliers in effect and every admitted parameter's base settings.
 struct RunOptimizer {
     lr_multiplier: f64,
     wd_multiplier: f64,
@@ -47,7 +47,6 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
             "Weight decay in effect: width-scaled base weight decay times the latest step's schedule multiplier.",
         )?,
         width_multiplier: g("gainguard_param_width_multiplier", "Width multiplier m = fan_in / base_fan_in.")?,
-        runs: Mutex::new(HashMap::new()),
     };
     ctx.registry.register(Box::new(o.learning_rate.clone()))?;
     ctx.registry.register(Box::new(o.weight_decay.clone()))?;
@@ -56,9 +55,9 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
 }
 
 impl Optimizer {
-    fn export(&self, run: &RunView<'_>, name: &str, (lr, wd): (f64, f64), state: &RunOptimizer) {
-        if let Some(p) = run.params.get(name) {
-            let labels = param_label_values(run.key, p);
+    fn export(&self, key: &RunKey, params: &ParamMap, name: &str, (lr, wd): (f64, f64), state: &RunOptimizer) {
+        if let Some(p) = params.get(name) {
+            let labels = param_label_values(key, p);
             self.learning_rate.with_label_values(&labels).set(lr * state.lr_multiplier);
             self.weight_decay.with_label_values(&labels).set(wd * state.wd_multiplier);
         }
@@ -74,25 +73,24 @@ impl Source for Optimizer {
         3
     }
 
-    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
-        let mut runs = lock(&self.runs);
+    fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
+        let (key, params) = (run.key, run.params);
+        let state: &mut RunOptimizer = run.memo.get();
         match &envelope.event {
             Event::Params(table) => {
-                let state = runs.entry(run.key.clone()).or_default();
                 for p in &table.params {
-                    let Some(labels) = run.params.get(&p.name) else { continue };
+                    let Some(labels) = params.get(&p.name) else { continue };
                     state.base.insert(p.name.clone(), (p.lr, p.weight_decay));
-                    self.width_multiplier.with_label_values(&param_label_values(run.key, labels)).set(p.width_multiplier);
-                    self.export(run, &p.name, (p.lr, p.weight_decay), state);
+                    self.width_multiplier.with_label_values(&param_label_values(key, labels)).set(p.width_multiplier);
+                    self.export(key, params, &p.name, (p.lr, p.weight_decay), state);
                 }
             }
             Event::Step(s) => {
-                let state = runs.entry(run.key.clone()).or_default();
                 if state.lr_multiplier != s.lr_multiplier || state.wd_multiplier != s.wd_multiplier {
                     state.lr_multiplier = s.lr_multiplier;
                     state.wd_multiplier = s.wd_multiplier;
                     for (name, base) in &state.base {
-                        self.export(run, name, *base, state);
+                        self.export(key, params, name, *base, state);
                     }
                 }
             }
@@ -107,6 +105,5 @@ impl Source for Optimizer {
             remove(&self.weight_decay, &labels);
             remove(&self.width_multiplier, &labels);
         }
-        lock(&self.runs).remove(run);
     }
 }

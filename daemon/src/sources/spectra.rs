@@ -7,7 +7,7 @@ use prometheus::{HistogramOpts, Opts};
 
 use gainguard_protocol::events::{Envelope, Event};
 
-use crate::exposition::{GaugeVec, HistogramVec, IntCounterVec};
+use crate::exposition::{GaugeCell, GaugeVec, HistogramCell, HistogramVec, IntCounterCell, IntCounterVec, Series};
 
 use super::{
     param_label_values, remove, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec, PARAM_LABELS,
@@ -39,6 +39,23 @@ pub struct Spectra {
     samples: IntCounterVec,
     last_sample_timestamp: GaugeVec,
     sample_duration: HistogramVec,
+}
+
+/// Per run: the handles of its series, created as values first arrive.
+#[derive(Default)]
+struct Memo {
+    samples: Option<Arc<Series<IntCounterCell>>>,
+    last_sample_timestamp: Option<Arc<Series<GaugeCell>>>,
+    sample_duration: Option<Arc<Series<HistogramCell>>>,
+    /// By [`ParamLabels::slot`].
+    params: Vec<ParamSeries>,
+}
+
+/// One parameter's series: the per-parameter gauges in [`Spectra::gauges`] order, then the quantiles.
+#[derive(Default)]
+struct ParamSeries {
+    gauges: [Option<Arc<Series<GaugeCell>>>; 11],
+    quantiles: [Option<Arc<Series<GaugeCell>>>; 4],
 }
 
 fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
@@ -104,6 +121,10 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
     Ok(Arc::new(s))
 }
 
+/// Which of [`Spectra::gauges`] are measured from the weights (not the reference profile's value, the
+/// iteration count, the non-finite flag or the optimizer's decay horizon).
+const MEASURED_FROM_WEIGHTS: [bool; 11] = [true, true, false, true, true, true, true, true, false, false, false];
+
 impl Spectra {
     /// Per-parameter gauges with exactly the param labels.
     fn gauges(&self) -> [&GaugeVec; 11] {
@@ -121,9 +142,7 @@ impl Spectra {
             &self.decay_horizon,
         ]
     }
-}
 
-impl Spectra {
     /// Removes a parameter's quantile series.
     fn remove_quantiles(&self, labels: &[&str]) {
         for q in QUANTILES {
@@ -131,19 +150,6 @@ impl Spectra {
             l.push(q);
             remove(&self.quantile, &l);
         }
-    }
-
-    /// Per-parameter gauges whose values are measured from the weights (the reference profile's value is not).
-    fn measured_from_weights(&self) -> [&GaugeVec; 7] {
-        [
-            &self.sigma_max,
-            &self.sigma_max_normalized,
-            &self.gain_ratio,
-            &self.stable_rank,
-            &self.frobenius_norm,
-            &self.effective_rank,
-            &self.update_ratio,
-        ]
     }
 }
 
@@ -160,45 +166,56 @@ impl Source for Spectra {
         11 + QUANTILES.len()
     }
 
-    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
+    fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
         let Event::Spectrum(s) = &envelope.event else { return };
         let Some(param) = run.params.get(&s.param) else { return };
         let labels = param_label_values(run.key, param);
-        let set = |vec: &GaugeVec, v: Option<f64>| {
+        let memo: &mut Memo = run.memo.get();
+        if memo.params.len() <= param.slot {
+            memo.params.resize_with(param.slot + 1, ParamSeries::default);
+        }
+        let series = &mut memo.params[param.slot];
+        let values = [
+            s.sigma_max,
+            s.sigma_max_normalized,
+            s.reference_sigma_max,
+            s.gain_ratio,
+            s.stable_rank,
+            s.frobenius_norm,
+            s.effective_rank,
+            s.update_ratio,
+            Some(s.iterations as f64),
+            Some(if s.nonfinite { 1.0 } else { 0.0 }),
+            s.decay_horizon,
+        ];
+        for ((vec, handle), v) in self.gauges().into_iter().zip(&mut series.gauges).zip(values) {
             if let Some(v) = v {
-                vec.with_label_values(&labels).set(v);
+                vec.cached(handle, &labels).set(v);
             }
-        };
-        set(&self.sigma_max, s.sigma_max);
-        set(&self.sigma_max_normalized, s.sigma_max_normalized);
-        set(&self.reference_sigma_max, s.reference_sigma_max);
-        set(&self.gain_ratio, s.gain_ratio);
-        set(&self.stable_rank, s.stable_rank);
-        set(&self.frobenius_norm, s.frobenius_norm);
-        set(&self.effective_rank, s.effective_rank);
-        set(&self.update_ratio, s.update_ratio);
-        set(&self.iterations, Some(s.iterations as f64));
-        set(&self.nonfinite, Some(if s.nonfinite { 1.0 } else { 0.0 }));
-        set(&self.decay_horizon, s.decay_horizon);
+        }
         if s.nonfinite {
             // Non-finite weights have no spectrum: what was measured from the earlier, finite weights goes,
-            // rather than standing beside `gainguard_spectrum_nonfinite 1` as if it were current.
-            for vec in self.measured_from_weights() {
-                remove(vec, &labels);
+            // rather than standing beside `gainguard_spectrum_nonfinite 1` as if it were current. The memo's
+            // handles go with them, so that the next finite sample creates the series again.
+            for ((vec, handle), measured) in self.gauges().into_iter().zip(&mut series.gauges).zip(MEASURED_FROM_WEIGHTS) {
+                if measured {
+                    *handle = None;
+                    remove(vec, &labels);
+                }
             }
             self.remove_quantiles(&labels);
+            series.quantiles = Default::default();
         }
         if let Some(q) = &s.quantiles {
-            for (name, v) in QUANTILES.iter().zip([q.p10, q.p50, q.p90, q.p99]) {
-                let mut l = labels.to_vec();
-                l.push(name);
-                self.quantile.with_label_values(&l).set(v);
+            let [r, k, h, p, l, c] = labels;
+            for ((name, handle), v) in QUANTILES.iter().zip(&mut series.quantiles).zip([q.p10, q.p50, q.p90, q.p99]) {
+                self.quantile.cached(handle, &[r, k, h, p, l, c, name]).set(v);
             }
         }
         let run_labels = run.key.labels();
-        self.samples.with_label_values(&run_labels).inc();
-        self.last_sample_timestamp.with_label_values(&run_labels).set(gainguard_protocol::events::unix_now());
-        self.sample_duration.with_label_values(&run_labels).observe(s.duration_seconds);
+        self.samples.cached(&mut memo.samples, &run_labels).inc();
+        self.last_sample_timestamp.cached(&mut memo.last_sample_timestamp, &run_labels).set(run.received);
+        self.sample_duration.cached(&mut memo.sample_duration, &run_labels).observe(s.duration_seconds);
     }
 
     fn forget_run(&self, run: &RunKey, params: &[ParamLabels]) {

@@ -8,9 +8,9 @@ use prometheus::{HistogramOpts, Opts};
 
 use gainguard_protocol::events::{Envelope, Event};
 
-use crate::exposition::{GaugeVec, HistogramVec, IntCounterVec};
+use crate::exposition::{GaugeCell, GaugeVec, HistogramCell, HistogramVec, IntCounterCell, IntCounterVec, Series};
 
-use super::{lock, remove, CumulativeTracker, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
+use super::{cumulative_delta, lock, remove, RunKey, RunView, Source, SourceContext, SourceSpec, RUN_LABELS};
 use crate::error::DaemonError;
 
 pub const SPEC: SourceSpec = SourceSpec { name: "training", default_enabled: true, build };
@@ -40,12 +40,32 @@ pub const SKIP_REASON_NONFINITE_GRAD: &str = "nonfinite_grad";
 
 #[derive(Default)]
 struct State {
-    planned_steps: HashMap<RunKey, u64>,
     /// The run_info label values currently exported per run, to replace them when a Hello changes them.
     info: HashMap<RunKey, [String; 4]>,
-    spectrum_dropped: CumulativeTracker,
-    events_dropped: CumulativeTracker,
-    skipped_steps: CumulativeTracker,
+}
+
+type Gauge = Option<Arc<Series<GaugeCell>>>;
+type Counter = Option<Arc<Series<IntCounterCell>>>;
+
+/// Per run: what its Hello announced, the last cumulative drop counts it reported, and the handles of its
+/// series, created as values first arrive.
+#[derive(Default)]
+struct Memo {
+    planned_steps: Option<u64>,
+    spectrum_dropped_last: u64,
+    events_dropped_last: u64,
+    skipped_steps_last: u64,
+    step: Gauge,
+    loss: Gauge,
+    last_step_timestamp: Gauge,
+    progress: Gauge,
+    nonfinite_parameters: Gauge,
+    loss_nonfinite: Counter,
+    tokens: Counter,
+    spectrum_dropped: Counter,
+    events_dropped: Counter,
+    skipped_steps: Counter,
+    step_duration: Option<Arc<Series<HistogramCell>>>,
 }
 
 fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
@@ -121,21 +141,19 @@ impl Source for Training {
         11 + STEP_DURATION_BUCKETS.len() + 3 + 1
     }
 
-    fn observe(&self, run: &RunView<'_>, envelope: &Envelope) {
+    fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
         let labels = run.key.labels();
-        let mut state = lock(&self.state);
+        let memo: &mut Memo = run.memo.get();
         match &envelope.event {
             Event::Hello(h) => {
-                match h.planned_steps {
-                    Some(n) => state.planned_steps.insert(run.key.clone(), n),
-                    None => state.planned_steps.remove(run.key),
-                };
+                memo.planned_steps = h.planned_steps;
                 let info = [
                     h.rule.clone(),
                     opt_label(h.gamma),
                     opt_label(h.alpha),
                     h.reference.clone().unwrap_or_default(),
                 ];
+                let mut state = lock(&self.state);
                 if let Some(old) = state.info.insert(run.key.clone(), info.clone()) {
                     if old != info {
                         remove(&self.run_info, &info_labels(run.key, &old));
@@ -144,36 +162,36 @@ impl Source for Training {
                 self.run_info.with_label_values(&info_labels(run.key, &info)).set(1.0);
                 // Counters exist from the start at 0, so `increase()` sees the first non-finite step
                 // and dashboards show 0 rather than nothing for a healthy run.
-                self.loss_nonfinite.with_label_values(&labels).inc_by(0);
-                self.spectrum_dropped.with_label_values(&labels).inc_by(0);
-                self.events_dropped.with_label_values(&labels).inc_by(0);
-                self.skipped_steps.with_label_values(&skip_labels(&labels)).inc_by(0);
+                self.loss_nonfinite.cached(&mut memo.loss_nonfinite, &labels).inc_by(0);
+                self.spectrum_dropped.cached(&mut memo.spectrum_dropped, &labels).inc_by(0);
+                self.events_dropped.cached(&mut memo.events_dropped, &labels).inc_by(0);
+                self.skipped_steps.cached(&mut memo.skipped_steps, &skip_labels(&labels)).inc_by(0);
             }
             Event::Step(s) => {
-                self.step.with_label_values(&labels).set(envelope.step as f64);
+                self.step.cached(&mut memo.step, &labels).set(envelope.step as f64);
                 if s.loss_nonfinite {
-                    self.loss.with_label_values(&labels).set(f64::NAN);
-                    self.loss_nonfinite.with_label_values(&labels).inc();
+                    self.loss.cached(&mut memo.loss, &labels).set(f64::NAN);
+                    self.loss_nonfinite.cached(&mut memo.loss_nonfinite, &labels).inc();
                 } else if let Some(loss) = s.loss {
-                    self.loss.with_label_values(&labels).set(loss);
+                    self.loss.cached(&mut memo.loss, &labels).set(loss);
                 }
-                self.tokens.with_label_values(&labels).inc_by(s.tokens);
+                self.tokens.cached(&mut memo.tokens, &labels).inc_by(s.tokens);
                 if let Some(d) = s.duration_seconds {
-                    self.step_duration.with_label_values(&labels).observe(d);
+                    self.step_duration.cached(&mut memo.step_duration, &labels).observe(d);
                 }
-                self.last_step_timestamp.with_label_values(&labels).set(s.timestamp_seconds);
-                if let Some(&planned) = state.planned_steps.get(run.key) {
-                    self.progress.with_label_values(&labels).set(envelope.step as f64 / planned as f64);
+                self.last_step_timestamp.cached(&mut memo.last_step_timestamp, &labels).set(s.timestamp_seconds);
+                if let Some(planned) = memo.planned_steps {
+                    self.progress.cached(&mut memo.progress, &labels).set(envelope.step as f64 / planned as f64);
                 }
-                let d = state.spectrum_dropped.delta(&labels, s.spectrum_samples_dropped_total);
-                self.spectrum_dropped.with_label_values(&labels).inc_by(d);
-                let d = state.events_dropped.delta(&labels, s.events_dropped_total);
-                self.events_dropped.with_label_values(&labels).inc_by(d);
+                let d = cumulative_delta(&mut memo.spectrum_dropped_last, s.spectrum_samples_dropped_total);
+                self.spectrum_dropped.cached(&mut memo.spectrum_dropped, &labels).inc_by(d);
+                let d = cumulative_delta(&mut memo.events_dropped_last, s.events_dropped_total);
+                self.events_dropped.cached(&mut memo.events_dropped, &labels).inc_by(d);
                 if let Some(n) = s.nonfinite_parameters {
-                    self.nonfinite_parameters.with_label_values(&labels).set(n as f64);
+                    self.nonfinite_parameters.cached(&mut memo.nonfinite_parameters, &labels).set(n as f64);
                 }
-                let d = state.skipped_steps.delta(&labels, s.skipped_steps_total);
-                self.skipped_steps.with_label_values(&skip_labels(&labels)).inc_by(d);
+                let d = cumulative_delta(&mut memo.skipped_steps_last, s.skipped_steps_total);
+                self.skipped_steps.cached(&mut memo.skipped_steps, &skip_labels(&labels)).inc_by(d);
             }
             _ => {}
         }
@@ -192,14 +210,9 @@ impl Source for Training {
         remove(&self.events_dropped, &labels);
         remove(&self.nonfinite_parameters, &labels);
         remove(&self.skipped_steps, &skip_labels(&labels));
-        let mut state = lock(&self.state);
-        if let Some(info) = state.info.remove(run) {
+        if let Some(info) = lock(&self.state).info.remove(run) {
             remove(&self.run_info, &info_labels(run, &info));
         }
-        state.planned_steps.remove(run);
-        state.spectrum_dropped.forget(&labels);
-        state.events_dropped.forget(&labels);
-        state.skipped_steps.forget(&labels);
     }
 }
 

@@ -1,0 +1,96 @@
+"""`gainguard.monitor(opt, ...)`: telemetry, the spectra sampler and the reference profile for a
+`gainguard.AdamW`, in one call, served by an embedded daemon (`listen=`) or sent to a standalone gainguardd
+(`connect=`). The sampler runs on its own thread and never makes the trainer wait: when it falls behind it
+drops samples and counts them (`gainguard_spectrum_samples_dropped_total`)."""
+
+import atexit
+import os
+from typing import Optional, Union
+
+from . import _native
+from .optim import AdamW
+
+PathLike = Union[str, os.PathLike]
+
+
+class Monitor:
+    """Attached to an optimizer by `gainguard.monitor`; call `.step(loss, tokens)` after each `opt.step()` and
+    `.close()` at the end (or use it as a context manager)."""
+
+    def __init__(self, opt: AdamW, native):
+        self._opt = opt
+        self._native = native
+        opt._observers.append(native)
+        # A script that never calls close() still says goodbye and flushes its last events.
+        atexit.register(self.close)
+
+    @property
+    def metrics_addr(self) -> Optional[str]:
+        """The embedded daemon's address (`http://ADDR/metrics`); None when connected to a gainguardd."""
+        return self._native.metrics_addr()
+
+    @property
+    def dropped_samples(self) -> int:
+        return self._native.dropped_samples()
+
+    @property
+    def emitted_samples(self) -> int:
+        return self._native.emitted_samples()
+
+    def step(self, loss, tokens: int = 0) -> None:
+        """Reports the step the optimizer just took: its loss (a float or a 0-d tensor) and tokens."""
+        self._native.step(float(loss), int(tokens))
+
+    def close(self, reason: str = "finished", linger: float = 0.0) -> None:
+        """Drains the sampler, says goodbye, writes `record_profile` and stops an embedded daemon, after
+        `linger` seconds in which Prometheus can still scrape the last values. Idempotent."""
+        atexit.unregister(self.close)
+        if self._native in self._opt._observers:
+            self._opt._observers.remove(self._native)
+        self._native.close(reason, float(linger))
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("finished" if exc_type is None else f"error: {exc_type.__name__}")
+
+
+def monitor(
+    opt: AdamW,
+    run: str = "run",
+    listen: Optional[str] = None,
+    connect: Optional[str] = None,
+    interval: int = 10,
+    planned_steps: Optional[int] = None,
+    alpha: float = 0.75,
+    reference: Optional[PathLike] = None,
+    record_profile: Optional[PathLike] = None,
+    budget_fraction: Optional[float] = 0.01,
+) -> Monitor:
+    """Monitors `opt` (a `gainguard.AdamW`) as run `run`: `listen="127.0.0.1:9464"` serves `/metrics` from an
+    embedded daemon; `connect="unix:/path"` or `"tcp:127.0.0.1:PORT"` sends to a standalone gainguardd. With
+    neither, `GAINGUARD_ADDR` is taken as `connect`. The sampler estimates sigma_max of the matrix-like
+    parameters every `interval` steps; `reference` (a proxy's profile JSON) adds `reference_sigma_max` and
+    `gain_ratio`; `record_profile` writes this run's profile on close, to serve as a later run's reference.
+
+    `budget_fraction`: the sampler stretches its interval to cost at most this fraction of the step time (None:
+    a fixed interval). With `reference` or `record_profile` the interval is fixed, so that a proxy's profile and
+    its targets are sampled at the same progress points."""
+    if not isinstance(opt, AdamW):
+        raise TypeError(f"gainguard.monitor takes a gainguard.AdamW, got {type(opt).__name__}")
+    if listen is None and connect is None:
+        connect = os.environ.get("GAINGUARD_ADDR")
+    native = _native.NativeMonitor(
+        opt._plan,
+        str(run),
+        listen,
+        connect,
+        int(interval),
+        None if planned_steps is None else int(planned_steps),
+        float(alpha),
+        None if reference is None else os.fspath(reference),
+        None if record_profile is None else os.fspath(record_profile),
+        None if reference is not None or record_profile is not None or budget_fraction is None else float(budget_fraction),
+    )
+    return Monitor(opt, native)

@@ -1,0 +1,178 @@
+//! `gainguard._native`: the Rust core under the Python package. The package (python/gainguard) keeps every
+//! tensor in torch's own objects; these functions take them through pyo3-tch, which hands over the same
+//! `at::Tensor` (shared storage, no copy), and step, plan or monitor them with the `gainguard` crate.
+
+use std::path::Path;
+
+use gainguard::fused::Buffers;
+use gainguard::optim::{gradient_norm, step_buffers, StepScalars};
+use gainguard::plan::ParamSpec;
+use gainguard::{BaseShapes, CpuKernel, DecayMode, Override, Rule, ScalingPlan};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+use tch::Tensor;
+
+mod monitor;
+
+fn value_error(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Base shapes read and checked by the Rust side, as the canonical JSON it writes (`{name: shape}` or
+/// `{"base": ..., "delta": ...}`). `origin` names the source in errors.
+#[pyfunction]
+fn parse_base_shapes(text: &str, origin: &str) -> PyResult<String> {
+    BaseShapes::from_json_str(text, origin).map(|b| b.to_json_string()).map_err(value_error)
+}
+
+#[pyfunction]
+fn read_base_shapes(path: &str) -> PyResult<String> {
+    BaseShapes::from_json_file(Path::new(path)).map(|b| b.to_json_string()).map_err(value_error)
+}
+
+/// A built scaling plan: the rule table and each parameter's width-scaled lr, wd and Adam epsilon.
+#[pyclass(frozen)]
+struct Plan {
+    plan: ScalingPlan,
+    eps: Vec<f64>,
+}
+
+#[pymethods]
+impl Plan {
+    fn table(&self) -> String {
+        self.plan.to_table()
+    }
+
+    fn json(&self) -> String {
+        self.plan.to_json()
+    }
+
+    /// One tuple per parameter, in the order given: (name, lr, weight_decay, eps, class, width_multiplier,
+    /// tied_to).
+    #[allow(clippy::type_complexity)]
+    fn decisions(&self) -> Vec<(String, f64, f64, f64, String, f64, Option<String>)> {
+        self.plan
+            .decisions
+            .iter()
+            .zip(&self.eps)
+            .map(|(d, &eps)| {
+                let class = serde_json::to_value(d.class).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                (d.name.clone(), d.lr, d.weight_decay, eps, class, d.width_multiplier, d.tied_to.clone())
+            })
+            .collect()
+    }
+}
+
+/// Builds the plan for parameters `names` of `shapes` (tied where `storages` repeat) against base shapes given
+/// as JSON, under `rule` (`paper`, `mup-coupled`, `mup-fixed-wd`, `standard`, `gamma=G[,lr_exponent=E]`).
+#[pyfunction]
+#[pyo3(signature = (names, shapes, storages, base_json, rule, lr, weight_decay, eps, overrides_json=None))]
+#[allow(clippy::too_many_arguments)]
+fn build_plan(
+    names: Vec<String>,
+    shapes: Vec<Vec<i64>>,
+    storages: Vec<usize>,
+    base_json: &str,
+    rule: &str,
+    lr: f64,
+    weight_decay: f64,
+    eps: f64,
+    overrides_json: Option<&str>,
+) -> PyResult<Plan> {
+    let rule = Rule::parse(rule).map_err(value_error)?;
+    let base = BaseShapes::from_json_str(base_json, "base_shapes").map_err(value_error)?;
+    let overrides = match overrides_json {
+        Some(text) => Override::parse_list(text, "overrides").map_err(value_error)?,
+        None => Vec::new(),
+    };
+    let specs: Vec<ParamSpec> = names
+        .into_iter()
+        .zip(shapes)
+        .zip(storages)
+        .map(|((name, shape), storage)| ParamSpec { name, shape, storage: Some(storage) })
+        .collect();
+    let plan = ScalingPlan::build(&specs, &base, &overrides, rule, lr, weight_decay).map_err(value_error)?;
+    let eps = plan.decisions.iter().map(|d| plan.rule.eps(d.class, eps, d.width_multiplier)).collect();
+    Ok(Plan { plan, eps })
+}
+
+/// The global 2-norm of `grads` (None for none) and the index of the first one holding NaN or Inf.
+#[pyfunction]
+fn check_gradients(py: Python<'_>, grads: Vec<PyTensor>) -> (Option<f64>, Option<usize>) {
+    let grads: Vec<Option<Tensor>> = grads.into_iter().map(|g| Some(g.0)).collect();
+    py.allow_threads(move || gradient_norm(&grads))
+}
+
+fn decay_mode(decay: &str) -> PyResult<DecayMode> {
+    match decay {
+        "coupled" => Ok(DecayMode::Coupled),
+        "independent" => Ok(DecayMode::Independent),
+        other => Err(PyValueError::new_err(format!("decay = {other:?}: expected \"coupled\" or \"independent\""))),
+    }
+}
+
+/// One AdamW step of one group, in place: `steps` are torch's `state['step']` tensors (one per parameter,
+/// counting the steps applied to it), each incremented here. `lr` and `weight_decay` are the group's values
+/// now (a torch scheduler may have scaled them).
+#[pyfunction]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps, decay, fused=true))]
+#[allow(clippy::too_many_arguments)]
+fn adamw_step(
+    py: Python<'_>,
+    params: Vec<PyTensor>,
+    grads: Vec<PyTensor>,
+    exp_avgs: Vec<PyTensor>,
+    exp_avg_sqs: Vec<PyTensor>,
+    steps: Vec<PyTensor>,
+    lr: f64,
+    weight_decay: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    decay: &str,
+    fused: bool,
+) -> PyResult<()> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
+        return Err(PyValueError::new_err("adamw_step: params, grads, exp_avgs, exp_avg_sqs and steps differ in length"));
+    }
+    let mode = decay_mode(decay)?;
+    let scalars = StepScalars::of(lr, weight_decay, beta1, beta2, eps, mode);
+    let mut counts = Vec::with_capacity(n);
+    for (i, t) in steps.iter().enumerate() {
+        let t = f64::try_from(&t.0).map_err(|e| PyTypeError::new_err(format!("state['step'] of parameter {i}: {e}")))?;
+        counts.push(t as u64 + 1);
+    }
+    let (params, grads, exp_avgs, exp_avg_sqs): (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) = (
+        params.into_iter().map(|t| t.0).collect(),
+        grads.into_iter().map(|t| t.0).collect(),
+        exp_avgs.into_iter().map(|t| t.0).collect(),
+        exp_avg_sqs.into_iter().map(|t| t.0).collect(),
+    );
+    let mut steps: Vec<Tensor> = steps.into_iter().map(|t| t.0).collect();
+    py.allow_threads(move || {
+        let buffers: Vec<Buffers<'_>> = (0..n)
+            .map(|i| Buffers { param: &params[i], grad: &grads[i], first_moment: &exp_avgs[i], second_moment: &exp_avg_sqs[i] })
+            .collect();
+        tch::no_grad(|| {
+            step_buffers(&buffers, &scalars, &counts, fused, CpuKernel::Exact);
+            for t in &mut steps {
+                let _ = t.g_add_scalar_(1);
+            }
+        });
+    });
+    Ok(())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(parse_base_shapes, m)?)?;
+    m.add_function(wrap_pyfunction!(read_base_shapes, m)?)?;
+    m.add_function(wrap_pyfunction!(build_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(check_gradients, m)?)?;
+    m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
+    m.add_class::<Plan>()?;
+    monitor::register(m)?;
+    Ok(())
+}
