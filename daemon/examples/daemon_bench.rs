@@ -131,6 +131,7 @@ fn full_sample(param: String, layer: u32, v: f64) -> Event {
         quantiles: Some(SpectrumQuantiles { p10: 0.1, p50: 0.5, p90: 0.9, p99: v }),
         update_ratio: Some(1e-3),
         duration_seconds: 0.01,
+        decay_horizon: Some(6.0),
         ..SpectrumSample::empty(param, Some(layer), ParamClass::MatrixLike)
     })
 }

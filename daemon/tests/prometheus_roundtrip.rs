@@ -109,6 +109,7 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
             nonfinite: false,
             duration_seconds: 0.0042,
             progress: Some(17.0 / planned as f64),
+            decay_horizon: Some(6.25),
         })
     )));
 
@@ -139,6 +140,7 @@ fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
     prom.expect(&format!("gainguard_gain_ratio{{{run},{q}}}"), sigma / 12.0);
     prom.expect(&format!("gainguard_singular_value_quantile{{{run},{q},quantile=\"0.99\"}}"), 9.75);
     prom.expect(&format!("gainguard_update_ratio{{{run},{q}}}"), 1e-3);
+    prom.expect(&format!("gainguard_decay_horizon{{{run},{q}}}"), 6.25);
     prom.expect(&format!("gainguard_spectrum_samples_total{{{run}}}"), 1.0);
     // Values the sample did not carry have no series at all.
     assert!(prom.query(&format!("gainguard_stable_rank{{{run}}}")).is_empty());

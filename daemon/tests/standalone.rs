@@ -298,6 +298,7 @@ fn promtool_finds_no_problem_in_a_realistic_metrics_body() {
             nonfinite: false,
             duration_seconds: 0.2,
             progress: Some(0.5),
+            decay_horizon: Some(4.5),
         }),
     ));
     drop(sink);

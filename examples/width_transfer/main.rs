@@ -1,97 +1,118 @@
-//! The width-transfer experiment (issue 6): does the proxy's tuned `(lr, wd)` stay optimal at 2×, 4×
-//! and 8× width under each rule, and does the rule keep sigma_max flat across widths?
+//! The width-transfer experiments on the LLaMA-style example model, at AdamW's steady state (issue 14).
 //!
 //! ```text
-//! cargo run --release --example width_transfer -- --preset cpu-small --out out/width-transfer
-//! cargo run --release --example width_transfer -- --preset gpu --device cuda --out out/width-transfer-gpu
-//! cargo run --release --example width_transfer -- --preset smoke --out out/smoke
-//! cargo run --release --example width_transfer -- --preset cpu-small --calibrate --out out/calibrate
+//! cargo run --release --example width_transfer -- --gamma-sweep --preset cpu --out docs/experiments/llama-gamma-cpu
+//! cargo run --release --example width_transfer -- --preset cpu --out docs/experiments/llama-transfer-cpu
+//! cargo run --release --example width_transfer -- --preset smoke --out out/smoke        # seconds; the tests run it
+//! cargo run --release --example width_transfer -- --gamma-sweep --preset gpu --device cuda --out out/gpu-gamma
 //! ```
 //!
-//! 1. Sweep `(lr, wd)` on a grid at the base width; the best final loss is the proxy's optimum.
-//! 2. At each target width and under each rule, train at that optimum zero-shot, and on a cross of grid
-//!    steps around it (lr × 2^i, wd × 2^j) to locate the optimum there.
-//! 3. Report the grid steps between the two, sigma_max of every hidden matrix per width, its spread,
-//!    the fitted alpha and the gamma that flattens sigma_max along the μP path.
+//! **Steady-state protocol** (`gainguard::steady_state`, the same as `teacher_student`'s). The law
+//! `sigma_max ≈ c·sqrt(lr/wd)·d^alpha` is about the state weight decay reaches after several of its
+//! timescales, `1/(lr·wd)` steps each, so every run has a constant lr after a short warmup and runs until
+//! every hidden matrix's decay horizon `H = Σ_t lr_t·wd_t` (width-scaled, schedule included) reaches the
+//! preset's `horizon`; sigma_max is the mean over each matrix's last timescale (float64 SVD). Every figure
+//! comes with the H it was measured at.
 //!
-//! Identical runs (same width, same effective per-class lr and wd) are trained once.
+//! - `--gamma-sweep`: the μP path (`lr ∝ 1/m`, `wd ∝ m^gamma`) at gamma ∈ {0, 0.25, 0.5, 0.75, 1}, at every
+//!   width, for `seeds` seeds, each run as long as its own H needs; with the checks of the protocol on seed
+//!   0 (a 10× smaller init of the hidden matrices, and their `(2·lr, 2·wd)`, land within 5%; drift over the
+//!   last two timescales under 3%). gamma*, where the slope of `ln sigma_max` on `ln m` crosses zero, for
+//!   the attention and the MLP matrices separately, with 95% bootstrap intervals over the seeds.
+//! - default: loss transfer. A 2-D `(lr, wd)` grid at the base width (not a cross: under coupled decay an lr
+//!   step also moves `lr·wd`), widened one ring at a time until its optimum is inside (up to the preset's
+//!   `max_reach`; the report marks an optimum still on the edge); then at each target width under each rule
+//!   a 2-D grid around the transferred point, widened the same way; per rule, the optimum's offset in grid
+//!   steps. Every run has the same number of steps (equal tokens at every width): enough for the slowest
+//!   rule's hidden matrices at the widest target to reach `horizon` at the centre of the grid, so points of
+//!   smaller `lr·wd` are transients; each run's H is reported beside its loss.
+//!
+//! Identical runs (same width, seed and effective per-class lr and wd) are trained once; `--shared-runs`
+//! splits one experiment's runs between processes.
 
 mod report;
+mod sweep;
+mod transfer;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use gainguard::data::{MarkovCorpus, TokenFile};
-use gainguard::{ParamClass, Preset, Rule, Schedule};
-use gainguard_examples::{plot, train};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use gainguard::steady_state::warmup_then_constant;
+use gainguard::{ParamClass, Preset, Rule};
+use gainguard_examples::plot;
+use gainguard_examples::train::{self, RunSpec, SteadyRun, SteadyState};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use report::Measurement;
-
 #[derive(Parser)]
-#[command(about = "Width-transfer experiment: proxy (lr, wd) sweep, zero-shot transfer to 2x/4x/8x under each rule, sigma_max and fits")]
-struct Args {
-    /// smoke (under a minute), cpu-small (≤ 30 min on 2 cores), gpu (use with --device cuda).
-    #[arg(long, default_value = "cpu-small")]
+#[command(about = "Width-transfer experiments at AdamW's steady state: the gamma sweep (--gamma-sweep) and the 2-D (lr, wd) loss transfer")]
+pub struct Args {
+    /// smoke (seconds), cpu (≤ 30 min of CPU time on one core), gpu (use with --device cuda).
+    #[arg(long, default_value = "cpu")]
     preset: String,
+    /// Run the gamma sweep along the μP path instead of the loss-transfer experiment.
+    #[arg(long)]
+    gamma_sweep: bool,
     #[arg(long, default_value = "out/width-transfer")]
     out: PathBuf,
-    /// markov (synthetic, known entropy floor), text:PATH (bytes) or bin:PATH[:VOCAB] (nanoGPT uint16).
+    /// markov (synthetic second-order Markov source, entropy floor known), text:PATH (bytes) or
+    /// bin:PATH[:VOCAB] (nanoGPT uint16).
     #[arg(long, default_value = "markov")]
     data: String,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Override the preset's number of steps per run.
+    /// Seeds per cell of the gamma sweep (the preset's by default).
     #[arg(long)]
-    steps: Option<u64>,
+    seeds: Option<u64>,
     /// libtorch intra-op threads (0: libtorch's default). One thread by default: on a shared 2-core
     /// machine, two threads stalled 10× whenever another process ran (measured: 1 s runs took 18 s).
     #[arg(long, default_value_t = 1)]
     threads: i32,
-    /// Instead of the transfer experiment: train along the μP path (lr ∝ 1/m, wd ∝ m^gamma) at the
-    /// preset's widths for each of --gammas, write measurements.json and recommend gamma.
+    /// A folder shared by several processes running the same experiment on one machine: each run is claimed
+    /// there before it is trained and its outcome written there, so the processes split the runs between
+    /// them and each reads the others'. Every process makes the same decisions (the grids widen on the
+    /// same losses) and writes the same report.
     #[arg(long)]
-    calibrate: bool,
-    /// Gamma values for --calibrate (at least 2).
-    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1")]
-    gammas: Vec<f64>,
-    /// Base (lr, wd) for --calibrate; defaults to the centre of the preset's grid.
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    wd: Option<f64>,
+    shared_runs: Option<PathBuf>,
+    /// With --shared-runs: start with the rule at this index (of the preset's rules), so that processes
+    /// begin on different rules instead of queueing behind one.
+    #[arg(long, default_value_t = 0)]
+    first_rule: usize,
 }
 
 /// Sizes of one experiment.
 #[derive(Clone, Debug, Serialize)]
-struct Plan {
+pub struct Plan {
     name: &'static str,
     base_width: i64,
-    /// Target widths as multiples of the base width.
+    /// Target widths as multiples of the base width (the gamma sweep's).
     multipliers: Vec<i64>,
     layers: i64,
     seq_len: i64,
     batch: i64,
-    steps: u64,
-    lr_grid: Vec<f64>,
-    wd_grid: Vec<f64>,
-    /// The factor between neighbouring grid points (both axes).
+    /// Every hidden matrix runs to this decay horizon.
+    horizon: f64,
+    warmup: u64,
+    beta2: f64,
+    /// Base (proxy) lr and wd of the gamma sweep, and the centre of the transfer experiment's proxy grid.
+    lr: f64,
+    wd: f64,
+    gammas: Vec<f64>,
+    seeds: u64,
+    /// The transfer experiment's proxy width (the base width of its multipliers, lr and wd).
+    transfer_base_width: i64,
+    /// The transfer experiment's target widths, as multiples of its proxy width.
+    transfer_multipliers: Vec<i64>,
+    /// The factor between neighbouring grid points, on both axes.
     grid_factor: f64,
+    /// A grid starts at ±reach steps on both axes and grows by one ring until its optimum is inside.
+    initial_reach: i32,
+    max_reach: i32,
+    /// The transfer experiment's rules.
     rules: Vec<Preset>,
-    /// Local search at each target: lr × factor^i for |i| ≤ lr_reach (at the transferred wd), and
-    /// wd × factor^j for |j| ≤ wd_reach (at the transferred lr).
-    lr_reach: i32,
-    wd_reach: i32,
-    /// Extra seeds of the proxy's best run, to show how much the loss moves with the seed alone.
-    seed_repeats: u64,
-}
-
-fn geometric(start: f64, factor: f64, n: usize) -> Vec<f64> {
-    (0..n).map(|i| start * factor.powi(i as i32)).collect()
 }
 
 impl Plan {
@@ -100,39 +121,57 @@ impl Plan {
             "smoke" => Plan {
                 name: "smoke",
                 base_width: 16,
-                multipliers: vec![2],
+                multipliers: vec![2, 4],
                 layers: 1,
                 seq_len: 16,
                 batch: 4,
-                steps: 12,
-                lr_grid: vec![2e-3, 4e-3],
-                wd_grid: vec![0.1],
+                horizon: 2.0,
+                warmup: 2,
+                beta2: 0.95,
+                lr: 0.02,
+                wd: 1.0,
+                gammas: vec![0.0, 1.0],
+                seeds: 2,
+                transfer_base_width: 16,
+                transfer_multipliers: vec![2],
                 grid_factor: 2.0,
+                initial_reach: 1,
+                max_reach: 1,
                 rules: vec![Preset::Paper, Preset::Standard],
-                lr_reach: 1,
-                wd_reach: 0,
-                seed_repeats: 0,
             },
-            "cpu-small" => Plan {
-                // Sized by measurement (docs/EXPERIMENTS.md): a 256-wide run took about 1 s per step on
-                // the shared 2-core machine with two threads, so the widths stop at 128; one thread runs
-                // the whole preset in about 8 minutes.
-                name: "cpu-small",
+            "cpu" => Plan {
+                // Sized from CPU time (user + sys, one libtorch thread; docs/EXPERIMENTS.md): a step of the
+                // 64-wide model on 16 × 32 tokens costs about 8 ms, 128-wide about 23 ms. A first sweep at
+                // (lr, wd) = (0.02, 1) over widths 16–128 (12 min) failed every check of the protocol: at
+                // lr·wd = 0.02 a run reaches H = 6 in 300 steps, before the model has learnt much, and some
+                // attention matrices had no steady state. (0.01, 0.5) keeps lr/wd and quarters lr·wd, so
+                // every run is 4× longer; the widths stop at 64 (m = 4) to stay within 30 minutes.
+                name: "cpu",
                 base_width: 16,
-                multipliers: vec![2, 4, 8],
+                multipliers: vec![2, 4],
                 layers: 2,
                 seq_len: 32,
                 batch: 16,
-                steps: 150,
-                // A first try with lr from 2e-3 and wd from 0.05 put the optimum in the grid's corner
-                // (highest lr, highest wd): in 150 steps the optimum sits higher, so the grid does too.
-                lr_grid: geometric(4e-3, 2.0, 4),
-                wd_grid: geometric(0.1, 2.0, 4),
+                horizon: 6.0,
+                warmup: 20,
+                beta2: 0.95,
+                lr: 0.01,
+                wd: 0.5,
+                gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+                seeds: 3,
+                // The transfer's proxy is 32 wide: a 16-wide model cannot learn this corpus (loss 2.7 at every
+                // grid point against 1.8 at d = 64), so its optimum says little about a wider model's. A grid
+                // point costs about 8 s of CPU at d = 32 and 15 s at d = 64 (1700 steps, paper's at d = 64 reach
+                // H = 6), so two rules on grids of up to 5 × 5 fit in 20 minutes of CPU: paper, and standard,
+                // which a 2× target sets a whole lr step away (mup-coupled's and mup-fixed-wd's wd differ from
+                // paper's by half a grid step there). --shared-runs splits the runs between processes; the gpu
+                // preset runs every rule at 2-8×.
+                transfer_base_width: 32,
+                transfer_multipliers: vec![2],
                 grid_factor: 2.0,
-                rules: Preset::ALL.to_vec(),
-                lr_reach: 2,
-                wd_reach: 1,
-                seed_repeats: 2,
+                initial_reach: 1,
+                max_reach: 2,
+                rules: vec![Preset::Paper, Preset::Standard],
             },
             "gpu" => Plan {
                 name: "gpu",
@@ -141,34 +180,44 @@ impl Plan {
                 layers: 4,
                 seq_len: 128,
                 batch: 32,
-                steps: 1000,
-                lr_grid: geometric(1e-3, 2.0, 5),
-                wd_grid: geometric(0.025, 2.0, 4),
+                horizon: 6.0,
+                warmup: 100,
+                beta2: 0.95,
+                lr: 4e-3,
+                wd: 0.5,
+                gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+                seeds: 3,
+                transfer_base_width: 128,
+                transfer_multipliers: vec![2, 4, 8],
                 grid_factor: 2.0,
+                initial_reach: 1,
+                max_reach: 3,
                 rules: Preset::ALL.to_vec(),
-                lr_reach: 2,
-                wd_reach: 1,
-                seed_repeats: 2,
             },
-            other => bail!("unknown preset `{other}`: expected smoke, cpu-small or gpu"),
+            other => bail!("unknown preset `{other}`: expected smoke, cpu or gpu"),
         })
     }
 
-    fn widths(&self) -> Vec<i64> {
-        std::iter::once(self.base_width).chain(self.multipliers.iter().map(|m| m * self.base_width)).collect()
+    fn widths(&self, multipliers: &[i64]) -> Vec<i64> {
+        std::iter::once(self.base_width).chain(multipliers.iter().map(|m| m * self.base_width)).collect()
     }
 }
 
 /// The token source.
-enum Data {
+pub enum Data {
     Markov(MarkovCorpus),
     File(TokenFile, String),
 }
 
+/// The default corpus: a second-order source, so the next token depends on the one before the current one
+/// and the model must attend to it (a first-order source is predictable from the current token alone).
+const MARKOV: (usize, usize, usize, u64) = (64, 2, 4, 0);
+
 impl Data {
     fn parse(s: &str, min_tokens: usize) -> Result<Data> {
         if s == "markov" {
-            return Ok(Data::Markov(MarkovCorpus::new(256, 4, 0)));
+            let (vocab, order, branching, seed) = MARKOV;
+            return Ok(Data::Markov(MarkovCorpus::with_order(vocab, order, branching, seed)));
         }
         if let Some(path) = s.strip_prefix("text:") {
             return Ok(Data::File(TokenFile::text_bytes(Path::new(path), min_tokens)?, s.to_string()));
@@ -195,7 +244,7 @@ impl Data {
         }
     }
 
-    /// The lowest loss any model can reach, where known (the Markov corpus's entropy rate).
+    /// The lowest loss any model can reach, where known (the Markov source's entropy rate).
     fn floor(&self) -> Option<f64> {
         match self {
             Data::Markov(c) => Some(c.entropy_rate()),
@@ -205,7 +254,10 @@ impl Data {
 
     fn describe(&self) -> String {
         match self {
-            Data::Markov(c) => format!("synthetic Markov corpus (vocab {}, branching 4, seed 0), entropy rate {:.4} nats/token", c.vocab, c.entropy_rate()),
+            Data::Markov(c) => format!(
+                "synthetic Markov source of order {} (vocab {}, {} successors per context, seed {}), entropy floor {:.4} nats/token",
+                c.order, c.vocab, MARKOV.2, c.seed, c.entropy_rate()
+            ),
             Data::File(f, s) => format!("`{s}`: {} tokens, vocab {}", f.tokens.len(), f.vocab),
         }
     }
@@ -218,369 +270,219 @@ impl Data {
     }
 }
 
-/// What was asked of one run: width, rule and base `(lr, wd)`.
+/// What one run is: width, rule, base `(lr, wd)`, seed, its steps (None: until every hidden matrix reaches the
+/// plan's horizon) and the protocol's check it belongs to.
 #[derive(Clone, Debug, Serialize)]
-struct RunRequest {
-    width: i64,
-    rule: Rule,
-    lr: f64,
-    wd: f64,
-    seed: u64,
+pub struct RunRequest {
+    pub width: i64,
+    pub rule: Rule,
+    pub lr: f64,
+    pub wd: f64,
+    pub seed: u64,
+    pub steps: Option<u64>,
+    pub init_scale: f64,
+    pub matrix_scale: f64,
 }
 
 impl RunRequest {
-    fn m(&self, base: i64) -> f64 {
-        self.width as f64 / base as f64
+    fn new(width: i64, rule: Rule, lr: f64, wd: f64, seed: u64) -> RunRequest {
+        RunRequest { width, rule, lr, wd, seed, steps: None, init_scale: 1.0, matrix_scale: 1.0 }
     }
-    /// Effective values: (matrix lr, matrix wd, vector lr). Vector-like wd is always 0.
-    fn effective(&self, base: i64) -> (f64, f64, f64) {
-        let m = self.m(base);
-        (
-            self.rule.learning_rate(ParamClass::MatrixLike, self.lr, m),
-            self.rule.weight_decay(ParamClass::MatrixLike, self.wd, m),
-            self.rule.learning_rate(ParamClass::VectorLike, self.lr, m),
+
+    /// Two requests with the same key train the same model on the same data: one run serves both. The preset
+    /// is part of the key, since presets differ in what the effective lr and wd below do not show (vector-like
+    /// decay by rank, Adam's eps); runs of one preset at equal effective values are shared (a gamma sweep's m = 1).
+    fn key(&self, base: i64) -> String {
+        let m = self.width as f64 / base as f64;
+        let r = &self.rule;
+        format!(
+            "{}-d{}-s{}-n{:?}-i{}-x{}-{:.10e}-{:.10e}-{:.10e}-{:.10e}",
+            r.preset.name(),
+            self.width,
+            self.seed,
+            self.steps,
+            self.init_scale,
+            self.matrix_scale,
+            r.learning_rate(ParamClass::MatrixLike, self.lr, m),
+            r.weight_decay(ParamClass::MatrixLike, self.wd, m),
+            r.learning_rate(ParamClass::VectorLike, self.lr, m),
+            r.weight_decay(ParamClass::VectorLike, self.wd, m),
         )
     }
-    /// Two requests with the same key train the same model on the same data: one run serves both.
-    fn key(&self, base: i64) -> String {
-        let (a, b, c) = self.effective(base);
-        format!("d{}-s{}-{:.10e}-{:.10e}-{:.10e}", self.width, self.seed, a, b, c)
+}
+
+/// One finished run, as the reports need it. NaN (a diverged run) is written as null.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunOutcome {
+    pub steps: u64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub final_loss: f64,
+    /// Per hidden matrix: (decay horizon, steady-state sigma_max, drift over the last two timescales).
+    #[serde(deserialize_with = "params_nan_if_null")]
+    pub params: BTreeMap<String, (f64, f64, Option<f64>)>,
+    pub seconds: f64,
+    pub trained_as: String,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+#[allow(clippy::type_complexity)]
+fn params_nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, (f64, f64, Option<f64>)>, D::Error> {
+    let raw = BTreeMap::<String, (Option<f64>, Option<f64>, Option<f64>)>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(n, (h, s, drift))| (n, (h.unwrap_or(f64::NAN), s.unwrap_or(f64::NAN), drift))).collect())
+}
+
+impl RunOutcome {
+    fn min_horizon(&self) -> f64 {
+        self.params.values().map(|p| p.0).fold(f64::INFINITY, f64::min)
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
-struct RunOutcome {
-    final_loss: f64,
-    sigma_max: BTreeMap<String, f64>,
-    seconds: f64,
-    /// The first request that trained it (others were served from the cache).
-    trained_as: String,
-}
-
-struct Runner<'a> {
+pub struct Runner<'a> {
     plan: &'a Plan,
     data: &'a Data,
     device: tch::Device,
     cache: BTreeMap<String, RunOutcome>,
-    bar: ProgressBar,
+    /// See `Args::shared_runs`.
+    shared: Option<PathBuf>,
     trained: usize,
     reused: usize,
+    start: Instant,
 }
 
-/// Relative cost of one run: multiply–adds per token of the model, times steps.
-fn cost(plan: &Plan, vocab: i64, width: i64) -> u64 {
-    let d = width;
-    let d_ff = ((8 * d / 3) + 7) / 8 * 8;
-    let per_token = plan.layers * (4 * d * d + 3 * d * d_ff + plan.seq_len * d) + vocab * d;
-    (per_token as u64 * plan.steps).div_ceil(1000).max(1)
-}
-
-impl<'a> Runner<'a> {
-    fn run(&mut self, r: &RunRequest) -> Result<RunOutcome> {
-        let key = r.key(self.plan.base_width);
-        if let Some(o) = self.cache.get(&key) {
-            self.reused += 1;
-            return Ok(o.clone());
-        }
-        let label = format!("d={} {} lr={:.2e} wd={:.3}", r.width, r.rule.preset, r.lr, r.wd);
-        self.bar.set_message(label.clone());
-        let spec = train::RunSpec {
-            name: label.clone(),
+impl Runner<'_> {
+    fn spec(&self, r: &RunRequest) -> RunSpec {
+        RunSpec {
+            name: format!("d={} {} lr={:.2e} wd={:.3} seed={}", r.width, r.rule, r.lr, r.wd, r.seed),
             d_model: r.width,
             base_d_model: self.plan.base_width,
             layers: self.plan.layers,
             vocab: self.data.vocab(),
             seq_len: self.plan.seq_len,
             batch: self.plan.batch,
-            steps: self.plan.steps,
             lr: r.lr,
             wd: r.wd,
             rule: r.rule,
-            schedule: Schedule::WarmupCosine { warmup: self.plan.steps / 10, total: self.plan.steps, floor: 0.1 },
+            schedule: warmup_then_constant(self.plan.warmup),
             seed: r.seed,
             device: self.device,
             sample_every: 0,
+            beta2: self.plan.beta2,
+            ..Default::default()
+        }
+    }
+
+    /// The steps a request needs: its own, or those that bring every hidden matrix (its lr and wd scaled by
+    /// the check's `matrix_scale`) to the plan's horizon.
+    fn steps_for(&self, r: &RunRequest) -> Result<u64> {
+        if let Some(s) = r.steps {
+            return Ok(s);
+        }
+        let spec = RunSpec { lr: r.lr * r.matrix_scale, wd: r.wd * r.matrix_scale, ..self.spec(r) };
+        spec.steps_to_horizon(self.plan.horizon)
+    }
+
+    /// The outcome of `r`, waiting for another process that claimed it in the shared folder.
+    fn run(&mut self, r: &RunRequest) -> Result<RunOutcome> {
+        loop {
+            if let Some(o) = self.try_run(r)? {
+                return Ok(o);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// The outcome of `r`, from the cache, the shared folder or a training run; None when another process
+    /// has claimed it and not finished.
+    fn try_run(&mut self, r: &RunRequest) -> Result<Option<RunOutcome>> {
+        let key = r.key(self.plan.base_width);
+        if let Some(o) = self.cache.get(&key) {
+            self.reused += 1;
+            return Ok(Some(o.clone()));
+        }
+        if let Some(dir) = self.shared.clone() {
+            let done = dir.join(format!("{key}.json"));
+            if let Ok(text) = std::fs::read_to_string(&done) {
+                let o: RunOutcome = serde_json::from_str(&text).with_context(|| format!("reading {}", done.display()))?;
+                self.reused += 1;
+                self.cache.insert(key, o.clone());
+                return Ok(Some(o));
+            }
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(dir.join(format!("{key}.claim"))) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("claiming {key} in {}", dir.display())),
+            }
+            let o = self.train(r, &key)?;
+            // Written whole, then renamed: a reader never sees half a file.
+            let partial = dir.join(format!("{key}.partial"));
+            std::fs::write(&partial, serde_json::to_string(&o)?)?;
+            std::fs::rename(&partial, &done)?;
+            return Ok(Some(o));
+        }
+        self.train(r, &key).map(Some)
+    }
+
+    fn train(&mut self, r: &RunRequest, key: &str) -> Result<RunOutcome> {
+        let steps = self.steps_for(r)?;
+        let spec = RunSpec { steps, ..self.spec(r) };
+        let steady = SteadyState { init_scale: r.init_scale, matrix_scale: r.matrix_scale, ..Default::default() };
+        let (b, t, data) = (self.plan.batch, self.plan.seq_len, self.data);
+        let res: SteadyRun = train::train_steady(&spec, &|step| data.batch(step, b, t), &steady).with_context(|| format!("run {}", spec.name))?;
+        let check = match (r.init_scale != 1.0, r.matrix_scale != 1.0) {
+            (true, _) => format!(" init×{}", r.init_scale),
+            (_, true) => format!(" lr,wd×{} on hidden matrices", r.matrix_scale),
+            _ => String::new(),
         };
-        let (b, t) = (self.plan.batch, self.plan.seq_len);
-        let data = self.data;
-        let res = train::train_on(&spec, &|step| data.batch(step, b, t), Default::default()).with_context(|| format!("run {label}"))?;
-        let o = RunOutcome { final_loss: res.final_loss, sigma_max: res.sigma_max, seconds: res.seconds, trained_as: label };
-        self.bar.inc(cost(self.plan, self.data.vocab(), r.width));
+        let o = RunOutcome {
+            steps,
+            final_loss: res.final_loss,
+            params: res.params.into_iter().map(|(n, p)| (n, (p.decay_horizon, p.sigma_max, p.drift))).collect(),
+            seconds: res.seconds,
+            trained_as: format!("{}{check}", spec.name),
+        };
         self.trained += 1;
-        // indicatif draws nothing when stderr is not a terminal (a nohup log): say the same in lines.
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprintln!(
-                "[{:>6.0} s] {:>3}% ETA {:>5.0} s  {} -> loss {:.4} ({:.1} s)",
-                self.bar.elapsed().as_secs_f64(),
-                100 * self.bar.position() / self.bar.length().unwrap_or(1).max(1),
-                self.bar.eta().as_secs_f64(),
-                o.trained_as,
-                o.final_loss,
-                o.seconds
-            );
-        }
-        self.cache.insert(key, o.clone());
+        eprintln!(
+            "[{:>6.0} s, cpu {:>6.0} s] {} -> {} steps, H ≥ {:.2}, loss {:.4} ({:.1} s)",
+            self.start.elapsed().as_secs_f64(),
+            report::cpu_seconds(),
+            o.trained_as,
+            steps,
+            o.min_horizon(),
+            o.final_loss,
+            o.seconds
+        );
+        self.cache.insert(key.to_string(), o.clone());
         Ok(o)
-    }
-
-    fn is_cached(&self, r: &RunRequest) -> bool {
-        self.cache.contains_key(&r.key(self.plan.base_width))
-    }
-}
-
-/// The finite loss, or +inf for a diverged run, so diverged runs never win.
-fn loss_key(o: &RunOutcome) -> f64 {
-    if o.final_loss.is_finite() {
-        o.final_loss
-    } else {
-        f64::INFINITY
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct LocalPoint {
-    lr_step: i32,
-    wd_step: i32,
-    lr: f64,
-    wd: f64,
-    final_loss: f64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct TargetResult {
-    rule: String,
-    width: i64,
-    zero_shot: RunOutcome,
-    local: Vec<LocalPoint>,
-    best_lr_step: i32,
-    best_wd_step: i32,
-    best_loss: f64,
-    /// The best point lies on the edge of the local search: the true optimum may be further out.
-    at_edge: bool,
-}
-
-impl TargetResult {
-    /// The target's result from its zero-shot run and its local search; the best local point is the
-    /// lowest finite loss.
-    fn new(rule: Preset, width: i64, zero_shot: RunOutcome, local: Vec<LocalPoint>, plan: &Plan) -> TargetResult {
-        let b = local
-            .iter()
-            .min_by(|x, y| {
-                let f = |l: &LocalPoint| if l.final_loss.is_finite() { l.final_loss } else { f64::INFINITY };
-                f(x).total_cmp(&f(y))
-            })
-            .unwrap()
-            .clone();
-        TargetResult {
-            rule: rule.name().into(),
-            width,
-            zero_shot,
-            at_edge: (b.lr_step != 0 && b.lr_step.abs() == plan.lr_reach) || (b.wd_step != 0 && b.wd_step.abs() == plan.wd_reach),
-            best_lr_step: b.lr_step,
-            best_wd_step: b.wd_step,
-            best_loss: b.final_loss,
-            local,
-        }
-    }
-}
-
-/// One point of the proxy's (lr, wd) grid at the base width.
-#[derive(Clone, Debug)]
-struct GridPoint {
-    lr: f64,
-    wd: f64,
-    outcome: RunOutcome,
-}
-
-/// What the transfer experiment measured.
-struct Results {
-    base_grid: Vec<GridPoint>,
-    /// The grid point with the lowest loss: the proxy's optimum.
-    best: GridPoint,
-    /// The optimum's final loss at seeds 0, 1, …: the seed noise.
-    seed_losses: Vec<f64>,
-    targets: Vec<TargetResult>,
-    /// Wall time of every run, in seconds.
-    wall: f64,
-}
-
-impl Results {
-    fn target(&self, rule: &str, width: i64) -> Option<&TargetResult> {
-        self.targets.iter().find(|t| t.rule == rule && t.width == width)
-    }
-
-    /// sigma_max of every hidden matrix at `width` under `rule`, zero-shot (the proxy's own run at the
-    /// base width, where every rule is the identity).
-    fn sigma_at(&self, plan: &Plan, rule: &str, width: i64) -> Option<&BTreeMap<String, f64>> {
-        if width == plan.base_width {
-            Some(&self.best.outcome.sigma_max)
-        } else {
-            self.target(rule, width).map(|t| &t.zero_shot.sigma_max)
-        }
-    }
-
-    /// The hidden matrices, by name.
-    fn params(&self) -> Vec<String> {
-        self.best.outcome.sigma_max.keys().cloned().collect()
     }
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
     let mut plan = Plan::preset(&a.preset)?;
-    if let Some(s) = a.steps {
-        plan.steps = s;
+    if let Some(s) = a.seeds {
+        plan.seeds = s.max(1);
     }
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
+    }
+    if !a.gamma_sweep {
+        plan.base_width = plan.transfer_base_width;
     }
     let data = Data::parse(&a.data, plan.seq_len as usize)?;
     let device = gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     plot::ensure_font()?;
-    let mut runner = Runner {
-        plan: &plan,
-        data: &data,
-        device,
-        cache: BTreeMap::new(),
-        bar: ProgressBar::hidden(),
-        trained: 0,
-        reused: 0,
-    };
-    let start = Instant::now();
-    if a.calibrate {
-        return calibrate(&a, &plan, &data, &mut runner, start);
+    if let Some(dir) = &a.shared_runs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-
-    runner.bar = progress_bar(&plan, data.vocab());
-    let (base_grid, best) = sweep_proxy_grid(&plan, &mut runner)?;
-    let mut seed_losses = vec![best.outcome.final_loss];
-    for s in 1..=plan.seed_repeats {
-        seed_losses.push(runner.run(&RunRequest { width: plan.base_width, rule: Rule::default(), lr: best.lr, wd: best.wd, seed: s })?.final_loss);
+    let shared = a.shared_runs.clone();
+    let mut runner = Runner { plan: &plan, data: &data, device, cache: BTreeMap::new(), shared, trained: 0, reused: 0, start: Instant::now() };
+    if a.gamma_sweep {
+        sweep::run(&a, &plan, &mut runner)
+    } else {
+        transfer::run(&a, &plan, &mut runner)
     }
-    let targets = transfer(&plan, &mut runner, best.lr, best.wd)?;
-    runner.bar.finish_and_clear();
-    let results = Results { base_grid, best, seed_losses, targets, wall: start.elapsed().as_secs_f64() };
-    report::write_report(&a, &plan, &data, &results, &runner)
-}
-
-/// A bar sized for the whole experiment. Phase 1 is known up front; phase 2's size is bounded by the
-/// cross around any grid point. The bar counts cost (multiply–adds), so its ETA weighs an 8× run as
-/// the 8× run it is.
-fn progress_bar(plan: &Plan, vocab: i64) -> ProgressBar {
-    let phase1 = (plan.lr_grid.len() * plan.wd_grid.len()) as u64 * cost(plan, vocab, plan.base_width)
-        + plan.seed_repeats * cost(plan, vocab, plan.base_width);
-    let cross = (1 + 2 * plan.lr_reach + 2 * plan.wd_reach) as u64;
-    let phase2_bound: u64 = plan.widths()[1..].iter().map(|w| cross * plan.rules.len() as u64 * cost(plan, vocab, *w)).sum();
-    let bar = ProgressBar::new(phase1 + phase2_bound);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {percent:>3}% ETA {eta_precise} {msg}")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    bar
-}
-
-/// Phase 1: the proxy's (lr, wd) grid at the base width (every rule is the identity at m = 1). Returns
-/// the grid and its best point.
-fn sweep_proxy_grid(plan: &Plan, runner: &mut Runner) -> Result<(Vec<GridPoint>, GridPoint)> {
-    let mut base_grid = Vec::new();
-    for &lr in &plan.lr_grid {
-        for &wd in &plan.wd_grid {
-            let outcome = runner.run(&RunRequest { width: plan.base_width, rule: Rule::default(), lr, wd, seed: 0 })?;
-            base_grid.push(GridPoint { lr, wd, outcome });
-        }
-    }
-    let best = base_grid.iter().min_by(|x, y| loss_key(&x.outcome).total_cmp(&loss_key(&y.outcome))).unwrap().clone();
-    Ok((base_grid, best))
-}
-
-/// The local search at every target width under every rule, as (width, rule, lr step, wd step): the
-/// transferred point first, then lr steps at the transferred wd, then wd steps at the transferred lr.
-fn local_search(plan: &Plan) -> Vec<(i64, Preset, i32, i32)> {
-    let mut points = Vec::new();
-    for &w in &plan.widths()[1..] {
-        for &p in &plan.rules {
-            points.push((w, p, 0, 0));
-            for i in -plan.lr_reach..=plan.lr_reach {
-                if i != 0 {
-                    points.push((w, p, i, 0));
-                }
-            }
-            for j in -plan.wd_reach..=plan.wd_reach {
-                if j != 0 {
-                    points.push((w, p, 0, j));
-                }
-            }
-        }
-    }
-    points
-}
-
-/// Phase 2: each target width under each rule, zero-shot at the proxy's optimum and around it.
-fn transfer(plan: &Plan, runner: &mut Runner, best_lr: f64, best_wd: f64) -> Result<Vec<TargetResult>> {
-    let points = local_search(plan);
-    let request = |w: i64, p: Preset, i: i32, j: i32| RunRequest {
-        width: w,
-        rule: Rule::preset(p),
-        lr: best_lr * plan.grid_factor.powi(i),
-        wd: best_wd * plan.grid_factor.powi(j),
-        seed: 0,
-    };
-    // Exact length of phase 2 now that the centre is known (cached duplicates cost nothing).
-    let mut distinct = BTreeMap::new();
-    for &(w, p, i, j) in &points {
-        let r = request(w, p, i, j);
-        if !runner.is_cached(&r) {
-            distinct.insert(r.key(plan.base_width), cost(plan, runner.data.vocab(), w));
-        }
-    }
-    runner.bar.set_length(runner.bar.position() + distinct.values().sum::<u64>());
-
-    let mut targets = Vec::new();
-    for &w in &plan.widths()[1..] {
-        for &p in &plan.rules {
-            let zero_shot = runner.run(&request(w, p, 0, 0))?;
-            let mut local = Vec::new();
-            for &(pw, pp, i, j) in points.iter().filter(|x| x.0 == w && x.1 == p) {
-                let r = request(pw, pp, i, j);
-                let o = runner.run(&r)?;
-                local.push(LocalPoint { lr_step: i, wd_step: j, lr: r.lr, wd: r.wd, final_loss: o.final_loss });
-            }
-            targets.push(TargetResult::new(p, w, zero_shot, local, plan));
-        }
-    }
-    Ok(targets)
-}
-
-/// `--calibrate`: trains along the μP path (lr ∝ 1/m, wd ∝ m^gamma) at the preset's widths for each gamma,
-/// writes measurements.json and prints the recommended gamma.
-fn calibrate(a: &Args, plan: &Plan, data: &Data, runner: &mut Runner, start: Instant) -> Result<()> {
-    if a.gammas.len() < 2 {
-        bail!("--calibrate needs at least 2 gamma values in --gammas, got {}", a.gammas.len());
-    }
-    let lr = a.lr.unwrap_or(plan.lr_grid[plan.lr_grid.len() / 2]);
-    let wd = a.wd.unwrap_or(plan.wd_grid[plan.wd_grid.len() / 2]);
-    let widths = plan.widths();
-    let total: u64 = widths.iter().map(|w| cost(plan, data.vocab(), *w)).sum::<u64>() * a.gammas.len() as u64;
-    runner.bar = ProgressBar::new(total);
-    runner.bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {percent:>3}% ETA {eta_precise} {msg}").unwrap());
-    let mut ms = Vec::new();
-    for &gamma in &a.gammas {
-        let rule = Rule::custom(gamma, 1.0)?;
-        for &w in &widths {
-            let o = runner.run(&RunRequest { width: w, rule, lr, wd, seed: 0 })?;
-            for (param, s) in &o.sigma_max {
-                ms.push(Measurement { width: w, gamma, lr, wd, param: param.clone(), sigma_max: *s });
-            }
-        }
-    }
-    runner.bar.finish_and_clear();
-    let path = a.out.join("measurements.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&ms)?)?;
-    let (text, _) = report::calibration_text(&ms);
-    println!("μP-path calibration, preset {}, base (lr, wd) = ({lr:e}, {wd}), widths {widths:?}, {:.0} s", plan.name, start.elapsed().as_secs_f64());
-    println!("{text}");
-    println!("measurements: {} (read it with `gainguard calibrate {}`)", path.display(), path.display());
-    Ok(())
 }

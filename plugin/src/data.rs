@@ -33,24 +33,40 @@ impl SplitMix64 {
     }
 }
 
+/// A Markov source of order `order`: the next token depends on the previous `order` tokens (its
+/// *context*). Order 1 is predictable from the current token alone; from order 2 on a model must look back
+/// along the sequence (attention, in a transformer) to reach the entropy floor.
 #[derive(Clone, Debug)]
 pub struct MarkovCorpus {
     pub vocab: usize,
+    pub order: usize,
     pub seed: u64,
-    /// For each token, its successors and their probabilities (summing to 1).
+    /// For each context (the previous `order` tokens as base-`vocab` digits, oldest first), its successors and
+    /// their probabilities (summing to 1).
     pub transitions: Vec<Vec<(u32, f64)>>,
-    /// Stationary distribution of the chain.
+    /// Stationary distribution of the chain over contexts.
     pub stationary: Vec<f64>,
 }
 
 impl MarkovCorpus {
-    /// A chain over `vocab` tokens where each token has `branching` successors with random
+    /// A first-order chain over `vocab` tokens where each token has `branching` successors with random
     /// probabilities. One successor is always `i + 1 mod vocab`, so the chain is irreducible.
     pub fn new(vocab: usize, branching: usize, seed: u64) -> MarkovCorpus {
+        MarkovCorpus::with_order(vocab, 1, branching, seed)
+    }
+
+    /// A chain of order `order` (1 or more; `vocab^order` contexts) where each context has `branching`
+    /// successors with random probabilities. One successor of a context ending in token `i` is always
+    /// `i + 1 mod vocab`.
+    pub fn with_order(vocab: usize, order: usize, branching: usize, seed: u64) -> MarkovCorpus {
         assert!(vocab >= 2 && branching >= 1 && branching <= vocab, "vocab >= 2 and 1 <= branching <= vocab");
+        let contexts = u32::try_from(order).ok().and_then(|o| vocab.checked_pow(o)).filter(|c| *c <= 1 << 22);
+        let contexts = contexts.expect("order >= 1 and vocab^order <= 4M contexts");
+        assert!(order >= 1, "order >= 1");
         let mut rng = SplitMix64::new(seed ^ 0x6761_696e_6775_6172);
-        let transitions: Vec<Vec<(u32, f64)>> = (0..vocab)
-            .map(|i| {
+        let transitions: Vec<Vec<(u32, f64)>> = (0..contexts)
+            .map(|ctx| {
+                let i = ctx % vocab;
                 let mut succ = vec![((i + 1) % vocab) as u32];
                 while succ.len() < branching {
                     let c = rng.below(vocab as u64) as u32;
@@ -64,8 +80,14 @@ impl MarkovCorpus {
                 succ.into_iter().zip(w).map(|(s, w)| (s, w / total)).collect()
             })
             .collect();
-        let stationary = stationary_distribution(&transitions);
-        MarkovCorpus { vocab, seed, transitions, stationary }
+        let next = |ctx: usize, tok: u32| (ctx * vocab + tok as usize) % contexts;
+        let stationary = stationary_distribution(&transitions, next);
+        MarkovCorpus { vocab, order, seed, transitions, stationary }
+    }
+
+    /// The context after `ctx` when `tok` follows.
+    fn next_context(&self, ctx: usize, tok: u32) -> usize {
+        (ctx * self.vocab + tok as usize) % self.transitions.len()
     }
 
     /// Entropy rate in nats per token: `Σ_i π_i · H(P(· | i))`.
@@ -97,11 +119,18 @@ impl MarkovCorpus {
         let mut out = Vec::with_capacity(batch * seq_len);
         for row in 0..batch as u64 {
             let mut rng = SplitMix64::new(self.seed.wrapping_mul(0x100_0000_01B3) ^ index.wrapping_mul(0x9E37_79B9) ^ (row << 40));
-            let mut tok = Self::sample_from(&mut rng, self.stationary.iter().enumerate().map(|(i, p)| (i as u32, *p)));
-            for _ in 0..seq_len {
-                out.push(tok as i64);
-                tok = Self::sample_from(&mut rng, self.transitions[tok as usize].iter().copied());
+            let mut ctx = Self::sample_from(&mut rng, self.stationary.iter().enumerate().map(|(i, p)| (i as u32, *p))) as usize;
+            let start = out.len();
+            // The first context's own tokens, oldest first, then one token per transition.
+            for k in (0..self.order).rev() {
+                out.push((ctx / self.vocab.pow(k as u32) % self.vocab) as i64);
             }
+            while out.len() - start < seq_len {
+                let tok = Self::sample_from(&mut rng, self.transitions[ctx].iter().copied());
+                out.push(tok as i64);
+                ctx = self.next_context(ctx, tok);
+            }
+            out.truncate(start + seq_len);
         }
         out
     }
@@ -109,14 +138,14 @@ impl MarkovCorpus {
 
 /// Stationary distribution by power iteration on the lazy chain `(I + P) / 2`, which has the same
 /// stationary distribution and converges even when `P` is periodic.
-fn stationary_distribution(transitions: &[Vec<(u32, f64)>]) -> Vec<f64> {
+fn stationary_distribution(transitions: &[Vec<(u32, f64)>], next_state: impl Fn(usize, u32) -> usize) -> Vec<f64> {
     let n = transitions.len();
     let mut pi = vec![1.0 / n as f64; n];
     for _ in 0..100_000 {
         let mut next: Vec<f64> = pi.iter().map(|p| 0.5 * p).collect();
         for (i, row) in transitions.iter().enumerate() {
-            for (j, p) in row {
-                next[*j as usize] += 0.5 * pi[i] * p;
+            for (tok, p) in row {
+                next[next_state(i, *tok)] += 0.5 * pi[i] * p;
             }
         }
         let delta: f64 = next.iter().zip(&pi).map(|(a, b)| (a - b).abs()).sum();
@@ -232,12 +261,47 @@ mod tests {
         let mut next = vec![0.0; 50];
         for (i, row) in c.transitions.iter().enumerate() {
             for (j, p) in row {
-                next[*j as usize] += c.stationary[i] * p;
+                next[c.next_context(i, *j)] += c.stationary[i] * p;
             }
         }
         let err: f64 = next.iter().zip(&c.stationary).map(|(a, b)| (a - b).abs()).sum();
         assert!(err < 1e-9, "{err}");
         assert!((c.stationary.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    /// Conditional entropy of the next token given the previous `k`, counted from `batches` batches.
+    fn empirical_conditional_entropy(c: &MarkovCorpus, k: usize, batches: u64) -> f64 {
+        let mut counts: std::collections::HashMap<Vec<i64>, std::collections::HashMap<i64, u64>> = Default::default();
+        for i in 0..batches {
+            for row in c.batch(i, 8, 256).chunks(256) {
+                for w in row.windows(k + 1) {
+                    *counts.entry(w[..k].to_vec()).or_default().entry(w[k]).or_default() += 1;
+                }
+            }
+        }
+        let total: u64 = counts.values().flat_map(|m| m.values()).sum();
+        let mut h = 0.0;
+        for next in counts.values() {
+            let n: u64 = next.values().sum();
+            for &c in next.values() {
+                let p = c as f64 / n as f64;
+                h -= (n as f64 / total as f64) * p * p.ln();
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn a_second_order_source_reaches_its_entropy_floor_only_with_two_tokens_of_context() {
+        let c = MarkovCorpus::with_order(16, 2, 3, 5);
+        let exact = c.entropy_rate();
+        let given_two = empirical_conditional_entropy(&c, 2, 400);
+        let given_one = empirical_conditional_entropy(&c, 1, 400);
+        assert!((given_two - exact).abs() < 0.02, "empirical {given_two} vs exact {exact}");
+        // With one token of context the next token is much less predictable: attention has something to do.
+        assert!(given_one > exact + 0.5, "H(next | 1 token) {given_one} vs floor {exact}");
+        // Rows are exactly seq_len long, even shorter than the context.
+        assert!(c.batch(0, 3, 7).len() == 21 && c.batch(0, 3, 1).len() == 3);
     }
 
     fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {

@@ -267,6 +267,80 @@ pub struct Measurement {
     /// The matrix's name.
     pub param: String,
     pub sigma_max: f64,
+    /// The matrix's decay horizon `H = Σ_t lr_t·wd_t` when sigma_max was read (width-scaled values, schedule
+    /// included; `gainguard::steady_state`). Below [`MIN_RELIABLE_HORIZON`], or absent, the fit is unreliable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_horizon: Option<f64>,
+    /// Optimizer steps of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// The run's lr schedule, as text (e.g. `linear warmup 20 steps, then constant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Measurement {
+    /// An entry with the required fields only.
+    pub fn new(width: f64, gamma: f64, lr: f64, wd: f64, param: impl Into<String>, sigma_max: f64) -> Measurement {
+        Measurement { width, gamma, lr, wd, param: param.into(), sigma_max, decay_horizon: None, steps: None, schedule: None, seed: None }
+    }
+}
+
+/// The decay horizon every measurement needs before its sigma_max is read as a steady state: below it the
+/// initialisation's share `e^(−H)` and the slow end of the transient still show, and the widths of a μP path
+/// (whose `lr·wd ∝ m^(gamma − 1)`) are compared at different stages of it.
+pub const MIN_RELIABLE_HORIZON: f64 = 5.0;
+
+/// Whether a calibration rests on steady-state measurements, and if not, why.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Reliability {
+    pub reliable: bool,
+    /// Why not (None when reliable).
+    pub reason: Option<String>,
+    /// The smallest decay horizon per width, where every entry at that width carries one.
+    pub min_horizon_by_width: Vec<(f64, Option<f64>)>,
+}
+
+/// Checks every width's decay horizons against [`MIN_RELIABLE_HORIZON`]: a width with an entry below it, or
+/// without one, makes the calibration unreliable.
+pub fn horizon_reliability(ms: &[Measurement]) -> Reliability {
+    let mut by_width: BTreeMap<u64, (usize, Option<f64>)> = BTreeMap::new();
+    for m in ms {
+        let e = by_width.entry(m.width.to_bits()).or_insert((0, Some(f64::INFINITY)));
+        match m.decay_horizon {
+            Some(h) if h.is_finite() => e.1 = e.1.map(|min| min.min(h)),
+            _ => {
+                e.0 += 1;
+                e.1 = None;
+            }
+        }
+    }
+    let mut widths: Vec<(f64, usize, Option<f64>)> = by_width.into_iter().map(|(w, (missing, h))| (f64::from_bits(w), missing, h)).collect();
+    widths.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let missing: Vec<String> = widths.iter().filter(|w| w.1 > 0).map(|w| format!("{}", w.0)).collect();
+    let short: Vec<String> =
+        widths.iter().filter_map(|w| w.2.filter(|h| *h < MIN_RELIABLE_HORIZON).map(|h| format!("{} (H = {h:.2})", w.0))).collect();
+    let missing_entries: usize = widths.iter().map(|w| w.1).sum();
+    let mut reasons = Vec::new();
+    if !missing.is_empty() {
+        reasons.push(format!(
+            "{missing_entries} of {} entries carry no decay_horizon (widths {}), so nothing shows their sigma_max was read at steady state",
+            ms.len(),
+            missing.join(", ")
+        ));
+    }
+    if !short.is_empty() {
+        reasons.push(format!(
+            "decay horizon below {MIN_RELIABLE_HORIZON} at widths {}: sigma_max there is still largely the decayed initialisation,              and under lr ∝ 1/m, wd ∝ m^gamma the wider runs are further from steady state, which biases gamma towards 1",
+            short.join(", ")
+        ));
+    }
+    let reason = (!reasons.is_empty()).then(|| {
+        format!("{}; rerun every width until its hidden matrices reach H = Σ lr_t·wd_t ≥ {MIN_RELIABLE_HORIZON}", reasons.join("; "))
+    });
+    Reliability { reliable: reason.is_none(), reason, min_horizon_by_width: widths.into_iter().map(|w| (w.0, w.2)).collect() }
 }
 
 /// What a measurements file looks like, for messages about a file that is something else.
@@ -412,6 +486,22 @@ pub fn check_measurements(ms: &[Measurement], origin: &str) -> Result<(), Measur
         )));
     }
     Ok(())
+}
+
+/// Where the piecewise-linear curve through `(x_i, y_i)` (sorted by x) first reaches zero: the gamma where the
+/// slope of ln sigma_max on ln d crosses zero, read off measured slopes without assuming a straight line
+/// (what [`calibrate_gamma`] fits). None when the curve stays on one side.
+pub fn zero_crossing(xs: &[f64], ys: &[f64]) -> Option<f64> {
+    for i in 1..xs.len().min(ys.len()) {
+        let (y0, y1) = (ys[i - 1], ys[i]);
+        if y0 == 0.0 {
+            return Some(xs[i - 1]);
+        }
+        if y0.signum() != y1.signum() && y0.is_finite() && y1.is_finite() {
+            return Some(xs[i - 1] + (xs[i] - xs[i - 1]) * y0 / (y0 - y1));
+        }
+    }
+    (ys.last() == Some(&0.0)).then(|| xs[ys.len() - 1])
 }
 
 /// `max / min` of positive values: the spread of sigma_max across widths (1 = perfectly flat).
@@ -574,7 +664,7 @@ mod tests {
     }
 
     fn measurement(param: &str, gamma: f64, width: f64, wd: f64) -> Measurement {
-        Measurement { width, gamma, lr: 0.003, wd, param: param.into(), sigma_max: 1.0 + width / 1000.0 }
+        Measurement::new(width, gamma, 0.003, wd, param, 1.0 + width / 1000.0)
     }
 
     #[test]
@@ -625,6 +715,42 @@ mod tests {
         ms[4].wd = 0.1;
         ms.extend([64.0, 128.0, 256.0].map(|w| measurement("w", 1.0, w, 0.2)));
         assert_eq!(check_measurements(&ms, "m.json"), Ok(()));
+    }
+
+    #[test]
+    fn a_calibration_is_reliable_only_when_every_width_reached_the_minimum_horizon() {
+        let at = |w: f64, h: Option<f64>| Measurement { decay_horizon: h, ..measurement("w", 0.5, w, 0.1) };
+        let steady = vec![at(64.0, Some(8.0)), at(128.0, Some(6.0)), at(256.0, Some(5.0))];
+        let r = horizon_reliability(&steady);
+        assert!(r.reliable && r.reason.is_none(), "{r:?}");
+        assert_eq!(r.min_horizon_by_width, vec![(64.0, Some(8.0)), (128.0, Some(6.0)), (256.0, Some(5.0))]);
+
+        let short = vec![at(64.0, Some(8.0)), at(128.0, Some(6.0)), at(128.0, Some(2.0)), at(256.0, Some(0.75))];
+        let r = horizon_reliability(&short);
+        let reason = r.reason.clone().unwrap();
+        assert!(!r.reliable && reason.contains("128 (H = 2.00)") && reason.contains("256 (H = 0.75)") && !reason.contains("64 ("), "{reason}");
+
+        let missing = vec![at(64.0, Some(8.0)), at(128.0, None), at(256.0, Some(9.0))];
+        let r = horizon_reliability(&missing);
+        assert!(!r.reliable && r.reason.unwrap().contains("1 of 3 entries carry no decay_horizon (widths 128)"));
+    }
+
+    #[test]
+    fn a_measurement_with_its_horizon_steps_schedule_and_seed_parses_and_an_unknown_field_does_not() {
+        let text = br#"[{"width": 64, "gamma": 0.5, "lr": 0.01, "wd": 0.1, "param": "w", "sigma_max": 2,
+                         "decay_horizon": 6.5, "steps": 400, "schedule": "constant", "seed": 2}]"#;
+        let ms = parse_measurements(text, "m.json").unwrap();
+        assert_eq!((ms[0].decay_horizon, ms[0].steps, ms[0].seed), (Some(6.5), Some(400), Some(2)));
+        let bad = br#"[{"width": 64, "gamma": 0.5, "lr": 0.01, "wd": 0.1, "param": "w", "sigma_max": 2, "horizon": 6.5}]"#;
+        assert!(parse_measurements(bad, "m.json").unwrap_err().to_string().contains("unknown field `horizon`"));
+    }
+
+    #[test]
+    fn the_zero_crossing_is_interpolated_between_the_measured_points_and_absent_when_there_is_none() {
+        assert_eq!(zero_crossing(&[0.0, 0.5, 1.0], &[0.3, 0.1, -0.1]), Some(0.75));
+        assert_eq!(zero_crossing(&[0.0, 1.0], &[0.0, 2.0]), Some(0.0));
+        assert_eq!(zero_crossing(&[0.0, 1.0], &[0.2, 0.1]), None);
+        assert_eq!(zero_crossing(&[0.0, 1.0], &[0.2, 0.0]), Some(1.0));
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod rule;
 pub mod schedule;
 mod shim;
 pub mod spectra;
+pub mod steady_state;
 pub mod telemetry;
 pub mod watch;
 

@@ -147,6 +147,8 @@ struct Snapshot {
     /// Effective lr and wd at the sampled step (width-scaled × schedule multipliers).
     lr: f64,
     weight_decay: f64,
+    /// The optimizer's decay horizon of the parameter after the sampled step (None: not counted there).
+    decay_horizon: Option<f64>,
     full: bool,
 }
 
@@ -499,6 +501,8 @@ trait ParamView {
     fn tensor(&self, i: usize) -> &Tensor;
     /// Index into the plan's decisions; None for a name the plan does not hold.
     fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize>;
+    /// The optimizer's decay horizon of the parameter; None where the optimizer does not count it.
+    fn decay_horizon(&self, i: usize) -> Option<f64>;
 }
 
 impl ParamView for [ParamSlot] {
@@ -514,6 +518,9 @@ impl ParamView for [ParamSlot] {
     fn decision(&self, i: usize, _: &HashMap<String, usize>) -> Option<usize> {
         Some(self[i].decision)
     }
+    fn decay_horizon(&self, i: usize) -> Option<f64> {
+        Some(self[i].decay_horizon)
+    }
 }
 
 impl ParamView for [ParamRef<'_>] {
@@ -528,6 +535,9 @@ impl ParamView for [ParamRef<'_>] {
     }
     fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize> {
         decision_of.get(self[i].name).copied()
+    }
+    fn decay_horizon(&self, _: usize) -> Option<f64> {
+        None
     }
 }
 
@@ -626,6 +636,7 @@ impl SpectrumSampler {
                     before,
                     lr: d.lr * report.lr_multiplier,
                     weight_decay: d.weight_decay * report.wd_multiplier,
+                    decay_horizon: slots.decay_horizon(si),
                     full,
                 })
             })
@@ -651,7 +662,12 @@ impl SpectrumSampler {
         let progress = self.config.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64);
         for (i, _) in results.into_iter().filter(|&(_, bad)| bad) {
             let Some(info) = slots.decision(i, &self.decision_of).and_then(|d| self.eligible.get(d).cloned().flatten()) else { continue };
-            let sample = SpectrumSample { nonfinite: true, progress, ..SpectrumSample::empty(info.name.clone(), info.layer, info.class) };
+            let sample = SpectrumSample {
+                nonfinite: true,
+                progress,
+                decay_horizon: slots.decay_horizon(i),
+                ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
+            };
             self.sink.send(self.id.envelope(step, Event::Spectrum(sample)));
             self.shared.emitted.fetch_add(1, Ordering::Relaxed);
         }
@@ -777,8 +793,10 @@ impl Worker {
     fn sample(&mut self, snap: &Snapshot, step: u64) -> SpectrumSample {
         let started = Instant::now();
         let info = &snap.info;
+        // The horizon goes on every sample, before the reference is asked: a SelfBaseline windows by it.
         let mut sample = SpectrumSample {
             progress: self.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64),
+            decay_horizon: snap.decay_horizon,
             ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
         };
         let estimator = self.estimators.entry(info.name.clone()).or_insert_with(|| Estimator::new(self.estimator_config.clone()));

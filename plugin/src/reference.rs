@@ -6,10 +6,20 @@
 //! - A target run loads it; the spectra worker asks it for `sigma_reference` at the same progress
 //!   (linear interpolation between recorded points, clamped at the ends) and exports
 //!   `gain_ratio = sigma_target / sigma_reference`.
+//! - The profile is keyed by **progress**, not by decay horizon: at equal progress both runs are at the same
+//!   point of their schedule (the same lr and wd multipliers), which a comparison at equal H would not give
+//!   once the schedule decays. It also records each parameter's decay horizon `H = Σ_t lr_t·wd_t` against
+//!   progress (from the samples' `decay_horizon`), so a profile says whether the proxy itself reached steady
+//!   state ([`ReferenceProfile::min_final_horizon`]). A gain ratio is a verdict on the rule only once both
+//!   runs are past a few timescales; under `lr ∝ 1/m, wd ∝ m^gamma` with gamma ≤ 1 (every preset) the target
+//!   has the smaller H at equal progress, so the alerts gate on the target's H alone
+//!   (`gainguard:gain_drift_min_decay_horizon`, docs/runbook.md#gaindrift).
 //! - Without a reference, [`SelfBaseline`] compares `sigma_max_normalized = sigma_max / (sqrt(lr/wd)·m^alpha)`
 //!   with its own median over an early steady-state window of the same run: drift of the normalized
-//!   gain. It reports `reference_sigma_max = baseline_normalized · sqrt(lr/wd)·m^alpha`, so the gain ratio
-//!   means the same thing in both modes.
+//!   gain. The window is a range of decay horizon (default H ∈ [3, 4]) so that it is past the transient
+//!   whatever the run's length, or a range of progress. It reports
+//!   `reference_sigma_max = baseline_normalized · sqrt(lr/wd)·m^alpha`, so the gain ratio means the same
+//!   thing in both modes.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -45,6 +55,10 @@ pub struct ParamProfile {
     pub weight_decay: f64,
     /// (progress, sigma_max), sorted by progress.
     pub points: Vec<(f64, f64)>,
+    /// (progress, decay horizon H), sorted by progress: empty when the samples carried no horizon (and in
+    /// profiles written before it was recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decay_horizon: Vec<(f64, f64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,23 +125,45 @@ impl ReferenceProfile {
 
     /// sigma_max of `param` at `progress`, linearly interpolated, clamped to the recorded range.
     pub fn sigma_at(&self, param: &str, progress: f64) -> Option<f64> {
-        let pts = &self.params.get(param)?.points;
-        let first = pts.first()?;
-        let last = pts.last()?;
-        if progress <= first.0 {
-            return Some(first.1);
-        }
-        if progress >= last.0 {
-            return Some(last.1);
-        }
-        let i = pts.partition_point(|(p, _)| *p <= progress);
-        let (p0, s0) = pts[i - 1];
-        let (p1, s1) = pts[i];
-        if p1 == p0 {
-            return Some(s1);
-        }
-        Some(s0 + (s1 - s0) * (progress - p0) / (p1 - p0))
+        interpolate(&self.params.get(param)?.points, progress)
     }
+
+    /// Decay horizon of `param` at `progress` in the reference run, where it was recorded.
+    pub fn horizon_at(&self, param: &str, progress: f64) -> Option<f64> {
+        interpolate(&self.params.get(param)?.decay_horizon, progress)
+    }
+
+    /// The smallest final decay horizon over the parameters, with that parameter's name: whether the
+    /// reference run reached steady state. None when any parameter has no recorded horizon.
+    pub fn min_final_horizon(&self) -> Option<(String, f64)> {
+        let mut min: Option<(String, f64)> = None;
+        for (name, p) in &self.params {
+            let h = p.decay_horizon.last()?.1;
+            if min.as_ref().is_none_or(|m| h < m.1) {
+                min = Some((name.clone(), h));
+            }
+        }
+        min
+    }
+}
+
+/// `y` at `x` on the piecewise-linear curve through `pts` (sorted by x), clamped at the ends.
+fn interpolate(pts: &[(f64, f64)], x: f64) -> Option<f64> {
+    let first = pts.first()?;
+    let last = pts.last()?;
+    if x <= first.0 {
+        return Some(first.1);
+    }
+    if x >= last.0 {
+        return Some(last.1);
+    }
+    let i = pts.partition_point(|(p, _)| *p <= x);
+    let (x0, y0) = pts[i - 1];
+    let (x1, y1) = pts[i];
+    if x1 == x0 {
+        return Some(y1);
+    }
+    Some(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 }
 
 impl GainReference for ReferenceProfile {
@@ -140,7 +176,8 @@ impl GainReference for ReferenceProfile {
 /// to the spectra sampler.
 #[derive(Clone, Default)]
 pub struct ProfileRecorder {
-    points: Arc<Mutex<BTreeMap<String, Vec<(f64, f64)>>>>,
+    /// Per parameter: (progress, sigma_max) and (progress, decay horizon) points.
+    points: Arc<Mutex<BTreeMap<String, (Vec<(f64, f64)>, Vec<(f64, f64)>)>>>,
 }
 
 impl ProfileRecorder {
@@ -153,7 +190,12 @@ impl ProfileRecorder {
             return;
         }
         if let (Some(progress), Some(sigma)) = (sample.progress, sample.sigma_max) {
-            self.points.lock().expect("recorder lock").entry(sample.param.clone()).or_default().push((progress, sigma));
+            let mut points = self.points.lock().expect("recorder lock");
+            let (sigmas, horizons) = points.entry(sample.param.clone()).or_default();
+            sigmas.push((progress, sigma));
+            if let Some(h) = sample.decay_horizon {
+                horizons.push((progress, h));
+            }
         }
     }
 
@@ -171,11 +213,19 @@ impl ProfileRecorder {
             .iter()
             .filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none())
             .filter_map(|d| {
-                let mut pts = points.get(&d.name)?.clone();
+                let (mut pts, mut horizons) = points.get(&d.name)?.clone();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                horizons.sort_by(|a, b| a.0.total_cmp(&b.0));
                 Some((
                     d.name.clone(),
-                    ParamProfile { shape: d.shape.clone(), width_multiplier: d.width_multiplier, lr: d.lr, weight_decay: d.weight_decay, points: pts },
+                    ParamProfile {
+                        shape: d.shape.clone(),
+                        width_multiplier: d.width_multiplier,
+                        lr: d.lr,
+                        weight_decay: d.weight_decay,
+                        points: pts,
+                        decay_horizon: horizons,
+                    },
                 ))
             })
             .collect();
@@ -194,36 +244,54 @@ impl ProfileRecorder {
     }
 }
 
+/// Where [`SelfBaseline`] takes its baseline: a range of training progress or of decay horizon.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BaselineWindow {
+    /// Progress (step / planned steps) in `[from, to)`; needs `planned_steps`.
+    Progress { from: f64, to: f64 },
+    /// Decay horizon H in `[from, to)`; needs samples that carry `decay_horizon`. Past the transient whatever
+    /// the run's length and rates.
+    DecayHorizon { from: f64, to: f64 },
+}
+
 /// The fallback without a proxy profile: each parameter's normalized gain against its own median over
-/// an early steady-state window of progress `[from, to]` (default 0.1–0.25 of planned steps).
+/// an early steady-state window (default: decay horizon H ∈ [3, 4)).
 pub struct SelfBaseline {
-    from: f64,
-    to: f64,
+    window: BaselineWindow,
     state: Mutex<BTreeMap<String, (Vec<f64>, Option<f64>)>>,
 }
 
 impl SelfBaseline {
+    /// A baseline over progress `[from, to)`.
     pub fn new(from: f64, to: f64) -> SelfBaseline {
-        SelfBaseline { from, to, state: Mutex::new(BTreeMap::new()) }
+        SelfBaseline::with_window(BaselineWindow::Progress { from, to })
+    }
+
+    pub fn with_window(window: BaselineWindow) -> SelfBaseline {
+        SelfBaseline { window, state: Mutex::new(BTreeMap::new()) }
     }
 }
 
 impl Default for SelfBaseline {
     fn default() -> Self {
-        SelfBaseline::new(0.1, 0.25)
+        SelfBaseline::with_window(BaselineWindow::DecayHorizon { from: 3.0, to: 4.0 })
     }
 }
 
 impl GainReference for SelfBaseline {
     fn reference_sigma_max(&self, sample: &SpectrumSample) -> Option<f64> {
-        let (progress, sigma, normalized) = (sample.progress?, sample.sigma_max?, sample.sigma_max_normalized?);
+        let (position, from, to) = match self.window {
+            BaselineWindow::Progress { from, to } => (sample.progress?, from, to),
+            BaselineWindow::DecayHorizon { from, to } => (sample.decay_horizon?, from, to),
+        };
+        let (sigma, normalized) = (sample.sigma_max?, sample.sigma_max_normalized?);
         if normalized <= 0.0 || !normalized.is_finite() {
             return None;
         }
         let mut state = self.state.lock().expect("baseline lock");
         let (window, baseline) = state.entry(sample.param.clone()).or_default();
-        if progress < self.to {
-            if progress >= self.from {
+        if position < to {
+            if position >= from {
                 window.push(normalized);
             }
             return None;
@@ -254,7 +322,7 @@ mod tests {
 
     fn profile(points: Vec<(f64, f64)>) -> ReferenceProfile {
         let mut params = BTreeMap::new();
-        params.insert("w".to_string(), ParamProfile { shape: vec![4, 4], width_multiplier: 1.0, lr: 1e-3, weight_decay: 0.1, points });
+        params.insert("w".to_string(), ParamProfile { shape: vec![4, 4], width_multiplier: 1.0, lr: 1e-3, weight_decay: 0.1, points, decay_horizon: vec![] });
         ReferenceProfile {
             format: PROFILE_FORMAT.into(),
             version: PROFILE_VERSION,
@@ -303,10 +371,64 @@ mod tests {
         let mut nan = sample("w", 0.3, 9.0, None);
         nan.nonfinite = true;
         r.record(&nan);
-        let pts = r.points.lock().unwrap()["w"].clone();
+        let pts = r.points.lock().unwrap()["w"].0.clone();
         let mut sorted = pts.clone();
         sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
         assert_eq!(sorted, vec![(0.1, 1.0), (0.5, 2.0)]);
+    }
+
+    #[test]
+    fn the_recorder_keeps_the_decay_horizon_against_progress_and_the_profile_reports_the_smallest_final_one() {
+        let r = ProfileRecorder::new();
+        for (param, h_per_progress) in [("a", 10.0), ("b", 4.0)] {
+            for p in [0.5, 1.0, 0.25] {
+                r.record(&SpectrumSample { decay_horizon: Some(h_per_progress * p), ..sample(param, p, 1.0, None) });
+            }
+        }
+        let decision = |name: &str| crate::plan::ParamDecision {
+            name: name.into(),
+            shape: vec![8, 8],
+            base_shape: vec![4, 4],
+            class: ParamClass::MatrixLike,
+            layer: None,
+            fan_in_dim: Some(1),
+            width_multiplier: 2.0,
+            lr: 5e-4,
+            weight_decay: 0.14,
+            tied_to: None,
+            width_dims: vec![0, 1],
+            role: None,
+        };
+        let plan = ScalingPlan {
+            rule: crate::rule::Rule::default(),
+            base_lr: 1e-3,
+            base_weight_decay: 0.1,
+            decisions: vec![decision("a"), decision("b")],
+            warnings: vec![],
+        };
+        let p = r.finish("proxy", &plan, 0.75, Some(100));
+        assert_eq!(p.params["a"].decay_horizon, vec![(0.25, 2.5), (0.5, 5.0), (1.0, 10.0)]);
+        assert_eq!(p.horizon_at("a", 0.75), Some(7.5));
+        assert_eq!(p.min_final_horizon(), Some(("b".to_string(), 4.0)));
+        // A profile without horizons (written before they were recorded) reads back, and says nothing.
+        let mut old = serde_json::to_value(&p).unwrap();
+        old["params"]["a"].as_object_mut().unwrap().remove("decay_horizon");
+        let back: ReferenceProfile = serde_json::from_value(old).unwrap();
+        assert_eq!(back.min_final_horizon(), None);
+    }
+
+    #[test]
+    fn the_default_self_baseline_is_taken_between_decay_horizons_3_and_4_whatever_the_progress() {
+        let b = SelfBaseline::default();
+        let at = |h: f64, n: f64| SpectrumSample { decay_horizon: Some(h), ..sample("w", 0.9, 10.0 * n, Some(n)) };
+        // A transient (H < 3) far off, then the window: normalized 2.0 and 4.0 (median of two: the upper, 4.0).
+        for (h, n) in [(0.5, 50.0), (2.9, 9.0), (3.0, 2.0), (3.5, 4.0)] {
+            assert_eq!(b.reference_sigma_max(&at(h, n)), None);
+        }
+        let r = b.reference_sigma_max(&at(6.0, 2.0)).unwrap();
+        assert!((20.0 / r - 0.5).abs() < 1e-12, "{r}");
+        // Without a horizon on the sample there is no reference under this window.
+        assert_eq!(b.reference_sigma_max(&sample("w", 0.9, 1.0, Some(1.0))), None);
     }
 
     #[test]

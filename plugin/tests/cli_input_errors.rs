@@ -195,6 +195,36 @@ fn calibrate_names_the_kind_of_file_it_was_given_and_what_it_expected() {
 }
 
 #[test]
+fn calibrate_marks_the_committed_transient_cpu_small_measurements_unreliable_and_says_why() {
+    // docs/experiments/cpu-small ran at decay horizons H ≤ 2.1 and recorded none: the fit still prints, flagged.
+    let committed = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/experiments/cpu-small/measurements.json");
+    let report = json(&gainguard(&["calibrate", committed, "--format", "json"]));
+    assert_eq!(report["reliable"], false, "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(reason.contains("no decay_horizon") && reason.contains("≥ 5"), "{reason}");
+    assert!(report["gamma"].as_f64().is_some(), "the fit is still reported: {report}");
+    let table = gainguard(&["calibrate", committed]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success() && text.contains("UNRELIABLE") && !text.contains("use it:"), "{text}");
+}
+
+#[test]
+fn calibrate_is_reliable_only_when_every_width_carries_a_horizon_of_at_least_5() {
+    let mut ms: Vec<serde_json::Value> = serde_json::from_str(&measurements()).unwrap();
+    for m in &mut ms {
+        m["decay_horizon"] = 6.0.into();
+    }
+    let steady = tmp("steady.json", serde_json::to_string(&ms).unwrap());
+    let report = json(&gainguard(&["calibrate", s(&steady), "--format", "json"]));
+    assert_eq!((report["reliable"].clone(), report["reason"].clone()), (true.into(), serde_json::Value::Null), "{report}");
+    ms[5]["decay_horizon"] = 2.5.into(); // param a, gamma 1, width 256
+    let short = tmp("short.json", serde_json::to_string(&ms).unwrap());
+    let report = json(&gainguard(&["calibrate", s(&short), "--format", "json"]));
+    assert_eq!(report["reliable"], false);
+    assert!(report["reason"].as_str().unwrap().contains("256 (H = 2.50)"), "{report}");
+}
+
+#[test]
 fn calibrate_names_the_entries_that_disagree_on_the_base_lr_and_wd() {
     // Before: "3 points in 2 groups leave no degrees of freedom".
     let mut ms: Vec<serde_json::Value> = serde_json::from_str(&measurements()).unwrap();

@@ -148,7 +148,7 @@ fn an_unreadable_or_mismatched_reference_is_an_error_naming_the_file_or_the_para
     let other = temp_path("other-profile.json");
     let recorder = gainguard::reference::ProfileRecorder::new();
     let mut profile = recorder.finish("proxy", &plan, 0.75, Some(1));
-    profile.params.insert("decoder.w".into(), gainguard::reference::ParamProfile { shape: vec![2, 2], width_multiplier: 1.0, lr: 1e-3, weight_decay: 0.1, points: vec![(0.0, 1.0)] });
+    profile.params.insert("decoder.w".into(), gainguard::reference::ParamProfile { shape: vec![2, 2], width_multiplier: 1.0, lr: 1e-3, weight_decay: 0.1, points: vec![(0.0, 1.0)], decay_horizon: vec![] });
     profile.write_json(&other).unwrap();
     let err = Monitor::builder("r").reference(&other).to_sink(Sink::disabled()).for_plan(&plan).err().unwrap();
     assert!(err.to_string().contains("decoder.w"), "{err}");

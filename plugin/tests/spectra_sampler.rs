@@ -180,6 +180,10 @@ fn events_carry_identity_sigma_max_normalization_update_ratio_and_full_spectrum_
         assert_eq!(s.top_k[0], sigma);
         assert_eq!(s.reference_sigma_max, Some(0.5));
         assert!((s.gain_ratio.unwrap() - sigma / 0.5).abs() < 1e-12);
+        // After k steps of a constant schedule under coupled decay: H = k·lr·wd, the plan's width-scaled values.
+        let planned = opt.plan().get(&s.param).unwrap();
+        let h = env.step as f64 * planned.lr * planned.weight_decay;
+        assert!((s.decay_horizon.unwrap() - h).abs() <= 1e-12 * h, "{} at step {}: H {:?}, expected {h}", s.param, env.step, s.decay_horizon);
         // Full-spectrum fields on a parameter's 1st and 3rd samples (steps 2 and 6).
         let full = env.step == 2 || env.step == 6;
         assert_eq!(s.quantiles.is_some(), full, "step {}", env.step);

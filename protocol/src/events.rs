@@ -237,6 +237,10 @@ pub struct SpectrumSample {
     /// Training progress in [0, 1] at the sampled step, if planned steps are known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+    /// Decay horizon `H = Σ_t lr_t·wd_t` of the parameter at the sampled step (width-scaled, schedule included):
+    /// the weight-decay timescales it has seen. Below a few, sigma_max is mostly the decayed initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_horizon: Option<f64>,
 }
 
 impl SpectrumSample {
@@ -261,6 +265,7 @@ impl SpectrumSample {
             nonfinite: false,
             duration_seconds: 0.0,
             progress: None,
+            decay_horizon: None,
         }
     }
 }

@@ -333,6 +333,7 @@ pub fn validate(envelope: &Envelope) -> Result<(), Rejection> {
             opt_non_negative("spectrum.frobenius_norm", s.frobenius_norm)?;
             opt_non_negative("spectrum.effective_rank", s.effective_rank)?;
             opt_non_negative("spectrum.update_ratio", s.update_ratio)?;
+            opt_non_negative("spectrum.decay_horizon", s.decay_horizon)?;
             non_negative("spectrum.duration_seconds", s.duration_seconds)?;
             if let Some(q) = &s.quantiles {
                 for (n, v) in [("p10", q.p10), ("p50", q.p50), ("p90", q.p90), ("p99", q.p99)] {
@@ -429,6 +430,10 @@ mod tests {
             (r#"{"v":1,"run":"a \"Infinity\" run","#, RejectReason::Malformed),
             (&step_line(1, r#","duration_seconds":-1.0"#), RejectReason::InvalidValue),
             (r#"{"v":1,"run":"","rank":0,"host":"h","step":1,"event":{"type":"goodbye","reason":"x"}}"#, RejectReason::InvalidValue),
+            (
+                r#"{"v":1,"run":"r","rank":0,"host":"h","step":1,"event":{"type":"spectrum","param":"w","class":"matrix_like","decay_horizon":-0.5}}"#,
+                RejectReason::InvalidValue,
+            ),
         ];
         for (line, want) in cases {
             let got = decode_line(line.as_bytes()).expect_err(line);

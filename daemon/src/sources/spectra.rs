@@ -35,6 +35,7 @@ pub struct Spectra {
     update_ratio: GaugeVec,
     iterations: GaugeVec,
     nonfinite: GaugeVec,
+    decay_horizon: GaugeVec,
     samples: IntCounterVec,
     last_sample_timestamp: GaugeVec,
     sample_duration: HistogramVec,
@@ -53,7 +54,7 @@ struct Memo {
 /// One parameter's series: the per-parameter gauges in [`Spectra::gauges`] order, then the quantiles.
 #[derive(Default)]
 struct ParamSeries {
-    gauges: [Option<Arc<Series<GaugeCell>>>; 10],
+    gauges: [Option<Arc<Series<GaugeCell>>>; 11],
     quantiles: [Option<Arc<Series<GaugeCell>>>; 4],
 }
 
@@ -86,6 +87,10 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
         update_ratio: g("gainguard_update_ratio", "||dW||_F / ||W||_F of the sampled step.")?,
         iterations: g("gainguard_spectrum_iterations", "Subspace iterations the latest estimate took.")?,
         nonfinite: g("gainguard_spectrum_nonfinite", "1 when the latest sampled weights held NaN or Inf, else 0.")?,
+        decay_horizon: g(
+            "gainguard_decay_horizon",
+            "Decay horizon H = sum_t lr_t*wd_t of the parameter at its latest spectrum sample (width-scaled, schedule included): weight-decay timescales seen.",
+        )?,
         samples: IntCounterVec::new(
             Opts::new("gainguard_spectrum_samples_total", "Spectrum samples received."),
             &RUN_LABELS,
@@ -117,12 +122,12 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
 }
 
 /// Which of [`Spectra::gauges`] are measured from the weights (not the reference profile's value, the
-/// iteration count or the non-finite flag).
-const MEASURED_FROM_WEIGHTS: [bool; 10] = [true, true, false, true, true, true, true, true, false, false];
+/// iteration count, the non-finite flag or the optimizer's decay horizon).
+const MEASURED_FROM_WEIGHTS: [bool; 11] = [true, true, false, true, true, true, true, true, false, false, false];
 
 impl Spectra {
     /// Per-parameter gauges with exactly the param labels.
-    fn gauges(&self) -> [&GaugeVec; 10] {
+    fn gauges(&self) -> [&GaugeVec; 11] {
         [
             &self.sigma_max,
             &self.sigma_max_normalized,
@@ -134,6 +139,7 @@ impl Spectra {
             &self.update_ratio,
             &self.iterations,
             &self.nonfinite,
+            &self.decay_horizon,
         ]
     }
 
@@ -157,7 +163,7 @@ impl Source for Spectra {
     }
 
     fn series_per_param(&self) -> usize {
-        10 + QUANTILES.len()
+        11 + QUANTILES.len()
     }
 
     fn observe(&self, run: &mut RunView<'_>, envelope: &Envelope) {
@@ -180,6 +186,7 @@ impl Source for Spectra {
             s.update_ratio,
             Some(s.iterations as f64),
             Some(if s.nonfinite { 1.0 } else { 0.0 }),
+            s.decay_horizon,
         ];
         for ((vec, handle), v) in self.gauges().into_iter().zip(&mut series.gauges).zip(values) {
             if let Some(v) = v {

@@ -221,3 +221,70 @@ pub fn plot_sigma_proxy_vs_target(path: &Path, names: &[String], proxy: &[f64], 
     let title = if legend.len() < 160 { legend } else { "hidden matrices by index (see the table)".into() };
     plot_panels(path, &title, Axes { x_label: "matrix index", y_label: "", log_x: false, log_y: false }, &panels, 2)
 }
+
+/// Each hidden matrix's gain ratio (`sigma_target / sigma_reference`) under one or more rules, the parameter
+/// names along the x axis, the alert's band `[lower, upper]` shaded and drawn: the demo's verdict figure.
+/// `series[k] = (rule, ratio per name)`.
+pub fn plot_gain_ratio_by_param(path: &Path, title: &str, names: &[String], series: &[(String, Vec<f64>)], band: (f64, f64)) -> Result<()> {
+    ensure_font()?;
+    if names.is_empty() || series.iter().any(|(_, v)| v.len() != names.len()) {
+        bail!("plot {}: {} names, series of lengths {:?}", path.display(), names.len(), series.iter().map(|s| s.1.len()).collect::<Vec<_>>());
+    }
+    let n = names.len();
+    let w = (70 * n as u32 + 160).max(760);
+    let root = BitMapBackend::new(path, (w, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ys = series.iter().flat_map(|(_, v)| v.iter().copied()).chain([band.0, band.1, 1.0]);
+    let (y0, y1) = range(ys).unwrap_or((0.5, 2.0));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 17))
+        .margin(12)
+        .x_label_area_size(90)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..(n as f64 - 0.5), y0..y1)?;
+    let label = |v: &f64| {
+        let i = v.round();
+        if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+            names[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc("hidden matrix")
+        .y_desc("gain ratio sigma_target / sigma_reference")
+        .label_style((FONT, 11))
+        .x_label_style((FONT, 11).into_font().transform(FontTransform::Rotate90))
+        .axis_desc_style((FONT, 12))
+        .x_labels(n)
+        .x_label_formatter(&label)
+        .disable_x_mesh()
+        .draw()?;
+    let band_color = RGBColor(44, 160, 44);
+    chart.draw_series(std::iter::once(Rectangle::new([(-0.5, band.0), (n as f64 - 0.5, band.1)], band_color.mix(0.12).filled())))?;
+    for (y, text) in [(band.0, format!("GainDrift band {}", band.0)), (band.1, format!("GainDrift band {}", band.1))] {
+        chart.draw_series(std::iter::once(PathElement::new(vec![(-0.5, y), (n as f64 - 0.5, y)], band_color.stroke_width(2))))?;
+        chart.draw_series(std::iter::once(Text::new(text, (-0.45, y + 0.01 * (y1 - y0)), (FONT, 11).into_font().color(&band_color))))?;
+    }
+    chart.draw_series(std::iter::once(PathElement::new(vec![(-0.5, 1.0), (n as f64 - 0.5, 1.0)], RGBColor(120, 120, 120).stroke_width(1))))?;
+    for (k, (rule, ratios)) in series.iter().enumerate() {
+        let color = palette(k);
+        // Side by side within each parameter's slot, so the rules do not hide each other.
+        let dx = 0.12 * (k as f64 - (series.len() as f64 - 1.0) / 2.0);
+        let pts: Vec<(f64, f64)> = ratios.iter().enumerate().filter(|(_, r)| r.is_finite()).map(|(i, r)| (i as f64 + dx, *r)).collect();
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 5, color.filled())))?
+            .label(rule.clone())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 5, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -11,6 +11,7 @@ use gainguard::protocol::Sink;
 use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
 use gainguard::telemetry::{RunIdentity, Telemetry};
+use gainguard::steady_state::{mean, HorizonRate, SteadyStateTrace};
 use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Rule, ScalingPlan, Schedule, WidthScaledAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
@@ -36,6 +37,9 @@ pub struct RunSpec {
     pub device: Device,
     /// Sample spectra every this many steps (0: off).
     pub sample_every: u64,
+    /// Adam's beta2. The steady-state experiments take 0.95 (LLaMA's): with 0.999 the second moment
+    /// remembers 1000 steps, longer than their runs' timescales.
+    pub beta2: f64,
 }
 
 /// The example trainer's and the demo's settings: the 256-token vocabulary of their Markov corpus, batches
@@ -59,6 +63,7 @@ impl Default for RunSpec {
             seed: 0,
             device: Device::Cpu,
             sample_every: 10,
+            beta2: 0.999,
         }
     }
 }
@@ -86,6 +91,7 @@ impl RunSpec {
             rule: self.rule,
             schedule: self.schedule.clone(),
             max_grad_norm: Some(1.0),
+            beta2: self.beta2,
             // Declared, since the shapes cannot tell a `[vocab, d]` embedding from a readout (the head is a MuReadout).
             overrides: vec![
                 Override { role: Some(ParamRole::Embedding), ..Override::new("tok_emb.weight") },
@@ -93,6 +99,37 @@ impl RunSpec {
             ],
             ..Default::default()
         }
+    }
+}
+
+impl RunSpec {
+    /// Each matrix-like parameter's decay-horizon rate under this spec's plan and optimizer settings
+    /// (`gainguard::steady_state`). Vector-like parameters (no decay under the μP presets) are left out.
+    pub fn matrix_horizon_rates(&self) -> anyhow::Result<Vec<(String, HorizonRate)>> {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = model::llama(vs.root(), &self.model_config(self.d_model));
+        let config = self.optimizer_config();
+        let opt = WidthScaledAdamW::new(&vs, &self.base_shapes(), config.clone())?;
+        Ok(opt
+            .plan()
+            .decisions
+            .iter()
+            .filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none())
+            .map(|d| (d.name.clone(), HorizonRate::new(d.lr, d.weight_decay, config.decay, config.schedule_weight_decay)))
+            .collect())
+    }
+
+    /// The steps that bring every matrix-like parameter to decay horizon `horizon` under this spec's rule and
+    /// schedule: the slowest parameter's count.
+    pub fn steps_to_horizon(&self, horizon: f64) -> anyhow::Result<u64> {
+        let mut steps = 0;
+        for (name, rate) in self.matrix_horizon_rates()? {
+            let n = rate.steps_to_reach(&self.schedule, horizon, 100_000_000).ok_or_else(|| {
+                anyhow::anyhow!("`{name}` never reaches decay horizon {horizon} (lr·wd = {:e} under schedule {:?})", rate.per_step, self.schedule)
+            })?;
+            steps = steps.max(n);
+        }
+        Ok(steps)
     }
 }
 
@@ -147,7 +184,7 @@ pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring:
 
     let bar = progress_bar(spec, monitoring.progress);
     let start = Instant::now();
-    let losses = run_steps(spec, &net, &mut opt, batch, &bar, monitoring.telemetry.as_mut());
+    let losses = run_steps(spec, &net, &mut opt, batch, &bar, monitoring.telemetry.as_mut(), &mut |_, _| {});
     bar.finish_and_clear();
     finish_monitoring(spec, sampler.as_ref(), monitoring.telemetry.as_ref());
 
@@ -209,7 +246,8 @@ fn progress_bar(spec: &RunSpec, visible: bool) -> ProgressBar {
     bar
 }
 
-/// The training loop itself; returns the loss of every step.
+/// The training loop itself; returns the loss of every step. `after_step(step, opt)` runs after each
+/// optimizer step (zero-based index).
 fn run_steps(
     spec: &RunSpec,
     net: &model::Llama,
@@ -217,6 +255,7 @@ fn run_steps(
     batch: &dyn Fn(u64) -> Vec<i64>,
     bar: &ProgressBar,
     mut telemetry: Option<&mut Telemetry>,
+    after_step: &mut dyn FnMut(u64, &WidthScaledAdamW),
 ) -> Vec<f64> {
     let mut losses = Vec::with_capacity(spec.steps as usize);
     let tokens = (spec.batch * spec.seq_len) as u64;
@@ -235,8 +274,135 @@ fn run_steps(
         if let Some(t) = telemetry.as_deref_mut() {
             t.step(&report, loss, tokens);
         }
+        after_step(step, opt);
     }
     losses
+}
+
+/// The steady-state protocol's settings for one run (`gainguard::steady_state`). The run's length is the
+/// spec's `steps`: take [`RunSpec::steps_to_horizon`] (or more, for equal tokens across runs) with a schedule
+/// that is constant after its warmup.
+#[derive(Clone, Debug)]
+pub struct SteadyState {
+    /// Multiplies every matrix-like parameter's initial weights: 0.1 is the "10× smaller init" check, whose
+    /// steady state must be the same.
+    pub init_scale: f64,
+    /// Multiplies every matrix-like parameter's width-scaled lr *and* wd: 2 is the "(2·lr, 2·wd)" check,
+    /// whose steady state the `sqrt(lr/wd)` law says is the same.
+    pub matrix_scale: f64,
+    /// sigma_max samples (float64 SVD) per timescale `1/(lr·wd)` over each parameter's last two timescales.
+    pub samples_per_timescale: f64,
+}
+
+impl Default for SteadyState {
+    fn default() -> Self {
+        SteadyState { init_scale: 1.0, matrix_scale: 1.0, samples_per_timescale: 8.0 }
+    }
+}
+
+/// One matrix-like parameter at the end of a steady-state run.
+#[derive(Clone, Debug)]
+pub struct SteadyParam {
+    /// `H = Σ lr_t·wd_t` over the run (width-scaled, schedule included).
+    pub decay_horizon: f64,
+    /// Mean over the last timescale, `H − 1 < h ≤ H`.
+    pub sigma_max: f64,
+    /// The last timescale's mean over the one before, minus 1 (None when the run has fewer than two).
+    pub drift: Option<f64>,
+}
+
+pub struct SteadyRun {
+    pub steps: u64,
+    /// Mean training loss over the slowest matrix's last timescale.
+    pub final_loss: f64,
+    pub params: BTreeMap<String, SteadyParam>,
+    pub seconds: f64,
+}
+
+/// Trains `spec` as [`train_on`] does, without monitoring, and reads every matrix-like parameter's sigma_max
+/// at its steady state: the mean over its last timescale, with the drift from the timescale before. The
+/// decay horizon is the optimizer's own count, checked at the end against the plan's prediction.
+pub fn train_steady(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, steady: &SteadyState) -> anyhow::Result<SteadyRun> {
+    tch::manual_seed(spec.seed as i64);
+    let vs = VarStore::new(spec.device);
+    let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
+    let base_shapes = spec.base_shapes();
+    let mut config = spec.optimizer_config();
+    if steady.matrix_scale != 1.0 {
+        let plan = WidthScaledAdamW::new(&vs, &base_shapes, config.clone())?.plan().clone();
+        let scale = Some(steady.matrix_scale);
+        config.overrides.extend(
+            plan.decisions
+                .iter()
+                .filter(|d| d.class == ParamClass::MatrixLike)
+                .map(|d| Override { lr_multiplier: scale, wd_multiplier: scale, ..Override::new(&d.name) }),
+        );
+    }
+    let mut opt = WidthScaledAdamW::new(&vs, &base_shapes, config.clone())?;
+    let vars = vs.variables();
+    struct Watched {
+        name: String,
+        weights: Tensor,
+        rate: HorizonRate,
+        horizon: f64,
+        final_horizon: f64,
+        every: u64,
+        trace: SteadyStateTrace,
+    }
+    let mut watched: Vec<Watched> = opt
+        .plan()
+        .decisions
+        .iter()
+        .filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none())
+        .map(|d| {
+            let rate = HorizonRate::new(d.lr, d.weight_decay, config.decay, config.schedule_weight_decay);
+            Watched {
+                name: d.name.clone(),
+                weights: vars[&d.name].shallow_clone(),
+                rate,
+                horizon: 0.0,
+                final_horizon: rate.after(&config.schedule, spec.steps),
+                every: ((rate.timescale_steps() / steady.samples_per_timescale).floor() as u64).max(1),
+                trace: SteadyStateTrace::default(),
+            }
+        })
+        .collect();
+    if steady.init_scale != 1.0 {
+        tch::no_grad(|| {
+            for w in &watched {
+                let _ = w.weights.shallow_clone().g_mul_scalar_(steady.init_scale);
+            }
+        });
+    }
+    let start = Instant::now();
+    let steps = spec.steps;
+    let mut sample = |step: u64, opt: &WidthScaledAdamW| {
+        for w in &mut watched {
+            w.horizon = opt.decay_horizon(&w.name).unwrap_or(f64::NAN);
+            if w.horizon > w.final_horizon - 2.0 && (steps - 1 - step) % w.every == 0 {
+                let m = w.weights.to_device(Device::Cpu).to_kind(Kind::Double);
+                let (_, s, _) = m.reshape([m.size()[0], -1]).svd(true, false);
+                w.trace.push(w.horizon, s.max().double_value(&[]));
+            }
+        }
+    };
+    let losses = run_steps(spec, &net, &mut opt, batch, &ProgressBar::hidden(), None, &mut sample);
+    // The optimizer's own count and the plan's must agree: they are two computations of one sum.
+    for w in &watched {
+        if (w.horizon - w.final_horizon).abs() > 1e-9 * w.final_horizon {
+            anyhow::bail!("`{}`: the optimizer counted decay horizon {}, the plan predicts {}", w.name, w.horizon, w.final_horizon);
+        }
+    }
+    let slowest = watched.iter().map(|w| w.rate.timescale_steps()).fold(1.0, f64::max);
+    let tail = &losses[losses.len().saturating_sub(slowest.ceil() as usize)..];
+    let params = watched
+        .into_iter()
+        .map(|w| {
+            let sigma_max = w.trace.last_timescale_mean(w.horizon).unwrap_or(f64::NAN);
+            (w.name, SteadyParam { decay_horizon: w.horizon, sigma_max, drift: w.trace.drift(w.horizon) })
+        })
+        .collect();
+    Ok(SteadyRun { steps, final_loss: mean(tail), params, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// Lets the sampler drain its queue, then says goodbye and flushes the sink, so that every sample and

@@ -16,8 +16,12 @@ MEASUREMENTS is a JSON array, one object per hidden matrix per run:
 - width: the model width d of the run;
 - gamma: the weight-decay exponent the run used (wd ∝ m^gamma), with μP learning rates (lr ∝ 1/m);
 - lr, wd: the base (proxy) values given to the optimizer, before width scaling;
-- param: the matrix's name; sigma_max: its top singular value at the end of the run.
+- param: the matrix's name; sigma_max: its top singular value at the end of the run;
+- decay_horizon (optional, but without it the result is marked unreliable): the matrix's H = Σ lr_t·wd_t
+  when sigma_max was read; steps, schedule, seed (optional): how the run went.
 Needs at least 2 distinct gammas, each run at 3 or more widths with the same base (lr, wd).
+The fit is marked unreliable (\"reliable\": false, with a reason) when any width's decay horizon is below 5
+or missing: sigma_max is then mostly the decayed initialisation, not the steady state the rule is about.
 The `width_transfer` example writes such a file (`--calibrate`, or measurements.json of a full run).";
 
 #[derive(clap::Args)]
@@ -47,6 +51,7 @@ pub fn run(a: Args) -> Result<()> {
         .map(|m| WidthPoint { group: m.param.clone(), width: m.width, lr: m.lr * d0 / m.width, wd: m.wd * (m.width / d0).powf(m.gamma), sigma_max: m.sigma_max })
         .collect();
     let alpha = fit::fit_alpha(&points).ok();
+    let reliability = fit::horizon_reliability(&ms);
     let params: BTreeMap<&str, usize> = ms.iter().fold(BTreeMap::new(), |mut acc, m| {
         *acc.entry(m.param.as_str()).or_insert(0) += 1;
         acc
@@ -67,6 +72,9 @@ pub fn run(a: Args) -> Result<()> {
                 "alpha_pooled_fit": alpha,
                 "measurements": ms.len(),
                 "params": params.len(),
+                "reliable": reliability.reliable,
+                "reason": reliability.reason,
+                "min_decay_horizon_by_width": reliability.min_horizon_by_width,
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         }
@@ -76,6 +84,12 @@ pub fn run(a: Args) -> Result<()> {
                 w.sort_by(f64::total_cmp);
                 w
             })?;
+            let horizons: Vec<String> = reliability
+                .min_horizon_by_width
+                .iter()
+                .map(|(w, h)| format!("{w}: {}", h.map_or("missing".to_string(), |h| format!("{h:.2}"))))
+                .collect();
+            writeln!(out, "smallest decay horizon H per width: {}", horizons.join(", "))?;
             writeln!(out, "{:>8}  {:>10}  {:>8}  {:>7}  {:>13}", "gamma", "slope", "± se", "widths", "implied alpha")?;
             for g in &calibration.per_gamma {
                 writeln!(out, "{:>8.3}  {:>+10.4}  {:>8.4}  {:>7}  {:>13.3}", g.gamma, g.slope, g.slope_se, g.widths, g.implied_alpha)?;
@@ -104,7 +118,10 @@ pub fn run(a: Args) -> Result<()> {
                     f.alpha, f.alpha_se, f.implied_gamma
                 )?;
             }
-            writeln!(out, "use it: --rule gamma={:.2}", calibration.gamma)?;
+            match &reliability.reason {
+                None => writeln!(out, "use it: --rule gamma={:.2}", calibration.gamma)?,
+                Some(reason) => writeln!(out, "UNRELIABLE, do not use this gamma as it stands: {reason}")?,
+            }
         }
     }
     out.flush()?;
