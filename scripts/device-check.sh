@@ -9,7 +9,10 @@
 #   2. the optimizer benchmark on CUDA (d_model 512 and 2048) and on the machine's CPUs;
 #   3. gainguardd --nvml on fed by the example trainer on CUDA: GPU metrics scraped under load, promtool
 #      check metrics on the body;
-#   4. the spectra benchmark (warm sigma_max vs a full SVD and vs its memory floor) on CUDA, with the card's name.
+#   4. the spectra benchmark (warm sigma_max vs a full SVD and vs its memory floor) on CUDA, with the card's name;
+#   5. the Python package on CUDA: its CUDA tests (ATen's fused AdamW through the Rust core vs torch's fused
+#      AdamW over 200 steps, the NaN skip) and its step benchmark against torch.optim.AdamW(fused=True).
+# The most telling checks run first, so that a run cut short by its time limit still returns them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=target/devcheck
@@ -26,6 +29,10 @@ if [[ "${1:-}" == "--build" ]]; then
     strip -o "$B/$(basename "$f" | sed 's/-[0-9a-f]*$//')" "$f"
   done
   gzip -c "$(command -v promtool)" > "$B/promtool.gz"
+  # The Python package's wheel (make setup-python builds it) and pytest's wheels: the GPU machine has no network.
+  rm -rf "$B/wheels" && mkdir -p "$B/wheels"
+  cp target/wheels/gainguard-*.whl "$B/wheels/"
+  .venv/bin/python -m pip download -q -d "$B/wheels" pytest
   du -sh "$B"
   exit 0
 fi
@@ -44,19 +51,27 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 nproc | sed 's/^/cpus: /' | tee -a "$OUT/gpu.txt"
 
 step "1. CUDA spectra, sampler and fused step vs CPU references"
-timeout 180 "$B/device_check" 2>&1 | tee "$OUT/device_check.txt" || failed=1
+timeout 120 "$B/device_check" 2>&1 | tee "$OUT/device_check.txt" || failed=1
 
-step "2. optimizer step on CUDA, d_model 512 (23.1M params) and 2048"
-GAINGUARD_BENCH_DEVICE=cuda GAINGUARD_PYTHON=python3 GAINGUARD_BENCH_STEPS=50 timeout 120 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cuda_512.txt" || failed=1
-GAINGUARD_BENCH_DEVICE=cuda GAINGUARD_PYTHON=python3 GAINGUARD_BENCH_STEPS=30 GAINGUARD_BENCH_D_MODEL=2048 timeout 150 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cuda_2048.txt" || failed=1
-step "2b. optimizer step on this machine's CPUs, d_model 512"
-GAINGUARD_PYTHON=python3 timeout 120 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cpu_512.txt" || failed=1
+step "5. the Python package on CUDA"
+python3 -m pip install -q --no-index --find-links "$B/wheels" pytest 2>&1 | tail -2
+python3 -m pip install -q --no-index --no-deps --force-reinstall "$B"/wheels/gainguard-*.whl 2>&1 | tail -2
+timeout 120 python3 -m pytest -q -s python/tests/test_cuda.py 2>&1 | tee "$OUT/python_cuda_tests.txt" || failed=1
+timeout 100 python3 python/benches/optimizer_step.py --device cuda 2>&1 | tee "$OUT/python_bench_cuda.txt" || failed=1
+
+step "4. spectra benchmark on CUDA: warm sigma_max vs full SVD (gesvdj) and vs the memory floor"
+echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/bench_spectra_cuda.txt"
+GAINGUARD_BENCH_DEVICE=cuda timeout 150 "$B/spectra" --sigma-only 2>&1 | tee -a "$OUT/bench_spectra_cuda.txt" || failed=1
+
+step "2. optimizer step on CUDA, d_model 512 (23.1M params)"
+GAINGUARD_BENCH_DEVICE=cuda GAINGUARD_PYTHON=python3 GAINGUARD_BENCH_STEPS=50 timeout 100 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cuda_512.txt" || failed=1
 
 step "3. gainguardd --nvml on, fed by the example trainer on CUDA"
-"$B/gainguardd" --listen 127.0.0.1:19464 --ingest tcp:127.0.0.1:19465 --nvml on --nvml-interval 1 > "$OUT/gainguardd.log" 2>&1 &
+rm -f /tmp/gainguard-devcheck.sock
+"$B/gainguardd" --listen 127.0.0.1:19464 --ingest unix:/tmp/gainguard-devcheck.sock --nvml on --nvml-interval 1 > "$OUT/gainguardd.log" 2>&1 &
 daemon=$!
-sleep 1
-timeout 150 "$B/llama" --device cuda --d-model 1024 --base-d-model 128 --layers 4 --steps 400 --gainguardd tcp:127.0.0.1:19465 --run devcheck > "$OUT/llama_cuda.txt" 2>&1 &
+for _ in $(seq 50); do [[ -S /tmp/gainguard-devcheck.sock ]] && break; sleep 0.1; done
+timeout 150 "$B/llama" --device cuda --d-model 1024 --base-d-model 128 --layers 4 --steps 400 --gainguardd unix:/tmp/gainguard-devcheck.sock --run devcheck > "$OUT/llama_cuda.txt" 2>&1 &
 trainer=$!
 python3 - "$OUT" <<'EOF'
 import sys, time, urllib.request
@@ -87,9 +102,8 @@ tail -5 "$OUT/llama_cuda.txt"
 kill -TERM $daemon; wait $daemon; echo "gainguardd exit status $?"
 tail -5 "$OUT/gainguardd.log"
 
-step "4. spectra benchmark on CUDA: warm sigma_max vs full SVD (gesvdj) and vs the memory floor"
-echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$OUT/bench_spectra_cuda.txt"
-GAINGUARD_BENCH_DEVICE=cuda timeout 300 "$B/spectra" --sigma-only 2>&1 | tee -a "$OUT/bench_spectra_cuda.txt" || failed=1
+step "6. optimizer step on CUDA, d_model 2048 (if time is left)"
+GAINGUARD_BENCH_DEVICE=cuda GAINGUARD_PYTHON=python3 GAINGUARD_BENCH_STEPS=30 GAINGUARD_BENCH_D_MODEL=2048 timeout 120 "$B/optimizer_step" 2>&1 | tee "$OUT/bench_cuda_2048.txt" || failed=1
 
 echo; echo "device-check: $([[ $failed == 0 ]] && echo OK || echo FAILED)"
 exit $failed
