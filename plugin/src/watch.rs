@@ -325,6 +325,15 @@ impl Monitor {
         if self.attached.is_some() {
             return Err(MonitorError::AlreadyAttached);
         }
+        let started = self.start_unattached(plan);
+        if started.is_err() {
+            // It never said Hello: dropping it sends no Goodbye, and does not wait for a daemon that is down.
+            self.finished = true;
+        }
+        started
+    }
+
+    fn start_unattached(&mut self, plan: &ScalingPlan) -> Result<Option<SpectrumSampler>, MonitorError> {
         let reference = match &self.reference_path {
             Some(path) => {
                 let profile = ReferenceProfile::read_json(path)?;
@@ -388,7 +397,9 @@ impl Monitor {
         self.finish_with("finished")
     }
 
-    fn finish_with(&mut self, reason: &str) -> Result<(), MonitorError> {
+    /// [`finish`](Self::finish) with the Goodbye's reason given (`error: ...` when the training loop
+    /// failed): the Python package's context manager says why the run ended.
+    pub fn finish_with(&mut self, reason: &str) -> Result<(), MonitorError> {
         if std::mem::replace(&mut self.finished, true) {
             return Ok(());
         }

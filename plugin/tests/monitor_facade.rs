@@ -192,6 +192,17 @@ fn finish_says_goodbye_once_and_an_unfinished_monitor_says_interrupted_when_drop
 }
 
 #[test]
+fn a_monitor_that_could_not_start_sends_nothing_when_dropped() {
+    let (_vs, plan) = model_and_plan();
+    let (sink, rx) = capture();
+    let missing = temp_path("no-such-profile.json");
+    assert!(Monitor::builder("r").reference(&missing).to_sink(sink).for_plan(&plan).is_err());
+    // No Hello was sent, so no Goodbye either: the daemon never hears of the run.
+    let events: Vec<Envelope> = rx.try_iter().collect();
+    assert!(events.is_empty(), "{} events, first {:?}", events.len(), events.first().map(|e| &e.event));
+}
+
+#[test]
 fn a_second_attach_is_refused() {
     let (_vs, plan) = model_and_plan();
     let mon = Monitor::builder("r").spectra(false).to_sink(Sink::disabled()).for_plan(&plan).unwrap();

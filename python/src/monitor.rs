@@ -1,19 +1,14 @@
-//! `gainguard.monitor`'s native half: the telemetry, the spectra sampler (driven through its observer hooks
-//! around the Python optimizer's step) and the optional reference profile, over an embedded daemon or a
-//! connection to a standalone gainguardd.
+//! `gainguard.monitor`'s native half: a [`gainguard::Monitor`] attached to the Python optimizer's plan and
+//! driven through its hooks for optimizers that step by themselves, around the Python optimizer's step.
 
+use std::error::Error;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gainguard::daemon::{Daemon, DaemonConfig};
-use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
-use gainguard::optim::ParamSlot;
-use gainguard::protocol::Sink;
-use gainguard::reference::{ProfileRecorder, ReferenceProfile};
-use gainguard::telemetry::{RunIdentity, Telemetry};
-use gainguard::{ScalingPlan, StepObserver, StepReport};
+use gainguard::monitor::{ParamRef, SamplerConfig};
+use gainguard::reference::ReferenceError;
+use gainguard::{Monitor, MonitorError, StepReport};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
@@ -21,43 +16,63 @@ use tch::Tensor;
 
 use crate::Plan;
 
-fn runtime_error(context: &str, e: impl std::fmt::Display) -> PyErr {
-    PyRuntimeError::new_err(format!("{context}: {e}"))
+/// `e` and its sources: `MonitorError` keeps the OS's or the connection's reason as its source.
+fn with_sources(e: &dyn Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+/// A bad profile is the caller's input (ValueError); the rest is the environment (RuntimeError).
+fn monitor_error(e: MonitorError, reference: Option<&Path>) -> PyErr {
+    match &e {
+        // The mismatch names the parameters; the file is the caller's `reference=`.
+        MonitorError::Reference(ReferenceError::NameMismatch { .. }) => match reference {
+            Some(path) => PyValueError::new_err(format!("reference {}: {e}", path.display())),
+            None => PyValueError::new_err(e.to_string()),
+        },
+        MonitorError::Reference(_) => PyValueError::new_err(with_sources(&e)),
+        MonitorError::Sampler(_) => PyRuntimeError::new_err(format!("starting the spectra sampler: {}", with_sources(&e))),
+        // Its hint names the Rust knobs; a Python caller's is `listen=`.
+        MonitorError::Daemon { listen, source } => PyRuntimeError::new_err(format!(
+            "monitor: cannot start the embedded gainguardd serving /metrics on listen = \"{listen}\" (if the port is taken: give another listen=, port 0 picks a free one): {}",
+            with_sources(source)
+        )),
+        _ => PyRuntimeError::new_err(with_sources(&e)),
+    }
 }
 
 #[pyclass(unsendable)]
 struct NativeMonitor {
-    plan: ScalingPlan,
-    telemetry: Telemetry,
-    sampler: Option<SpectrumSampler>,
-    handle: Option<SamplerHandle>,
-    daemon: Option<Daemon>,
-    recorder: Option<(ProfileRecorder, PathBuf)>,
-    alpha: f64,
-    planned_steps: Option<u64>,
+    /// None once closed.
+    monitor: Option<Monitor>,
+    /// The plan's parameter names by decision index: the optimizer's slots come as `(decision, tensor)`.
+    names: Vec<String>,
     last_report: StepReport,
-    closed: bool,
 }
 
-/// The optimizer's untied parameters as the sampler sees them: `slots[i]` is `(decision index, tensor)`.
-fn param_slots(plan: &ScalingPlan, slots: Vec<(usize, PyTensor)>) -> PyResult<Vec<ParamSlot>> {
-    slots
-        .into_iter()
-        .map(|(decision, t)| {
-            let d = plan.decisions.get(decision).ok_or_else(|| PyValueError::new_err(format!("no parameter {decision} in the plan")))?;
-            // The sampler reads only the parameter; the moments stay in torch's optimizer state.
-            Ok(ParamSlot {
-                name: d.name.clone(),
-                tensor: t.0,
-                first_moment: Tensor::new(),
-                second_moment: Tensor::new(),
-                step: 0,
-                decay_horizon: 0.0,
-                decision,
-                group: 0,
+impl NativeMonitor {
+    /// The optimizer's untied parameters as `(name, tensor)`: `slots[i]` is `(decision index, tensor)`.
+    fn params(names: &[String], slots: Vec<(usize, PyTensor)>) -> PyResult<(Vec<&str>, Vec<Tensor>)> {
+        slots
+            .into_iter()
+            .map(|(decision, t)| {
+                let name = names.get(decision).ok_or_else(|| PyValueError::new_err(format!("no parameter {decision} in the plan")))?;
+                Ok((name.as_str(), t.0))
             })
-        })
-        .collect()
+            .collect::<PyResult<Vec<_>>>()
+            .map(|pairs| pairs.into_iter().unzip())
+    }
+}
+
+/// `tch::Tensor` is `Send` but not `Sync`, so the tensors move into the closure that runs without the GIL and
+/// are borrowed there.
+fn param_refs<'a>(names: &[&'a str], tensors: &'a [Tensor]) -> Vec<ParamRef<'a>> {
+    names.iter().zip(tensors).map(|(&name, tensor)| ParamRef { name, tensor }).collect()
 }
 
 #[pymethods]
@@ -66,6 +81,7 @@ impl NativeMonitor {
     #[pyo3(signature = (plan, run, listen=None, connect=None, interval=10, planned_steps=None, alpha=0.75, reference=None, record_profile=None, budget_fraction=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         plan: &Plan,
         run: &str,
         listen: Option<&str>,
@@ -77,69 +93,53 @@ impl NativeMonitor {
         record_profile: Option<PathBuf>,
         budget_fraction: Option<f64>,
     ) -> PyResult<NativeMonitor> {
-        let plan = plan.plan.clone();
-        let (sink, daemon) = match (listen, connect) {
+        let sampler = SamplerConfig { interval, budget_fraction, alpha, ..Default::default() };
+        let mut builder = Monitor::builder(run).sampler(sampler);
+        if let Some(n) = planned_steps {
+            builder = builder.planned_steps(n);
+        }
+        if let Some(path) = &reference {
+            builder = builder.reference(path);
+        }
+        if let Some(path) = record_profile {
+            builder = builder.record_profile(path);
+        }
+        let monitor = match (listen, connect) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err("monitor: give listen= (embedded daemon) or connect= (gainguardd), not both")),
             (Some(addr), None) => {
                 let listen: SocketAddr = addr
                     .parse()
                     .map_err(|e| PyValueError::new_err(format!("monitor: listen = {addr:?} is not an address such as 127.0.0.1:9464: {e}")))?;
-                let d = Daemon::spawn(DaemonConfig { listen, ..Default::default() }).map_err(|e| runtime_error(&format!("starting the embedded daemon on {addr}"), e))?;
-                (d.sink(), Some(d))
+                builder.listen(listen).embedded()
             }
-            (None, Some(addr)) => (Sink::connect(addr, Default::default()).map_err(|e| runtime_error(&format!("connecting to gainguardd at {addr}"), e))?, None),
+            (None, Some(addr)) => builder.connect(addr).map_err(|e| match e {
+                // The Python caller gave `connect=`, or monitor.py read $GAINGUARD_ADDR: not Monitor::connect.
+                MonitorError::Connect { addr, source, .. } => MonitorError::Connect { addr, origin: "connect= or $GAINGUARD_ADDR".into(), source },
+                e => e,
+            }),
             (None, None) => return Err(PyValueError::new_err("monitor: give listen=\"127.0.0.1:9464\" (embedded daemon) or connect=\"unix:/path\" | \"tcp:127.0.0.1:PORT\"")),
-        };
-        let id = RunIdentity::local(run);
-        let mut telemetry = Telemetry::new(sink.clone(), id.clone());
-        let config = SamplerConfig {
-            run: id.run.clone(),
-            rank: id.rank,
-            host: id.host.clone(),
-            interval,
-            budget_fraction,
-            alpha,
-            planned_steps,
-            ..Default::default()
-        };
-        let mut sampler = SpectrumSampler::new(config, &plan, sink).map_err(|e| runtime_error("starting the spectra sampler", e))?;
-        let reference_name = reference.as_ref().map(|p| p.display().to_string());
-        if let Some(path) = &reference {
-            let profile = ReferenceProfile::read_json(path).map_err(|e| PyValueError::new_err(format!("reference {}: {e}", path.display())))?;
-            profile.check_names(&plan).map_err(|e| PyValueError::new_err(format!("reference {}: {e}", path.display())))?;
-            sampler = sampler.with_reference(Arc::new(profile));
         }
-        let recorder = record_profile.map(|path| (ProfileRecorder::new(), path));
-        if let Some((rec, _)) = &recorder {
-            sampler.add_listener(rec.listener());
-        }
-        let handle = sampler.handle();
-        telemetry.attach_sampler(handle.clone());
-        telemetry.start(&plan, planned_steps, alpha, reference_name);
+        .map_err(|e| monitor_error(e, reference.as_deref()))?;
+        let plan = &plan.plan;
+        // Reads and checks the reference profile, starts the sampler's thread and announces the run.
+        let monitor = py.allow_threads(move || monitor.for_plan(plan)).map_err(|e| monitor_error(e, reference.as_deref()))?;
         Ok(NativeMonitor {
-            plan,
-            telemetry,
-            sampler: Some(sampler),
-            handle: Some(handle),
-            daemon,
-            recorder,
-            alpha,
-            planned_steps,
+            monitor: Some(monitor),
+            names: plan.decisions.iter().map(|d| d.name.clone()).collect(),
             last_report: StepReport::default(),
-            closed: false,
         })
     }
 
-    /// The embedded daemon's `/metrics` address, None when connected to a gainguardd.
+    /// The embedded daemon's `/metrics` address, None when connected to a gainguardd (or closed).
     fn metrics_addr(&self) -> Option<String> {
-        self.daemon.as_ref().map(|d| d.metrics_addr().to_string())
+        self.monitor.as_ref().and_then(|m| m.metrics_addr()).map(|a| a.to_string())
     }
 
     /// Before the optimizer changes the parameters of step `step` (1-based).
     fn before_step(&mut self, py: Python<'_>, step: u64, slots: Vec<(usize, PyTensor)>) -> PyResult<()> {
-        let slots = param_slots(&self.plan, slots)?;
-        if let Some(s) = self.sampler.as_mut() {
-            py.allow_threads(move || s.before_step(step, &slots));
+        let (names, tensors) = Self::params(&self.names, slots)?;
+        if let Some(m) = self.monitor.as_mut() {
+            py.allow_threads(move || m.before_step(step, &param_refs(&names, &tensors)));
         }
         Ok(())
     }
@@ -160,7 +160,7 @@ impl NativeMonitor {
         skipped_steps_total: u64,
         skipped_without_grad: usize,
     ) -> PyResult<()> {
-        let slots = param_slots(&self.plan, slots)?;
+        let (names, tensors) = Self::params(&self.names, slots)?;
         let report = StepReport {
             step,
             lr_multiplier,
@@ -172,10 +172,9 @@ impl NativeMonitor {
             skipped,
             skipped_steps_total,
         };
-        if let Some(s) = self.sampler.as_mut() {
-            let plan = &self.plan;
+        if let Some(m) = self.monitor.as_mut() {
             let report = &report;
-            py.allow_threads(move || s.after_step(report, &slots, plan));
+            py.allow_threads(move || m.after_step(report, &param_refs(&names, &tensors)));
         }
         self.last_report = report;
         Ok(())
@@ -183,51 +182,40 @@ impl NativeMonitor {
 
     /// Reports the finished step's loss and tokens (after the optimizer's step).
     fn step(&mut self, loss: f64, tokens: u64) {
-        if !self.closed {
-            self.telemetry.step(&self.last_report, loss, tokens);
+        if let Some(m) = self.monitor.as_mut() {
+            m.step(&self.last_report, loss, tokens);
         }
     }
 
     /// Parameter samples dropped because the sampler fell behind (`gainguard_spectrum_samples_dropped_total`).
     fn dropped_samples(&self) -> u64 {
-        self.handle.as_ref().map_or(0, |h| h.dropped_total())
+        self.monitor.as_ref().and_then(|m| m.sampler()).map_or(0, |h| h.dropped_total())
     }
 
     fn emitted_samples(&self) -> u64 {
-        self.handle.as_ref().map_or(0, |h| h.emitted_total())
+        self.monitor.as_ref().and_then(|m| m.sampler()).map_or(0, |h| h.emitted_total())
     }
 
-    /// Drains the sampler, says goodbye, flushes, writes the recorded profile and stops the embedded daemon
+    /// Drains the sampler, writes the recorded profile, says goodbye, flushes and stops the embedded daemon
     /// (after `linger` seconds, so that a scrape can still read the last values). Idempotent.
     #[pyo3(signature = (reason="finished", linger=0.0))]
     fn close(&mut self, py: Python<'_>, reason: &str, linger: f64) -> PyResult<()> {
-        if std::mem::replace(&mut self.closed, true) {
-            return Ok(());
-        }
-        let handle = self.handle.take();
-        let sampler = self.sampler.take();
-        let step = self.last_report.step;
-        let telemetry = &self.telemetry;
-        py.allow_threads(|| {
-            if let Some(h) = &handle {
-                h.finish(Duration::from_secs(60));
+        let Some(mut monitor) = self.monitor.take() else { return Ok(()) };
+        let finished = py.allow_threads(move || {
+            let finished = monitor.finish_with(reason);
+            if linger.is_finite() && linger > 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(linger));
             }
-            drop(sampler);
-            telemetry.finish(step, reason);
-            telemetry.sink().flush(Duration::from_secs(5));
+            // Dropping the monitor stops its embedded daemon.
+            drop(monitor);
+            finished
         });
-        if let Some((rec, path)) = self.recorder.take() {
-            let run = self.telemetry.identity().run.clone();
-            let profile = rec.finish(&run, &self.plan, self.alpha, self.planned_steps);
-            profile.write_json(&path).map_err(|e| runtime_error(&format!("writing the profile {}", path.display()), e))?;
-        }
-        if let Some(d) = self.daemon.take() {
-            py.allow_threads(|| {
-                std::thread::sleep(Duration::from_secs_f64(linger.max(0.0)));
-                d.shutdown();
-            });
-        }
-        Ok(())
+        finished.map_err(|e| match e {
+            MonitorError::Reference(ReferenceError::File { path, reason }) => {
+                PyRuntimeError::new_err(format!("writing the profile {path}: {reason}"))
+            }
+            e => PyRuntimeError::new_err(with_sources(&e)),
+        })
     }
 }
 
