@@ -487,11 +487,14 @@ fn configure_worker_thread(threads: usize, nice: i32) {
 
 /// One parameter of an optimizer that is not a [`crate::WidthScaledAdamW`], as its step hooks hand it to
 /// [`SpectrumSampler::before_step_of`] / [`SpectrumSampler::after_step_of`] (and [`crate::Monitor`]'s):
-/// its name in the plan and the live tensor (the sampler copies it on its device, never keeps it).
+/// its name in the plan, the live tensor (the sampler copies it on its device, never keeps it) and, where the
+/// optimizer counts it, the parameter's decay horizon `H = Σ lr_t·wd_t` (`None`: not counted, and then the
+/// alerts' horizon gate cannot hold GainDrift back during the transient).
 #[derive(Clone, Copy)]
 pub struct ParamRef<'a> {
     pub name: &'a str,
     pub tensor: &'a Tensor,
+    pub decay_horizon: Option<f64>,
 }
 
 /// What the sampler reads of the optimizer's parameters: the optimizer's own slots, or [`ParamRef`]s.
@@ -536,8 +539,8 @@ impl ParamView for [ParamRef<'_>] {
     fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize> {
         decision_of.get(self[i].name).copied()
     }
-    fn decay_horizon(&self, _: usize) -> Option<f64> {
-        None
+    fn decay_horizon(&self, i: usize) -> Option<f64> {
+        self[i].decay_horizon
     }
 }
 

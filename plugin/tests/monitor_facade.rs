@@ -59,7 +59,9 @@ fn drive(mon: &mut Monitor, vs: &VarStore, steps: u64) -> Vec<Vec<(String, Tenso
     let noise = |t: &Tensor, step: u64| (Tensor::arange(t.numel() as i64, (Kind::Float, Device::Cpu)) * (0.37 + step as f64)).sin().view(t.size().as_slice()) * 0.01;
     let mut history = Vec::new();
     for step in 1..=steps {
-        let params: Vec<ParamRef> = vars.iter().map(|(n, t)| ParamRef { name: n, tensor: t }).collect();
+        // The optimizer's own count of each parameter's decay horizon, as a stand-in lr·wd of 0.5 per step.
+        let h = Some(0.5 * step as f64);
+        let params: Vec<ParamRef> = vars.iter().map(|(n, t)| ParamRef { name: n, tensor: t, decay_horizon: h }).collect();
         mon.before_step(step, &params);
         tch::no_grad(|| {
             for (_, t) in &vars {
@@ -92,6 +94,7 @@ fn an_optimizer_that_steps_by_itself_gets_sigma_max_and_update_ratio_of_an_indep
         let sigma = s.sigma_max.unwrap();
         assert!((sigma - truth).abs() / truth <= 1e-3, "{} at {step}: {sigma} vs {truth}", s.param);
         assert_eq!(s.progress, Some(*step as f64 / 4.0));
+        assert_eq!(s.decay_horizon, Some(0.5 * *step as f64), "{}: the optimizer's horizon, passed through", s.param);
         if *step > 1 {
             let before = history[*step as usize - 2].iter().find(|(n, _)| *n == s.param).unwrap().1.to_kind(Kind::Double);
             let ratio = (&w - &before).norm().double_value(&[]) / before.norm().double_value(&[]);

@@ -129,9 +129,10 @@ class AdamW(torch.optim.Optimizer):
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
     def _slots(self):
-        """(decision index, tensor) of every stepped parameter, for the monitor."""
+        """(decision index, tensor, decay horizon) of every parameter, for the monitor: the horizon is this
+        optimizer's H = sum of lr_t * wd_t over the steps applied to the parameter (0 before its first)."""
         return [
-            (self._decision_of[name], p)
+            (self._decision_of[name], p, float(self.state[p].get("decay_horizon", 0.0)) if p in self.state else 0.0)
             for group in self.param_groups
             for name, p in zip(group["param_names"], group["params"])
         ]
@@ -212,11 +213,16 @@ class AdamW(torch.optim.Optimizer):
         else:
             for group, params, grads, exp_avgs, exp_avg_sqs, steps in batches:
                 beta1, beta2 = group["betas"]
-                _native.adamw_step(
+                horizon = _native.adamw_step(
                     params, grads, exp_avgs, exp_avg_sqs, steps,
                     float(group["lr"]), float(group["weight_decay"]), float(beta1), float(beta2), float(group["eps"]),
                     self.decay, self.fused,
                 )
+                # What this step's decay adds to each stepped parameter's decay horizon (lr*wd, coupled; wd, independent).
+                for p in params:
+                    self.state[p]["decay_horizon"] = self.state[p].get("decay_horizon", 0.0) + horizon
+        if self._observers:
+            slots = self._slots()
         for o in self._observers:
             o.after_step(t, slots, lr_m, wd_m, grad_norm, bad_name, skip, self.skipped_steps, without_grad)
         return loss

@@ -132,7 +132,7 @@ fn adamw_step(
     eps: f64,
     decay: &str,
     fused: bool,
-) -> PyResult<()> {
+) -> PyResult<f64> {
     let n = params.len();
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
         return Err(PyValueError::new_err("adamw_step: params, grads, exp_avgs, exp_avg_sqs and steps differ in length"));
@@ -162,7 +162,7 @@ fn adamw_step(
             }
         });
     });
-    Ok(())
+    Ok(scalars.horizon)
 }
 
 #[pymodule]

@@ -50,29 +50,29 @@ fn monitor_error(e: MonitorError, reference: Option<&Path>) -> PyErr {
 struct NativeMonitor {
     /// None once closed.
     monitor: Option<Monitor>,
-    /// The plan's parameter names by decision index: the optimizer's slots come as `(decision, tensor)`.
+    /// The plan's parameter names by decision index: the optimizer's slots come as `(decision, tensor, H)`.
     names: Vec<String>,
     last_report: StepReport,
 }
 
 impl NativeMonitor {
-    /// The optimizer's untied parameters as `(name, tensor)`: `slots[i]` is `(decision index, tensor)`.
-    fn params(names: &[String], slots: Vec<(usize, PyTensor)>) -> PyResult<(Vec<&str>, Vec<Tensor>)> {
+    /// The optimizer's untied parameters as `(name, tensor, decay horizon)`: `slots[i]` is `(decision index,
+    /// tensor, H)`, H being the optimizer's `Σ lr·wd` of the parameter so far.
+    fn params(names: &[String], slots: Vec<(usize, PyTensor, Option<f64>)>) -> PyResult<Vec<(&str, Tensor, Option<f64>)>> {
         slots
             .into_iter()
-            .map(|(decision, t)| {
+            .map(|(decision, t, horizon)| {
                 let name = names.get(decision).ok_or_else(|| PyValueError::new_err(format!("no parameter {decision} in the plan")))?;
-                Ok((name.as_str(), t.0))
+                Ok((name.as_str(), t.0, horizon))
             })
-            .collect::<PyResult<Vec<_>>>()
-            .map(|pairs| pairs.into_iter().unzip())
+            .collect()
     }
 }
 
 /// `tch::Tensor` is `Send` but not `Sync`, so the tensors move into the closure that runs without the GIL and
 /// are borrowed there.
-fn param_refs<'a>(names: &[&'a str], tensors: &'a [Tensor]) -> Vec<ParamRef<'a>> {
-    names.iter().zip(tensors).map(|(&name, tensor)| ParamRef { name, tensor }).collect()
+fn param_refs<'a>(params: &'a [(&'a str, Tensor, Option<f64>)]) -> Vec<ParamRef<'a>> {
+    params.iter().map(|(name, tensor, decay_horizon)| ParamRef { name, tensor, decay_horizon: *decay_horizon }).collect()
 }
 
 #[pymethods]
@@ -136,10 +136,10 @@ impl NativeMonitor {
     }
 
     /// Before the optimizer changes the parameters of step `step` (1-based).
-    fn before_step(&mut self, py: Python<'_>, step: u64, slots: Vec<(usize, PyTensor)>) -> PyResult<()> {
-        let (names, tensors) = Self::params(&self.names, slots)?;
+    fn before_step(&mut self, py: Python<'_>, step: u64, slots: Vec<(usize, PyTensor, Option<f64>)>) -> PyResult<()> {
+        let params = Self::params(&self.names, slots)?;
         if let Some(m) = self.monitor.as_mut() {
-            py.allow_threads(move || m.before_step(step, &param_refs(&names, &tensors)));
+            py.allow_threads(move || m.before_step(step, &param_refs(&params)));
         }
         Ok(())
     }
@@ -151,7 +151,7 @@ impl NativeMonitor {
         &mut self,
         py: Python<'_>,
         step: u64,
-        slots: Vec<(usize, PyTensor)>,
+        slots: Vec<(usize, PyTensor, Option<f64>)>,
         lr_multiplier: f64,
         wd_multiplier: f64,
         grad_norm: Option<f64>,
@@ -160,7 +160,7 @@ impl NativeMonitor {
         skipped_steps_total: u64,
         skipped_without_grad: usize,
     ) -> PyResult<()> {
-        let (names, tensors) = Self::params(&self.names, slots)?;
+        let params = Self::params(&self.names, slots)?;
         let report = StepReport {
             step,
             lr_multiplier,
@@ -174,7 +174,7 @@ impl NativeMonitor {
         };
         if let Some(m) = self.monitor.as_mut() {
             let report = &report;
-            py.allow_threads(move || m.after_step(report, &param_refs(&names, &tensors)));
+            py.allow_threads(move || m.after_step(report, &param_refs(&params)));
         }
         self.last_report = report;
         Ok(())

@@ -59,6 +59,28 @@ def test_a_parameter_without_gradient_on_some_steps_is_skipped_as_torch_does():
     assert torch.equal(ours_model.hidden.bias, before), "a parameter without gradient must not change (no decay either)"
 
 
+def test_each_parameters_decay_horizon_is_the_sum_of_its_width_scaled_lr_times_wd_over_the_steps_it_took():
+    torch.manual_seed(0)
+    model = MLP(TARGET)
+    opt = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)), lr=LR, weight_decay=WD)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    no_grad_on_odd = lambda t: t % 2 == 1 and t < 30  # noqa: E731
+    train(model, opt, 40, sched, skip_grad=no_grad_on_odd)
+    # From the paper's formulas and the schedule, not from the optimizer: lr_t = lr_group * warmup(t), wd fixed.
+    m = TARGET / BASE
+    want_weight = sum((LR / m) * warmup(t) * (WD * m**0.5) for t in range(40))
+    assert opt.state[model.hidden.weight]["decay_horizon"] == pytest.approx(want_weight, rel=1e-12)
+    # Vector-like parameters get no decay under the paper rule: H stays 0 (hidden.bias, stepped on 25 of 40 steps).
+    assert opt.state[model.hidden.bias]["decay_horizon"] == 0.0
+    model2 = MLP(TARGET)
+    coupled = gainguard.AdamW(model2.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)),
+                              lr=LR, weight_decay=WD, rule="standard")
+    train(model2, coupled, 40, skip_grad=no_grad_on_odd)
+    # standard decays every parameter with the base (lr, wd); hidden.bias took 25 steps (odd steps < 30 had no gradient).
+    assert coupled.state[model2.hidden.bias]["decay_horizon"] == pytest.approx(25 * LR * WD, rel=1e-12)
+    assert coupled.state[model2.hidden.weight]["decay_horizon"] == pytest.approx(40 * LR * WD, rel=1e-12)
+
+
 def test_state_dict_round_trip_resumes_bit_for_bit():
     def fresh():
         torch.manual_seed(0)

@@ -107,7 +107,14 @@ def test_prometheus_scrapes_the_loss_sigma_max_and_gain_ratio_of_a_monitored_run
         svd = torch.linalg.matrix_norm(model.hidden.weight.detach().double(), ord=2).item()
         sigma = wait_for(prom, 'gainguard_sigma_max{run="py-target",param="hidden.weight"}', lambda v: v == pytest.approx(svd, rel=0.05))
         ratio = wait_for(prom, 'gainguard_gain_ratio{run="py-target",param="hidden.weight"}', lambda v: v == pytest.approx(1.0, rel=0.02))
-        print(f"scraped: loss {loss} (last {last_loss}), sigma_max {sigma} (float64 SVD {svd}), gain_ratio {ratio}")
+        # The decay horizon of the latest sample (the sampler's budget may have stretched its interval): the
+        # optimizer's H after k steps of the paper rule's lr/m * wd*m^0.5 at m = TARGET/BASE, for some step k, so
+        # that the alerts' horizon gate can act for this optimizer too (test_adamw checks the sum itself).
+        m = TARGET / BASE
+        per_step = 3e-3 / m * 0.1 * m**0.5
+        horizon = wait_for(prom, 'gainguard_decay_horizon{run="py-target",param="hidden.weight"}',
+                           lambda v: any(v == pytest.approx(k * per_step, rel=1e-9) for k in range(1, STEPS + 1)))
+        print(f"scraped: loss {loss} (last {last_loss}), sigma_max {sigma} (float64 SVD {svd}), gain_ratio {ratio}, H {horizon}")
     finally:
         mon.close()
 
