@@ -323,22 +323,7 @@ fn main() -> Result<()> {
     let setup = Setup { args: &a, base, base_shapes: BaseShapes::from_var_stores(&base_vs, &delta_vs), teacher: Box::new(teacher) };
 
     let mut text = String::new();
-    let header = format!(
-        "teacher–student FFN, student widths {widths:?} (base {base}), teacher width {TEACHER_WIDTH}, base lr {}, base wd {}, batch {}\n\
-         steady-state protocol: constant lr after a {}-step warmup; {}\n\
-         H = Σ lr_t·wd_t (width-scaled, schedule included){}; sigma_max = mean over the last timescale\n\
-         (float64 SVD, {SAMPLES_PER_TIMESCALE} samples per timescale); {} seed(s) per cell; checks on seed 0\n",
-        a.lr,
-        a.wd,
-        a.batch,
-        a.warmup,
-        match a.steps {
-            Some(n) => format!("every run trains {n} steps (equal data); {PARAM}'s decay horizon"),
-            None => format!("each run stops when {PARAM}'s decay horizon"),
-        },
-        if a.steps.is_some() { " is printed per run".to_string() } else { format!(" reaches {}", a.horizon) },
-        a.seeds
-    );
+    let header = protocol_header(&a, &widths, base);
     print!("{header}");
     text.push_str(&header);
     let line = format!(
@@ -359,25 +344,7 @@ fn main() -> Result<()> {
                 (Some(setup.run(*rule, d, 0, Variant::SmallInit)?), Some(setup.run(*rule, d, 0, Variant::Doubled)?))
             };
             let cell = Cell { d, seeds, small_init, doubled };
-            let first = &cell.seeds[0];
-            let checks = cell.checks();
-            let check = |name: &str| {
-                checks.iter().find(|c| c.0 == name).map_or("-".to_string(), |c| format!("{:+.1}% {}", 100.0 * c.1, if c.2 { "ok" } else { "FAIL" }))
-            };
-            let doubled_h = cell.doubled.as_ref().map_or(String::new(), |r| format!(" ({:.2})", r.horizon));
-            let line = format!(
-                "{:<14} {:>5} {:>5} {:>7} {:>6.2}  {:<26} {:>7.4}  {:>13} {:>13} {:>13}\n",
-                label,
-                d,
-                d as f64 / base as f64,
-                first.steps,
-                first.horizon,
-                cell.sigmas().iter().map(|s| format!("{s:.4}")).collect::<Vec<_>>().join(" "),
-                mean(&cell.sigmas()),
-                check("init/10"),
-                format!("{}{doubled_h}", check("2lr,2wd")),
-                check("drift"),
-            );
+            let line = cell_row(label, &cell, base);
             print!("{line}");
             text.push_str(&line);
             cells.push(cell);
@@ -396,6 +363,49 @@ fn main() -> Result<()> {
         write_outputs(dir, &a, &rows, &text)?;
     }
     Ok(())
+}
+
+/// What a run of this program measured and how: widths, hyper-parameters and the steady-state protocol.
+fn protocol_header(a: &Args, widths: &[i64], base: i64) -> String {
+    format!(
+        "teacher–student FFN, student widths {widths:?} (base {base}), teacher width {TEACHER_WIDTH}, base lr {}, base wd {}, batch {}\n\
+         steady-state protocol: constant lr after a {}-step warmup; {}\n\
+         H = Σ lr_t·wd_t (width-scaled, schedule included){}; sigma_max = mean over the last timescale\n\
+         (float64 SVD, {SAMPLES_PER_TIMESCALE} samples per timescale); {} seed(s) per cell; checks on seed 0\n",
+        a.lr,
+        a.wd,
+        a.batch,
+        a.warmup,
+        match a.steps {
+            Some(n) => format!("every run trains {n} steps (equal data); {PARAM}'s decay horizon"),
+            None => format!("each run stops when {PARAM}'s decay horizon"),
+        },
+        if a.steps.is_some() { " is printed per run".to_string() } else { format!(" reaches {}", a.horizon) },
+        a.seeds
+    )
+}
+
+/// One (rule, width) cell: steps, H, sigma_max per seed, their mean and the protocol's three checks.
+fn cell_row(label: &str, cell: &Cell, base: i64) -> String {
+    let first = &cell.seeds[0];
+    let checks = cell.checks();
+    let check = |name: &str| {
+        checks.iter().find(|c| c.0 == name).map_or("-".to_string(), |c| format!("{:+.1}% {}", 100.0 * c.1, if c.2 { "ok" } else { "FAIL" }))
+    };
+    let doubled_h = cell.doubled.as_ref().map_or(String::new(), |r| format!(" ({:.2})", r.horizon));
+    format!(
+        "{:<14} {:>5} {:>5} {:>7} {:>6.2}  {:<26} {:>7.4}  {:>13} {:>13} {:>13}\n",
+        label,
+        cell.d,
+        cell.d as f64 / base as f64,
+        first.steps,
+        first.horizon,
+        cell.sigmas().iter().map(|s| format!("{s:.4}")).collect::<Vec<_>>().join(" "),
+        mean(&cell.sigmas()),
+        check("init/10"),
+        format!("{}{doubled_h}", check("2lr,2wd")),
+        check("drift"),
+    )
 }
 
 fn summary_table(rows: &[RuleRow], widths: &[i64]) -> String {

@@ -78,52 +78,65 @@ pub fn run(a: Args) -> Result<()> {
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         }
-        Format::Table => {
-            writeln!(out, "{} measurements, {} matrices, widths {:?}", ms.len(), params.len(), {
-                let mut w: Vec<f64> = widths.iter().map(|b| f64::from_bits(*b)).collect();
-                w.sort_by(f64::total_cmp);
-                w
-            })?;
-            let horizons: Vec<String> = reliability
-                .min_horizon_by_width
-                .iter()
-                .map(|(w, h)| format!("{w}: {}", h.map_or("missing".to_string(), |h| format!("{h:.2}"))))
-                .collect();
-            writeln!(out, "smallest decay horizon H per width: {}", horizons.join(", "))?;
-            writeln!(out, "{:>8}  {:>10}  {:>8}  {:>7}  {:>13}", "gamma", "slope", "± se", "widths", "implied alpha")?;
-            for g in &calibration.per_gamma {
-                writeln!(out, "{:>8.3}  {:>+10.4}  {:>8.4}  {:>7}  {:>13.3}", g.gamma, g.slope, g.slope_se, g.widths, g.implied_alpha)?;
-            }
-            writeln!(
-                    out,
-                "recommended gamma: {:.3} ± {:.3} (sigma_max flat in width; alpha = (1+gamma)/2 = {:.3} ± {:.3}){}",
-                calibration.gamma,
-                calibration.gamma_se,
-                calibration.alpha,
-                calibration.alpha_se,
-                if calibration.extrapolated { "  [extrapolated outside the measured gammas]" } else { "" }
-            )?;
-            writeln!(out, "d slope / d gamma: {:.3} ± {:.3} (the sqrt(lr/wd)·d^alpha law predicts -0.5)", calibration.rate, calibration.rate_se)?;
-            if calibration.rate.abs() < 2.0 * calibration.rate_se {
-                writeln!(
-                    out,
-                    "warning: the slope barely depends on gamma (|d slope / d gamma| < 2 se): the runs were probably too short \
-                     for weight decay to set the scale (it takes about 1/(lr·wd) steps); the recommendation is not reliable"
-                )?;
-            }
-            if let Some(f) = alpha {
-                writeln!(
-                    out,
-                    "pooled alpha fit, ln(sigma/sqrt(lr/wd)) on ln d: {:.3} ± {:.3} (implied gamma {:.2}); it can drift with lr·wd, so prefer the gamma above",
-                    f.alpha, f.alpha_se, f.implied_gamma
-                )?;
-            }
-            match &reliability.reason {
-                None => writeln!(out, "use it: --rule gamma={:.2}", calibration.gamma)?,
-                Some(reason) => writeln!(out, "UNRELIABLE, do not use this gamma as it stands: {reason}")?,
-            }
-        }
+        Format::Table => write_table(&mut out, &ms, params.len(), &widths, &calibration, alpha.as_ref(), &reliability)?,
     }
     out.flush()?;
+    Ok(())
+}
+
+/// The report for people: widths and their smallest H, the slope per gamma, the recommendation and whether to
+/// use it.
+fn write_table(
+    out: &mut impl Write,
+    ms: &[Measurement],
+    params: usize,
+    widths: &BTreeSet<u64>,
+    calibration: &fit::GammaCalibration,
+    alpha: Option<&fit::AlphaFit>,
+    reliability: &fit::Reliability,
+) -> Result<()> {
+    writeln!(out, "{} measurements, {} matrices, widths {:?}", ms.len(), params, {
+        let mut w: Vec<f64> = widths.iter().map(|b| f64::from_bits(*b)).collect();
+        w.sort_by(f64::total_cmp);
+        w
+    })?;
+    let horizons: Vec<String> = reliability
+        .min_horizon_by_width
+        .iter()
+        .map(|(w, h)| format!("{w}: {}", h.map_or("missing".to_string(), |h| format!("{h:.2}"))))
+        .collect();
+    writeln!(out, "smallest decay horizon H per width: {}", horizons.join(", "))?;
+    writeln!(out, "{:>8}  {:>10}  {:>8}  {:>7}  {:>13}", "gamma", "slope", "± se", "widths", "implied alpha")?;
+    for g in &calibration.per_gamma {
+        writeln!(out, "{:>8.3}  {:>+10.4}  {:>8.4}  {:>7}  {:>13.3}", g.gamma, g.slope, g.slope_se, g.widths, g.implied_alpha)?;
+    }
+    writeln!(
+            out,
+        "recommended gamma: {:.3} ± {:.3} (sigma_max flat in width; alpha = (1+gamma)/2 = {:.3} ± {:.3}){}",
+        calibration.gamma,
+        calibration.gamma_se,
+        calibration.alpha,
+        calibration.alpha_se,
+        if calibration.extrapolated { "  [extrapolated outside the measured gammas]" } else { "" }
+    )?;
+    writeln!(out, "d slope / d gamma: {:.3} ± {:.3} (the sqrt(lr/wd)·d^alpha law predicts -0.5)", calibration.rate, calibration.rate_se)?;
+    if calibration.rate.abs() < 2.0 * calibration.rate_se {
+        writeln!(
+            out,
+            "warning: the slope barely depends on gamma (|d slope / d gamma| < 2 se): the runs were probably too short \
+             for weight decay to set the scale (it takes about 1/(lr·wd) steps); the recommendation is not reliable"
+        )?;
+    }
+    if let Some(f) = alpha {
+        writeln!(
+            out,
+            "pooled alpha fit, ln(sigma/sqrt(lr/wd)) on ln d: {:.3} ± {:.3} (implied gamma {:.2}); it can drift with lr·wd, so prefer the gamma above",
+            f.alpha, f.alpha_se, f.implied_gamma
+        )?;
+    }
+    match &reliability.reason {
+        None => writeln!(out, "use it: --rule gamma={:.2}", calibration.gamma)?,
+        Some(reason) => writeln!(out, "UNRELIABLE, do not use this gamma as it stands: {reason}")?,
+    }
     Ok(())
 }
