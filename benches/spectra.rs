@@ -81,7 +81,6 @@ struct Row {
 }
 
 fn sigma_max_vs_svd(quick: bool, device: Device) {
-    let bytes_of = |m: i64, n: i64| (m * n * 4) as f64;
     // Four times a 32 MiB L3 (the development machine's); reading it evicts W.
     let flush_buf = Tensor::ones([32 << 20], (Kind::Float, device));
     let flush = || {
@@ -147,6 +146,12 @@ fn sigma_max_vs_svd(quick: bool, device: Device) {
             });
         }
     }
+    print_sigma_max_tables(&rows, calls, device);
+}
+
+/// The two tables of part 1: W evicted before each call, then W left in the cache.
+fn print_sigma_max_tables(rows: &[Row], calls: usize, device: Device) {
+    let bytes_of = |m: i64, n: i64| (m * n * 4) as f64;
     let threads = if device == Device::Cpu { format!("{} threads", tch::get_num_threads()) } else { format!("{device:?}") };
     println!("## warm-started sigma_max vs full SVD and vs its memory floor (fp32, {threads}, median of {calls} warm calls)");
     println!();
@@ -160,7 +165,7 @@ fn sigma_max_vs_svd(quick: bool, device: Device) {
     // On CUDA the products are libtorch's: A·Q and Bᵀ·A read W twice per full iteration, A·Q once on
     // the last, and the float64 norm once more.
     let reads_of = |iters: u32| if device == Device::Cpu { iters as f64 } else { 2.0 * iters as f64 };
-    for r in &rows {
+    for r in rows {
         let (m, n) = r.shape;
         let floor = reads_of(r.warm_iters) * r.read;
         println!(
@@ -187,7 +192,7 @@ fn sigma_max_vs_svd(quick: bool, device: Device) {
     println!();
     println!("| matrix | kind | warm ms | SVD ÷ warm | read of W ms (GB/s) | floor ms | warm ÷ floor |");
     println!("|---|---|---:|---:|---:|---:|---:|");
-    for r in &rows {
+    for r in rows {
         let (m, n) = r.shape;
         let floor = reads_of(r.warm_iters) * r.read_hot;
         println!(
@@ -202,6 +207,7 @@ fn sigma_max_vs_svd(quick: bool, device: Device) {
         );
     }
 }
+
 
 const BASE_D: i64 = 64;
 
