@@ -118,84 +118,99 @@ pub struct Plan {
 impl Plan {
     fn preset(name: &str) -> Result<Plan> {
         Ok(match name {
-            "smoke" => Plan {
-                name: "smoke",
-                base_width: 16,
-                multipliers: vec![2, 4],
-                layers: 1,
-                seq_len: 16,
-                batch: 4,
-                horizon: 2.0,
-                warmup: 2,
-                beta2: 0.95,
-                lr: 0.02,
-                wd: 1.0,
-                gammas: vec![0.0, 1.0],
-                seeds: 2,
-                transfer_base_width: 16,
-                transfer_multipliers: vec![2],
-                grid_factor: 2.0,
-                initial_reach: 1,
-                max_reach: 1,
-                rules: vec![Preset::Paper, Preset::Standard],
-            },
-            "cpu" => Plan {
-                // Sized from CPU time (user + sys, one libtorch thread; docs/EXPERIMENTS.md): a step of the
-                // 64-wide model on 16 × 32 tokens costs about 8 ms, 128-wide about 23 ms. A first sweep at
-                // (lr, wd) = (0.02, 1) over widths 16–128 (12 min) failed every check of the protocol: at
-                // lr·wd = 0.02 a run reaches H = 6 in 300 steps, before the model has learnt much, and some
-                // attention matrices had no steady state. (0.01, 0.5) keeps lr/wd and quarters lr·wd, so
-                // every run is 4× longer; the widths stop at 64 (m = 4) to stay within 30 minutes.
-                name: "cpu",
-                base_width: 16,
-                multipliers: vec![2, 4],
-                layers: 2,
-                seq_len: 32,
-                batch: 16,
-                horizon: 6.0,
-                warmup: 20,
-                beta2: 0.95,
-                lr: 0.01,
-                wd: 0.5,
-                gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
-                seeds: 3,
-                // The transfer's proxy is 32 wide: a 16-wide model cannot learn this corpus (loss 2.7 at every
-                // grid point against 1.8 at d = 64), so its optimum says little about a wider model's. A grid
-                // point costs about 8 s of CPU at d = 32 and 15 s at d = 64 (1700 steps, paper's at d = 64 reach
-                // H = 6), so two rules on grids of up to 5 × 5 fit in 20 minutes of CPU: paper, and standard,
-                // which a 2× target sets a whole lr step away (mup-coupled's and mup-fixed-wd's wd differ from
-                // paper's by half a grid step there). --shared-runs splits the runs between processes; the gpu
-                // preset runs every rule at 2-8×.
-                transfer_base_width: 32,
-                transfer_multipliers: vec![2],
-                grid_factor: 2.0,
-                initial_reach: 1,
-                max_reach: 2,
-                rules: vec![Preset::Paper, Preset::Standard],
-            },
-            "gpu" => Plan {
-                name: "gpu",
-                base_width: 128,
-                multipliers: vec![2, 4, 8],
-                layers: 4,
-                seq_len: 128,
-                batch: 32,
-                horizon: 6.0,
-                warmup: 100,
-                beta2: 0.95,
-                lr: 4e-3,
-                wd: 0.5,
-                gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
-                seeds: 3,
-                transfer_base_width: 128,
-                transfer_multipliers: vec![2, 4, 8],
-                grid_factor: 2.0,
-                initial_reach: 1,
-                max_reach: 3,
-                rules: Preset::ALL.to_vec(),
-            },
+            "smoke" => Plan::smoke(),
+            "cpu" => Plan::cpu(),
+            "gpu" => Plan::gpu(),
             other => bail!("unknown preset `{other}`: expected smoke, cpu or gpu"),
         })
+    }
+
+    /// Seconds of CPU: what the tests run.
+    fn smoke() -> Plan {
+        Plan {
+            name: "smoke",
+            base_width: 16,
+            multipliers: vec![2, 4],
+            layers: 1,
+            seq_len: 16,
+            batch: 4,
+            horizon: 2.0,
+            warmup: 2,
+            beta2: 0.95,
+            lr: 0.02,
+            wd: 1.0,
+            gammas: vec![0.0, 1.0],
+            seeds: 2,
+            transfer_base_width: 16,
+            transfer_multipliers: vec![2],
+            grid_factor: 2.0,
+            initial_reach: 1,
+            max_reach: 1,
+            rules: vec![Preset::Paper, Preset::Standard],
+        }
+    }
+
+    /// Within 30 minutes on 2 cores.
+    fn cpu() -> Plan {
+        Plan {
+            // Sized from CPU time (user + sys, one libtorch thread; docs/EXPERIMENTS.md): a step of the
+            // 64-wide model on 16 × 32 tokens costs about 8 ms, 128-wide about 23 ms. A first sweep at
+            // (lr, wd) = (0.02, 1) over widths 16–128 (12 min) failed every check of the protocol: at
+            // lr·wd = 0.02 a run reaches H = 6 in 300 steps, before the model has learnt much, and some
+            // attention matrices had no steady state. (0.01, 0.5) keeps lr/wd and quarters lr·wd, so
+            // every run is 4× longer; the widths stop at 64 (m = 4) to stay within 30 minutes.
+            name: "cpu",
+            base_width: 16,
+            multipliers: vec![2, 4],
+            layers: 2,
+            seq_len: 32,
+            batch: 16,
+            horizon: 6.0,
+            warmup: 20,
+            beta2: 0.95,
+            lr: 0.01,
+            wd: 0.5,
+            gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+            seeds: 3,
+            // The transfer's proxy is 32 wide: a 16-wide model cannot learn this corpus (loss 2.7 at every
+            // grid point against 1.8 at d = 64), so its optimum says little about a wider model's. A grid
+            // point costs about 8 s of CPU at d = 32 and 15 s at d = 64 (1700 steps, paper's at d = 64 reach
+            // H = 6), so two rules on grids of up to 5 × 5 fit in 20 minutes of CPU: paper, and standard,
+            // which a 2× target sets a whole lr step away (mup-coupled's and mup-fixed-wd's wd differ from
+            // paper's by half a grid step there). --shared-runs splits the runs between processes; the gpu
+            // preset runs every rule at 2-8×.
+            transfer_base_width: 32,
+            transfer_multipliers: vec![2],
+            grid_factor: 2.0,
+            initial_reach: 1,
+            max_reach: 2,
+            rules: vec![Preset::Paper, Preset::Standard],
+        }
+    }
+
+    /// For a GPU session: widths 128–1024, every rule.
+    fn gpu() -> Plan {
+        Plan {
+            name: "gpu",
+            base_width: 128,
+            multipliers: vec![2, 4, 8],
+            layers: 4,
+            seq_len: 128,
+            batch: 32,
+            horizon: 6.0,
+            warmup: 100,
+            beta2: 0.95,
+            lr: 4e-3,
+            wd: 0.5,
+            gammas: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+            seeds: 3,
+            transfer_base_width: 128,
+            transfer_multipliers: vec![2, 4, 8],
+            grid_factor: 2.0,
+            initial_reach: 1,
+            max_reach: 3,
+            rules: Preset::ALL.to_vec(),
+        }
     }
 
     fn widths(&self, multipliers: &[i64]) -> Vec<i64> {

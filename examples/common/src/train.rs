@@ -319,6 +319,21 @@ pub struct SteadyRun {
     pub seconds: f64,
 }
 
+/// `config` with every matrix-like parameter's lr and wd multiplied by `scale` (the protocol's (2·lr, 2·wd)
+/// check at `scale` 2); `config` itself at 1.
+fn with_matrix_scale(mut config: AdamWConfig, vs: &VarStore, base_shapes: &BaseShapes, scale: f64) -> anyhow::Result<AdamWConfig> {
+    if scale != 1.0 {
+        let plan = WidthScaledAdamW::new(vs, base_shapes, config.clone())?.plan().clone();
+        config.overrides.extend(
+            plan.decisions
+                .iter()
+                .filter(|d| d.class == ParamClass::MatrixLike)
+                .map(|d| Override { lr_multiplier: Some(scale), wd_multiplier: Some(scale), ..Override::new(&d.name) }),
+        );
+    }
+    Ok(config)
+}
+
 /// Trains `spec` as [`train_on`] does, without monitoring, and reads every matrix-like parameter's sigma_max
 /// at its steady state: the mean over its last timescale, with the drift from the timescale before. The
 /// decay horizon is the optimizer's own count, checked at the end against the plan's prediction.
@@ -327,17 +342,7 @@ pub fn train_steady(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, steady: &St
     let vs = VarStore::new(spec.device);
     let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
     let base_shapes = spec.base_shapes();
-    let mut config = spec.optimizer_config();
-    if steady.matrix_scale != 1.0 {
-        let plan = WidthScaledAdamW::new(&vs, &base_shapes, config.clone())?.plan().clone();
-        let scale = Some(steady.matrix_scale);
-        config.overrides.extend(
-            plan.decisions
-                .iter()
-                .filter(|d| d.class == ParamClass::MatrixLike)
-                .map(|d| Override { lr_multiplier: scale, wd_multiplier: scale, ..Override::new(&d.name) }),
-        );
-    }
+    let config = with_matrix_scale(spec.optimizer_config(), &vs, &base_shapes, steady.matrix_scale)?;
     let mut opt = WidthScaledAdamW::new(&vs, &base_shapes, config.clone())?;
     let vars = vs.variables();
     struct Watched {
