@@ -357,13 +357,17 @@ impl Estimator {
             }
         };
         let (m, n) = operand.dims();
-        let b = block.min(n);
+        let key = WarmKey { device: a.device(), rows: m, cols: n, double: a.kind() == Kind::Double };
+        // A warm start needs no oversampling: the last answer's top k Ritz vectors are already close to the
+        // new top k, so its block is k columns, half the arithmetic per pass of a cold block of k + oversample
+        // (the warm path is compute-bound: issue 18's floor).
+        let warm_width = k.min(n);
+        let warm = self.warm.take().filter(|w| w.key == key && w.width >= warm_width);
+        let b = if warm.is_some() { warm_width } else { block.min(n) };
         // The Krylov space of AᵀA beyond the first block lies in A's row space: rank ≤ min(m, n). With
         // more columns than rows (a wide matrix read row-major) the basis is complete at m + b vectors.
         let d_max = if m >= n { n } else { n.min(m + b) };
         let max_iters = (self.config.max_iters.max(1) as usize).min(d_max.div_ceil(b));
-        let key = WarmKey { device: a.device(), rows: m, cols: n, double: a.kind() == Kind::Double };
-        let warm = self.warm.take().filter(|w| w.key == key && w.width == b);
         let warm_started = warm.is_some();
         let tol = self.config.tol;
         let check = if self.config.tol_top_k { k } else { 1 };
@@ -375,7 +379,7 @@ impl Estimator {
             q.clear();
             match warm {
                 // Ritz vectors of the last answer: orthonormal already, used as they are.
-                Some(wv) => q.extend_from_slice(&wv.vectors),
+                Some(wv) => q.extend_from_slice(&wv.vectors[..n * b]),
                 None => {
                     q.extend((0..n * b).map(|_| gauss(rng)));
                     dense::orthonormalize(&[], 0, q, b, n, &mut || gauss(rng));

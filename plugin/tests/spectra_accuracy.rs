@@ -110,6 +110,11 @@ fn a_warm_start_after_a_small_update_converges_in_two_iterations() {
         let e = est.estimate(&w2).unwrap();
         assert!(e.iterations <= 2, "warm start took {} iterations", e.iterations);
         assert!(rel(e.sigma_max, truth[0]) <= 1e-4, "{} vs {}", e.sigma_max, truth[0]);
+        // The warm block has k columns and no oversampling: the whole top k it reports still holds 1e-3.
+        assert_eq!(e.top_k.len(), 4);
+        for (i, (got, want)) in e.top_k.iter().zip(&truth).enumerate() {
+            assert!(rel(*got, *want) <= 1e-3, "sigma_{}: {got} vs {want}", i + 1);
+        }
     }
 }
 
