@@ -11,7 +11,9 @@
 //!   matrix whose top spectrum has no gap (docs/design.md §6.2); the Krylov space converges like a Chebyshev
 //!   polynomial, `exp(−4q·sqrt(gap))`, which is what makes cold starts reach 1e-3 in tens of
 //!   iterations. The estimator keeps the right singular vectors of its last answer and starts the next
-//!   call from them, so a matrix that moved a little (one optimizer step or a few) converges in two.
+//!   call from them, so a matrix that moved a little (one optimizer step or a few) converges in two. A warm
+//!   start iterates with the top k of them only (no oversampling: they are already close to the new top k),
+//!   which halves the arithmetic of the compute-bound warm path.
 //!   Ritz values never exceed the true singular values (Cauchy interlacing), so `sigma_max` is a lower
 //!   bound that tightens with every iteration. On the CPU each iteration is one fused pass over W in
 //!   memory (`spectra/pass.rs`: `A·Q` and `Aᵀ·A·Q` from one read, the first pass also summing `‖W‖_F` in
@@ -152,7 +154,8 @@ fn compute_kind(t: &Tensor) -> Kind {
 pub struct EstimatorConfig {
     /// Singular values reported (`top_k`); the first is sigma_max.
     pub k: usize,
-    /// Extra columns in the block; they speed convergence and absorb a near-degenerate k-th value.
+    /// Extra columns in a cold start's block; they speed convergence and absorb a near-degenerate k-th
+    /// value. A warm start uses k columns.
     pub oversample: usize,
     /// Stop when `|sigma_max − previous| ≤ tol · sigma_max` between two iterations (every top-k value,
     /// each relative to itself, with [`EstimatorConfig::tol_top_k`]).
