@@ -73,12 +73,12 @@ def test_each_parameters_decay_horizon_is_the_sum_of_its_width_scaled_lr_times_w
     # Vector-like parameters get no decay under the paper rule: H stays 0 (hidden.bias, stepped on 25 of 40 steps).
     assert opt.state[model.hidden.bias]["decay_horizon"] == 0.0
     model2 = MLP(TARGET)
-    coupled = gainguard.AdamW(model2.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)),
-                              lr=LR, weight_decay=WD, rule="standard")
-    train(model2, coupled, 40, skip_grad=no_grad_on_odd)
+    standard = gainguard.AdamW(model2.named_parameters(), base_shapes=gainguard.base_shapes(MLP(BASE), MLP(DELTA)),
+                               lr=LR, weight_decay=WD, rule="standard")
+    train(model2, standard, 40, skip_grad=no_grad_on_odd)
     # standard decays every parameter with the base (lr, wd); hidden.bias took 25 steps (odd steps < 30 had no gradient).
-    assert coupled.state[model2.hidden.bias]["decay_horizon"] == pytest.approx(25 * LR * WD, rel=1e-12)
-    assert coupled.state[model2.hidden.weight]["decay_horizon"] == pytest.approx(40 * LR * WD, rel=1e-12)
+    assert standard.state[model2.hidden.bias]["decay_horizon"] == pytest.approx(25 * LR * WD, rel=1e-12)
+    assert standard.state[model2.hidden.weight]["decay_horizon"] == pytest.approx(40 * LR * WD, rel=1e-12)
 
 
 def test_state_dict_round_trip_resumes_bit_for_bit():
