@@ -365,7 +365,7 @@ impl Estimator {
         // new top k, so its block is k columns, half the arithmetic per pass of a cold block of k + oversample
         // (the warm path is compute-bound: issue 18's floor).
         let warm_width = k.min(n);
-        let warm = self.warm.take().filter(|w| w.key == key && w.width >= warm_width);
+        let warm = self.warm.take().filter(|w| w.key == key && w.width == warm_width);
         let b = if warm.is_some() { warm_width } else { block.min(n) };
         // The Krylov space of AᵀA beyond the first block lies in A's row space: rank ≤ min(m, n). With
         // more columns than rows (a wide matrix read row-major) the basis is complete at m + b vectors.
@@ -382,7 +382,7 @@ impl Estimator {
             q.clear();
             match warm {
                 // Ritz vectors of the last answer: orthonormal already, used as they are.
-                Some(wv) => q.extend_from_slice(&wv.vectors[..n * b]),
+                Some(wv) => q.extend_from_slice(&wv.vectors),
                 None => {
                     q.extend((0..n * b).map(|_| gauss(rng)));
                     dense::orthonormalize(&[], 0, q, b, n, &mut || gauss(rng));
@@ -443,11 +443,11 @@ impl Estimator {
                 let converged = !prev.is_empty() && (0..check.min(sigmas.len())).all(|i| (sigmas[i] - prev[i]).abs() <= tol * sigmas[i].max(floor));
                 let exhausted = dim >= d_max;
                 if converged || exhausted || it == max_iters {
-                    // The top b Ritz vectors, Q·z_i, for the next call.
-                    let vectors = (keep_warm && dim >= b).then(|| {
+                    // The top k Ritz vectors, Q·z_i: the next call's warm block.
+                    let vectors = (keep_warm && dim >= warm_width).then(|| {
                         let z = vectors_now.unwrap_or_else(|| dense::symmetric_eigen(h_dim, dim).1);
-                        let mut v = vec![0f64; n * b];
-                        for i in 0..b {
+                        let mut v = vec![0f64; n * warm_width];
+                        for i in 0..warm_width {
                             dense::combine(&mut v[i * n..(i + 1) * n], &q[..dim * n], &z[i * dim..(i + 1) * dim], n);
                         }
                         v
@@ -481,7 +481,7 @@ impl Estimator {
         })?;
         match outcome {
             Ok((e, vectors)) => {
-                self.warm = vectors.map(|vectors| Warm { key, vectors, width: b });
+                self.warm = vectors.map(|vectors| Warm { key, vectors, width: warm_width });
                 Ok(e)
             }
             Err(e) => Err(e),
