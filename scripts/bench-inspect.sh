@@ -21,7 +21,7 @@ FILE=$DIR/llama-d768.safetensors
 WW=$DIR/ww-venv
 mkdir -p "$DIR"
 
-cargo build --release -p gainguard --bin gainguard
+cargo build --release -p gainguard-cli --bin gainguard
 BIN=target/release/gainguard
 [[ -f $FILE ]] || "$PY" scripts/bench_inspect.py make "$FILE"
 

@@ -337,3 +337,62 @@ pub unsafe fn sqrt_cpu(input: *mut c_void, out: *mut c_void, n: i64, dtype: DTyp
 pub unsafe fn stream_probe(group: &RawGroup) -> Result<(), String> {
     imp::stream_probe(group)
 }
+
+/// libgomp's team as the spectra passes' thread pool (`gainguard_spectra::set_parallel_runner`): the
+/// OpenMP runtime libtorch itself uses, so that the passes do not wait behind its spinning workers. None
+/// in a build without the shim (the passes then use rayon's pool).
+pub fn parallel_runner() -> Option<gainguard_spectra::ParallelRunner> {
+    #[cfg(gainguard_fused_shim)]
+    {
+        Some(omp::run)
+    }
+    #[cfg(not(gainguard_fused_shim))]
+    {
+        None
+    }
+}
+
+#[cfg(gainguard_fused_shim)]
+mod omp {
+    use std::ffi::c_void;
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+    use std::sync::Mutex;
+
+    // libgomp's entry points (GCC ≥ 4.9 ABI), from the runtime libtorch itself uses (linked by build.rs).
+    extern "C" {
+        fn GOMP_parallel(f: unsafe extern "C" fn(*mut c_void), data: *mut c_void, num_threads: u32, flags: u32);
+        fn omp_get_thread_num() -> i32;
+        fn omp_get_num_threads() -> i32;
+    }
+
+    struct Region<'a> {
+        count: usize,
+        f: &'a (dyn Fn(usize) + Sync),
+        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+
+    unsafe extern "C" fn body(data: *mut c_void) {
+        // SAFETY: `data` is the Region that `run` keeps alive until GOMP_parallel returns.
+        let region = &*(data as *const Region);
+        let (t, team) = (omp_get_thread_num().max(0) as usize, omp_get_num_threads().max(1) as usize);
+        // The team may be smaller than asked for (nested regions get one thread): stride over the parts,
+        // so that each index is run exactly once.
+        let mut i = t;
+        while i < region.count {
+            if let Err(e) = catch_unwind(AssertUnwindSafe(|| (region.f)(i))) {
+                *region.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+            i += team;
+        }
+    }
+
+    pub(super) fn run(count: usize, f: &(dyn Fn(usize) + Sync)) {
+        let region = Region { count, f, panic: Mutex::new(None) };
+        // SAFETY: body only touches `region`, which outlives the call; a panic in `f` is carried across
+        // the C frames and resumed here.
+        unsafe { GOMP_parallel(body, &region as *const Region as *mut c_void, count as u32, 0) };
+        if let Some(e) = region.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            resume_unwind(e);
+        }
+    }
+}

@@ -15,10 +15,11 @@
 //!   start iterates with the top k of them only (no oversampling: they are already close to the new top k),
 //!   which halves the arithmetic of the compute-bound warm path.
 //!   Ritz values never exceed the true singular values (Cauchy interlacing), so `sigma_max` is a lower
-//!   bound that tightens with every iteration. On the CPU each iteration is one fused pass over W in
-//!   memory (`spectra/pass.rs`: `A·Q` and `Aᵀ·A·Q` from one read, the first pass also summing `‖W‖_F` in
-//!   float64, which doubles as the finiteness check); the small float64 algebra of the Rayleigh–Ritz step
-//!   runs on the host (`spectra/dense.rs`). On a GPU the products are libtorch's.
+//!   bound that tightens with every iteration. The iteration itself is the `gainguard-spectra` crate's
+//!   (`spectra/`, no libtorch; `gainguard inspect` uses it alone): on the CPU each iteration is one fused
+//!   pass over W in memory (`A·Q` and `Aᵀ·A·Q` from one read, the first pass also summing `‖W‖_F` in
+//!   float64, which doubles as the finiteness check), and the small float64 algebra of the Rayleigh–Ritz
+//!   step runs on the host. On a GPU the products are libtorch's ([`Estimator`] supplies them).
 //! - [`full_spectrum`]: every singular value (no vectors), with quantiles, stable rank, Frobenius norm
 //!   and the entropy effective rank. On CUDA: `linalg_svdvals`. On CPU: the eigenvalues of the smaller
 //!   Gram matrix in float64, because tch's `linalg_svdvals` always passes a driver string, which
@@ -32,16 +33,13 @@
 //! other dimension (stacked experts `[E, out, in]` become `[E·out, in]`). Singular values do not
 //! depend on which side is rows.
 
-mod dense;
-mod pass;
-
-use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::Once;
 
 use gainguard_protocol::events::SpectrumQuantiles;
+use gainguard_spectra::{Elem, HostMatrix, Krylov, Mode, Operand, Outcome, PassRequest, WarmKey};
 use tch::{Device, Kind, Tensor};
 
-use pass::{Elem, Flavour, HostMatrix, Mode, PassRequest, Workspace};
+pub use gainguard_spectra::{Estimate, EstimatorConfig};
 
 use crate::plan::ParamDecision;
 
@@ -108,8 +106,14 @@ impl MatrixLayout {
 
 /// Threads of a pass over a CPU matrix: `configured`, or when 0 libtorch's intra-op setting for the
 /// calling thread (an OpenMP per-thread value: 1 in the sampler's worker, see
-/// `SamplerConfig::worker_threads`).
+/// `SamplerConfig::worker_threads`). Also installs libtorch's OpenMP pool as the passes' thread pool.
 fn host_threads(configured: usize) -> usize {
+    static RUNNER: Once = Once::new();
+    RUNNER.call_once(|| {
+        if let Some(runner) = crate::shim::parallel_runner() {
+            gainguard_spectra::set_parallel_runner(runner);
+        }
+    });
     if configured > 0 {
         configured
     } else {
@@ -117,9 +121,51 @@ fn host_threads(configured: usize) -> usize {
     }
 }
 
-fn flavour() -> Flavour {
-    static FLAVOUR: OnceLock<Flavour> = OnceLock::new();
-    *FLAVOUR.get_or_init(Flavour::detect)
+fn elem_of(kind: Kind) -> Option<Elem> {
+    Some(match kind {
+        Kind::Float => Elem::F32,
+        Kind::Double => Elem::F64,
+        Kind::BFloat16 => Elem::Bf16,
+        Kind::Half => Elem::F16,
+        _ => return None,
+    })
+}
+
+/// A 2-D CPU tensor of f32, f64, bf16 or f16 whose elements are dense in memory, row-major
+/// (contiguous) or column-major (the transpose of a contiguous tensor, which is then read as its
+/// transpose: the singular values are the same). None for anything else.
+fn host_matrix(t: &Tensor) -> Option<HostMatrix<'_>> {
+    if t.device() != Device::Cpu || t.dim() != 2 {
+        return None;
+    }
+    let elem = elem_of(t.kind())?;
+    let size = t.size();
+    let (r, c) = (size[0], size[1]);
+    if r <= 0 || c <= 0 {
+        return None;
+    }
+    let (rows, cols) = if t.is_contiguous() {
+        (r, c)
+    } else if t.stride() == [1, r] {
+        (c, r)
+    } else {
+        return None;
+    };
+    // SAFETY: the tensor owns rows·cols dense elements from data_ptr() and is borrowed for the
+    // matrix's lifetime; the estimator never writes to it.
+    Some(unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, rows as usize, cols as usize, elem) })
+}
+
+/// Any contiguous CPU tensor of f32, f64, bf16 or f16 as the rows of its last dimension (a scalar is
+/// one row of one): for sums over every element.
+fn host_flat(t: &Tensor) -> Option<HostMatrix<'_>> {
+    if t.device() != Device::Cpu || !t.is_contiguous() || t.numel() == 0 {
+        return None;
+    }
+    let elem = elem_of(t.kind())?;
+    let cols = t.size().last().map_or(1, |&c| c as usize);
+    // SAFETY: as in `host_matrix`: numel dense elements from data_ptr(), borrowed, read only.
+    Some(unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, t.numel() / cols, cols, elem) })
 }
 
 /// True when every element is finite. On the CPU one read without temporaries (the float64 sum of
@@ -129,8 +175,8 @@ pub fn all_finite(t: &Tensor) -> bool {
     if t.numel() == 0 {
         return true;
     }
-    if let Some(h) = HostMatrix::flat(t) {
-        if pass::sum_squares(&h, host_threads(0)).is_finite() {
+    if let Some(h) = host_flat(t) {
+        if gainguard_spectra::sum_squares(&h, host_threads(0)).is_finite() {
             return true;
         }
         if h.elem != Elem::F64 {
@@ -149,152 +195,38 @@ fn compute_kind(t: &Tensor) -> Kind {
     }
 }
 
-/// Settings of the top-k estimator.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EstimatorConfig {
-    /// Singular values reported (`top_k`); the first is sigma_max.
-    pub k: usize,
-    /// Extra columns in a cold start's block; they speed convergence and absorb a near-degenerate k-th
-    /// value. A warm start uses k columns.
-    pub oversample: usize,
-    /// Stop when `|sigma_max − previous| ≤ tol · sigma_max` between two iterations (every top-k value,
-    /// each relative to itself, with [`EstimatorConfig::tol_top_k`]).
-    pub tol: f64,
-    /// Iteration cap; an estimate that hits it reports `converged: false`.
-    pub max_iters: u32,
-    /// Matrices whose smaller side is at most this are solved exactly (eigenvalues of the Gram matrix).
-    pub exact_below: i64,
-    /// Seed of the random start block. The estimator has its own generator: sampling never moves the
-    /// trainer's libtorch RNG.
-    pub seed: u64,
-    /// Threads of a pass over a CPU matrix; 0 takes libtorch's intra-op setting of the calling thread.
-    pub threads: usize,
-    /// Apply `tol` to every reported value, not only sigma_max (`gainguard inspect` does; the sampler
-    /// exports top_k but pages on sigma_max).
-    pub tol_top_k: bool,
-    /// Keep the answer's singular vectors to start the next call from (the sampler does). A one-off
-    /// estimate (`gainguard inspect`) skips them: after a cold start they cost a full eigensolve of the
-    /// projected matrix, side up to a few hundred.
-    pub warm_start: bool,
+/// A matrix on a device: libtorch's products (`b` keeps `A·Q` between a forward and a backward pass).
+struct DeviceOperand {
+    op: Tensor,
+    b: Option<Tensor>,
 }
 
-impl Default for EstimatorConfig {
-    fn default() -> Self {
-        EstimatorConfig { k: 4, oversample: 4, tol: 1e-5, max_iters: 40, exact_below: 32, seed: 0x5eed, threads: 0, tol_top_k: false, warm_start: true }
-    }
-}
+impl Operand for DeviceOperand {
+    type Error = tch::TchError;
 
-/// The top singular values of one matrix.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Estimate {
-    pub sigma_max: f64,
-    /// Descending; `min(k, rows, cols)` values.
-    pub top_k: Vec<f64>,
-    /// `‖W‖_F`, summed in float64 during the estimate's first pass over the matrix.
-    pub frobenius_norm: f64,
-    /// Block iterations (passes with a new block) the estimate took; 0 for an all-zero matrix.
-    pub iterations: u32,
-    pub converged: bool,
-}
-
-/// What a warm start is valid for: the same operand shape, side and device.
-#[derive(Clone, Debug, PartialEq)]
-struct WarmKey {
-    device: Device,
-    rows: usize,
-    cols: usize,
-    double: bool,
-}
-
-struct Warm {
-    key: WarmKey,
-    /// `cols × width`, column-major, orthonormal.
-    vectors: Vec<f64>,
-    width: usize,
-}
-
-/// Per-parameter state of the top-k estimator: the last right singular vectors, for warm starts.
-pub struct Estimator {
-    config: EstimatorConfig,
-    warm: Option<Warm>,
-    rng: u64,
-}
-
-/// The estimator's buffers, one set per thread (the sampler's worker estimates every parameter on one
-/// thread), kept from call to call so that a warm estimate allocates nothing once they have grown.
-#[derive(Default)]
-struct Scratch {
-    /// The basis, `n × dim`, column-major.
-    q: Vec<f64>,
-    /// `AᵀA` times each basis block, same layout.
-    w: Vec<f64>,
-    /// The projected matrix `QᵀAᵀAQ`, side `ld`.
-    h: Vec<f64>,
-    /// Its leading `dim × dim` part, compact, for the eigensolver.
-    h_dim: Vec<f64>,
-    bb: Vec<f64>,
-    block: Vec<f64>,
-    ws32: Option<Workspace<f32>>,
-    ws64: Option<Workspace<f64>>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::default();
-}
-
-/// The matrix a pass reads: in host memory (read in place by [`pass`]), or a device tensor (libtorch
-/// products; `b` keeps `A·Q` between a forward and a backward pass).
-enum Operand<'a> {
-    Host(HostMatrix<'a>),
-    Device { op: Tensor, b: Option<Tensor> },
-}
-
-impl Operand<'_> {
-    /// `(rows, cols)`; the Krylov space lives in the columns' space.
     fn dims(&self) -> (usize, usize) {
-        match self {
-            Operand::Host(h) => (h.rows, h.cols),
-            Operand::Device { op, .. } => (op.size()[0] as usize, op.size()[1] as usize),
-        }
+        (self.op.size()[0] as usize, self.op.size()[1] as usize)
     }
 
-    fn pass(
-        &mut self,
-        scratch_ws32: &mut Option<Workspace<f32>>,
-        scratch_ws64: &mut Option<Workspace<f64>>,
-        req: PassRequest,
-        w_out: &mut [f64],
-        bb_out: &mut [f64],
-    ) -> Result<f64, SpectraError> {
+    fn pass(&mut self, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> Result<f64, tch::TchError> {
         let PassRequest { q, width, mode, norm, .. } = req;
-        match self {
-            Operand::Host(a) if a.elem == Elem::F64 => {
-                let ws = scratch_ws64.get_or_insert_with(|| Workspace::new(flavour()));
-                Ok(ws.pass(a, req, w_out, bb_out))
-            }
-            Operand::Host(a) => {
-                let ws = scratch_ws32.get_or_insert_with(|| Workspace::new(flavour()));
-                Ok(ws.pass(a, req, w_out, bb_out))
-            }
-            Operand::Device { op, b } => {
-                let n = op.size()[1];
-                let fro2 = if norm { frobenius_norm(op).powi(2) } else { f64::NAN };
-                if mode != Mode::Backward {
-                    let qt = Tensor::f_from_slice(&q[..n as usize * width])?.f_view([width as i64, n])?.f_to_kind(op.kind())?.f_to_device(op.device())?;
-                    let bj = op.f_matmul(&qt.f_tr()?)?;
-                    let gram = bj.f_tr()?.f_matmul(&bj)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?.f_contiguous()?;
-                    bb_out[..width * width].copy_from_slice(&Vec::<f64>::try_from(&gram.f_view([-1])?)?);
-                    *b = Some(bj);
-                }
-                if mode != Mode::Forward {
-                    let bj = b.as_ref().expect("a backward pass follows a forward pass");
-                    // (Aᵀ·B)ᵀ = Bᵀ·A, row-major `width × n`: the column-major layout of `n × width`.
-                    let wt = bj.f_tr()?.f_matmul(op)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?.f_contiguous()?;
-                    w_out[..n as usize * width].copy_from_slice(&Vec::<f64>::try_from(&wt.f_view([-1])?)?);
-                }
-                Ok(fro2)
-            }
+        let op = &self.op;
+        let n = op.size()[1];
+        let fro2 = if norm { frobenius_norm(op).powi(2) } else { f64::NAN };
+        if mode != Mode::Backward {
+            let qt = Tensor::f_from_slice(&q[..n as usize * width])?.f_view([width as i64, n])?.f_to_kind(op.kind())?.f_to_device(op.device())?;
+            let bj = op.f_matmul(&qt.f_tr()?)?;
+            let gram = bj.f_tr()?.f_matmul(&bj)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            bb_out[..width * width].copy_from_slice(&Vec::<f64>::try_from(&gram.f_view([-1])?)?);
+            self.b = Some(bj);
         }
+        if mode != Mode::Forward {
+            let bj = self.b.as_ref().expect("a backward pass follows a forward pass");
+            // (Aᵀ·B)ᵀ = Bᵀ·A, row-major `width × n`: the column-major layout of `n × width`.
+            let wt = bj.f_tr()?.f_matmul(op)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            w_out[..n as usize * width].copy_from_slice(&Vec::<f64>::try_from(&wt.f_view([-1])?)?);
+        }
+        Ok(fro2)
     }
 }
 
@@ -304,24 +236,39 @@ fn sum_means_nonfinite(fro2: f64, a: &Tensor) -> bool {
     !fro2.is_finite() && (a.kind() != Kind::Double || !all_finite(a))
 }
 
+/// The warm-start key's tag of a device.
+fn device_tag(d: Device) -> i64 {
+    match d {
+        Device::Cpu => WarmKey::HOST,
+        Device::Cuda(i) => i as i64,
+        Device::Mps => -2,
+        Device::Vulkan => -3,
+    }
+}
+
+/// Per-parameter state of the top-k estimator ([`gainguard_spectra::Krylov`]) for tensors on any device:
+/// the last right singular vectors, for warm starts.
+pub struct Estimator {
+    krylov: Krylov,
+}
+
 impl Estimator {
     pub fn new(config: EstimatorConfig) -> Estimator {
-        let rng = config.seed ^ 0x9e37_79b9_7f4a_7c15;
-        Estimator { config, warm: None, rng }
+        Estimator { krylov: Krylov::new(config) }
     }
 
     pub fn config(&self) -> &EstimatorConfig {
-        &self.config
+        self.krylov.config()
     }
 
     /// Forgets the warm start (after non-finite weights, or a shape change).
     pub fn reset(&mut self) {
-        self.warm = None;
+        self.krylov.reset();
     }
 
     /// Whether the next call starts from the previous answer's singular vectors.
     pub fn is_warm(&self) -> bool {
-        self.warm.is_some()
+        self.krylov.is_warm()
     }
 
     /// Top-k singular values of a 2-D tensor (use [`MatrixLayout::apply`] first for higher ranks).
@@ -329,172 +276,47 @@ impl Estimator {
         tch::no_grad(|| self.estimate_inner(a))
     }
 
-    /// One block-Krylov (Lanczos on AᵀA) run: set up the operand, grow the basis one fused pass at a time,
-    /// solve the small projected problem after each and stop at convergence. Kept as one function (issue 15
-    /// allows it for one algorithm): the loop's state (basis, projected matrix, block width, previous Ritz
-    /// values) is shared by every step, and split functions would pass all of it back and forth.
+    /// Host tensors go to the host estimator in place (a copy only for layouts and dtypes it does not
+    /// read); device tensors to the same iteration over libtorch's products.
     fn estimate_inner(&mut self, a: &Tensor) -> Result<Estimate, SpectraError> {
         let shape = a.size();
         if shape.len() != 2 || shape[0] <= 0 || shape[1] <= 0 {
             return Err(SpectraError::NotAMatrix(shape));
         }
-        let threads = host_threads(self.config.threads);
-        let small = shape[0].min(shape[1]);
-        let k = self.config.k.max(1).min(small as usize);
-        let block = (self.config.k.max(1) + self.config.oversample).min(small as usize);
-        if small <= self.config.exact_below.max(block as i64) {
-            return self.exact(a, k, threads);
-        }
-        // A CPU copy for the layouts and dtypes the pass does not read in place (strided views, ints).
+        let threads = host_threads(self.krylov.config().threads);
         let owned: Tensor;
-        let mut operand = match HostMatrix::of_tensor(a) {
-            Some(h) => Operand::Host(h),
+        let host = match host_matrix(a) {
+            Some(h) => Some(h),
             None if a.device() == Device::Cpu => {
                 owned = a.f_to_kind(compute_kind(a))?.f_contiguous()?;
-                Operand::Host(HostMatrix::of_tensor(&owned).ok_or_else(|| SpectraError::NotAMatrix(shape.clone()))?)
+                Some(host_matrix(&owned).ok_or_else(|| SpectraError::NotAMatrix(shape.clone()))?)
             }
+            None => None,
+        };
+        let outcome = match host {
+            Some(h) => self.krylov.estimate_host(&h, threads),
+            None if self.krylov.solves_exactly(shape[0] as usize, shape[1] as usize) => return self.exact(a),
             None => {
-                // On a device the products are libtorch's; there the smaller side is the Krylov side.
+                // On a device the smaller side is the Krylov side.
                 let x = a.f_to_kind(compute_kind(a))?.f_detach()?;
-                Operand::Device { op: if shape[1] <= shape[0] { x } else { x.f_tr()? }, b: None }
+                let op = if shape[1] <= shape[0] { x } else { x.f_tr()? };
+                let mut operand = DeviceOperand { op, b: None };
+                let (m, n) = operand.dims();
+                let key = WarmKey { device: device_tag(a.device()), rows: m, cols: n, double: a.kind() == Kind::Double };
+                self.krylov.run(&mut operand, key, threads, &|fro2| sum_means_nonfinite(fro2, a))?
             }
         };
-        let (m, n) = operand.dims();
-        let key = WarmKey { device: a.device(), rows: m, cols: n, double: a.kind() == Kind::Double };
-        // A warm start needs no oversampling: the last answer's top k Ritz vectors are already close to the
-        // new top k, so its block is k columns, half the arithmetic per pass of a cold block of k + oversample
-        // (the warm path is compute-bound: issue 18's floor).
-        let warm_width = k.min(n);
-        let warm = self.warm.take().filter(|w| w.key == key && w.width == warm_width);
-        let b = if warm.is_some() { warm_width } else { block.min(n) };
-        // The Krylov space of AᵀA beyond the first block lies in A's row space: rank ≤ min(m, n). With
-        // more columns than rows (a wide matrix read row-major) the basis is complete at m + b vectors.
-        let d_max = if m >= n { n } else { n.min(m + b) };
-        let max_iters = (self.config.max_iters.max(1) as usize).min(d_max.div_ceil(b));
-        let warm_started = warm.is_some();
-        let tol = self.config.tol;
-        let check = if self.config.tol_top_k { k } else { 1 };
-        let keep_warm = self.config.warm_start;
-        let rng = &mut self.rng;
-        let outcome = SCRATCH.with(|cell| -> Result<Result<(Estimate, Option<Vec<f64>>), SpectraError>, SpectraError> {
-            let mut guard = cell.borrow_mut();
-            let Scratch { q, w, h, h_dim, bb, block: next_block, ws32, ws64 } = &mut *guard;
-            q.clear();
-            match warm {
-                // Ritz vectors of the last answer: orthonormal already, used as they are.
-                Some(wv) => q.extend_from_slice(&wv.vectors),
-                None => {
-                    q.extend((0..n * b).map(|_| gauss(rng)));
-                    dense::orthonormalize(&[], 0, q, b, n, &mut || gauss(rng));
-                }
-            }
-            w.clear();
-            let ld = (b * max_iters).min(d_max);
-            if h.len() < ld * ld {
-                h.resize(ld * ld, 0.0);
-            }
-            let mut dim = 0;
-            let mut width = b;
-            let mut prev: Vec<f64> = Vec::new();
-            let mut fro2 = f64::NAN;
-            for it in 1..=max_iters {
-                let mode = if warm_started && it == 2 { Mode::Forward } else { Mode::Full };
-                bb.resize(width * width, 0.0);
-                w.resize((dim + width) * n, 0.0);
-                let req = PassRequest { q: &q[dim * n..(dim + width) * n], width, mode, norm: it == 1, threads };
-                let s = operand.pass(ws32, ws64, req, &mut w[dim * n..(dim + width) * n], bb)?;
-                if it == 1 {
-                    fro2 = s;
-                    if sum_means_nonfinite(fro2, a) {
-                        return Ok(Err(SpectraError::NonFinite(shape.clone())));
-                    }
-                    if fro2 == 0.0 {
-                        let e = Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true };
-                        return Ok(Ok((e, None)));
-                    }
-                }
-                // New entries of QᵀAᵀAQ: W_iᵀ Q_j against every earlier block, BᵀB on the diagonal block.
-                for c in 0..width {
-                    let qc = &q[(dim + c) * n..(dim + c + 1) * n];
-                    for i in 0..dim {
-                        let v = dense::dot(&w[i * n..(i + 1) * n], qc);
-                        h[(dim + c) * ld + i] = v;
-                        h[i * ld + dim + c] = v;
-                    }
-                    for c2 in 0..width {
-                        h[(dim + c) * ld + dim + c2] = bb[c * width + c2];
-                    }
-                }
-                dim += width;
-                h_dim.clear();
-                for col in 0..dim {
-                    h_dim.extend_from_slice(&h[col * ld..col * ld + dim]);
-                }
-                // Small projections get their vectors at once (Jacobi gives them nearly free), large
-                // ones only when the estimate stops.
-                let (theta, vectors_now) = if dim <= dense::JACOBI_MAX {
-                    let (values, z) = dense::symmetric_eigen(h_dim, dim);
-                    (values, Some(z))
-                } else {
-                    (dense::symmetric_eigenvalues(h_dim, dim), None)
-                };
-                let sigmas: Vec<f64> = theta.iter().take(b).map(|l| l.max(0.0).sqrt()).collect();
-                let floor = 1e-6 * sigmas[0];
-                let converged = !prev.is_empty() && (0..check.min(sigmas.len())).all(|i| (sigmas[i] - prev[i]).abs() <= tol * sigmas[i].max(floor));
-                let exhausted = dim >= d_max;
-                if converged || exhausted || it == max_iters {
-                    // The top k Ritz vectors, Q·z_i: the next call's warm block.
-                    let vectors = (keep_warm && dim >= warm_width).then(|| {
-                        let z = vectors_now.unwrap_or_else(|| dense::symmetric_eigen(h_dim, dim).1);
-                        let mut v = vec![0f64; n * warm_width];
-                        for i in 0..warm_width {
-                            dense::combine(&mut v[i * n..(i + 1) * n], &q[..dim * n], &z[i * dim..(i + 1) * dim], n);
-                        }
-                        v
-                    });
-                    let top_k = sigmas.iter().take(k).copied().collect::<Vec<_>>();
-                    let e = Estimate {
-                        sigma_max: sigmas[0],
-                        top_k,
-                        frobenius_norm: fro2.sqrt(),
-                        iterations: it as u32,
-                        converged: converged || exhausted,
-                    };
-                    return Ok(Ok((e, vectors)));
-                }
-                prev = sigmas;
-                if mode == Mode::Forward {
-                    let j = dim - width;
-                    let req = PassRequest { q: &[], width, mode: Mode::Backward, norm: false, threads };
-                    operand.pass(ws32, ws64, req, &mut w[j * n..dim * n], bb)?;
-                }
-                // Next Krylov block: AᵀA·Q_j, orthonormalised against the basis, no wider than the
-                // directions the basis does not span yet.
-                let next = width.min(d_max - dim);
-                next_block.clear();
-                next_block.extend_from_slice(&w[(dim - width) * n..(dim - width + next) * n]);
-                dense::orthonormalize(q, dim, next_block, next, n, &mut || gauss(rng));
-                q.extend_from_slice(next_block);
-                width = next;
-            }
-            unreachable!("the loop returns on its last iteration")
-        })?;
         match outcome {
-            Ok((e, vectors)) => {
-                self.warm = vectors.map(|vectors| Warm { key, vectors, width: warm_width });
-                Ok(e)
-            }
-            Err(e) => Err(e),
+            Outcome::Done(e) => Ok(e),
+            Outcome::NonFinite => Err(SpectraError::NonFinite(shape)),
         }
     }
 
-    /// Matrices with a small side: every singular value, from the float64 Gram matrix.
-    fn exact(&mut self, a: &Tensor, k: usize, threads: usize) -> Result<Estimate, SpectraError> {
-        self.warm = None;
-        let fro2 = match HostMatrix::of_tensor(a) {
-            Some(h) => pass::sum_squares(&h, threads),
-            None => frobenius_norm(a).powi(2),
-        };
+    /// A device matrix with a small side: every singular value, from the float64 Gram matrix.
+    fn exact(&mut self, a: &Tensor) -> Result<Estimate, SpectraError> {
+        self.krylov.reset();
+        let k = self.krylov.config().k.max(1).min(a.size()[0].min(a.size()[1]) as usize);
+        let fro2 = frobenius_norm(a).powi(2);
         if sum_means_nonfinite(fro2, a) {
             return Err(SpectraError::NonFinite(a.size()));
         }
@@ -505,21 +327,6 @@ impl Estimator {
         let top_k: Vec<f64> = sv.iter().take(k).copied().collect();
         Ok(Estimate { sigma_max: top_k[0], top_k, frobenius_norm: fro2.sqrt(), iterations: 1, converged: true })
     }
-}
-
-/// One standard normal draw from the estimator's own generator (splitmix64, Box–Muller).
-fn gauss(state: &mut u64) -> f64 {
-    let u1 = (splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64;
-    let u2 = (splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64;
-    (-2.0 * (1.0 - u1).ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Singular values, descending, from the eigenvalues of the smaller Gram matrix in float64.
@@ -637,8 +444,8 @@ const NORM_CHUNK: i64 = 1 << 24;
 /// read of a dense tensor, no temporaries; elsewhere on the tensor's device, converting in chunks to
 /// bound the float64 copies of a large weight.
 pub fn frobenius_norm(t: &Tensor) -> f64 {
-    if let Some(h) = HostMatrix::flat(t) {
-        return pass::sum_squares(&h, host_threads(0)).sqrt();
+    if let Some(h) = host_flat(t) {
+        return gainguard_spectra::sum_squares(&h, host_threads(0)).sqrt();
     }
     tch::no_grad(|| {
         let flat = t.reshape([-1]);
@@ -655,8 +462,8 @@ pub fn frobenius_norm(t: &Tensor) -> f64 {
 /// elsewhere on the device through float64 copies.
 pub fn frobenius_distance(a: &Tensor, b: &Tensor) -> f64 {
     if a.size() == b.size() && a.kind() == b.kind() {
-        if let (Some(x), Some(y)) = (HostMatrix::flat(a), HostMatrix::flat(b)) {
-            return pass::distance_squares(&x, &y, host_threads(0)).sqrt();
+        if let (Some(x), Some(y)) = (host_flat(a), host_flat(b)) {
+            return gainguard_spectra::distance_squares(&x, &y, host_threads(0)).sqrt();
         }
     }
     tch::no_grad(|| frobenius_norm(&(a.to_kind(Kind::Double) - b.to_kind(Kind::Double))))
@@ -683,23 +490,27 @@ mod tests {
     }
 
     #[test]
-    fn the_libtorch_pass_of_devices_computes_what_the_host_pass_does() {
-        // The device branch runs libtorch's products; on a CPU tensor it must agree with the host pass.
+    fn the_libtorch_pass_of_devices_computes_what_a_float64_product_does() {
+        // The device operand runs libtorch's products; on a CPU tensor they must agree with float64 ones.
         let a = Tensor::randn([90, 70], (Kind::Float, Device::Cpu));
-        let q: Vec<f64> = Vec::try_from(&Tensor::randn([70 * 8], (Kind::Double, Device::Cpu))).unwrap();
-        let run = |operand: &mut Operand, mode| {
-            let (mut ws32, mut ws64) = (None, None);
+        let qt = Tensor::randn([8, 70], (Kind::Double, Device::Cpu));
+        let q: Vec<f64> = Vec::try_from(&qt.view([-1])).unwrap();
+        let a64 = a.to_kind(Kind::Double);
+        let b = a64.mm(&qt.tr());
+        let w_ref: Vec<f64> = Vec::try_from(&b.tr().mm(&a64).contiguous().view([-1])).unwrap();
+        let bb_ref: Vec<f64> = Vec::try_from(&b.tr().mm(&b).contiguous().view([-1])).unwrap();
+        let ss_ref = a64.square().sum(Kind::Double).double_value(&[]);
+        let run = |operand: &mut DeviceOperand, mode| {
             let (mut w, mut bb) = (vec![0.0; 70 * 8], vec![0.0; 64]);
             let req = PassRequest { q: &q, width: 8, mode, norm: true, threads: 1 };
-            let s = operand.pass(&mut ws32, &mut ws64, req, &mut w, &mut bb).unwrap();
+            let s = operand.pass(req, &mut w, &mut bb).unwrap();
             (s, w, bb)
         };
-        let host = run(&mut Operand::Host(HostMatrix::of_tensor(&a).unwrap()), Mode::Full);
-        let mut device = Operand::Device { op: a.shallow_clone(), b: None };
+        let mut device = DeviceOperand { op: a.shallow_clone(), b: None };
         let full = run(&mut device, Mode::Full);
-        assert!((host.0 - full.0).abs() <= 1e-12 * host.0, "sum of squares");
-        let scale = host.1.iter().fold(0f64, |m, x| m.max(x.abs()));
-        for (x, y) in host.1.iter().zip(&full.1).chain(host.2.iter().zip(&full.2)) {
+        assert!((full.0 - ss_ref).abs() <= 1e-12 * ss_ref, "sum of squares");
+        let scale = w_ref.iter().chain(&bb_ref).fold(0f64, |m, x| m.max(x.abs()));
+        for (x, y) in full.1.iter().zip(&w_ref).chain(full.2.iter().zip(&bb_ref)) {
             assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
         }
         // Forward then backward: the same W from the kept B.
@@ -707,6 +518,15 @@ mod tests {
         assert_eq!(forward.2, full.2);
         let backward = run(&mut device, Mode::Backward);
         assert_eq!(backward.1, full.1);
+    }
+
+    #[test]
+    fn a_transposed_view_is_read_as_its_contiguous_transpose() {
+        let a = Tensor::randn([40, 70], (Kind::Float, Device::Cpu));
+        let t = a.tr();
+        let h = host_matrix(&t).unwrap();
+        assert_eq!((h.rows, h.cols), (40, 70));
+        assert!(host_matrix(&a.narrow(1, 0, 30)).is_none(), "a strided view is not dense");
     }
 
     #[test]

@@ -5,8 +5,6 @@
 //! 8–320), but libtorch would spend more on dispatch than on arithmetic here, and its threaded kernels
 //! would wake OpenMP workers that then spin against the pass's own threads.
 
-use tch::Tensor;
-
 use super::pass::Flavour;
 
 /// Projected matrices up to this side are diagonalised by Jacobi rotations here, larger ones by
@@ -16,7 +14,7 @@ pub(crate) const JACOBI_MAX: usize = 32;
 /// The instructions the loops below are compiled for, chosen once at run time like the pass's (the
 /// default x86-64 target has neither AVX nor FMA, and these loops are a fifth of a cold estimate).
 fn level() -> Flavour {
-    super::flavour()
+    crate::pass::flavour()
 }
 
 /// Calls `$body` (an expression over the arguments) compiled for the best available level.
@@ -219,37 +217,15 @@ fn jacobi(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
     ((0..d).map(|i| a[i * d + i]).collect(), v)
 }
 
-/// LAPACK's symmetric eigensolver (`syevd`) through libtorch, on the CPU in float64, on this thread
-/// alone: a side of a few hundred gains nothing from a team, whose barrier on a loaded machine costs a
-/// scheduler time slice per call (a 15-iteration cold estimate took seconds that way).
+/// Larger projections: Jacobi as well until the tridiagonal solver lands (same contract).
 fn lapack(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
-    let threads = tch::get_num_threads();
-    let limited = threads > 1 && crate::fused::limit_this_thread(1);
-    let out = lapack_here(h, d, want_vectors);
-    if limited {
-        crate::fused::limit_this_thread(threads as usize);
-    }
-    out
-}
-
-fn lapack_here(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
-    let t = Tensor::from_slice(&h[..d * d]).view([d as i64, d as i64]);
-    // Column-major h read as row-major is hᵀ; symmetrise, since LAPACK reads one triangle only.
-    let t = (&t + t.tr()) * 0.5;
-    if !want_vectors {
-        return (Vec::<f64>::try_from(&t.linalg_eigvalsh("L")).unwrap_or_default(), Vec::new());
-    }
-    let (values, vectors) = t.linalg_eigh("L");
-    let values = Vec::<f64>::try_from(&values).unwrap_or_default();
-    // Eigenvectors are the columns of `vectors` (row-major); their transpose, row-major, is column-major.
-    let vectors = Vec::<f64>::try_from(&vectors.tr().contiguous().view([-1])).unwrap_or_default();
-    (values, vectors)
+    jacobi(h, d, want_vectors)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use tch::{Device, Kind, Tensor};
 
     fn random(n: usize) -> Vec<f64> {
         Vec::<f64>::try_from(&Tensor::randn([n as i64], (Kind::Double, Device::Cpu))).unwrap()

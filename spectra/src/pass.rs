@@ -18,6 +18,7 @@
 //! a small per-thread buffer, never as a whole matrix.
 
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 /// Columns of `Q` processed together: one AVX2 register of float32, half an AVX-512 one.
 pub(crate) const LANES: usize = 8;
@@ -30,7 +31,7 @@ const FOLD_GROUPS: usize = 64;
 
 /// Element type of a matrix in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Elem {
+pub enum Elem {
     F32,
     F64,
     Bf16,
@@ -38,7 +39,7 @@ pub(crate) enum Elem {
 }
 
 impl Elem {
-    pub(crate) fn size(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             Elem::F32 => 4,
             Elem::F64 => 8,
@@ -50,7 +51,7 @@ impl Elem {
 /// A dense row-major matrix in host memory, borrowed for `'a`. The data may be unaligned (a tensor
 /// inside a memory-mapped safetensors file): it is read with unaligned loads only.
 #[derive(Clone, Copy)]
-pub(crate) struct HostMatrix<'a> {
+pub struct HostMatrix<'a> {
     ptr: *const u8,
     pub rows: usize,
     pub cols: usize,
@@ -65,63 +66,20 @@ unsafe impl Sync for HostMatrix<'_> {}
 impl<'a> HostMatrix<'a> {
     /// # Safety
     /// `ptr` must be valid for reads of `rows · cols · elem.size()` bytes, and not written, for `'a`.
-    pub(crate) unsafe fn from_raw(ptr: *const u8, rows: usize, cols: usize, elem: Elem) -> HostMatrix<'a> {
+    pub unsafe fn from_raw(ptr: *const u8, rows: usize, cols: usize, elem: Elem) -> HostMatrix<'a> {
         HostMatrix { ptr, rows, cols, elem, _data: PhantomData }
-    }
-
-    /// A 2-D CPU tensor of f32, f64, bf16 or f16 whose elements are dense in memory, row-major
-    /// (contiguous) or column-major (the transpose of a contiguous tensor, which is then read as its
-    /// transpose: the singular values are the same). None for anything else.
-    pub(crate) fn of_tensor(t: &'a tch::Tensor) -> Option<HostMatrix<'a>> {
-        if t.device() != tch::Device::Cpu || t.dim() != 2 {
-            return None;
-        }
-        let elem = match t.kind() {
-            tch::Kind::Float => Elem::F32,
-            tch::Kind::Double => Elem::F64,
-            tch::Kind::BFloat16 => Elem::Bf16,
-            tch::Kind::Half => Elem::F16,
-            _ => return None,
-        };
-        let size = t.size();
-        let (r, c) = (size[0], size[1]);
-        if r <= 0 || c <= 0 {
-            return None;
-        }
-        let (rows, cols) = if t.is_contiguous() {
-            (r, c)
-        } else if t.stride() == [1, r] {
-            (c, r)
-        } else {
-            return None;
-        };
-        // SAFETY: the tensor owns rows·cols dense elements from data_ptr() and is borrowed for 'a; the
-        // estimator never writes to it.
-        Some(unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, rows as usize, cols as usize, elem) })
-    }
-
-    /// Any contiguous CPU tensor of f32, f64, bf16 or f16 as the rows of its last dimension (a scalar
-    /// is one row of one): for sums over every element.
-    pub(crate) fn flat(t: &'a tch::Tensor) -> Option<HostMatrix<'a>> {
-        if t.device() != tch::Device::Cpu || !t.is_contiguous() || t.numel() == 0 {
-            return None;
-        }
-        let elem = match t.kind() {
-            tch::Kind::Float => Elem::F32,
-            tch::Kind::Double => Elem::F64,
-            tch::Kind::BFloat16 => Elem::Bf16,
-            tch::Kind::Half => Elem::F16,
-            _ => return None,
-        };
-        let cols = t.size().last().map_or(1, |&c| c as usize);
-        // SAFETY: as in `of_tensor`: numel dense elements from data_ptr(), borrowed for 'a, read only.
-        Some(unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, t.numel() / cols, cols, elem) })
     }
 
     fn row(&self, i: usize) -> *const u8 {
         // SAFETY: i < rows, so the offset stays inside the matrix.
         unsafe { self.ptr.add(i * self.cols * self.elem.size()) }
     }
+}
+
+/// The fastest path this CPU runs, detected once.
+pub(crate) fn flavour() -> Flavour {
+    static FLAVOUR: OnceLock<Flavour> = OnceLock::new();
+    *FLAVOUR.get_or_init(Flavour::detect)
 }
 
 /// Which SIMD code path computes a float32 pass.
@@ -264,7 +222,7 @@ pub(crate) struct Prefetch {
 
 /// What a pass computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
+pub enum Mode {
     /// `B = A·Q` (kept for a later [`Mode::Backward`]) and `W = Aᵀ·B`.
     Full,
     /// `B = A·Q` only: the last iteration of a warm start needs `BᵀB` and not the next block.
@@ -276,7 +234,7 @@ pub(crate) enum Mode {
 /// One pass's request: the block `q` (`a.cols × width`, column-major, float64; ignored by
 /// [`Mode::Backward`]), what to compute, whether to sum the squares too, and on how many threads.
 #[derive(Clone, Copy)]
-pub(crate) struct PassRequest<'q> {
+pub struct PassRequest<'q> {
     pub q: &'q [f64],
     pub width: usize,
     pub mode: Mode,
@@ -548,8 +506,34 @@ fn widen_row(a: &HostMatrix, i: usize, out: &mut [f32]) -> f64 {
     s
 }
 
+/// Row `i` of `a` in float64.
+pub(crate) fn read_row_f64(a: &HostMatrix, i: usize, out: &mut [f64]) {
+    let p = a.row(i);
+    for (j, o) in out[..a.cols].iter_mut().enumerate() {
+        // SAFETY: the row holds a.cols elements of a.elem, read unaligned.
+        *o = unsafe {
+            match a.elem {
+                Elem::F32 => (p as *const f32).add(j).read_unaligned() as f64,
+                Elem::F64 => (p as *const f64).add(j).read_unaligned(),
+                Elem::Bf16 => f32::from_bits(((p as *const u16).add(j).read_unaligned() as u32) << 16) as f64,
+                Elem::F16 => half::f16::from_bits((p as *const u16).add(j).read_unaligned()).to_f64(),
+            }
+        };
+    }
+}
+
+/// Whether every element of a float64 matrix is finite (its sum of squares may overflow when they all
+/// are; narrower types cannot, so for them a finite sum of squares already says so).
+pub(crate) fn all_finite(a: &HostMatrix) -> bool {
+    let mut row = vec![0f64; a.cols];
+    (0..a.rows).all(|i| {
+        read_row_f64(a, i, &mut row);
+        row.iter().all(|x| x.is_finite())
+    })
+}
+
 /// `Σ x²` in float64 of every element of `a`, with `threads` threads (one pass, no temporaries).
-pub(crate) fn sum_squares(a: &HostMatrix, threads: usize) -> f64 {
+pub fn sum_squares(a: &HostMatrix, threads: usize) -> f64 {
     let flavour = Flavour::detect();
     let part = |r0: usize, r1: usize| -> f64 {
         let mut s = 0.0;
@@ -573,7 +557,7 @@ pub(crate) fn sum_squares(a: &HostMatrix, threads: usize) -> f64 {
 }
 
 /// `Σ (a_ij − b_ij)²` in float64, one pass over both (same shape and element type).
-pub(crate) fn distance_squares(a: &HostMatrix, b: &HostMatrix, threads: usize) -> f64 {
+pub fn distance_squares(a: &HostMatrix, b: &HostMatrix, threads: usize) -> f64 {
     debug_assert!(a.rows == b.rows && a.cols == b.cols && a.elem == b.elem);
     let part = |r0: usize, r1: usize| -> f64 {
         let mut s = 0.0;
@@ -619,74 +603,48 @@ fn split_rows(rows: usize, threads: usize, cols: usize, part: impl Fn(usize, usi
     sums.iter().sum()
 }
 
-/// Runs `f(i, &mut parts[i])` for every part, in parallel. Where libtorch's OpenMP runtime is linked
-/// (the build with the C++ shim), on its thread pool: libgomp's workers spin for a while after each
-/// parallel region, and on a 2-core machine threads of our own would wait behind those spinning
-/// workers after every libtorch call (a cold estimate took seconds instead of 50 ms that way). Else on
-/// rayon's pool.
-fn for_each_part<P: Send>(parts: &mut [P], f: impl Fn(usize, &mut P) + Sync) {
-    #[cfg(gainguard_fused_shim)]
-    {
-        omp::for_each_part(parts, &f);
-    }
-    #[cfg(not(gainguard_fused_shim))]
-    {
-        let (first, rest) = parts.split_at_mut(1);
-        rayon::in_place_scope(|s| {
-            for (i, p) in rest.iter_mut().enumerate() {
-                let f = &f;
-                s.spawn(move |_| f(i + 1, p));
-            }
-            f(0, &mut first[0]);
-        });
-    }
+/// Runs `f(i)` for every `i < count`, in parallel, returning when all are done: the shape of a hook
+/// ([`set_parallel_runner`]) that a program embedding this crate may install to run passes on its own
+/// thread pool.
+pub type ParallelRunner = fn(count: usize, f: &(dyn Fn(usize) + Sync));
+
+static RUNNER: OnceLock<ParallelRunner> = OnceLock::new();
+
+/// Runs the threaded parts of every later pass with `runner` instead of rayon's pool. A trainer linked
+/// with libtorch installs libgomp's (gainguard does): libgomp's workers spin for a while after each
+/// parallel region, and on a 2-core machine threads of another pool would wait behind them after every
+/// libtorch call (a cold estimate took seconds instead of 50 ms that way). The first call wins; returns
+/// whether this one did.
+pub fn set_parallel_runner(runner: ParallelRunner) -> bool {
+    RUNNER.set(runner).is_ok()
 }
 
-#[cfg(gainguard_fused_shim)]
-mod omp {
-    use std::ffi::c_void;
-    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-    use std::sync::Mutex;
-
-    // libgomp's entry points (GCC ≥ 4.9 ABI), from the runtime libtorch itself uses (linked by build.rs).
-    extern "C" {
-        fn GOMP_parallel(f: unsafe extern "C" fn(*mut c_void), data: *mut c_void, num_threads: u32, flags: u32);
-        fn omp_get_thread_num() -> i32;
-        fn omp_get_num_threads() -> i32;
-    }
-
-    struct Region<'a, P> {
-        parts: *mut P,
-        len: usize,
-        f: &'a (dyn Fn(usize, &mut P) + Sync),
-        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
-    }
-
-    unsafe extern "C" fn body<P>(data: *mut c_void) {
-        // SAFETY: `data` is the Region that for_each_part keeps alive until GOMP_parallel returns.
-        let region = &*(data as *const Region<P>);
-        let (t, team) = (omp_get_thread_num().max(0) as usize, omp_get_num_threads().max(1) as usize);
-        // The team may be smaller than asked for (nested regions get one thread): stride over parts.
-        let mut i = t;
-        while i < region.len {
-            // SAFETY: part i is visited by thread i mod team only.
-            let p = &mut *region.parts.add(i);
-            if let Err(e) = catch_unwind(AssertUnwindSafe(|| (region.f)(i, p))) {
-                *region.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-            }
-            i += team;
+fn rayon_runner(count: usize, f: &(dyn Fn(usize) + Sync)) {
+    rayon::in_place_scope(|s| {
+        for i in 1..count {
+            s.spawn(move |_| f(i));
         }
-    }
+        f(0);
+    });
+}
 
-    pub(super) fn for_each_part<P: Send>(parts: &mut [P], f: &(dyn Fn(usize, &mut P) + Sync)) {
-        let region = Region { parts: parts.as_mut_ptr(), len: parts.len(), f, panic: Mutex::new(None) };
-        // SAFETY: body only touches `region`, which outlives the call; a panic in `f` is carried across
-        // the C frames and resumed here.
-        unsafe { GOMP_parallel(body::<P>, &region as *const Region<P> as *mut c_void, parts.len() as u32, 0) };
-        if let Some(e) = region.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            resume_unwind(e);
-        }
-    }
+/// A pointer to the parts that the threads of one region share, each touching only its own index.
+struct PartsPtr<P>(*mut P);
+// SAFETY: every thread dereferences a different index (see for_each_part).
+unsafe impl<P: Send> Sync for PartsPtr<P> {}
+
+/// Runs `f(i, &mut parts[i])` for every part, in parallel, on the installed runner.
+fn for_each_part<P: Send>(parts: &mut [P], f: impl Fn(usize, &mut P) + Sync) {
+    let runner = RUNNER.get().copied().unwrap_or(rayon_runner);
+    let len = parts.len();
+    let base = PartsPtr(parts.as_mut_ptr());
+    let base = &base;
+    runner(len, &|i| {
+        assert!(i < len, "a parallel runner called part {i} of {len}");
+        // SAFETY: a runner calls each index once, so no two threads hold the same part, and `parts`
+        // outlives the call.
+        f(i, unsafe { &mut *base.0.add(i) })
+    });
 }
 
 mod portable {
@@ -957,6 +915,21 @@ mod tests {
     use super::*;
     use tch::{Device, Kind, Tensor};
 
+    /// A contiguous CPU tensor's elements as a host matrix (the plugin's `host_matrix` does this for
+    /// every layout; libtorch is the reference here only).
+    pub(crate) fn host(t: &Tensor) -> HostMatrix<'_> {
+        assert!(t.is_contiguous() && t.dim() == 2);
+        let elem = match t.kind() {
+            Kind::Float => Elem::F32,
+            Kind::Double => Elem::F64,
+            Kind::BFloat16 => Elem::Bf16,
+            Kind::Half => Elem::F16,
+            k => panic!("no host element type for {k:?}"),
+        };
+        // SAFETY: a contiguous tensor holds rows·cols elements from data_ptr(), borrowed with it.
+        unsafe { HostMatrix::from_raw(t.data_ptr() as *const u8, t.size()[0] as usize, t.size()[1] as usize, elem) }
+    }
+
     /// The pass against libtorch's float64 products, on every path this CPU runs, for shapes whose
     /// rows and columns are not multiples of the group, segment or pair sizes.
     #[test]
@@ -972,7 +945,7 @@ mod tests {
                     let w_ref = Vec::<f64>::try_from(&a64.tr().mm(&b).tr().contiguous().view([-1])).unwrap();
                     let bb_ref = Vec::<f64>::try_from(&b.tr().mm(&b).contiguous().view([-1])).unwrap();
                     let ss_ref = a64.square().sum(Kind::Double).double_value(&[]);
-                    let host = HostMatrix::of_tensor(&a).unwrap();
+                    let host = host(&a);
                     let (wn, bn) = (n as usize * width, width * width);
                     let scale = |v: &[f64]| v.iter().fold(0f64, |x, y| x.max(y.abs()));
                     let tol = if kind == Kind::Double { 1e-12 } else { 1e-5 };
@@ -1011,19 +984,10 @@ mod tests {
     }
 
     #[test]
-    fn a_transposed_view_is_read_as_its_contiguous_transpose() {
-        let a = Tensor::randn([40, 70], (Kind::Float, Device::Cpu));
-        let t = a.tr();
-        let h = HostMatrix::of_tensor(&t).unwrap();
-        assert_eq!((h.rows, h.cols), (40, 70));
-        assert!(HostMatrix::of_tensor(&a.narrow(1, 0, 30)).is_none(), "a strided view is not dense");
-    }
-
-    #[test]
     fn sums_of_squares_and_distances_square_in_float64() {
         let a = Tensor::randn([333, 257], (Kind::Float, Device::Cpu));
         let b = &a + Tensor::randn([333, 257], (Kind::Float, Device::Cpu)) * 1e-3;
-        let (ha, hb) = (HostMatrix::of_tensor(&a).unwrap(), HostMatrix::of_tensor(&b).unwrap());
+        let (ha, hb) = (host(&a), host(&b));
         let want = a.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
         let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).square().sum(Kind::Double).double_value(&[]);
         for threads in [1, 2] {

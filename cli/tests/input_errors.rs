@@ -1,6 +1,7 @@
 //! Every input of the `gainguard` command line checked the way a user types it: each wrong input gets a
 //! message that names the culprit and what was expected (exit code 2), and a reader that closes the pipe
-//! early ends any subcommand quietly with exit code 0.
+//! early ends any subcommand quietly with exit code 0, whether `gainguard` runs it (inspect) or hands it to
+//! `gainguard-torch` (rules, calibrate, inspect --full).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -263,9 +264,31 @@ fn every_subcommand_exits_quietly_when_its_reader_closes_the_pipe() {
     let small = safetensors("pipe-small.safetensors", 3);
     exits_quietly_on_a_closed_pipe(&["inspect", s(&small)], false);
     exits_quietly_on_a_closed_pipe(&["inspect", s(&small), "--format", "json"], false);
+    exits_quietly_on_a_closed_pipe(&["inspect", s(&small), "--full"], false);
     exits_quietly_on_a_closed_pipe(&["--help"], false);
     // `gainguard inspect --format json | head -1` on output larger than a pipe's buffer (64 KiB):
     // the write after `head` is gone fails with EPIPE.
     let many = safetensors("pipe-many.safetensors", 400);
     exits_quietly_on_a_closed_pipe(&["inspect", s(&many), "--format", "json"], true);
+    exits_quietly_on_a_closed_pipe(&["inspect", s(&many), "--format", "json", "--full"], true);
+}
+
+#[test]
+fn without_gainguard_torch_the_libtorch_subcommands_say_what_to_build_and_inspect_still_runs() {
+    // A copy of `gainguard` alone in a directory, with PATH and GAINGUARD_TORCH pointing nowhere.
+    let dir = std::env::temp_dir().join(format!("gainguard-cli-alone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let alone = dir.join("gainguard");
+    std::fs::copy(env!("CARGO_BIN_EXE_gainguard"), &alone).unwrap();
+    let run = |args: &[&str]| Command::new(&alone).args(args).env("PATH", &dir).env_remove("GAINGUARD_TORCH").output().unwrap();
+    let small = safetensors("alone.safetensors", 2);
+    let out = run(&["inspect", s(&small), "--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ms = tmp("alone-measurements.json", measurements());
+    for args in [&["calibrate", s(&ms)][..], &["inspect", s(&small), "--full"], &["--help"]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains("gainguard-torch") && err.contains("cargo build --release -p gainguard --bin gainguard-torch"), "{args:?}: {err}");
+    }
 }

@@ -2,9 +2,10 @@
 //!
 //! Singular-value statistics of every tensor of rank ≥ 2 in a safetensors file. By default what people
 //! ask of a checkpoint — sigma_max, the top k, stable rank and Frobenius norm — from the block Krylov
-//! estimator (`gainguard::spectra::Estimator`, every top-k value to 1e-6 between iterations, the
-//! Frobenius norm summed exactly in float64); with `--full`, every singular value in float64, which adds
-//! the effective rank and quantiles at the cost of a full SVD per matrix.
+//! estimator (`gainguard_spectra::Krylov` on the mapped bytes, in this process, which never loads
+//! libtorch; the Frobenius norm summed exactly in float64); with `--full`, every singular value in
+//! float64, which adds the effective rank and quantiles at the cost of a full SVD per matrix, and
+//! `--device cuda` — both libtorch's, run by `gainguard-torch` ([`Backend`]).
 //!
 //! The file is memory-mapped and its tensors are read in place (no copy of the checkpoint); matrices
 //! are spread over `--threads` threads (default: every core), one matrix per thread at a time, largest
@@ -12,96 +13,228 @@
 //! base shapes there is no width information to do better.
 
 use anyhow::Result;
-use gainguard::spectra::{full_spectrum, Estimator, EstimatorConfig, FullPrecision, MatrixLayout, SpectraError};
+use gainguard_spectra::{Elem, EstimatorConfig, HostMatrix, Krylov, Outcome};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use tch::{Device, Kind, Tensor};
 
 use crate::{BadInput, Format};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// A safetensors file (e.g. a checkpoint written by `Tensor::write_safetensors` or `safetensors.torch`).
-    file: PathBuf,
+    pub file: PathBuf,
     #[arg(long, value_enum, default_value = "table")]
-    format: Format,
-    /// cpu, cuda, cuda:N or auto (CUDA when available).
+    pub format: Format,
+    /// cpu, cuda, cuda:N or auto (CUDA when available; libtorch's, through gainguard-torch).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
     /// Singular values listed per tensor.
     #[arg(long, default_value_t = 4)]
-    top_k: usize,
-    /// Every singular value (float64 SVD): adds the effective rank and the quantiles p10–p99.
+    pub top_k: usize,
+    /// Every singular value (float64 SVD, libtorch's, through gainguard-torch): adds the effective rank
+    /// and the quantiles p10–p99.
     #[arg(long)]
-    full: bool,
+    pub full: bool,
     /// With --full, matrices whose smaller side exceeds this still get the estimator (a full spectrum
     /// of a 32000-row embedding costs minutes).
     #[arg(long, default_value_t = 8192)]
-    max_full_dim: i64,
+    pub max_full_dim: i64,
     /// Matrices inspected at once on the CPU (default: the number of cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub threads: Option<usize>,
+}
+
+impl Args {
+    /// Whether these options need libtorch (a full SVD, or a GPU): `gainguard` then hands the command to
+    /// `gainguard-torch`.
+    pub fn needs_libtorch(&self) -> bool {
+        self.full || self.device != "cpu"
+    }
+
+    /// The estimator's settings for one matrix: every top-k value to `TOL` between iterations.
+    pub fn estimator_config(&self) -> EstimatorConfig {
+        EstimatorConfig { k: self.top_k.max(1), tol: TOL, max_iters: 100, threads: 1, tol_top_k: true, warm_start: false, ..Default::default() }
+    }
+}
+
+/// The change between two iterations below which every top-k value is taken as converged. Ritz values
+/// approach the singular values from below, so the error left is larger than the last change; 1e-5
+/// leaves it below 1e-5 on the benchmark's gapless Gaussian matrices (BENCHMARKS.md), well inside the
+/// 1e-3 that inspect promises.
+pub const TOL: f64 = 1e-5;
+
+#[derive(Serialize)]
+pub struct Quantiles {
+    pub p10: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
 }
 
 #[derive(Serialize)]
-struct Quantiles {
-    p10: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-}
-
-#[derive(Serialize)]
-struct Row {
-    name: String,
-    shape: Vec<i64>,
-    dtype: String,
+pub struct Row {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub dtype: String,
     /// The matrix the tensor was read as.
-    matrix: [i64; 2],
-    sigma_max: Option<f64>,
-    top_k: Vec<f64>,
-    stable_rank: Option<f64>,
-    frobenius_norm: Option<f64>,
+    pub matrix: [i64; 2],
+    pub sigma_max: Option<f64>,
+    pub top_k: Vec<f64>,
+    pub stable_rank: Option<f64>,
+    pub frobenius_norm: Option<f64>,
     /// With --full only.
-    effective_rank: Option<f64>,
+    pub effective_rank: Option<f64>,
     /// With --full only.
-    quantiles: Option<Quantiles>,
-    nonfinite: bool,
+    pub quantiles: Option<Quantiles>,
+    pub nonfinite: bool,
     /// `krylov` (the top-k estimate) or `svd` (the full spectrum, float64, with --full).
-    method: &'static str,
+    pub method: &'static str,
     /// Krylov iterations, and whether the estimate met its tolerance before the iteration cap.
-    iterations: Option<u32>,
-    converged: Option<bool>,
+    pub iterations: Option<u32>,
+    pub converged: Option<bool>,
+}
+
+impl Row {
+    /// The row of `entry`, before any value is computed.
+    pub fn of(entry: &Entry) -> Row {
+        let (rows, cols) = entry.matrix();
+        Row {
+            name: entry.name.clone(),
+            dtype: entry.dtype.name().into(),
+            shape: entry.shape.clone(),
+            matrix: [rows, cols],
+            sigma_max: None,
+            top_k: Vec::new(),
+            stable_rank: None,
+            frobenius_norm: None,
+            effective_rank: None,
+            quantiles: None,
+            nonfinite: false,
+            method: "krylov",
+            iterations: None,
+            converged: None,
+        }
+    }
+
+    /// Fills the estimator's fields from an outcome.
+    pub fn set_estimate(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::NonFinite => self.nonfinite = true,
+            Outcome::Done(e) => {
+                self.sigma_max = Some(e.sigma_max);
+                self.top_k = e.top_k;
+                self.frobenius_norm = Some(e.frobenius_norm);
+                self.stable_rank = (e.sigma_max > 0.0).then(|| e.frobenius_norm.powi(2) / (e.sigma_max * e.sigma_max));
+                self.iterations = Some(e.iterations);
+                self.converged = Some(e.converged);
+            }
+        }
+    }
+}
+
+/// The safetensors dtypes inspect reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl Dtype {
+    fn parse(dtype: &str) -> Option<Dtype> {
+        Some(match dtype {
+            "F64" => Dtype::F64,
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "I64" => Dtype::I64,
+            "I32" => Dtype::I32,
+            "I16" => Dtype::I16,
+            "I8" => Dtype::I8,
+            "U8" => Dtype::U8,
+            "BOOL" => Dtype::Bool,
+            _ => return None,
+        })
+    }
+
+    /// The safetensors spelling (`F32`, `BF16`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F64 => "F64",
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+            Dtype::I16 => "I16",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::Bool => "BOOL",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+        }
+    }
+
+    /// The element type the estimator reads in place; None for integers and booleans.
+    fn elem(self) -> Option<Elem> {
+        match self {
+            Dtype::F64 => Some(Elem::F64),
+            Dtype::F32 => Some(Elem::F32),
+            Dtype::F16 => Some(Elem::F16),
+            Dtype::BF16 => Some(Elem::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Element `i` of little-endian `bytes` as float32 (integers and booleans, as libtorch converts them).
+    fn to_f32(self, bytes: &[u8], i: usize) -> f32 {
+        let at = |n: usize| &bytes[i * n..(i + 1) * n];
+        match self {
+            Dtype::I64 => i64::from_le_bytes(at(8).try_into().expect("8 bytes")) as f32,
+            Dtype::I32 => i32::from_le_bytes(at(4).try_into().expect("4 bytes")) as f32,
+            Dtype::I16 => i16::from_le_bytes(at(2).try_into().expect("2 bytes")) as f32,
+            Dtype::I8 => at(1)[0] as i8 as f32,
+            Dtype::U8 => at(1)[0] as f32,
+            Dtype::Bool => (at(1)[0] != 0) as u8 as f32,
+            Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 => unreachable!("floats are read in place"),
+        }
+    }
 }
 
 /// One tensor's entry in the safetensors header.
-struct Entry {
-    name: String,
-    kind: Kind,
-    shape: Vec<i64>,
+pub struct Entry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<i64>,
     /// Byte range within the data section.
     start: usize,
     end: usize,
 }
 
-fn kind_of(dtype: &str) -> Option<Kind> {
-    Some(match dtype {
-        "F64" => Kind::Double,
-        "F32" => Kind::Float,
-        "F16" => Kind::Half,
-        "BF16" => Kind::BFloat16,
-        "I64" => Kind::Int64,
-        "I32" => Kind::Int,
-        "I16" => Kind::Int16,
-        "I8" => Kind::Int8,
-        "U8" => Kind::Uint8,
-        "BOOL" => Kind::Bool,
-        _ => return None,
-    })
+impl Entry {
+    /// `(rows, cols)` of the matrix a tensor of rank ≥ 2 is read as: `[shape[0], rest]`, PyTorch's
+    /// `weight.view(out, -1)`.
+    pub fn matrix(&self) -> (i64, i64) {
+        (self.shape[0], self.shape[1..].iter().product())
+    }
 }
 
 /// The file memory-mapped read-only.
@@ -180,103 +313,74 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<(Vec<Entry>, usize), BadInp
             )));
         }
         let dtype = entry["dtype"].as_str().ok_or_else(|| bad("has no dtype"))?;
-        let kind = kind_of(dtype).ok_or_else(|| bad(&format!("has dtype {dtype}, which inspect does not read")))?;
+        let kind = Dtype::parse(dtype).ok_or_else(|| bad(&format!("has dtype {dtype}, which inspect does not read")))?;
         let shape: Vec<i64> = entry["shape"]
             .as_array()
             .and_then(|s| s.iter().map(|d| d.as_u64().filter(|&d| d <= i64::MAX as u64).map(|d| d as i64)).collect())
             .ok_or_else(|| bad("has no shape of non-negative integers"))?;
         let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let want = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
+        let want = numel.and_then(|n| n.checked_mul(kind.size() as u64));
         if want != Some(end - start) {
             return Err(bad(&format!("of shape {shape:?} and dtype {dtype} needs {want:?} bytes but has {}", end - start)));
         }
-        entries.push(Entry { name: name.clone(), kind, shape, start: start as usize, end: end as usize });
+        entries.push(Entry { name: name.clone(), dtype: kind, shape, start: start as usize, end: end as usize });
     }
     Ok((entries, 8 + header_len as usize))
 }
 
-/// The tensor viewing its bytes in the mapping (a copy when they are not aligned for the dtype).
-fn tensor_of(entry: &Entry, data: &[u8]) -> Result<Tensor> {
-    let bytes = &data[entry.start..entry.end];
-    let elt = entry.kind.elt_size_in_bytes();
-    let strides: Vec<i64> = (0..entry.shape.len()).map(|i| entry.shape[i + 1..].iter().product()).collect();
-    if (bytes.as_ptr() as usize) % elt == 0 {
-        // SAFETY: `bytes` holds exactly numel·elt bytes (checked by parse_header), aligned, and the
-        // mapping outlives every tensor made here; nothing writes through it (the pages are read-only).
-        Ok(unsafe { Tensor::f_from_blob(bytes.as_ptr(), &entry.shape, &strides, entry.kind, Device::Cpu)? })
-    } else {
-        let t = Tensor::f_empty(entry.shape.as_slice(), (entry.kind, Device::Cpu))?;
-        // SAFETY: `t` is a fresh contiguous tensor of exactly bytes.len() bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), t.data_ptr() as *mut u8, bytes.len()) };
-        Ok(t)
+/// Where and how each matrix is computed.
+pub trait Backend: Sync {
+    /// The place the table's footer names (`Cpu`, `Cuda(0)`).
+    fn place(&self) -> String;
+    /// Matrices inspected at once.
+    fn threads(&self, requested: Option<usize>) -> usize;
+    /// Runs on each worker thread before its first matrix.
+    fn worker_setup(&self) {}
+    /// Fills `row` (name, shapes and dtype set) for the tensor `entry`, whose little-endian, row-major
+    /// bytes are `bytes`.
+    fn inspect(&self, entry: &Entry, bytes: &[u8], args: &Args, row: &mut Row) -> Result<()>;
+}
+
+/// The estimator on the CPU, in this process, on the mapped bytes: floats in place (unaligned reads),
+/// integers and booleans converted to float32 first. One matrix per thread, each on one core: no
+/// fork–join per pass.
+pub struct Host;
+
+impl Backend for Host {
+    fn place(&self) -> String {
+        "Cpu".into()
     }
-}
 
-fn quantiles(q: &gainguard::protocol::events::SpectrumQuantiles) -> Quantiles {
-    Quantiles { p10: q.p10, p50: q.p50, p90: q.p90, p99: q.p99 }
-}
+    fn threads(&self, requested: Option<usize>) -> usize {
+        requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+    }
 
-fn inspect_one(entry: &Entry, t: &Tensor, device: Device, a: &Args) -> Result<Row> {
-    let shape = entry.shape.clone();
-    let layout = MatrixLayout::leading_rows(shape.len());
-    let (rows, cols) = layout.matrix_shape(&shape);
-    let mut row = Row {
-        name: entry.name.clone(),
-        dtype: format!("{:?}", entry.kind),
-        shape,
-        matrix: [rows, cols],
-        sigma_max: None,
-        top_k: Vec::new(),
-        stable_rank: None,
-        frobenius_norm: None,
-        effective_rank: None,
-        quantiles: None,
-        nonfinite: false,
-        method: "krylov",
-        iterations: None,
-        converged: None,
-    };
-    let m = layout.apply(&t.to_device(device))?;
-    if a.full && rows.min(cols) <= a.max_full_dim {
-        match full_spectrum(&m, FullPrecision::Double) {
-            Err(SpectraError::NonFinite(_)) => row.nonfinite = true,
-            Err(e) => return Err(e.into()),
-            Ok(f) => {
-                row.method = "svd";
-                row.sigma_max = Some(f.sigma_max);
-                row.top_k = f.singular_values.iter().take(a.top_k).copied().collect();
-                row.stable_rank = Some(f.stable_rank);
-                row.frobenius_norm = Some(f.frobenius_norm);
-                row.effective_rank = Some(f.effective_rank);
-                row.quantiles = Some(quantiles(&f.quantiles));
+    fn inspect(&self, entry: &Entry, bytes: &[u8], args: &Args, row: &mut Row) -> Result<()> {
+        let (rows, cols) = entry.matrix();
+        let (rows, cols) = (rows as usize, cols as usize);
+        let converted: Vec<f32>;
+        let matrix = match entry.dtype.elem() {
+            // SAFETY: `bytes` holds exactly rows·cols elements of the dtype (checked by parse_header), read
+            // unaligned, and outlives the matrix; nothing writes through it.
+            Some(elem) => unsafe { HostMatrix::from_raw(bytes.as_ptr(), rows, cols, elem) },
+            None => {
+                converted = (0..rows * cols).map(|i| entry.dtype.to_f32(bytes, i)).collect();
+                // SAFETY: as above, over the converted copy.
+                unsafe { HostMatrix::from_raw(converted.as_ptr() as *const u8, rows, cols, Elem::F32) }
             }
-        }
-        return Ok(row);
+        };
+        row.set_estimate(Krylov::new(args.estimator_config()).estimate_host(&matrix, 1));
+        Ok(())
     }
-    let config = EstimatorConfig { k: a.top_k.max(1), tol: 1e-5, max_iters: 100, threads: 1, tol_top_k: true, warm_start: false, ..Default::default() };
-    match Estimator::new(config).estimate(&m) {
-        Err(SpectraError::NonFinite(_)) => row.nonfinite = true,
-        Err(e) => return Err(e.into()),
-        Ok(e) => {
-            row.sigma_max = Some(e.sigma_max);
-            row.top_k = e.top_k.into_iter().take(a.top_k).collect();
-            row.frobenius_norm = Some(e.frobenius_norm);
-            row.stable_rank = (e.sigma_max > 0.0).then(|| e.frobenius_norm.powi(2) / (e.sigma_max * e.sigma_max));
-            row.iterations = Some(e.iterations);
-            row.converged = Some(e.converged);
-        }
-    }
-    Ok(row)
 }
 
 fn fmt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.6e}"))
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// Inspects every matrix of `a.file` with `backend` and prints the rows.
+pub fn run(a: &Args, backend: &dyn Backend) -> Result<()> {
     let shown = a.file.display().to_string();
-    // Loading libtorch's CUDA backend maps cuBLAS and friends (a third of a second); not for the CPU.
-    let device = if a.device == "cpu" { Device::Cpu } else { gainguard::device::parse_device(&a.device).map_err(BadInput)? };
     let mapping = Mapping::open(&a.file)?;
     let (entries, data_start) = parse_header(&a.file, mapping.bytes())?;
     let data = &mapping.bytes()[data_start..];
@@ -292,15 +396,7 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    // One matrix per thread at a time, each single-threaded: no fork–join per product, and libtorch's
-    // own threads (LAPACK, the full SVD) stay off the cores the other matrices use. A GPU takes one
-    // stream of work.
-    let threads = match device {
-        Device::Cpu => a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1),
-        _ => 1,
-    }
-    .min(matrices.len().max(1));
-    tch::set_num_threads(1);
+    let threads = backend.threads(a.threads).clamp(1, matrices.len().max(1));
     // Largest first, so that no thread is left with a big matrix at the end.
     let mut order: Vec<usize> = (0..matrices.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(matrices[i].end - matrices[i].start));
@@ -309,15 +405,16 @@ pub fn run(a: Args) -> Result<()> {
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                gainguard::fused::limit_this_thread(1);
-                tch::no_grad(|| loop {
+                backend.worker_setup();
+                loop {
                     let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
                     let entry = &matrices[i];
                     bar.set_message(entry.name.clone());
-                    let row = tensor_of(entry, data).and_then(|t| inspect_one(entry, &t, device, &a));
-                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(row);
+                    let mut row = Row::of(entry);
+                    let done = backend.inspect(entry, &data[entry.start..entry.end], a, &mut row).map(|()| row);
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(done);
                     bar.inc(1);
-                });
+                }
             });
         }
     });
@@ -331,12 +428,12 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Format::Table => print_table(&rows, a.full, &shown, device, skipped.len()),
+        Format::Table => print_table(&rows, a.full, &shown, &backend.place(), skipped.len()),
     }
     Ok(())
 }
 
-fn print_table(rows: &[Row], full: bool, shown: &str, device: Device, skipped: usize) {
+fn print_table(rows: &[Row], full: bool, shown: &str, place: &str, skipped: usize) {
     let mut header = vec!["tensor", "shape", "sigma_max", "stable_rank", "frobenius"];
     if full {
         header.extend(["eff_rank", "p50", "p99"]);
@@ -372,5 +469,5 @@ fn print_table(rows: &[Row], full: bool, shown: &str, device: Device, skipped: u
         println!("{}", line(c));
     }
     let how = if full { "full spectra (float64 SVD)" } else { "top-k estimates (block Krylov; --full for every singular value)" };
-    println!("{} matrices in `{shown}` ({device:?}, {how}); {skipped} tensors of rank < 2 skipped", rows.len());
+    println!("{} matrices in `{shown}` ({place}, {how}); {skipped} tensors of rank < 2 skipped", rows.len());
 }

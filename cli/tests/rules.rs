@@ -147,7 +147,7 @@ fn mup_verdicts(cases: &[(ShapeMap, ShapeMap, ShapeMap)]) -> Vec<Value> {
     let (input, output) = (dir.join("cases.json"), dir.join("verdicts.json"));
     let cases: Vec<Value> = cases.iter().map(|(b, d, t)| json!({ "base": b, "delta": d, "target": t })).collect();
     std::fs::write(&input, serde_json::to_string(&cases).unwrap()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/mup_infshapes.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugin/tests/peers/mup_infshapes.py");
     let out = Command::new(python()).arg(&script).arg(&input).arg(&output).output().unwrap();
     assert!(out.status.success(), "mup_infshapes.py failed: {}", String::from_utf8_lossy(&out.stderr));
     let verdicts: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();

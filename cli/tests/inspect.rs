@@ -223,3 +223,28 @@ fn cuda_on_a_machine_without_one_is_a_clear_error_and_works_where_there_is_one()
         assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
     }
 }
+
+#[test]
+fn the_gainguard_binary_does_not_load_libtorch() {
+    // glibc's loader lists the shared objects a binary needs and exits (what `ldd` prints).
+    let out = Command::new(env!("CARGO_BIN_EXE_gainguard")).env("LD_TRACE_LOADED_OBJECTS", "1").output().unwrap();
+    let libs = String::from_utf8_lossy(&out.stdout);
+    assert!(libs.contains("libc.so"), "the loader listed nothing: {libs}");
+    assert!(!libs.contains("libtorch") && !libs.contains("libc10"), "{libs}");
+}
+
+#[test]
+fn integer_and_boolean_matrices_are_read_as_their_float_values() {
+    let ints = Tensor::randint_low(-50, 50, [60, 40], (Kind::Int, Device::Cpu));
+    let flags = Tensor::rand([50, 70], (Kind::Float, Device::Cpu)).gt(0.5);
+    let path = dir().join("ints.safetensors");
+    Tensor::write_safetensors(&[("ints", &ints), ("flags", &flags)], &path).unwrap();
+    let rows = json(&[path.to_str().unwrap(), "--format", "json"]);
+    for (name, t) in [("ints", &ints), ("flags", &flags)] {
+        let s = svals(&t.to_kind(Kind::Double));
+        let o = row(&rows, name);
+        assert!(rel(o["sigma_max"].as_f64().unwrap(), s[0]) <= 1e-3, "{name}: {o} vs {}", s[0]);
+        let fro = s.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(rel(o["frobenius_norm"].as_f64().unwrap(), fro) <= 1e-12, "{name}: {o} vs {fro}");
+    }
+}
