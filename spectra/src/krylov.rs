@@ -308,7 +308,7 @@ impl Krylov {
                 for col in 0..dim {
                     h_dim.extend_from_slice(&h[col * ld..col * ld + dim]);
                 }
-                // Small projections get their vectors at once (Jacobi gives them nearly free), large
+                // Small projections get their vectors at once (they cost little more than the values), large
                 // ones only when the estimate stops.
                 let (theta, vectors_now) = if dim <= dense::JACOBI_MAX {
                     let (values, z) = dense::symmetric_eigen(h_dim, dim);
