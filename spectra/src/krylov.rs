@@ -291,11 +291,17 @@ impl Krylov {
                         return Ok((Outcome::Done(e), None));
                     }
                 }
-                // New entries of QᵀAᵀAQ: W_iᵀ Q_j against every earlier block, BᵀB on the diagonal block.
+                // New entries of QᵀAᵀAQ: W_iᵀ Q_new against the earlier blocks, BᵀB on the diagonal block.
+                // Only the last two blocks can be nonzero: each block was W_j orthonormalised against every
+                // block before it, so W_j lies in the span of blocks 0..=j+1, and the new block, orthogonal
+                // to that span for every j below the last, has W_jᵀ Q_new = 0 up to the basis' rounding
+                // (1e-16; the float32 error of W_j does not enter, since the basis was built from that very
+                // W_j). H is block tridiagonal (block Lanczos); the zeros are written, not computed.
+                let near = dim.saturating_sub(2 * b);
                 for c in 0..width {
                     let qc = &q[(dim + c) * n..(dim + c + 1) * n];
                     for i in 0..dim {
-                        let v = dense::dot(&w[i * n..(i + 1) * n], qc);
+                        let v = if i < near { 0.0 } else { dense::dot(&w[i * n..(i + 1) * n], qc) };
                         h[(dim + c) * ld + i] = v;
                         h[i * ld + dim + c] = v;
                     }
@@ -314,7 +320,7 @@ impl Krylov {
                     let (values, z) = dense::symmetric_eigen(h_dim, dim);
                     (values, Some(z))
                 } else {
-                    (dense::symmetric_eigenvalues(h_dim, dim), None)
+                    (dense::symmetric_top_eigenvalues(h_dim, dim, b), None)
                 };
                 let sigmas: Vec<f64> = theta.iter().take(b).map(|l| l.max(0.0).sqrt()).collect();
                 let floor = 1e-6 * sigmas[0];
