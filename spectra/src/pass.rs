@@ -115,20 +115,44 @@ impl Flavour {
         }
     }
 
-    /// Length of one packed `n × 8` block of `Q` or `W`. AVX-512 interleaves two rows per register,
-    /// `[q(j,0), q(j+1,0), q(j,1), q(j+1,1), …]`, so that one 64-bit broadcast of `a_j, a_j+1`
-    /// multiplies both rows; the other paths store rows of 8.
+    /// Length of one packed `n × 8` block of `Q` or `W`. AVX-512 stores each group of four rows
+    /// `j..j+4` as two registers, columns 0–3 then 4–7, each interleaving the four rows,
+    /// `[q(j,0), q(j+1,0), q(j+2,0), q(j+3,0), q(j,1), …]`: one 128-bit broadcast of `a_j..a_j+3`
+    /// then multiplies four rows by four columns with every lane useful, and a block of at most 4
+    /// columns (a warm start's) skips the second register instead of multiplying zeros. The other paths
+    /// store rows of 8.
     fn packed_len(self, n: usize) -> usize {
         match self {
-            Flavour::Avx512 => n.div_ceil(2) * 2 * LANES,
+            Flavour::Avx512 => n.div_ceil(4) * 4 * LANES,
             _ => n * LANES,
         }
     }
 
-    fn at(self, j: usize, col: usize) -> usize {
+    /// `f(j, position of (j, col))` for `j < n` in one packed block, in order of `j`.
+    #[inline(always)]
+    fn each_row(self, col: usize, n: usize, mut f: impl FnMut(usize, usize)) {
         match self {
-            Flavour::Avx512 => (j / 2) * 2 * LANES + col * 2 + (j & 1),
-            _ => j * LANES + col,
+            Flavour::Avx512 => {
+                let base = (col / 4) * 16 + (col % 4) * 4;
+                for j in 0..n {
+                    f(j, (j / 4) * 4 * LANES + base + (j % 4));
+                }
+            }
+            _ => {
+                for j in 0..n {
+                    f(j, j * LANES + col);
+                }
+            }
+        }
+    }
+
+    /// The parts of a packed block of `plen` with `live` columns that the kernels touch, as
+    /// `(step, take)`: `take` values from every `step`-th one. An AVX-512 block of at most 4 columns
+    /// uses the first register of each group of four rows only.
+    fn live_spans(self, plen: usize, live: usize) -> (usize, usize) {
+        match self {
+            Flavour::Avx512 if live <= 4 => (4 * LANES, 16),
+            _ => (plen, plen),
         }
     }
 }
@@ -144,17 +168,24 @@ pub(crate) trait Real: Copy + Default + Send + Sync + std::ops::Add<Output = Sel
     /// # Safety
     /// Each `rows[i]` points at `n` readable values; `q` at `flavour.packed_len(n)`; `next[i]` at
     /// `n · next_size` bytes (prefetches of them never fault, but must stay inside the allocation).
-    unsafe fn dot(flavour: Flavour, rows: &[*const Self; R], n: usize, q: *const Self, next: &Prefetch) -> [[f64; LANES]; R];
-    /// `w[j] += Σ_i rows[i][j] · b[i]` over the packed block `w`.
+    /// Columns from `live` on are zero in `q` (and come out zero); a path may skip them.
+    unsafe fn dot(flavour: Flavour, rows: &[*const Self; R], n: usize, q: *const Self, live: usize, next: &Prefetch) -> [[f64; LANES]; R];
+    /// `w[j] += Σ_i rows[i][j] · b[i]` over the packed block `w`; columns from `live` on are zero in
+    /// `b` and may be left alone.
     ///
     /// # Safety
     /// As for [`Real::dot`], with `w` writable.
-    unsafe fn axpy(flavour: Flavour, rows: &[*const Self; R], n: usize, b: &[[Self; LANES]; R], w: *mut Self);
+    unsafe fn axpy(flavour: Flavour, rows: &[*const Self; R], n: usize, b: &[[Self; LANES]; R], live: usize, w: *mut Self);
     /// `Σ x²` of one row, each square and the sum in float64.
     ///
     /// # Safety
     /// `row` points at `n` readable values.
     unsafe fn sum_squares(flavour: Flavour, row: *const Self, n: usize) -> f64;
+    /// `fold += w` in float64, then `w = 0` (slices of one length).
+    fn fold(flavour: Flavour, fold: &mut [f64], w: &mut [Self]) {
+        let _ = flavour;
+        portable::fold(fold, w);
+    }
 }
 
 impl Real for f32 {
@@ -164,10 +195,10 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
-    unsafe fn dot(flavour: Flavour, rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+    unsafe fn dot(flavour: Flavour, rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch) -> [[f64; LANES]; R] {
         match flavour {
             #[cfg(target_arch = "x86_64")]
-            Flavour::Avx512 => x86::dot_avx512(rows, n, q, next),
+            Flavour::Avx512 => x86::dot_avx512(rows, n, q, live, next),
             #[cfg(target_arch = "x86_64")]
             Flavour::Avx2 => x86::dot_avx2(rows, n, q, next),
             _ => {
@@ -176,10 +207,10 @@ impl Real for f32 {
             }
         }
     }
-    unsafe fn axpy(flavour: Flavour, rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
+    unsafe fn axpy(flavour: Flavour, rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], live: usize, w: *mut f32) {
         match flavour {
             #[cfg(target_arch = "x86_64")]
-            Flavour::Avx512 => x86::axpy_avx512(rows, n, b, w),
+            Flavour::Avx512 => x86::axpy_avx512(rows, n, b, live, w),
             #[cfg(target_arch = "x86_64")]
             Flavour::Avx2 => x86::axpy_avx2(rows, n, b, w),
             _ => portable::axpy(rows, n, b, w),
@@ -194,6 +225,14 @@ impl Real for f32 {
             _ => portable::sum_squares(row, n),
         }
     }
+    fn fold(flavour: Flavour, fold: &mut [f64], w: &mut [f32]) {
+        match flavour {
+            // SAFETY: the path runs only where the CPU has AVX-512F.
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx512 => unsafe { x86::fold_avx512(fold, w) },
+            _ => portable::fold(fold, w),
+        }
+    }
 }
 
 impl Real for f64 {
@@ -203,10 +242,10 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
-    unsafe fn dot(_: Flavour, rows: &[*const f64; R], n: usize, q: *const f64, _: &Prefetch) -> [[f64; LANES]; R] {
+    unsafe fn dot(_: Flavour, rows: &[*const f64; R], n: usize, q: *const f64, _: usize, _: &Prefetch) -> [[f64; LANES]; R] {
         portable::dot(rows, n, q)
     }
-    unsafe fn axpy(_: Flavour, rows: &[*const f64; R], n: usize, b: &[[f64; LANES]; R], w: *mut f64) {
+    unsafe fn axpy(_: Flavour, rows: &[*const f64; R], n: usize, b: &[[f64; LANES]; R], _: usize, w: *mut f64) {
         portable::axpy(rows, n, b, w)
     }
     unsafe fn sum_squares(_: Flavour, row: *const f64, n: usize) -> f64 {
@@ -291,9 +330,8 @@ impl<T: Real> Workspace<T> {
             self.q.resize(chunks * plen, T::default());
             for col in 0..width {
                 let (c, k) = (col / LANES, col % LANES);
-                for j in 0..n {
-                    self.q[c * plen + self.flavour.at(j, k)] = T::from_f64(q[col * n + j]);
-                }
+                let (packed, src) = (&mut self.q[c * plen..(c + 1) * plen], &q[col * n..(col + 1) * n]);
+                self.flavour.each_row(k, n, |j, at| packed[at] = T::from_f64(src[j]));
             }
             self.b.clear();
             self.b.resize(chunks * m * LANES, T::default());
@@ -305,10 +343,11 @@ impl<T: Real> Workspace<T> {
         let per = groups.div_ceil(threads) * R;
         self.parts.resize_with(threads, Part::default);
         for p in &mut self.parts[..threads] {
-            p.w.clear();
-            p.w.resize(chunks * plen, T::default());
-            p.fold.clear();
-            p.fold.resize(chunks * plen, 0.0);
+            // Each thread zeroes the parts of w and fold its pass uses (Job::run), in parallel.
+            if mode != Mode::Forward {
+                p.w.resize(chunks * plen, T::default());
+                p.fold.resize(chunks * plen, 0.0);
+            }
             p.bb.clear();
             p.bb.resize(width * width, 0.0);
             p.sum_squares = 0.0;
@@ -323,9 +362,15 @@ impl<T: Real> Workspace<T> {
         if mode != Mode::Forward {
             for col in 0..width {
                 let (c, k) = (col / LANES, col % LANES);
-                for j in 0..n {
-                    let at = c * plen + self.flavour.at(j, k);
-                    w_out[col * n + j] = parts.iter().map(|p| p.fold[at]).sum();
+                let out = &mut w_out[col * n..(col + 1) * n];
+                // The parts added in order (the first alone is exact: −0 + x = x).
+                for (i, p) in parts.iter().enumerate() {
+                    let fold = &p.fold[c * plen..(c + 1) * plen];
+                    if i == 0 {
+                        self.flavour.each_row(k, n, |j, at| out[j] = fold[at]);
+                    } else {
+                        self.flavour.each_row(k, n, |j, at| out[j] += fold[at]);
+                    }
                 }
             }
         }
@@ -371,6 +416,12 @@ impl<T: Real> Job<'_, T> {
         if widen {
             part.widened.resize(R * n, 0.0);
         }
+        if self.mode != Mode::Forward {
+            self.each_live_span(|a, b| {
+                part.w[a..b].fill(T::default());
+                part.fold[a..b].fill(0.0);
+            });
+        }
         let mut groups = 0;
         let mut r = r0;
         while r < r1 {
@@ -403,6 +454,7 @@ impl<T: Real> Job<'_, T> {
                 }
             }
             for c in 0..self.chunks {
+                let live = (self.width - c * LANES).min(LANES);
                 // SAFETY: B has chunks·m·8 elements; this thread alone writes rows r..r+count.
                 let b_rows = unsafe { self.b.0.add((c * m + r) * LANES) };
                 let mut b = [[T::default(); LANES]; R];
@@ -415,7 +467,7 @@ impl<T: Real> Job<'_, T> {
                     }
                 } else {
                     // SAFETY: rows hold n values each, q one packed block per chunk.
-                    let d = unsafe { T::dot(self.flavour, &rows, n, self.q.as_ptr().add(c * self.plen), &next) };
+                    let d = unsafe { T::dot(self.flavour, &rows, n, self.q.as_ptr().add(c * self.plen), live, &next) };
                     for i in 0..count {
                         for k in 0..LANES {
                             b[i][k] = T::from_f64(d[i][k]);
@@ -426,17 +478,17 @@ impl<T: Real> Job<'_, T> {
                 }
                 if self.mode != Mode::Forward {
                     // SAFETY: part.w holds one packed block per chunk.
-                    unsafe { T::axpy(self.flavour, &rows, n, &b, part.w.as_mut_ptr().add(c * self.plen)) };
+                    unsafe { T::axpy(self.flavour, &rows, n, &b, live, part.w.as_mut_ptr().add(c * self.plen)) };
                 }
             }
             groups += 1;
             if groups % FOLD_GROUPS == 0 && self.mode != Mode::Forward {
-                fold(part);
+                self.fold(part);
             }
             r += count;
         }
         if self.mode != Mode::Forward {
-            fold(part);
+            self.fold(part);
         }
         if self.mode != Mode::Backward {
             // BᵀB of this thread's rows, in float64.
@@ -446,6 +498,26 @@ impl<T: Real> Job<'_, T> {
             if w > 64 {
                 // Blocks this wide (top-k of 60 and more) are rare; a heap row then.
                 return self.gram_wide(r0, r1, part);
+            }
+            if w <= LANES {
+                // One block of B (its unused columns are zero): the sums in registers, in the same
+                // order as below.
+                let mut acc = [[0f64; LANES]; LANES];
+                for r in r0..r1 {
+                    // SAFETY: rows r0..r1 of B were written above by this thread.
+                    let br: [f64; LANES] = std::array::from_fn(|k| unsafe { *self.b.0.add(r * LANES + k) }.to_f64());
+                    for (x, ax) in acc.iter_mut().enumerate() {
+                        for (y, v) in ax.iter_mut().enumerate() {
+                            *v += br[x] * br[y];
+                        }
+                    }
+                }
+                for x in 0..w {
+                    for y in x..w {
+                        part.bb[x * w + y] += acc[x][y];
+                    }
+                }
+                return;
             }
             for r in r0..r1 {
                 for (col, v) in row.iter_mut().enumerate() {
@@ -482,10 +554,23 @@ impl<T: Real> Job<'_, T> {
     }
 }
 
-fn fold<T: Real>(part: &mut Part<T>) {
-    for (f, w) in part.fold.iter_mut().zip(part.w.iter_mut()) {
-        *f += w.to_f64();
-        *w = T::default();
+impl<T: Real> Job<'_, T> {
+    /// `f(start, end)` for every range of a packed block of `W` that the kernels touch.
+    fn each_live_span(&self, mut f: impl FnMut(usize, usize)) {
+        for c in 0..self.chunks {
+            let (step, take) = self.flavour.live_spans(self.plen, (self.width - c * LANES).min(LANES));
+            let mut at = c * self.plen;
+            while at < (c + 1) * self.plen {
+                f(at, at + take);
+                at += step;
+            }
+        }
+    }
+
+    /// Adds the float32 `W` into the float64 one and zeroes it.
+    fn fold(&self, part: &mut Part<T>) {
+        let (w, fold) = (&mut part.w, &mut part.fold);
+        self.each_live_span(|a, b| T::fold(self.flavour, &mut fold[a..b], &mut w[a..b]));
     }
 }
 
@@ -685,6 +770,14 @@ mod portable {
         }
     }
 
+    #[inline(always)]
+    pub(super) fn fold<T: Real>(fold: &mut [f64], w: &mut [T]) {
+        for (f, x) in fold.iter_mut().zip(w.iter_mut()) {
+            *f += x.to_f64();
+            *x = T::default();
+        }
+    }
+
     pub(super) unsafe fn sum_squares<T: Real>(row: *const T, n: usize) -> f64 {
         let mut acc = [0f64; 4];
         let mut j = 0;
@@ -799,61 +892,89 @@ mod x86 {
         s
     }
 
-    /// `[a_j, a_j+1]` repeated over the register: one 64-bit broadcast (needs j + 1 < n).
+    /// `[a_j, a_j+1, a_j+2, a_j+3]` repeated over the register: one 128-bit broadcast (needs j + 3 < n).
     #[inline(always)]
-    unsafe fn pair(row: *const f32, j: usize) -> __m512 {
-        _mm512_castpd_ps(_mm512_set1_pd((row.add(j) as *const f64).read_unaligned()))
+    unsafe fn quad(row: *const f32, j: usize) -> __m512 {
+        _mm512_broadcast_f32x4(_mm_loadu_ps(row.add(j)))
     }
 
-    /// `[a_j, 0]` repeated, for the last element of an odd row.
+    /// The last one to three elements of a row from `j`, zero-padded to four, repeated.
     #[inline(always)]
-    unsafe fn last(row: *const f32, j: usize) -> __m512 {
-        _mm512_castpd_ps(_mm512_set1_pd(f64::from_bits(load1(row.add(j)).to_bits() as u64)))
+    unsafe fn tail(row: *const f32, j: usize, n: usize) -> __m512 {
+        let mut t = [0f32; 4];
+        for (x, v) in t.iter_mut().enumerate().take(n - j) {
+            *v = load1(row.add(j + x));
+        }
+        _mm512_broadcast_f32x4(_mm_loadu_ps(t.as_ptr()))
+    }
+
+    /// Lane `4c` of the result holds `Σ_t s[4c + t]`: the four row partial sums of column `c`.
+    #[inline(always)]
+    unsafe fn sum_quads(s: __m512) -> __m512 {
+        let s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
+        _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E))
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+    pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch) -> [[f64; LANES]; R] {
+        if live <= 4 {
+            dot_halves::<1>(rows, n, q, next)
+        } else {
+            dot_halves::<2>(rows, n, q, next)
+        }
+    }
+
+    /// The dot products with the first `H` four-column halves of the packed block.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn dot_halves<const H: usize>(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
         let mut out = [[0f64; LANES]; R];
         let mut j0 = 0;
         while j0 < n {
-            // SEGMENT is even, so pairs never straddle two segments.
+            // SEGMENT is a multiple of 4, so groups of four never straddle two segments.
             let j1 = n.min(j0 + SEGMENT);
-            let mut even = [_mm512_setzero_ps(); R];
-            let mut odd = [_mm512_setzero_ps(); R];
+            // Two accumulators per row and half (j ≡ 0 and 4 mod 8) hide the FMA latency.
+            let mut even = [[_mm512_setzero_ps(); H]; R];
+            let mut odd = [[_mm512_setzero_ps(); H]; R];
             let mut j = j0;
-            while j + 4 <= j1 {
-                if j % 16 == 0 {
-                    prefetch(next, j);
-                }
-                let q0 = _mm512_loadu_ps(q.add(j * LANES));
-                let q1 = _mm512_loadu_ps(q.add((j + 2) * LANES));
+            while j + 16 <= j1 {
+                prefetch(next, j);
+                dot_eight(rows, q, j, &mut even, &mut odd);
+                dot_eight(rows, q, j + 8, &mut even, &mut odd);
+                j += 16;
+            }
+            if j + 8 <= j1 {
+                dot_eight(rows, q, j, &mut even, &mut odd);
+                j += 8;
+            }
+            if j + 4 <= j1 {
+                let q0: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add(j * LANES + h * 16)));
                 for i in 0..R {
-                    even[i] = _mm512_fmadd_ps(pair(rows[i], j), q0, even[i]);
-                    odd[i] = _mm512_fmadd_ps(pair(rows[i], j + 2), q1, odd[i]);
+                    let a0 = quad(rows[i], j);
+                    for h in 0..H {
+                        even[i][h] = _mm512_fmadd_ps(a0, q0[h], even[i][h]);
+                    }
                 }
                 j += 4;
             }
-            if j + 2 <= j1 {
-                let q0 = _mm512_loadu_ps(q.add(j * LANES));
-                for i in 0..R {
-                    even[i] = _mm512_fmadd_ps(pair(rows[i], j), q0, even[i]);
-                }
-                j += 2;
-            }
             if j < j1 {
-                let q0 = _mm512_loadu_ps(q.add(j * LANES));
+                // Packed rows past n are zero in q, and so are the padded elements.
+                let q0: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add(j * LANES + h * 16)));
                 for i in 0..R {
-                    even[i] = _mm512_fmadd_ps(last(rows[i], j), q0, even[i]);
+                    let a0 = tail(rows[i], j, j1);
+                    for h in 0..H {
+                        even[i][h] = _mm512_fmadd_ps(a0, q0[h], even[i][h]);
+                    }
                 }
             }
             for i in 0..R {
-                // Lane 2k holds the even-j half of column k, lane 2k+1 the odd half: add neighbours.
-                let s = _mm512_add_ps(even[i], odd[i]);
-                let s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
-                let mut lanes = [0f32; 2 * LANES];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), s);
-                for k in 0..LANES {
-                    out[i][k] += lanes[2 * k] as f64;
+                for h in 0..H {
+                    let s = sum_quads(_mm512_add_ps(even[i][h], odd[i][h]));
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+                    for c in 0..4 {
+                        out[i][4 * h + c] += lanes[4 * c] as f64;
+                    }
                 }
             }
             j0 = j1;
@@ -861,31 +982,71 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn axpy_avx512(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
-        // b duplicated into lane pairs, matching the interleaved layout of w.
-        let bv: [__m512; R] = std::array::from_fn(|i| {
-            let mut d = [0f32; 2 * LANES];
-            for k in 0..LANES {
-                d[2 * k] = b[i][k];
-                d[2 * k + 1] = b[i][k];
+    /// Elements `j..j+8` of the rows: `j..j+4` into `even`, `j+4..j+8` into `odd`.
+    #[inline(always)]
+    unsafe fn dot_eight<const H: usize>(rows: &[*const f32; R], q: *const f32, j: usize, even: &mut [[__m512; H]; R], odd: &mut [[__m512; H]; R]) {
+        let q0: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add(j * LANES + h * 16)));
+        let q1: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add((j + 4) * LANES + h * 16)));
+        for i in 0..R {
+            let (a0, a1) = (quad(rows[i], j), quad(rows[i], j + 4));
+            for h in 0..H {
+                even[i][h] = _mm512_fmadd_ps(a0, q0[h], even[i][h]);
+                odd[i][h] = _mm512_fmadd_ps(a1, q1[h], odd[i][h]);
             }
-            _mm512_loadu_ps(d.as_ptr())
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn axpy_avx512(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], live: usize, w: *mut f32) {
+        if live <= 4 {
+            axpy_halves::<1>(rows, n, b, w)
+        } else {
+            axpy_halves::<2>(rows, n, b, w)
+        }
+    }
+
+    /// `w[0..16] += Σ_i a_i · bv_i`, summed in the same order as the other paths.
+    #[inline(always)]
+    unsafe fn update<const H: usize>(wj: *mut f32, a: &[__m512; R], bv: &[[__m512; H]; R], h: usize) {
+        let t = _mm512_fmadd_ps(a[1], bv[1][h], _mm512_mul_ps(a[0], bv[0][h]));
+        let u = _mm512_fmadd_ps(a[3], bv[3][h], _mm512_mul_ps(a[2], bv[2][h]));
+        _mm512_storeu_ps(wj, _mm512_add_ps(_mm512_loadu_ps(wj), _mm512_add_ps(t, u)));
+    }
+
+    /// The update of the first `H` four-column halves of the packed block `w`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn axpy_halves<const H: usize>(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
+        // Lane 4c + t of bv[i][h] is b[i][4h + c], matching the layout of w.
+        let bv: [[__m512; H]; R] = std::array::from_fn(|i| {
+            std::array::from_fn(|h| {
+                let mut d = [0f32; 16];
+                for (l, v) in d.iter_mut().enumerate() {
+                    *v = b[i][4 * h + l / 4];
+                }
+                _mm512_loadu_ps(d.as_ptr())
+            })
         });
         let mut j = 0;
-        while j + 2 <= n {
-            let wj = w.add(j * LANES);
-            let t = _mm512_fmadd_ps(pair(rows[1], j), bv[1], _mm512_mul_ps(pair(rows[0], j), bv[0]));
-            let u = _mm512_fmadd_ps(pair(rows[3], j), bv[3], _mm512_mul_ps(pair(rows[2], j), bv[2]));
-            _mm512_storeu_ps(wj, _mm512_add_ps(_mm512_loadu_ps(wj), _mm512_add_ps(t, u)));
-            j += 2;
+        while j + 4 <= n {
+            let a: [__m512; R] = std::array::from_fn(|i| quad(rows[i], j));
+            for h in 0..H {
+                update(w.add(j * LANES + h * 16), &a, &bv, h);
+            }
+            j += 4;
         }
         if j < n {
-            let wj = w.add(j * LANES);
-            let t = _mm512_fmadd_ps(last(rows[1], j), bv[1], _mm512_mul_ps(last(rows[0], j), bv[0]));
-            let u = _mm512_fmadd_ps(last(rows[3], j), bv[3], _mm512_mul_ps(last(rows[2], j), bv[2]));
-            _mm512_storeu_ps(wj, _mm512_add_ps(_mm512_loadu_ps(wj), _mm512_add_ps(t, u)));
+            let a: [__m512; R] = std::array::from_fn(|i| tail(rows[i], j, n));
+            for h in 0..H {
+                update(w.add(j * LANES + h * 16), &a, &bv, h);
+            }
         }
+    }
+
+    /// The portable fold, compiled for AVX-512 (16 floats widened per instruction).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fold_avx512(fold: &mut [f64], w: &mut [f32]) {
+        super::portable::fold(fold, w)
     }
 
     #[target_feature(enable = "avx512f")]
@@ -935,7 +1096,7 @@ mod tests {
     #[test]
     fn every_code_path_matches_float64_products() {
         for flavour in [Flavour::Portable, Flavour::Avx2, Flavour::Avx512].into_iter().filter(|f| f.runs_here()) {
-            for (m, n, width) in [(37i64, 23i64, 8usize), (5, 1031, 3), (300, 2051, 12), (2100, 41, 8)] {
+            for (m, n, width) in [(37i64, 23i64, 8usize), (5, 1031, 3), (300, 2051, 12), (2100, 41, 8), (9, 1026, 4)] {
                 for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
                     let a = Tensor::randn([m, n], (Kind::Float, Device::Cpu)).to_kind(kind);
                     let q = Tensor::randn([n, width as i64], (Kind::Double, Device::Cpu));
