@@ -62,10 +62,11 @@ impl Args {
 }
 
 /// The change between two iterations below which every top-k value is taken as converged. Ritz values
-/// approach the singular values from below, so the error left is larger than the last change; 1e-5
-/// leaves it below 1e-5 on the benchmark's gapless Gaussian matrices (BENCHMARKS.md), well inside the
-/// 1e-3 that inspect promises.
-pub const TOL: f64 = 1e-5;
+/// approach the singular values from below and the error left is of the order of the last change: on the
+/// benchmark's 84 gapless Gaussian matrices (the hardest case; BENCHMARKS.md, "gainguard inspect") 1e-4
+/// leaves at most 4e-5 in sigma_max and 8e-5 in the top 4, twelve times inside the 1e-3 inspect
+/// promises, in two iterations fewer than 1e-5 takes.
+pub const TOL: f64 = 1e-4;
 
 #[derive(Serialize)]
 pub struct Quantiles {
