@@ -7,6 +7,12 @@
 
 pub mod inspect;
 
+/// What `gainguard --help` says the command line is (both binaries print it).
+pub const ABOUT: &str = "Width-scaled AdamW (arXiv 2510.15262) and live singular-value spectra for tch trainers";
+
+/// What `gainguard --help` says of `inspect` (both binaries run it).
+pub const INSPECT_ABOUT: &str = "Singular-value statistics (sigma_max, stable rank, Frobenius norm, quantiles) of every matrix in a safetensors file";
+
 /// Output format of the subcommands: `table` for people, `json` for programs.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {

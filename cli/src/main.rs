@@ -22,7 +22,7 @@ use gainguard_cli::inspect;
 
 /// The subcommands this binary runs itself.
 #[derive(Parser)]
-#[command(name = "gainguard", version, about = "Width-scaled AdamW (arXiv 2510.15262) and live singular-value spectra for tch trainers")]
+#[command(name = "gainguard", version, about = gainguard_cli::ABOUT)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Singular-value statistics (sigma_max, stable rank, Frobenius norm, quantiles) of every matrix in a safetensors file.
+    #[command(about = gainguard_cli::INSPECT_ABOUT)]
     Inspect(inspect::Args),
 }
 

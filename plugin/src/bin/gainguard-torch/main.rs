@@ -17,7 +17,7 @@ mod rules;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "gainguard", version, about = "Width-scaled AdamW (arXiv 2510.15262) and live singular-value spectra for tch trainers")]
+#[command(name = "gainguard", version, about = gainguard_cli::ABOUT)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Print the per-parameter decision (class, width multiplier m, lr, wd) for a base and a target model.
     Rules(rules::Args),
-    /// Singular-value statistics (sigma_max, stable rank, Frobenius norm, quantiles) of every matrix in a safetensors file.
+    #[command(about = gainguard_cli::INSPECT_ABOUT)]
     Inspect(gainguard_cli::inspect::Args),
     /// Recommend gamma (wd ∝ m^gamma) from sigma_max measured at 3+ widths and 2+ gammas along the μP path.
     Calibrate(calibrate::Args),
