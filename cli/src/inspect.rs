@@ -258,7 +258,7 @@ impl Mapping {
         }
         use std::os::fd::AsRawFd;
         // SAFETY: a private read-only mapping of a file we opened; it is unmapped in Drop, after every
-        // tensor that views it is gone (they live in `run`).
+        // matrix or tensor that views it is gone (they live in `run`).
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(BadInput(format!("`{shown}`: cannot map: {}", std::io::Error::last_os_error())));
