@@ -176,6 +176,19 @@ pub(crate) trait Real: Copy + Default + Send + Sync + std::ops::Add<Output = Sel
     /// # Safety
     /// As for [`Real::dot`], with `w` writable.
     unsafe fn axpy(flavour: Flavour, rows: &[*const Self; R], n: usize, b: &[[Self; LANES]; R], live: usize, w: *mut Self);
+    /// [`Real::dot`], and `Σ x²` of each row (each square and the sum in float64) added to `squares`:
+    /// the first pass's norm read from the same loads as the products, so that the read of W from memory
+    /// overlaps the arithmetic (as a loop of its own before the products, it did not: one core waited a
+    /// whole read of W for it). The default is the two one after the other.
+    ///
+    /// # Safety
+    /// As for [`Real::dot`].
+    unsafe fn dot_squares(flavour: Flavour, rows: &[*const Self; R], n: usize, q: *const Self, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+        for (s, row) in squares.iter_mut().zip(rows) {
+            *s += Self::sum_squares(flavour, *row, n);
+        }
+        Self::dot(flavour, rows, n, q, live, next)
+    }
     /// `Σ x²` of one row, each square and the sum in float64.
     ///
     /// # Safety
@@ -204,6 +217,18 @@ impl Real for f32 {
             _ => {
                 let _ = next;
                 portable::dot(rows, n, q)
+            }
+        }
+    }
+    unsafe fn dot_squares(flavour: Flavour, rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+        match flavour {
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx512 => x86::dot_squares_avx512(rows, n, q, live, next, squares),
+            _ => {
+                for (s, row) in squares.iter_mut().zip(rows) {
+                    *s += Self::sum_squares(flavour, *row, n);
+                }
+                Self::dot(flavour, rows, n, q, live, next)
             }
         }
     }
@@ -447,12 +472,14 @@ impl<T: Real> Job<'_, T> {
                         part.sum_squares += s;
                     }
                 }
-            } else if self.norm {
+            } else if self.norm && self.mode == Mode::Backward {
                 for row in rows.iter().take(count) {
                     // SAFETY: each row points at n elements of the matrix.
                     part.sum_squares += unsafe { T::sum_squares(self.flavour, *row, n) };
                 }
             }
+            // The norm of rows read in place comes with the first chunk's products.
+            let fuse_norm = self.norm && !widen && self.mode != Mode::Backward;
             for c in 0..self.chunks {
                 let live = (self.width - c * LANES).min(LANES);
                 // SAFETY: B has chunks·m·8 elements; this thread alone writes rows r..r+count.
@@ -466,8 +493,19 @@ impl<T: Real> Job<'_, T> {
                         }
                     }
                 } else {
-                    // SAFETY: rows hold n values each, q one packed block per chunk.
-                    let d = unsafe { T::dot(self.flavour, &rows, n, self.q.as_ptr().add(c * self.plen), live, &next) };
+                    // SAFETY: q holds one packed block per chunk.
+                    let q = unsafe { self.q.as_ptr().add(c * self.plen) };
+                    let d = if fuse_norm && c == 0 {
+                        let mut squares = [0f64; R];
+                        // SAFETY: rows hold n values each, q one packed block per chunk.
+                        let d = unsafe { T::dot_squares(self.flavour, &rows, n, q, live, &next, &mut squares) };
+                        // Repeated rows of a short last group are not counted twice.
+                        part.sum_squares += squares[..count].iter().sum::<f64>();
+                        d
+                    } else {
+                        // SAFETY: rows hold n values each, q one packed block per chunk.
+                        unsafe { T::dot(self.flavour, &rows, n, q, live, &next) }
+                    };
                     for i in 0..count {
                         for k in 0..LANES {
                             b[i][k] = T::from_f64(d[i][k]);
@@ -917,18 +955,31 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch) -> [[f64; LANES]; R] {
+        let mut unused = [0f64; R];
         if live <= 4 {
-            dot_halves::<1>(rows, n, q, next)
+            dot_halves::<1, false>(rows, n, q, next, &mut unused)
         } else {
-            dot_halves::<2>(rows, n, q, next)
+            dot_halves::<2, false>(rows, n, q, next, &mut unused)
         }
     }
 
-    /// The dot products with the first `H` four-column halves of the packed block.
+    /// [`dot_avx512`], adding each row's `Σ x²` (squares and sums in float64) to `squares`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_squares_avx512(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+        if live <= 4 {
+            dot_halves::<1, true>(rows, n, q, next, squares)
+        } else {
+            dot_halves::<2, true>(rows, n, q, next, squares)
+        }
+    }
+
+    /// The dot products with the first `H` four-column halves of the packed block; with `SQ`, also each
+    /// row's sum of squares from the same cache lines, 16 elements at a time, widened to float64.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn dot_halves<const H: usize>(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+    unsafe fn dot_halves<const H: usize, const SQ: bool>(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
         let mut out = [[0f64; LANES]; R];
+        let mut sq = [_mm512_setzero_pd(); R];
         let mut j0 = 0;
         while j0 < n {
             // SEGMENT is a multiple of 4, so groups of four never straddle two segments.
@@ -941,7 +992,25 @@ mod x86 {
                 prefetch(next, j);
                 dot_eight(rows, q, j, &mut even, &mut odd);
                 dot_eight(rows, q, j + 8, &mut even, &mut odd);
+                if SQ {
+                    for i in 0..R {
+                        let v = _mm512_loadu_ps(rows[i].add(j));
+                        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+                        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+                        sq[i] = _mm512_fmadd_pd(lo, lo, sq[i]);
+                        sq[i] = _mm512_fmadd_pd(hi, hi, sq[i]);
+                    }
+                }
                 j += 16;
+            }
+            if SQ {
+                // The segment's last elements, past its whole lines of 16.
+                for i in 0..R {
+                    for t in j..j1 {
+                        let x = load1(rows[i].add(t)) as f64;
+                        squares[i] += x * x;
+                    }
+                }
             }
             if j + 8 <= j1 {
                 dot_eight(rows, q, j, &mut even, &mut odd);
@@ -978,6 +1047,11 @@ mod x86 {
                 }
             }
             j0 = j1;
+        }
+        if SQ {
+            for i in 0..R {
+                squares[i] += _mm512_reduce_add_pd(sq[i]);
+            }
         }
         out
     }
