@@ -11,10 +11,9 @@ use super::pass::Flavour;
 /// Projected matrices up to this side get their eigenvectors at every iteration, with their eigenvalues:
 /// there the vectors cost little more than the values (with [`symmetric_eigen`], 31 µs against 26 µs
 /// for the values alone at a side of 32 on the development machine; a warm start needs 8 or 16, and a
-/// cold start grows by 8 per iteration). The name is historical: a Jacobi solver served these sides
-/// until the tridiagonal QL below proved faster at every side from 8 up (5 against 2.4 µs at 8, 250
-/// against 31 µs at 32).
-pub(crate) const JACOBI_MAX: usize = 32;
+/// cold start grows by 8 per iteration). A Jacobi solver served these sides until the tridiagonal QL
+/// below proved faster at every side from 8 up (5 against 2.4 µs at 8, 250 against 31 µs at 32).
+pub(crate) const VECTORS_EVERY_ITERATION_MAX: usize = 32;
 
 /// The instructions the loops below are compiled for, chosen once at run time like the pass's (the
 /// default x86-64 target has neither AVX nor FMA, and these loops are a fifth of a cold estimate).

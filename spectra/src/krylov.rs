@@ -316,7 +316,7 @@ impl Krylov {
                 }
                 // Small projections get their vectors at once (they cost little more than the values), large
                 // ones only when the estimate stops.
-                let (theta, vectors_now) = if dim <= dense::JACOBI_MAX {
+                let (theta, vectors_now) = if dim <= dense::VECTORS_EVERY_ITERATION_MAX {
                     let (values, z) = dense::symmetric_eigen(h_dim, dim);
                     (values, Some(z))
                 } else {
