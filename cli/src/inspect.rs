@@ -329,6 +329,11 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<(Vec<Entry>, usize), BadInp
     Ok((entries, 8 + header_len as usize))
 }
 
+/// `--threads`, or one thread per core when it is not given.
+pub fn every_core(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+}
+
 /// Where and how each matrix is computed.
 pub trait Backend: Sync {
     /// The place the table's footer names (`Cpu`, `Cuda(0)`).
@@ -353,7 +358,7 @@ impl Backend for Host {
     }
 
     fn threads(&self, requested: Option<usize>) -> usize {
-        requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+        every_core(requested)
     }
 
     fn inspect(&self, entry: &Entry, bytes: &[u8], args: &Args, row: &mut Row) -> Result<()> {

@@ -3,23 +3,12 @@
 //! Two measurements, both on the tensor's own device and accumulated in fp32 (fp64 for fp64 weights),
 //! whatever the storage dtype (bf16 and fp16 weights are widened first):
 //!
-//! - [`Estimator`]: the top-k singular values by **block Krylov iteration with Rayleigh–Ritz**
-//!   (Musco & Musco, "Randomized block Krylov methods for stronger and faster approximate SVD",
-//!   NeurIPS 2015). With `X` a block of `b = k + oversample` columns, the search space after `q`
-//!   iterations is `span[X, (AᵀA)X, …, (AᵀA)^{q−1} X]`; the Ritz values of `AᵀA` on it are the estimates.
-//!   Plain power (or subspace) iteration converges like `(σ_{b+1}/σ_1)^{2q}`, hopeless on a Gaussian
-//!   matrix whose top spectrum has no gap (docs/design.md §6.2); the Krylov space converges like a Chebyshev
-//!   polynomial, `exp(−4q·sqrt(gap))`, which is what makes cold starts reach 1e-3 in tens of
-//!   iterations. The estimator keeps the right singular vectors of its last answer and starts the next
-//!   call from them, so a matrix that moved a little (one optimizer step or a few) converges in two. A warm
-//!   start iterates with the top k of them only (no oversampling: they are already close to the new top k),
-//!   which halves the arithmetic of the compute-bound warm path.
-//!   Ritz values never exceed the true singular values (Cauchy interlacing), so `sigma_max` is a lower
-//!   bound that tightens with every iteration. The iteration itself is the `gainguard-spectra` crate's
-//!   (`spectra/`, no libtorch; `gainguard inspect` uses it alone): on the CPU each iteration is one fused
-//!   pass over W in memory (`A·Q` and `Aᵀ·A·Q` from one read, the first pass also summing `‖W‖_F` in
-//!   float64, which doubles as the finiteness check), and the small float64 algebra of the Rayleigh–Ritz
-//!   step runs on the host. On a GPU the products are libtorch's ([`Estimator`] supplies them).
+//! - [`Estimator`]: the top-k singular values by block Krylov iteration with Rayleigh–Ritz, warm-started
+//!   from the last answer: `gainguard_spectra::Krylov` (the `spectra/` crate, no libtorch; its module doc
+//!   gives the method, its convergence and why plain power iteration is not enough). On the CPU it reads
+//!   the tensor in place, one fused pass over W per iteration (the first also summing `‖W‖_F` in float64,
+//!   which doubles as the finiteness check); on a GPU the products are libtorch's, which [`Estimator`]
+//!   supplies.
 //! - [`full_spectrum`]: every singular value (no vectors), with quantiles, stable rank, Frobenius norm
 //!   and the entropy effective rank. On CUDA: `linalg_svdvals`. On CPU: the eigenvalues of the smaller
 //!   Gram matrix in float64, because tch's `linalg_svdvals` always passes a driver string, which
@@ -321,11 +310,9 @@ impl Estimator {
             return Err(SpectraError::NonFinite(a.size()));
         }
         if fro2 == 0.0 {
-            return Ok(Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true });
+            return Ok(Estimate::zero(k));
         }
-        let sv = gram_singular_values(a)?;
-        let top_k: Vec<f64> = sv.iter().take(k).copied().collect();
-        Ok(Estimate { sigma_max: top_k[0], top_k, frobenius_norm: fro2.sqrt(), iterations: 1, converged: true })
+        Ok(Estimate::exact(&gram_singular_values(a)?, fro2, k))
     }
 }
 

@@ -201,7 +201,7 @@ pub struct SpectrumSample {
     /// Top-k singular values, descending (k is configurable; the first is sigma_max).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_k: Vec<f64>,
-    /// Subspace iterations the estimate took.
+    /// Block Krylov iterations the estimate took (1 for a matrix small enough to solve exactly).
     #[serde(default)]
     pub iterations: u32,
     /// sigma_max / (sqrt(lr/wd) · m^alpha); only where wd > 0.

@@ -70,6 +70,19 @@ pub struct Estimate {
     pub converged: bool,
 }
 
+impl Estimate {
+    /// The all-zero matrix's estimate: k zeros, found without iterating.
+    pub fn zero(k: usize) -> Estimate {
+        Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true }
+    }
+
+    /// An exact answer (one "iteration"): the top `k` of every singular value, descending, and `‖W‖_F²`.
+    pub fn exact(singular_values: &[f64], frobenius_squared: f64, k: usize) -> Estimate {
+        let top_k: Vec<f64> = singular_values.iter().take(k).copied().collect();
+        Estimate { sigma_max: top_k[0], top_k, frobenius_norm: frobenius_squared.sqrt(), iterations: 1, converged: true }
+    }
+}
+
 /// What an estimate found: the values, or NaN/±Inf in the matrix (the estimator forgets its warm start).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -215,10 +228,9 @@ impl Krylov {
             }
             let k = self.widths(a.rows.min(a.cols)).0;
             if fro2 == 0.0 {
-                return Outcome::Done(Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true });
+                return Outcome::Done(Estimate::zero(k));
             }
-            let top_k: Vec<f64> = gram_singular_values(a).into_iter().take(k).collect();
-            return Outcome::Done(Estimate { sigma_max: top_k[0], top_k, frobenius_norm: fro2.sqrt(), iterations: 1, converged: true });
+            return Outcome::Done(Estimate::exact(&gram_singular_values(a), fro2, k));
         }
         let key = WarmKey { device: WarmKey::HOST, rows: a.rows, cols: a.cols, double: a.elem == Elem::F64 };
         match self.run(&mut HostOperand { a: *a }, key, threads, &nonfinite) {
@@ -287,8 +299,7 @@ impl Krylov {
                         return Ok((Outcome::NonFinite, None));
                     }
                     if fro2 == 0.0 {
-                        let e = Estimate { sigma_max: 0.0, top_k: vec![0.0; k], frobenius_norm: 0.0, iterations: 0, converged: true };
-                        return Ok((Outcome::Done(e), None));
+                        return Ok((Outcome::Done(Estimate::zero(k)), None));
                     }
                 }
                 // New entries of QᵀAᵀAQ: W_iᵀ Q_new against the earlier blocks, BᵀB on the diagonal block.

@@ -62,7 +62,7 @@ impl Backend for Torch {
 
     fn threads(&self, requested: Option<usize>) -> usize {
         match self.device {
-            Device::Cpu => requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            Device::Cpu => gainguard_cli::inspect::every_core(requested),
             // A GPU takes one stream of work.
             _ => 1,
         }
@@ -76,7 +76,8 @@ impl Backend for Torch {
         tch::no_grad(|| {
             let t = tensor_of(entry, bytes)?;
             let m = MatrixLayout::leading_rows(entry.shape.len()).apply(&t.to_device(self.device))?;
-            if a.full && entry.matrix().0.min(entry.matrix().1) <= a.max_full_dim {
+            let (rows, cols) = entry.matrix();
+            if a.full && rows.min(cols) <= a.max_full_dim {
                 match full_spectrum(&m, FullPrecision::Double) {
                     Err(SpectraError::NonFinite(_)) => row.nonfinite = true,
                     Err(e) => return Err(e.into()),
