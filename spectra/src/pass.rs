@@ -20,11 +20,13 @@
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-/// Columns of `Q` processed together: one AVX2 register of float32, half an AVX-512 one.
+/// Columns of `Q` processed together (one packed block): one AVX2 register of float32; the AVX-512
+/// kernels take them four at a time.
 pub(crate) const LANES: usize = 8;
 /// Rows of `A` read together; each row of `Q` (or `W`) is loaded once per group.
 const R: usize = 4;
-/// Products summed in float32 registers along a row before they are folded into float64.
+/// Products summed in float32 registers along a row before they are folded into float64 (a multiple
+/// of 16: the AVX-512 kernels read lines of 16).
 const SEGMENT: usize = 1024;
 /// Row groups accumulated into `W` in float32 before it is folded into float64 (256 rows).
 const FOLD_GROUPS: usize = 64;
@@ -115,15 +117,13 @@ impl Flavour {
         }
     }
 
-    /// Length of one packed `n × 8` block of `Q` or `W`. AVX-512 stores each group of four rows
-    /// `j..j+4` as two registers, columns 0–3 then 4–7, each interleaving the four rows,
-    /// `[q(j,0), q(j+1,0), q(j+2,0), q(j+3,0), q(j,1), …]`: one 128-bit broadcast of `a_j..a_j+3`
-    /// then multiplies four rows by four columns with every lane useful, and a block of at most 4
-    /// columns (a warm start's) skips the second register instead of multiplying zeros. The other paths
-    /// store rows of 8.
+    /// Length of one packed `n × 8` block of `Q` or `W`. AVX-512 stores it column by column, each
+    /// column zero-padded to [`column_stride`] (a whole number of 16-float registers), so that one load
+    /// of 16 consecutive elements of a row meets 16 consecutive elements of a column, and a block of 4
+    /// columns or fewer (a warm start's) touches only those. The other paths store rows of 8.
     fn packed_len(self, n: usize) -> usize {
         match self {
-            Flavour::Avx512 => n.div_ceil(4) * 4 * LANES,
+            Flavour::Avx512 => column_stride(n) * LANES,
             _ => n * LANES,
         }
     }
@@ -133,9 +133,9 @@ impl Flavour {
     fn each_row(self, col: usize, n: usize, mut f: impl FnMut(usize, usize)) {
         match self {
             Flavour::Avx512 => {
-                let base = (col / 4) * 16 + (col % 4) * 4;
+                let base = col * column_stride(n);
                 for j in 0..n {
-                    f(j, (j / 4) * 4 * LANES + base + (j % 4));
+                    f(j, base + j);
                 }
             }
             _ => {
@@ -147,14 +147,18 @@ impl Flavour {
     }
 
     /// The parts of a packed block of `plen` with `live` columns that the kernels touch, as
-    /// `(step, take)`: `take` values from every `step`-th one. An AVX-512 block of at most 4 columns
-    /// uses the first register of each group of four rows only.
+    /// `(step, take)`: `take` values from every `step`-th one. AVX-512 touches the first `live` columns.
     fn live_spans(self, plen: usize, live: usize) -> (usize, usize) {
         match self {
-            Flavour::Avx512 if live <= 4 => (4 * LANES, 16),
+            Flavour::Avx512 => (plen, live * plen / LANES),
             _ => (plen, plen),
         }
     }
+}
+
+/// The distance between two columns of an AVX-512 packed block: `n` rounded up to 16.
+fn column_stride(n: usize) -> usize {
+    n.div_ceil(16) * 16
 }
 
 /// The arithmetic type of a pass: float32 for f32/bf16/f16 matrices, float64 for f64 ones.
@@ -537,25 +541,11 @@ impl<T: Real> Job<'_, T> {
                 // Blocks this wide (top-k of 60 and more) are rare; a heap row then.
                 return self.gram_wide(r0, r1, part);
             }
+            if w <= 4 {
+                return self.gram_block::<4>(r0, r1, part);
+            }
             if w <= LANES {
-                // One block of B (its unused columns are zero): the sums in registers, in the same
-                // order as below.
-                let mut acc = [[0f64; LANES]; LANES];
-                for r in r0..r1 {
-                    // SAFETY: rows r0..r1 of B were written above by this thread.
-                    let br: [f64; LANES] = std::array::from_fn(|k| unsafe { *self.b.0.add(r * LANES + k) }.to_f64());
-                    for (x, ax) in acc.iter_mut().enumerate() {
-                        for (y, v) in ax.iter_mut().enumerate() {
-                            *v += br[x] * br[y];
-                        }
-                    }
-                }
-                for x in 0..w {
-                    for y in x..w {
-                        part.bb[x * w + y] += acc[x][y];
-                    }
-                }
-                return;
+                return self.gram_block::<LANES>(r0, r1, part);
             }
             for r in r0..r1 {
                 for (col, v) in row.iter_mut().enumerate() {
@@ -574,6 +564,27 @@ impl<T: Real> Job<'_, T> {
 }
 
 impl<T: Real> Job<'_, T> {
+    /// `BᵀB` of rows `r0..r1` for a block of at most `K ≤ 8` columns (one block of `B`, whose unused
+    /// columns are zero): the sums in registers, each over the rows in order, as in the wider paths.
+    fn gram_block<const K: usize>(&self, r0: usize, r1: usize, part: &mut Part<T>) {
+        let w = self.width;
+        let mut acc = [[0f64; K]; K];
+        for r in r0..r1 {
+            // SAFETY: rows r0..r1 of B were written by this thread.
+            let br: [f64; K] = std::array::from_fn(|k| unsafe { *self.b.0.add(r * LANES + k) }.to_f64());
+            for (x, ax) in acc.iter_mut().enumerate() {
+                for (y, v) in ax.iter_mut().enumerate() {
+                    *v += br[x] * br[y];
+                }
+            }
+        }
+        for x in 0..w {
+            for y in x..w {
+                part.bb[x * w + y] += acc[x][y];
+            }
+        }
+    }
+
     /// `BᵀB` of rows `r0..r1` for blocks wider than 64 columns.
     fn gram_wide(&self, r0: usize, r1: usize, part: &mut Part<T>) {
         let (m, w) = (self.a.rows, self.width);
@@ -838,7 +849,7 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Prefetch, LANES, R, SEGMENT};
+    use super::{column_stride, Prefetch, LANES, R, SEGMENT};
     use std::arch::x86_64::*;
 
     /// Prefetches the next group's data at column `j` (one call per 16 columns: a line of f32).
@@ -930,117 +941,99 @@ mod x86 {
         s
     }
 
-    /// `[a_j, a_j+1, a_j+2, a_j+3]` repeated over the register: one 128-bit broadcast (needs j + 3 < n).
+    /// The first `len < 16` lanes: a row's last, partial line.
     #[inline(always)]
-    unsafe fn quad(row: *const f32, j: usize) -> __m512 {
-        _mm512_broadcast_f32x4(_mm_loadu_ps(row.add(j)))
+    fn tail_mask(len: usize) -> __mmask16 {
+        ((1u32 << len) - 1) as __mmask16
     }
 
-    /// The last one to three elements of a row from `j`, zero-padded to four, repeated.
+    /// The sixteen accumulators of four rows × four columns (`v[4i + c]`) reduced together: lane `4c` of
+    /// the `i`-th result holds the sum of `v[4i + c]`'s lanes. 52 instructions, where sixteen separate
+    /// reductions take about 160.
     #[inline(always)]
-    unsafe fn tail(row: *const f32, j: usize, n: usize) -> __m512 {
-        let mut t = [0f32; 4];
-        for (x, v) in t.iter_mut().enumerate().take(n - j) {
-            *v = load1(row.add(j + x));
-        }
-        _mm512_broadcast_f32x4(_mm_loadu_ps(t.as_ptr()))
-    }
-
-    /// Lane `4c` of the result holds `Σ_t s[4c + t]`: the four row partial sums of column `c`.
-    #[inline(always)]
-    unsafe fn sum_quads(s: __m512) -> __m512 {
-        let s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
-        _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E))
+    unsafe fn reduce16(v: &[__m512; 16]) -> [__m512; R] {
+        // Pairs of vectors, 256-bit halves added: lanes 0–7 hold v[2p]'s partial sums, 8–15 v[2p+1]'s.
+        let halves: [__m512; 8] = std::array::from_fn(|p| {
+            let (x, y) = (v[2 * p], v[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE))
+        });
+        // Then 128-bit quarters: block t of the i-th vector holds v[4i + t]'s four partial sums.
+        std::array::from_fn(|i| {
+            let (x, y) = (halves[2 * i], halves[2 * i + 1]);
+            let s = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+            // Within each block: lane 4t gets the block's sum.
+            let s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
+            _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E))
+        })
     }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_avx512(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch) -> [[f64; LANES]; R] {
         let mut unused = [0f64; R];
-        if live <= 4 {
-            dot_halves::<1, false>(rows, n, q, next, &mut unused)
-        } else {
-            dot_halves::<2, false>(rows, n, q, next, &mut unused)
-        }
+        dot_quads::<false>(rows, n, q, live, next, &mut unused)
     }
 
     /// [`dot_avx512`], adding each row's `Σ x²` (squares and sums in float64) to `squares`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_squares_avx512(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
-        if live <= 4 {
-            dot_halves::<1, true>(rows, n, q, next, squares)
-        } else {
-            dot_halves::<2, true>(rows, n, q, next, squares)
-        }
+        dot_quads::<true>(rows, n, q, live, next, squares)
     }
 
-    /// The dot products with the first `H` four-column halves of the packed block; with `SQ`, also each
-    /// row's sum of squares from the same cache lines, 16 elements at a time, widened to float64.
+    /// The dot products of four rows with the live columns of the packed block, four columns at a time:
+    /// sixteen accumulators (row × column), each taking 16 consecutive elements of its row per FMA, so
+    /// that one load of a row feeds four FMAs and one load of a column four more. With `SQ`, also each
+    /// row's sum of squares from the same loads, widened to float64. A block of more than four columns
+    /// reads the segment's rows again for the next four, from L1.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn dot_halves<const H: usize, const SQ: bool>(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+    unsafe fn dot_quads<const SQ: bool>(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+        let stride = column_stride(n);
         let mut out = [[0f64; LANES]; R];
-        let mut sq = [_mm512_setzero_pd(); R];
+        // Low and high halves of the lines apart: two chains of float64 FMAs per row, not one of twice the length.
+        let mut sq = [_mm512_setzero_pd(); 2 * R];
         let mut j0 = 0;
         while j0 < n {
-            // SEGMENT is a multiple of 4, so groups of four never straddle two segments.
+            // SEGMENT is a multiple of 16, so only a row's last segment has a partial line.
             let j1 = n.min(j0 + SEGMENT);
-            // Two accumulators per row and half (j ≡ 0 and 4 mod 8) hide the FMA latency.
-            let mut even = [[_mm512_setzero_ps(); H]; R];
-            let mut odd = [[_mm512_setzero_ps(); H]; R];
-            let mut j = j0;
-            while j + 16 <= j1 {
-                prefetch(next, j);
-                dot_eight(rows, q, j, &mut even, &mut odd);
-                dot_eight(rows, q, j + 8, &mut even, &mut odd);
-                if SQ {
-                    for i in 0..R {
-                        let v = _mm512_loadu_ps(rows[i].add(j));
-                        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-                        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-                        sq[i] = _mm512_fmadd_pd(lo, lo, sq[i]);
-                        sq[i] = _mm512_fmadd_pd(hi, hi, sq[i]);
+            for h in 0..live.div_ceil(4) {
+                let cols: [*const f32; 4] = std::array::from_fn(|c| q.add((4 * h + c) * stride));
+                let mut acc = [_mm512_setzero_ps(); 16];
+                let mut j = j0;
+                while j + 16 <= j1 {
+                    if h == 0 {
+                        prefetch(next, j);
+                    }
+                    let a: [__m512; R] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].add(j)));
+                    dot_line(&a, &cols, j, &mut acc);
+                    if SQ && h == 0 {
+                        for i in 0..R {
+                            // Converted as they are loaded again (from L1): cheaper than splitting `a`.
+                            let lo = _mm512_cvtps_pd(_mm256_loadu_ps(rows[i].add(j)));
+                            let hi = _mm512_cvtps_pd(_mm256_loadu_ps(rows[i].add(j + 8)));
+                            sq[2 * i] = _mm512_fmadd_pd(lo, lo, sq[2 * i]);
+                            sq[2 * i + 1] = _mm512_fmadd_pd(hi, hi, sq[2 * i + 1]);
+                        }
+                    }
+                    j += 16;
+                }
+                if j < j1 {
+                    let k = tail_mask(j1 - j);
+                    let a: [__m512; R] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(k, rows[i].add(j)));
+                    dot_line(&a, &cols, j, &mut acc);
+                    if SQ && h == 0 {
+                        for i in 0..R {
+                            // Masked-off lanes are zero.
+                            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a[i]));
+                            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[i]), 1)));
+                            sq[2 * i] = _mm512_fmadd_pd(lo, lo, sq[2 * i]);
+                            sq[2 * i + 1] = _mm512_fmadd_pd(hi, hi, sq[2 * i + 1]);
+                        }
                     }
                 }
-                j += 16;
-            }
-            if SQ {
-                // The segment's last elements, past its whole lines of 16.
-                for i in 0..R {
-                    for t in j..j1 {
-                        let x = load1(rows[i].add(t)) as f64;
-                        squares[i] += x * x;
-                    }
-                }
-            }
-            if j + 8 <= j1 {
-                dot_eight(rows, q, j, &mut even, &mut odd);
-                j += 8;
-            }
-            if j + 4 <= j1 {
-                let q0: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add(j * LANES + h * 16)));
-                for i in 0..R {
-                    let a0 = quad(rows[i], j);
-                    for h in 0..H {
-                        even[i][h] = _mm512_fmadd_ps(a0, q0[h], even[i][h]);
-                    }
-                }
-                j += 4;
-            }
-            if j < j1 {
-                // Packed rows past n are zero in q, and so are the padded elements.
-                let q0: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add(j * LANES + h * 16)));
-                for i in 0..R {
-                    let a0 = tail(rows[i], j, j1);
-                    for h in 0..H {
-                        even[i][h] = _mm512_fmadd_ps(a0, q0[h], even[i][h]);
-                    }
-                }
-            }
-            for i in 0..R {
-                for h in 0..H {
-                    let s = sum_quads(_mm512_add_ps(even[i][h], odd[i][h]));
+                let sums = reduce16(&acc);
+                for (i, s) in sums.iter().enumerate() {
                     let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), *s);
                     for c in 0..4 {
                         out[i][4 * h + c] += lanes[4 * c] as f64;
                     }
@@ -1050,70 +1043,59 @@ mod x86 {
         }
         if SQ {
             for i in 0..R {
-                squares[i] += _mm512_reduce_add_pd(sq[i]);
+                squares[i] += _mm512_reduce_add_pd(_mm512_add_pd(sq[2 * i], sq[2 * i + 1]));
             }
         }
         out
     }
 
-    /// Elements `j..j+8` of the rows: `j..j+4` into `even`, `j+4..j+8` into `odd`.
+    /// 16 elements `a` of each row from `j` into the accumulators, times the four columns `cols`.
     #[inline(always)]
-    unsafe fn dot_eight<const H: usize>(rows: &[*const f32; R], q: *const f32, j: usize, even: &mut [[__m512; H]; R], odd: &mut [[__m512; H]; R]) {
-        let q0: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add(j * LANES + h * 16)));
-        let q1: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(q.add((j + 4) * LANES + h * 16)));
-        for i in 0..R {
-            let (a0, a1) = (quad(rows[i], j), quad(rows[i], j + 4));
-            for h in 0..H {
-                even[i][h] = _mm512_fmadd_ps(a0, q0[h], even[i][h]);
-                odd[i][h] = _mm512_fmadd_ps(a1, q1[h], odd[i][h]);
+    unsafe fn dot_line(a: &[__m512; R], cols: &[*const f32; 4], j: usize, acc: &mut [__m512; 16]) {
+        for (c, col) in cols.iter().enumerate() {
+            // Packed columns are zero-padded to the stride: whole loads.
+            let qc = _mm512_loadu_ps(col.add(j));
+            for i in 0..R {
+                acc[4 * i + c] = _mm512_fmadd_ps(a[i], qc, acc[4 * i + c]);
             }
         }
     }
 
+    /// `w[c][j] += Σ_i a_i[j] · b[i][c]` for the live columns of the packed block `w`, four columns at a
+    /// time: each load of 16 elements of a row feeds one FMA per column, and each column of `w` is read
+    /// and written once per group of rows.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn axpy_avx512(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], live: usize, w: *mut f32) {
-        if live <= 4 {
-            axpy_halves::<1>(rows, n, b, w)
-        } else {
-            axpy_halves::<2>(rows, n, b, w)
+        let stride = column_stride(n);
+        for h in 0..live.div_ceil(4) {
+            let bv: [[__m512; 4]; R] = std::array::from_fn(|i| std::array::from_fn(|c| _mm512_set1_ps(b[i][4 * h + c])));
+            let cols: [*mut f32; 4] = std::array::from_fn(|c| w.add((4 * h + c) * stride));
+            let count = (live - 4 * h).min(4);
+            let mut j = 0;
+            while j + 16 <= n {
+                let a: [__m512; R] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].add(j)));
+                axpy_line(&a, &bv, &cols, count, j);
+                j += 16;
+            }
+            if j < n {
+                let k = tail_mask(n - j);
+                let a: [__m512; R] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(k, rows[i].add(j)));
+                // The padding past n gets zeros added (masked rows): it stays zero.
+                axpy_line(&a, &bv, &cols, count, j);
+            }
         }
     }
 
-    /// `w[0..16] += Σ_i a_i · bv_i`, summed in the same order as the other paths.
+    /// 16 elements `a` of each row from `j`, times `bv`, into the first `count` columns `cols` of `w`.
     #[inline(always)]
-    unsafe fn update<const H: usize>(wj: *mut f32, a: &[__m512; R], bv: &[[__m512; H]; R], h: usize) {
-        let t = _mm512_fmadd_ps(a[1], bv[1][h], _mm512_mul_ps(a[0], bv[0][h]));
-        let u = _mm512_fmadd_ps(a[3], bv[3][h], _mm512_mul_ps(a[2], bv[2][h]));
-        _mm512_storeu_ps(wj, _mm512_add_ps(_mm512_loadu_ps(wj), _mm512_add_ps(t, u)));
-    }
-
-    /// The update of the first `H` four-column halves of the packed block `w`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn axpy_halves<const H: usize>(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
-        // Lane 4c + t of bv[i][h] is b[i][4h + c], matching the layout of w.
-        let bv: [[__m512; H]; R] = std::array::from_fn(|i| {
-            std::array::from_fn(|h| {
-                let mut d = [0f32; 16];
-                for (l, v) in d.iter_mut().enumerate() {
-                    *v = b[i][4 * h + l / 4];
-                }
-                _mm512_loadu_ps(d.as_ptr())
-            })
-        });
-        let mut j = 0;
-        while j + 4 <= n {
-            let a: [__m512; R] = std::array::from_fn(|i| quad(rows[i], j));
-            for h in 0..H {
-                update(w.add(j * LANES + h * 16), &a, &bv, h);
+    unsafe fn axpy_line(a: &[__m512; R], bv: &[[__m512; 4]; R], cols: &[*mut f32; 4], count: usize, j: usize) {
+        for (c, col) in cols.iter().enumerate().take(count) {
+            let p = col.add(j);
+            let mut s = _mm512_loadu_ps(p);
+            for i in 0..R {
+                s = _mm512_fmadd_ps(a[i], bv[i][c], s);
             }
-            j += 4;
-        }
-        if j < n {
-            let a: [__m512; R] = std::array::from_fn(|i| tail(rows[i], j, n));
-            for h in 0..H {
-                update(w.add(j * LANES + h * 16), &a, &bv, h);
-            }
+            _mm512_storeu_ps(p, s);
         }
     }
 
@@ -1170,7 +1152,7 @@ mod tests {
     #[test]
     fn every_code_path_matches_float64_products() {
         for flavour in [Flavour::Portable, Flavour::Avx2, Flavour::Avx512].into_iter().filter(|f| f.runs_here()) {
-            for (m, n, width) in [(37i64, 23i64, 8usize), (5, 1031, 3), (300, 2051, 12), (2100, 41, 8), (9, 1026, 4)] {
+            for (m, n, width) in [(37i64, 23i64, 8usize), (5, 1031, 3), (300, 2051, 12), (2100, 41, 8), (9, 1026, 4), (64, 50, 6)] {
                 for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
                     let a = Tensor::randn([m, n], (Kind::Float, Device::Cpu)).to_kind(kind);
                     let q = Tensor::randn([n, width as i64], (Kind::Double, Device::Cpu));
