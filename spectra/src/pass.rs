@@ -13,8 +13,8 @@
 //! along a column, so that no float32 sum runs over more than about a thousand terms whatever the shape.
 //! The norm squares each element in float64 (exact for float32, bf16 and f16 inputs) and sums in float64.
 //!
-//! Three code paths compute the same thing: AVX-512F and AVX2+FMA (float32 inputs, chosen at run time)
-//! and portable Rust (float64, and any CPU). bf16 and f16 rows are widened to float32 four at a time into
+//! Three code paths compute the same thing: AVX-512F and AVX2+FMA (float32 inputs, chosen at run time;
+//! `GAINGUARD_SPECTRA_KERNELS` may name a slower one) and portable Rust (float64, and any CPU). bf16 and f16 rows are widened to float32 four at a time into
 //! a small per-thread buffer, never as a whole matrix.
 
 use std::marker::PhantomData;
@@ -78,10 +78,19 @@ impl<'a> HostMatrix<'a> {
     }
 }
 
-/// The fastest path this CPU runs, detected once.
+/// The path float32 passes take, chosen once: the fastest this CPU runs, or a slower one that
+/// `GAINGUARD_SPECTRA_KERNELS` names (`avx2` or `portable`; benchmarks use it to time the paths of CPUs
+/// without AVX-512 on one that has it). A name this CPU cannot run, or any other value, is ignored.
 pub(crate) fn flavour() -> Flavour {
     static FLAVOUR: OnceLock<Flavour> = OnceLock::new();
-    *FLAVOUR.get_or_init(Flavour::detect)
+    *FLAVOUR.get_or_init(|| {
+        let asked = match std::env::var("GAINGUARD_SPECTRA_KERNELS").as_deref() {
+            Ok("avx2") => Some(Flavour::Avx2),
+            Ok("portable") => Some(Flavour::Portable),
+            _ => None,
+        };
+        asked.filter(|f| f.runs_here()).unwrap_or_else(Flavour::detect)
+    })
 }
 
 /// Which SIMD code path computes a float32 pass.
@@ -108,7 +117,6 @@ impl Flavour {
     }
 
     /// Whether this CPU can run the path.
-    #[cfg(test)]
     pub(crate) fn runs_here(self) -> bool {
         match self {
             Flavour::Portable => true,
@@ -117,14 +125,14 @@ impl Flavour {
         }
     }
 
-    /// Length of one packed `n × 8` block of `Q` or `W`. AVX-512 stores it column by column, each
-    /// column zero-padded to [`column_stride`] (a whole number of 16-float registers), so that one load
-    /// of 16 consecutive elements of a row meets 16 consecutive elements of a column, and a block of 4
-    /// columns or fewer (a warm start's) touches only those. The other paths store rows of 8.
+    /// Length of one packed `n × 8` block of `Q` or `W`. The SIMD paths store it column by column, each
+    /// column zero-padded to [`column_stride`] (a whole number of registers), so that one load of
+    /// consecutive elements of a row meets as many consecutive elements of a column, and a block of 4
+    /// columns or fewer (a warm start's) touches only those. The portable path stores rows of 8.
     fn packed_len(self, n: usize) -> usize {
         match self {
-            Flavour::Avx512 => column_stride(n) * LANES,
-            _ => n * LANES,
+            Flavour::Avx512 | Flavour::Avx2 => column_stride(n) * LANES,
+            Flavour::Portable => n * LANES,
         }
     }
 
@@ -132,7 +140,7 @@ impl Flavour {
     #[inline(always)]
     fn each_row(self, col: usize, n: usize, mut f: impl FnMut(usize, usize)) {
         match self {
-            Flavour::Avx512 => {
+            Flavour::Avx512 | Flavour::Avx2 => {
                 let base = col * column_stride(n);
                 for j in 0..n {
                     f(j, base + j);
@@ -147,16 +155,16 @@ impl Flavour {
     }
 
     /// The parts of a packed block of `plen` with `live` columns that the kernels touch, as
-    /// `(step, take)`: `take` values from every `step`-th one. AVX-512 touches the first `live` columns.
+    /// `(step, take)`: `take` values from every `step`-th one. The SIMD paths touch the first `live` columns.
     fn live_spans(self, plen: usize, live: usize) -> (usize, usize) {
         match self {
-            Flavour::Avx512 => (plen, live * plen / LANES),
-            _ => (plen, plen),
+            Flavour::Avx512 | Flavour::Avx2 => (plen, live * plen / LANES),
+            Flavour::Portable => (plen, plen),
         }
     }
 }
 
-/// The distance between two columns of an AVX-512 packed block: `n` rounded up to 16.
+/// The distance between two columns of a packed block (SIMD paths): `n` rounded up to 16.
 fn column_stride(n: usize) -> usize {
     n.div_ceil(16) * 16
 }
@@ -217,7 +225,7 @@ impl Real for f32 {
             #[cfg(target_arch = "x86_64")]
             Flavour::Avx512 => x86::dot_avx512(rows, n, q, live, next),
             #[cfg(target_arch = "x86_64")]
-            Flavour::Avx2 => x86::dot_avx2(rows, n, q, next),
+            Flavour::Avx2 => x86::dot_avx2(rows, n, q, live, next),
             _ => {
                 let _ = next;
                 portable::dot(rows, n, q)
@@ -228,6 +236,8 @@ impl Real for f32 {
         match flavour {
             #[cfg(target_arch = "x86_64")]
             Flavour::Avx512 => x86::dot_squares_avx512(rows, n, q, live, next, squares),
+            #[cfg(target_arch = "x86_64")]
+            Flavour::Avx2 => x86::dot_squares_avx2(rows, n, q, live, next, squares),
             _ => {
                 for (s, row) in squares.iter_mut().zip(rows) {
                     *s += Self::sum_squares(flavour, *row, n);
@@ -241,7 +251,7 @@ impl Real for f32 {
             #[cfg(target_arch = "x86_64")]
             Flavour::Avx512 => x86::axpy_avx512(rows, n, b, live, w),
             #[cfg(target_arch = "x86_64")]
-            Flavour::Avx2 => x86::axpy_avx2(rows, n, b, w),
+            Flavour::Avx2 => x86::axpy_avx2(rows, n, b, live, w),
             _ => portable::axpy(rows, n, b, w),
         }
     }
@@ -865,55 +875,148 @@ mod x86 {
         p.read_unaligned()
     }
 
+    /// An AVX2 load mask of the first `len < 8` lanes: a row's last, partial line.
+    #[inline(always)]
+    unsafe fn tail_mask8(len: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// The eight accumulators of four rows × two columns (`v[2i + c]`) reduced together: lane `2i + c` of
+    /// the result holds the sum of `v[2i + c]`'s lanes.
+    #[inline(always)]
+    unsafe fn reduce8(v: &[__m256; 8]) -> __m256 {
+        let h01 = _mm256_hadd_ps(v[0], v[1]);
+        let h23 = _mm256_hadd_ps(v[2], v[3]);
+        let h45 = _mm256_hadd_ps(v[4], v[5]);
+        let h67 = _mm256_hadd_ps(v[6], v[7]);
+        // Per 128-bit half: [Σ v0, Σ v1, Σ v2, Σ v3] of that half's lanes (then v4..v7).
+        let lo = _mm256_hadd_ps(h01, h23);
+        let hi = _mm256_hadd_ps(h45, h67);
+        _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31))
+    }
+
+    /// The AVX2 form of the AVX-512 kernels' scheme (same packed layout): eight accumulators, four rows ×
+    /// two columns, each taking 8 consecutive elements of its row per FMA; a block of more than two
+    /// columns reads the segment's rows again for each further pair, from L1. With `SQ`, each row's
+    /// float64 sum of squares from the first pair's sweep.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_avx2(rows: &[*const f32; R], n: usize, q: *const f32, next: &Prefetch) -> [[f64; LANES]; R] {
+    #[inline]
+    unsafe fn dot_pairs<const SQ: bool>(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+        let stride = column_stride(n);
         let mut out = [[0f64; LANES]; R];
+        let mut sq = [_mm256_setzero_pd(); R];
         let mut j0 = 0;
         while j0 < n {
             let j1 = n.min(j0 + SEGMENT);
-            // Two accumulators per row (even and odd j) hide the FMA latency.
-            let mut even = [_mm256_setzero_ps(); R];
-            let mut odd = [_mm256_setzero_ps(); R];
-            let mut j = j0;
-            while j + 2 <= j1 {
-                if j % 16 == 0 {
-                    prefetch(next, j);
+            for p in 0..live.div_ceil(2) {
+                let cols = [q.add(2 * p * stride), q.add((2 * p + 1) * stride)];
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut j = j0;
+                while j + 8 <= j1 {
+                    if p == 0 && j % 16 == 0 {
+                        prefetch(next, j);
+                    }
+                    let a: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(j)));
+                    pair_line(&a, &cols, j, &mut acc);
+                    if SQ && p == 0 {
+                        for i in 0..R {
+                            let lo = _mm256_cvtps_pd(_mm_loadu_ps(rows[i].add(j)));
+                            let hi = _mm256_cvtps_pd(_mm_loadu_ps(rows[i].add(j + 4)));
+                            sq[i] = _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, sq[i]));
+                        }
+                    }
+                    j += 8;
                 }
-                let q0 = _mm256_loadu_ps(q.add(j * LANES));
-                let q1 = _mm256_loadu_ps(q.add((j + 1) * LANES));
+                if j < j1 {
+                    let k = tail_mask8(j1 - j);
+                    let a: [__m256; R] = std::array::from_fn(|i| _mm256_maskload_ps(rows[i].add(j), k));
+                    pair_line(&a, &cols, j, &mut acc);
+                    if SQ && p == 0 {
+                        for i in 0..R {
+                            // Masked-off lanes are zero.
+                            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a[i]));
+                            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a[i], 1));
+                            sq[i] = _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, sq[i]));
+                        }
+                    }
+                }
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), reduce8(&acc));
                 for i in 0..R {
-                    even[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[i].add(j))), q0, even[i]);
-                    odd[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[i].add(j + 1))), q1, odd[i]);
+                    for c in 0..2 {
+                        out[i][2 * p + c] += lanes[2 * i + c] as f64;
+                    }
                 }
-                j += 2;
-            }
-            if j < j1 {
-                let q0 = _mm256_loadu_ps(q.add(j * LANES));
-                for i in 0..R {
-                    even[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[i].add(j))), q0, even[i]);
-                }
-            }
-            for i in 0..R {
-                let s = _mm256_add_ps(even[i], odd[i]);
-                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(s));
-                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1));
-                let o = out[i].as_mut_ptr();
-                _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), lo));
-                _mm256_storeu_pd(o.add(4), _mm256_add_pd(_mm256_loadu_pd(o.add(4)), hi));
             }
             j0 = j1;
+        }
+        if SQ {
+            for i in 0..R {
+                let mut lanes = [0f64; 4];
+                _mm256_storeu_pd(lanes.as_mut_ptr(), sq[i]);
+                squares[i] += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+            }
         }
         out
     }
 
+    /// 8 elements `a` of each row from `j` into the accumulators, times the two columns `cols`.
+    #[inline(always)]
+    unsafe fn pair_line(a: &[__m256; R], cols: &[*const f32; 2], j: usize, acc: &mut [__m256; 8]) {
+        for (c, col) in cols.iter().enumerate() {
+            // Packed columns are zero-padded to the stride: whole loads.
+            let qc = _mm256_loadu_ps(col.add(j));
+            for i in 0..R {
+                acc[2 * i + c] = _mm256_fmadd_ps(a[i], qc, acc[2 * i + c]);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn axpy_avx2(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], w: *mut f32) {
-        let bv: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(b[i].as_ptr()));
-        for j in 0..n {
-            let wj = w.add(j * LANES);
-            let t = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[1].add(j))), bv[1], _mm256_mul_ps(_mm256_set1_ps(load1(rows[0].add(j))), bv[0]));
-            let u = _mm256_fmadd_ps(_mm256_set1_ps(load1(rows[3].add(j))), bv[3], _mm256_mul_ps(_mm256_set1_ps(load1(rows[2].add(j))), bv[2]));
-            _mm256_storeu_ps(wj, _mm256_add_ps(_mm256_loadu_ps(wj), _mm256_add_ps(t, u)));
+    pub(super) unsafe fn dot_avx2(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch) -> [[f64; LANES]; R] {
+        let mut unused = [0f64; R];
+        dot_pairs::<false>(rows, n, q, live, next, &mut unused)
+    }
+
+    /// [`dot_avx2`], adding each row's `Σ x²` (squares and sums in float64) to `squares`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_squares_avx2(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
+        dot_pairs::<true>(rows, n, q, live, next, squares)
+    }
+
+    /// `w[c][j] += Σ_i a_i[j] · b[i][c]` for the live columns of the packed block `w`, two at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_avx2(rows: &[*const f32; R], n: usize, b: &[[f32; LANES]; R], live: usize, w: *mut f32) {
+        let stride = column_stride(n);
+        for p in 0..live.div_ceil(2) {
+            let count = (live - 2 * p).min(2);
+            let bv: [[__m256; 2]; R] = std::array::from_fn(|i| std::array::from_fn(|c| _mm256_set1_ps(b[i][2 * p + c])));
+            let cols = [w.add(2 * p * stride), w.add((2 * p + 1) * stride)];
+            let mut j = 0;
+            while j + 8 <= n {
+                let a: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(j)));
+                axpy_pair_line(&a, &bv, &cols, count, j);
+                j += 8;
+            }
+            if j < n {
+                let k = tail_mask8(n - j);
+                let a: [__m256; R] = std::array::from_fn(|i| _mm256_maskload_ps(rows[i].add(j), k));
+                // The padding past n gets zeros added (masked rows): it stays zero.
+                axpy_pair_line(&a, &bv, &cols, count, j);
+            }
+        }
+    }
+
+    /// 8 elements `a` of each row from `j`, times `bv`, into the first `count` of the columns `cols`.
+    #[inline(always)]
+    unsafe fn axpy_pair_line(a: &[__m256; R], bv: &[[__m256; 2]; R], cols: &[*mut f32; 2], count: usize, j: usize) {
+        for (c, col) in cols.iter().enumerate().take(count) {
+            let p = col.add(j);
+            let mut s = _mm256_loadu_ps(p);
+            for i in 0..R {
+                s = _mm256_fmadd_ps(a[i], bv[i][c], s);
+            }
+            _mm256_storeu_ps(p, s);
         }
     }
 
