@@ -11,7 +11,8 @@
 //!
 //! `cargo bench --bench spectra` (add `-- --quick` for a short run, `-- --sigma-only` for part 1 only).
 //! `GAINGUARD_BENCH_DEVICE=cuda` runs part 1 on the GPU (`scripts/device-check.sh` does);
-//! `GAINGUARD_BENCH_THREADS=N` sets libtorch's threads (the SVD's) and so the estimate's (default: libtorch's).
+//! `GAINGUARD_BENCH_THREADS=N` sets libtorch's threads (the SVD's) and so the estimate's (default: libtorch's);
+//! `GAINGUARD_SPECTRA_KERNELS=avx2` (or `portable`) times a slower code path of the passes than this CPU's best.
 
 use gainguard_examples::model;
 
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use gainguard::protocol::Sink;
 use gainguard::data::MarkovCorpus;
 use gainguard::monitor::{SamplerConfig, SpectrumSampler};
-use gainguard::spectra::{frobenius_norm, Estimator, EstimatorConfig};
+use gainguard::spectra::{frobenius_norm, kernels, Estimator, EstimatorConfig};
 use gainguard::{AdamWConfig, BaseShapes, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -154,7 +155,7 @@ fn sigma_max_vs_svd(quick: bool, device: Device) {
 /// The two tables of part 1: W evicted before each call, then W left in the cache.
 fn print_sigma_max_tables(rows: &[Row], calls: usize, device: Device) {
     let bytes_of = |m: i64, n: i64| (m * n * 4) as f64;
-    let threads = if device == Device::Cpu { format!("{} threads", tch::get_num_threads()) } else { format!("{device:?}") };
+    let threads = if device == Device::Cpu { format!("{} threads, {} kernels", tch::get_num_threads(), kernels()) } else { format!("{device:?}") };
     println!("## warm-started sigma_max vs full SVD and vs its memory floor (fp32, {threads}, median of {calls} warm calls)");
     println!();
     println!("W evicted from the caches before each timed call. floor = reads × W bytes ÷ bandwidth, where reads = passes over W the");

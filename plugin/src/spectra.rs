@@ -28,7 +28,7 @@ use gainguard_protocol::events::SpectrumQuantiles;
 use gainguard_spectra::{Elem, HostMatrix, Krylov, Mode, Operand, Outcome, PassRequest, WarmKey};
 use tch::{Device, Kind, Tensor};
 
-pub use gainguard_spectra::{Estimate, EstimatorConfig};
+pub use gainguard_spectra::{kernels, Estimate, EstimatorConfig};
 
 use crate::plan::ParamDecision;
 

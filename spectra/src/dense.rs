@@ -351,10 +351,6 @@ pub(crate) fn symmetric_eigenvalues(h: &[f64], d: usize) -> Vec<f64> {
     values
 }
 
-/// The symmetric eigenproblem by Householder reduction to tridiagonal form and the implicit QL
-/// algorithm with Wilkinson's shift (Golub & Van Loan, "Matrix Computations", 4th ed., §8.3; the QL
-/// form chases the bulge upwards, Bowdler, Martin, Reinsch & Wilkinson, Numer. Math. 1968). Backward
-/// stable: eigenvalues to a few units of rounding times ‖H‖. Unsorted.
 /// The `count` largest eigenvalues alone, descending: the tridiagonal form as for
 /// [`symmetric_eigenvalues`], then bisection on Sturm counts for just those (Golub & Van Loan §8.4.1;
 /// LAPACK's `dstebz` does the same), O(count·d) per bisection step instead of QL sweeps over every
@@ -441,6 +437,10 @@ fn reduce(h: &[f64], d: usize) -> (Vec<f64>, f64, Vec<f64>, Vec<f64>, Vec<f64>) 
     (a, scale, diagonal, off, beta)
 }
 
+/// The symmetric eigenproblem by Householder reduction to tridiagonal form and the implicit QL
+/// algorithm with Wilkinson's shift (Golub & Van Loan, "Matrix Computations", 4th ed., §8.3; the QL
+/// form chases the bulge upwards, Bowdler, Martin, Reinsch & Wilkinson, Numer. Math. 1968). Backward
+/// stable: eigenvalues to a few units of rounding times ‖H‖. Unsorted.
 fn tridiagonal_eigen(h: &[f64], d: usize, want_vectors: bool) -> (Vec<f64>, Vec<f64>) {
     if d == 0 {
         return (Vec::new(), Vec::new());

@@ -303,12 +303,13 @@ impl Krylov {
                     }
                 }
                 // New entries of QᵀAᵀAQ: W_iᵀ Q_new against the earlier blocks, BᵀB on the diagonal block.
-                // Only the last two blocks can be nonzero: each block was W_j orthonormalised against every
-                // block before it, so W_j lies in the span of blocks 0..=j+1, and the new block, orthogonal
-                // to that span for every j below the last, has W_jᵀ Q_new = 0 up to the basis' rounding
-                // (1e-16; the float32 error of W_j does not enter, since the basis was built from that very
-                // W_j). H is block tridiagonal (block Lanczos); the zeros are written, not computed.
-                let near = dim.saturating_sub(2 * b);
+                // Only the last block before the new one can give nonzeros: each block j + 1 was W_j
+                // orthonormalised against every block before it, so W_j lies in the span of blocks 0..=j+1,
+                // and the new block d, orthogonal to that span for every j < d − 1, has W_jᵀ Q_new = 0 up to
+                // the basis' rounding (1e-16; the float32 error of W_j does not enter, since the basis was
+                // built from that very W_j). H is block tridiagonal (block Lanczos); the zeros are written,
+                // not computed. The last b columns hold the last block whatever its width (≤ b).
+                let near = dim.saturating_sub(b);
                 for c in 0..width {
                     let qc = &q[(dim + c) * n..(dim + c + 1) * n];
                     for i in 0..dim {

@@ -11,4 +11,4 @@ mod krylov;
 mod pass;
 
 pub use krylov::{Estimate, EstimatorConfig, Krylov, Operand, Outcome, WarmKey};
-pub use pass::{distance_squares, set_parallel_runner, sum_squares, Elem, HostMatrix, Mode, ParallelRunner, PassRequest};
+pub use pass::{distance_squares, kernels, set_parallel_runner, sum_squares, Elem, HostMatrix, Mode, ParallelRunner, PassRequest};

@@ -93,6 +93,15 @@ pub(crate) fn flavour() -> Flavour {
     })
 }
 
+/// The name of the code path float32 passes take in this process: `avx512`, `avx2` or `portable`.
+pub fn kernels() -> &'static str {
+    match flavour() {
+        Flavour::Avx512 => "avx512",
+        Flavour::Avx2 => "avx2",
+        Flavour::Portable => "portable",
+    }
+}
+
 /// Which SIMD code path computes a float32 pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Flavour {
