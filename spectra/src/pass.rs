@@ -14,19 +14,20 @@
 //! The norm squares each element in float64 (exact for float32, bf16 and f16 inputs) and sums in float64.
 //!
 //! Three code paths compute the same thing: AVX-512F and AVX2+FMA (float32 inputs, chosen at run time;
-//! `GAINGUARD_SPECTRA_KERNELS` may name a slower one) and portable Rust (float64, and any CPU). bf16 and f16 rows are widened to float32 four at a time into
-//! a small per-thread buffer, never as a whole matrix.
+//! `GAINGUARD_SPECTRA_KERNELS` may name a slower one) and portable Rust (float64, and any CPU). The two
+//! SIMD paths read 16 (8) consecutive elements of 4 rows and of 4 (2) columns of the block per step, so
+//! that every load feeds several FMAs. bf16 and f16 rows are widened to float32 four at a time into a
+//! small per-thread buffer, never as a whole matrix.
 
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-/// Columns of `Q` processed together (one packed block): one AVX2 register of float32; the AVX-512
-/// kernels take them four at a time.
+/// Columns of `Q` in one packed block; the AVX-512 kernels take them four at a time, the AVX2 ones two.
 pub(crate) const LANES: usize = 8;
 /// Rows of `A` read together; each row of `Q` (or `W`) is loaded once per group.
 const R: usize = 4;
 /// Products summed in float32 registers along a row before they are folded into float64 (a multiple
-/// of 16: the AVX-512 kernels read lines of 16).
+/// of 16: the SIMD kernels read lines of 16 or 8).
 const SEGMENT: usize = 1024;
 /// Row groups accumulated into `W` in float32 before it is folded into float64 (256 rows).
 const FOLD_GROUPS: usize = 64;
@@ -913,7 +914,8 @@ mod x86 {
     unsafe fn dot_pairs<const SQ: bool>(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
         let stride = column_stride(n);
         let mut out = [[0f64; LANES]; R];
-        let mut sq = [_mm256_setzero_pd(); R];
+        // Low and high halves of the lines apart: two chains of float64 FMAs per row.
+        let mut sq = [_mm256_setzero_pd(); 2 * R];
         let mut j0 = 0;
         while j0 < n {
             let j1 = n.min(j0 + SEGMENT);
@@ -931,7 +933,8 @@ mod x86 {
                         for i in 0..R {
                             let lo = _mm256_cvtps_pd(_mm_loadu_ps(rows[i].add(j)));
                             let hi = _mm256_cvtps_pd(_mm_loadu_ps(rows[i].add(j + 4)));
-                            sq[i] = _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, sq[i]));
+                            sq[2 * i] = _mm256_fmadd_pd(lo, lo, sq[2 * i]);
+                            sq[2 * i + 1] = _mm256_fmadd_pd(hi, hi, sq[2 * i + 1]);
                         }
                     }
                     j += 8;
@@ -945,7 +948,8 @@ mod x86 {
                             // Masked-off lanes are zero.
                             let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a[i]));
                             let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a[i], 1));
-                            sq[i] = _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, sq[i]));
+                            sq[2 * i] = _mm256_fmadd_pd(lo, lo, sq[2 * i]);
+                            sq[2 * i + 1] = _mm256_fmadd_pd(hi, hi, sq[2 * i + 1]);
                         }
                     }
                 }
@@ -962,7 +966,7 @@ mod x86 {
         if SQ {
             for i in 0..R {
                 let mut lanes = [0f64; 4];
-                _mm256_storeu_pd(lanes.as_mut_ptr(), sq[i]);
+                _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(sq[2 * i], sq[2 * i + 1]));
                 squares[i] += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
             }
         }
@@ -1094,8 +1098,8 @@ mod x86 {
     /// The dot products of four rows with the live columns of the packed block, four columns at a time:
     /// sixteen accumulators (row × column), each taking 16 consecutive elements of its row per FMA, so
     /// that one load of a row feeds four FMAs and one load of a column four more. With `SQ`, also each
-    /// row's sum of squares from the same loads, widened to float64. A block of more than four columns
-    /// reads the segment's rows again for the next four, from L1.
+    /// row's sum of squares from the same lines (loaded again from L1 as float64). A block of more than
+    /// four columns reads the segment's rows again for the next four, from L1.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn dot_quads<const SQ: bool>(rows: &[*const f32; R], n: usize, q: *const f32, live: usize, next: &Prefetch, squares: &mut [f64; R]) -> [[f64; LANES]; R] {
