@@ -245,7 +245,7 @@ fn checks_section(r: &mut String, s: &Sweep) {
 
 /// What `gainguard calibrate` says about this sweep's measurements.json.
 fn calibrate_section(r: &mut String, ms: &[Measurement]) {
-    let reliability = fit::horizon_reliability(ms);
+    let reliability = fit::reliability(ms);
     let points: Vec<fit::MupPoint> =
         ms.iter().map(|m| fit::MupPoint { group: m.param.clone(), gamma: m.gamma, width: m.width, sigma_max: m.sigma_max }).collect();
     let _ = writeln!(r, "## `gainguard calibrate measurements.json`\n");
@@ -273,12 +273,16 @@ fn measurements(s: &Sweep) -> Vec<Measurement> {
     for row in &s.cells {
         for c in row {
             for (seed, run) in c.seeds.iter().enumerate() {
-                for (param, (h, sigma, _)) in &run.params {
+                for (param, (h, sigma, drift)) in &run.params {
+                    // The checks were run on seed 0; every seed has its own drift.
+                    let against = |check: &Option<RunOutcome>| check.as_ref().filter(|_| seed == 0).map(|c| c.params[param].1 / sigma - 1.0);
+                    let checks = fit::SteadyStateChecks { drift: *drift, small_init: against(&c.small_init), doubled_lr_wd: against(&c.doubled) };
                     out.push(Measurement {
                         decay_horizon: Some(*h),
                         steps: Some(run.steps),
                         schedule: Some(format!("linear warmup {} steps, then constant", s.plan.warmup)),
                         seed: Some(seed as u64),
+                        checks: Some(checks),
                         ..Measurement::new(c.width as f64, c.gamma, s.plan.lr, s.plan.wd, param.clone(), *sigma)
                     });
                 }

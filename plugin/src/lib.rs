@@ -20,6 +20,7 @@
 //! Monitoring (telemetry, spectra, a reference profile) attaches in one call: [`Monitor`].
 
 pub mod classify;
+pub mod coord_check;
 pub mod data;
 pub mod device;
 pub mod fit;

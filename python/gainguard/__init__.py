@@ -17,6 +17,7 @@ import torch  # noqa: F401  (loads libtorch before the extension, which links ag
 
 from . import _native
 from .monitor import Monitor, monitor
+from .coord_check import CoordCheckResult, coord_check
 from .optim import AdamW
 from .shapes import BaseShapes, base_shapes
 

@@ -288,3 +288,108 @@ pub fn plot_gain_ratio_by_param(path: &Path, title: &str, names: &[String], seri
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// One heatmap panel: `values[row][column]`, rows following `y_ticks` (bottom to top) and columns `x_ticks`;
+/// each value comes with the text written in its cell (None: not measured, drawn grey).
+#[derive(Clone, Debug)]
+pub struct Heatmap {
+    pub title: String,
+    pub x_ticks: Vec<String>,
+    pub y_ticks: Vec<String>,
+    pub values: Vec<Vec<Option<(f64, String)>>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HeatmapAxes<'a> {
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    /// What the colour bar measures.
+    pub colour_label: &'a str,
+}
+
+/// Viridis, by linear interpolation between five of its colours; `t` in [0, 1].
+fn viridis(t: f64) -> RGBColor {
+    const C: [(f64, f64, f64); 5] = [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
+    let x = t.clamp(0.0, 1.0) * (C.len() - 1) as f64;
+    let i = (x.floor() as usize).min(C.len() - 2);
+    let f = x - i as f64;
+    let mix = |a: f64, b: f64| (a + f * (b - a)).round() as u8;
+    RGBColor(mix(C[i].0, C[i + 1].0), mix(C[i].1, C[i + 1].1), mix(C[i].2, C[i + 1].2))
+}
+
+/// Draws the heatmaps side by side with one shared colour scale and its colour bar.
+pub fn plot_heatmaps(path: &Path, title: &str, axes: HeatmapAxes, maps: &[Heatmap]) -> Result<()> {
+    ensure_font()?;
+    if maps.is_empty() {
+        bail!("plot {}: no heatmaps", path.display());
+    }
+    let finite = maps.iter().flat_map(|m| m.values.iter().flatten().flatten().map(|v| v.0)).filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if !lo.is_finite() { (0.0, 1.0) } else if hi > lo { (lo, hi) } else { (lo - 0.5, hi + 0.5) };
+    let (w, h) = ((460 * maps.len() as u32).max(760) + 130, 460);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, (FONT, 16))?;
+    let (panels, bar) = root.split_horizontally(w - 130);
+    for (map, area) in maps.iter().zip(panels.split_evenly((1, maps.len()))) {
+        let (nx, ny) = (map.x_ticks.len() as i32, map.y_ticks.len() as i32);
+        // A segmented range a..b has the b − a + 1 segments a..=b.
+        let mut chart = ChartBuilder::on(&area)
+            .caption(&map.title, (FONT, 15))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d((0..(nx - 1).max(0)).into_segmented(), (0..(ny - 1).max(0)).into_segmented())?;
+        let label = |ticks: &[String], v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) if *i >= 0 && (*i as usize) < ticks.len() => ticks[*i as usize].clone(),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc(axes.x_label)
+            .y_desc(axes.y_label)
+            .label_style((FONT, 12))
+            .axis_desc_style((FONT, 13))
+            .x_label_formatter(&|v| label(&map.x_ticks, v))
+            .y_label_formatter(&|v| label(&map.y_ticks, v))
+            .draw()?;
+        for (row, values) in map.values.iter().enumerate() {
+            for (col, value) in values.iter().enumerate() {
+                let (c, r) = (col as i32, row as i32);
+                let colour = match value {
+                    Some((v, _)) if v.is_finite() => viridis((v - lo) / (hi - lo)),
+                    _ => RGBColor(200, 200, 200),
+                };
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [(SegmentValue::Exact(c), SegmentValue::Exact(r)), (SegmentValue::Exact(c + 1), SegmentValue::Exact(r + 1))],
+                    colour.filled(),
+                )))?;
+                let text = value.as_ref().map_or("not run".to_string(), |v| v.1.clone());
+                let dark = matches!(value, Some((v, _)) if v.is_finite() && (v - lo) / (hi - lo) < 0.55);
+                let style = (FONT, 12).into_font().color(if dark { &WHITE } else { &BLACK }).pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Center,
+                ));
+                chart.draw_series(std::iter::once(Text::new(text, (SegmentValue::CenterOf(c), SegmentValue::CenterOf(r)), style)))?;
+            }
+        }
+    }
+    let mut cb = ChartBuilder::on(&bar).margin_top(40).margin_bottom(50).margin_right(10).y_label_area_size(70).build_cartesian_2d(0.0..1.0, lo..hi)?;
+    cb.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_desc(axes.colour_label)
+        .label_style((FONT, 11))
+        .axis_desc_style((FONT, 12))
+        .y_labels(6)
+        .y_label_formatter(&|v| tick_label(false, *v))
+        .draw()?;
+    let steps = 100;
+    cb.draw_series((0..steps).map(|k| {
+        let (a, b) = (lo + (hi - lo) * k as f64 / steps as f64, lo + (hi - lo) * (k + 1) as f64 / steps as f64);
+        Rectangle::new([(0.0, a), (1.0, b)], viridis((k as f64 + 0.5) / steps as f64).filled())
+    }))?;
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -20,8 +20,12 @@ MEASUREMENTS is a JSON array, one object per hidden matrix per run:
 - decay_horizon (optional, but without it the result is marked unreliable): the matrix's H = Σ lr_t·wd_t
   when sigma_max was read; steps, schedule, seed (optional): how the run went.
 Needs at least 2 distinct gammas, each run at 3 or more widths with the same base (lr, wd).
+- checks (optional): the steady-state protocol's checks of the run, relative differences:
+  {\"drift\": -0.012, \"small_init\": 0.02, \"doubled_lr_wd\": 0.07} (sigma_max's last timescale over the one
+  before; a 10x smaller init; lr and wd doubled), each optional.
 The fit is marked unreliable (\"reliable\": false, with a reason) when any width's decay horizon is below 5
-or missing: sigma_max is then mostly the decayed initialisation, not the steady state the rule is about.
+or missing, or when an entry's drift (bar 3%) or 10x-smaller-init (bar 5%) check failed: sigma_max is then
+not the steady state the rule is about. The reason names the entries; doubled_lr_wd is reported only.
 The `width_transfer` example writes such a file (`--calibrate`, or measurements.json of a full run).";
 
 #[derive(clap::Args)]
@@ -51,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
         .map(|m| WidthPoint { group: m.param.clone(), width: m.width, lr: m.lr * d0 / m.width, wd: m.wd * (m.width / d0).powf(m.gamma), sigma_max: m.sigma_max })
         .collect();
     let alpha = fit::fit_alpha(&points).ok();
-    let reliability = fit::horizon_reliability(&ms);
+    let reliability = fit::reliability(&ms);
     let params: BTreeMap<&str, usize> = ms.iter().fold(BTreeMap::new(), |mut acc, m| {
         *acc.entry(m.param.as_str()).or_insert(0) += 1;
         acc
@@ -75,6 +79,8 @@ pub fn run(a: Args) -> Result<()> {
                 "reliable": reliability.reliable,
                 "reason": reliability.reason,
                 "min_decay_horizon_by_width": reliability.min_horizon_by_width,
+                "checked_entries": reliability.checked_entries,
+                "failed_checks": reliability.failed_checks,
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         }
@@ -106,12 +112,13 @@ fn write_table(
         .map(|(w, h)| format!("{w}: {}", h.map_or("missing".to_string(), |h| format!("{h:.2}"))))
         .collect();
     writeln!(out, "smallest decay horizon H per width: {}", horizons.join(", "))?;
+    write_checks(out, ms, reliability)?;
     writeln!(out, "{:>8}  {:>10}  {:>8}  {:>7}  {:>13}", "gamma", "slope", "± se", "widths", "implied alpha")?;
     for g in &calibration.per_gamma {
         writeln!(out, "{:>8.3}  {:>+10.4}  {:>8.4}  {:>7}  {:>13.3}", g.gamma, g.slope, g.slope_se, g.widths, g.implied_alpha)?;
     }
     writeln!(
-            out,
+        out,
         "recommended gamma: {:.3} ± {:.3} (sigma_max flat in width; alpha = (1+gamma)/2 = {:.3} ± {:.3}){}",
         calibration.gamma,
         calibration.gamma_se,
@@ -138,5 +145,25 @@ fn write_table(
         None => writeln!(out, "use it: --rule gamma={:.2}", calibration.gamma)?,
         Some(reason) => writeln!(out, "UNRELIABLE, do not use this gamma as it stands: {reason}")?,
     }
+    Ok(())
+}
+
+/// How many entries carry the steady-state checks and how many of each failed; (2·lr, 2·wd) as information.
+fn write_checks(out: &mut impl Write, ms: &[Measurement], reliability: &fit::Reliability) -> Result<()> {
+    if reliability.checked_entries == 0 {
+        return Ok(writeln!(out, "steady-state checks: none recorded (judged by the decay horizon alone)")?);
+    }
+    let count = |check: &str| reliability.failed_checks.iter().filter(|f| f.check == check).count();
+    let doubled: Vec<f64> = ms.iter().filter_map(|m| m.checks.as_ref().and_then(|c| c.doubled_lr_wd)).collect();
+    let doubled_off = doubled.iter().filter(|d| !(d.abs() < fit::MAX_INIT_DIFFERENCE)).count();
+    writeln!(
+        out,
+        "steady-state checks on {} entries: drift failed in {}, small_init in {}; doubled_lr_wd (not a criterion) off by 5% or more in {} of {}",
+        reliability.checked_entries,
+        count("drift"),
+        count("small_init"),
+        doubled_off,
+        doubled.len()
+    )?;
     Ok(())
 }
