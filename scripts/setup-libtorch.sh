@@ -34,6 +34,11 @@ if ! "$venv/bin/python" -c 'import mup, yaml, pytest' >/dev/null 2>&1; then
     && "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps "mup==1.0.0" \
     || die "pip could not install the test peers (mup==1.0.0, pyyaml, pytest) from PyPI"
 fi
+# gainguard.coord_check draws its figure with matplotlib (its test checks the PNG).
+if ! "$venv/bin/python" -c 'import matplotlib' >/dev/null 2>&1; then
+  echo "gainguard setup: installing matplotlib (gainguard.coord_check's figure) into .venv"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q matplotlib || die "pip could not install matplotlib from PyPI"
+fi
 
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || die "libtorch_cpu.so not found under $torch_dir/lib"

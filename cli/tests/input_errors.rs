@@ -292,3 +292,18 @@ fn without_gainguard_torch_the_libtorch_subcommands_say_what_to_build_and_inspec
         assert!(err.contains("gainguard-torch") && err.contains("cargo build --release -p gainguard --bin gainguard-torch"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn calibrate_marks_the_committed_llama_cpu_measurements_unreliable_naming_a_failed_drift_check() {
+    // Every entry carries H ≥ 6, so the horizon alone passes them; their drift and init checks do not.
+    let committed = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/experiments/llama-gamma-cpu/measurements.json");
+    let report = json(&gainguard(&["calibrate", committed, "--format", "json"]));
+    assert_eq!(report["reliable"], false, "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(reason.contains("drift check failed in") && reason.contains("entry ") && reason.contains("attn"), "{reason}");
+    let failed = report["failed_checks"].as_array().unwrap();
+    assert!(failed.iter().any(|f| f["check"] == "drift") && failed.iter().all(|f| f["value"].as_f64().unwrap().abs() >= f["bar"].as_f64().unwrap()), "{report}");
+    let table = gainguard(&["calibrate", committed]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success() && text.contains("UNRELIABLE") && text.contains("drift check failed") && !text.contains("use it:"), "{text}");
+}
