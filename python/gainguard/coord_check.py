@@ -348,7 +348,7 @@ def plot(result: CoordCheckResult, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("width")
-        ax.set_ylabel("sigma_max (steady state)")
+        ax.set_ylabel(f"sigma_max (mean over H in ({result.horizon - 1:g}, {result.horizon:g}])")
         gt = result.gamma_star_by_type.get(t)
         ax.set_title(f"{t}" + (f"\ngamma* = {gt:.2f}" if gt is not None else ""), fontsize=9)
         ax.legend(fontsize=8)
