@@ -18,11 +18,11 @@ import ts from 'typescript';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const require = createRequire(import.meta.url);
 
-const [dashboardDir, outDir] = process.argv.slice(2);
-if (!dashboardDir || !outDir) {
+if (process.argv.length !== 4) {
   console.error('usage: node check.mjs DASHBOARD_DIR OUT_DIR');
   process.exit(2);
 }
+const [dashboardDir, outDir] = process.argv.slice(2).map((p) => path.resolve(p));
 
 /** The data source every panel must query: the dashboard's `datasource` variable of plugin `prometheus`. */
 const DATASOURCE_VARIABLE = 'datasource';
