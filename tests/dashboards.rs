@@ -2,15 +2,20 @@
 //! alert is documented and tested both ways, and every dashboard panel has a unit, a query that parses, and
 //! only metric names the daemon exports (or the rules record).
 //!
-//! promtool comes from PATH or `$PROMTOOL` (Debian package `prometheus`); the real-Prometheus check uses
-//! `prometheus` from PATH or `$PROMETHEUS` and is skipped, with a note, when there is none.
+//! The dashboards also satisfy Grafana's own types (`@grafana/schema`, with TypeScript's compiler), every unit
+//! is one of Grafana's unit ids (`@grafana/data`) and every query goes to the `datasource` variable: see
+//! `dashboards/typecheck.sh`, which these tests run on the real dashboards and on broken copies.
+//!
+//! promtool comes from PATH or `$PROMTOOL` and the real Prometheus from PATH or `$PROMETHEUS` (Debian package
+//! `prometheus`); the type check needs Node.js 20 with npm and the npm registry on its first run. A missing
+//! tool fails the test that needs it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gainguard_test_support::{installed, promql, Prometheus, PrometheusConfig};
+use gainguard_test_support::{promql, required, Prometheus, PrometheusConfig};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -507,10 +512,7 @@ fn template_variables_expand_to_concrete_promql() {
 
 #[test]
 fn prometheus_loads_the_rules_and_answers_every_panel_query() {
-    let Some(binary) = installed("PROMETHEUS", "/usr/bin/prometheus") else {
-        eprintln!("skipped: no `prometheus` binary (install the Debian package `prometheus` or set PROMETHEUS)");
-        return;
-    };
+    let binary = required("PROMETHEUS", "/usr/bin/prometheus", "prometheus");
     let prom = Prometheus::with_binary(&binary, PrometheusConfig { rules: Some(read(&rules_file())), ..Default::default() });
 
     // The server loaded every alert of the file.
@@ -546,4 +548,138 @@ fn prometheus_loads_the_rules_and_answers_every_panel_query() {
         promql::instant_query(prom.addr, "gainguard_no_such_metric{").is_err(),
         "a broken query must be an error"
     );
+}
+
+// ------------------------------------------------------------------------------- Grafana's own types
+
+/// Runs `dashboards/typecheck.sh` on the dashboards in `dir`: whether it passed, and everything it printed.
+fn typecheck(dir: &Path) -> (bool, String) {
+    let script = root().join("dashboards/typecheck.sh");
+    let out = Command::new(&script).arg(dir).output().unwrap_or_else(|e| {
+        panic!("cannot run {}: {e} (it needs bash, and Node.js 20 with npm)", script.display())
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_dashboards_satisfy_grafanas_types_units_and_datasource() {
+    let (ok, output) = typecheck(&promql::grafana_dir());
+    assert!(ok, "dashboards/typecheck.sh rejected the dashboards:\n{output}");
+    assert!(
+        output.contains("3 dashboard(s)"),
+        "the type check did not see the three dashboards:\n{output}"
+    );
+}
+
+/// One deliberately broken copy of the overview dashboard.
+struct Breakage {
+    file: &'static str,
+    panel: &'static str,
+    /// JSON pointer, inside the panel, of the object that gets `key`.
+    parent: &'static str,
+    key: &'static str,
+    value: Value,
+    /// What the report must call the field, and a piece of its reason.
+    field: &'static str,
+    reason: &'static str,
+}
+
+#[test]
+fn the_type_check_rejects_broken_dashboards_naming_dashboard_panel_and_field() {
+    let cases = [
+        Breakage {
+            file: "unknown-unit.json",
+            panel: "Loss",
+            parent: "/fieldConfig/defaults",
+            key: "unit",
+            value: Value::from("bogus"),
+            field: "fieldConfig.defaults.unit",
+            reason: "`bogus` is not a Grafana unit id",
+        },
+        Breakage {
+            file: "wrong-field-type.json",
+            panel: "Tokens per second",
+            parent: "/options/legend",
+            key: "showLegend",
+            value: Value::from("yes"),
+            field: "options.legend.showLegend",
+            reason: "not assignable to type 'boolean'",
+        },
+        Breakage {
+            file: "unknown-enum-value.json",
+            panel: "Trainer up",
+            parent: "/options",
+            key: "colorMode",
+            value: Value::from("rainbow"),
+            field: "options.colorMode",
+            reason: "'\"rainbow\"' is not assignable",
+        },
+        Breakage {
+            file: "misspelt-custom-field.json",
+            panel: "Step time (p50 / p90 / p99)",
+            parent: "/fieldConfig/defaults/custom",
+            key: "lineWidht",
+            value: Value::from(2),
+            field: "fieldConfig.defaults.custom.lineWidht",
+            reason: "does not exist in type",
+        },
+        Breakage {
+            file: "foreign-datasource.json",
+            panel: "Trainer up",
+            parent: "/targets/0/datasource",
+            key: "uid",
+            value: Value::from("prod-prometheus"),
+            field: "targets[0].datasource",
+            reason: "expected {\"type\":\"prometheus\",\"uid\":\"${datasource}\"}",
+        },
+    ];
+    let overview = promql::load_dashboard(&promql::grafana_dir().join("gainguard-overview.json")).unwrap();
+    let dir = std::env::temp_dir().join(format!("gainguard-broken-dashboards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut expected = Vec::new();
+    for case in &cases {
+        let mut d = overview.clone();
+        let panel = d["panels"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|p| p["title"] == case.panel)
+            .unwrap_or_else(|| panic!("the overview dashboard has no panel `{}`", case.panel));
+        let location = format!(
+            "{}: panel {} {} ({}): {}",
+            case.file,
+            panel["id"],
+            panel["title"],
+            panel["type"].as_str().unwrap(),
+            case.field
+        );
+        panel
+            .pointer_mut(case.parent)
+            .and_then(Value::as_object_mut)
+            .unwrap_or_else(|| panic!("panel `{}` has no object at {}", case.panel, case.parent))
+            .insert(case.key.to_string(), case.value.clone());
+        std::fs::write(dir.join(case.file), serde_json::to_string_pretty(&d).unwrap()).unwrap();
+        expected.push((case, location));
+    }
+    let (ok, output) = typecheck(&dir);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!ok, "the type check accepted broken dashboards:\n{output}");
+    for (case, location) in expected {
+        let reports: Vec<&str> = output
+            .lines()
+            .filter(|l| l.starts_with(&format!("{}: ", case.file)))
+            .collect();
+        assert!(
+            reports.len() == 1 && reports[0].starts_with(&location) && reports[0].contains(case.reason),
+            "{}: expected exactly one report `{location}: …{}…`, got:\n{}\n\nwhole output:\n{output}",
+            case.file,
+            case.reason,
+            reports.join("\n")
+        );
+    }
 }
