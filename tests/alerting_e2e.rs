@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gainguard::daemon::{Daemon, DaemonConfig, NvmlMode};
+use gainguard::daemon::{Daemon, DaemonConfig, NvmlSettings, SourceSettings};
 use gainguard::data::MarkovCorpus;
 use gainguard::steady_state::warmup_then_constant;
 use gainguard::telemetry::{RunIdentity, Telemetry};
@@ -84,7 +84,7 @@ fn at_steady_state_a_mis_scaled_weight_decay_pages_and_a_4x_paper_target_stays_m
     tch::set_num_threads(1);
     let webhook = Webhook::start();
     let am = Alertmanager::start(webhook.addr);
-    let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
+    let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), sources: SourceSettings { nvml: NvmlSettings::off() }, ..Default::default() }).unwrap();
     let rules = std::fs::read_to_string(workspace_root().join("dashboards/prometheus/gainguard.rules.yml")).unwrap();
     let prom = Prometheus::with_config(PrometheusConfig {
         targets: vec![daemon.metrics_addr()],

@@ -10,16 +10,8 @@ use gainguard_protocol::addr::IngestAddr;
 use gainguard_protocol::wire::DEFAULT_MAX_LINE_BYTES;
 
 use crate::error::DaemonError;
-
-/// Whether to read GPU statistics through NVML.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NvmlMode {
-    /// Use NVML when a driver and a GPU are present; otherwise export `gainguard_nvml_up 0`.
-    Auto,
-    /// Require NVML; [`crate::Daemon::spawn`] fails without it.
-    On,
-    Off,
-}
+use crate::sources::SourceSettings;
+pub use crate::web::WebSettings;
 
 /// Caps that keep memory, file descriptors and cardinality bounded whatever the clients send. The defaults
 /// are listed in docs/protocol.md.
@@ -83,12 +75,15 @@ pub struct IngestAuth {
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     /// Where `/metrics` and `/healthz` are served. Port 0 picks a free port; see [`crate::Daemon::metrics_addr`].
+    /// An address off loopback needs TLS in [`Self::web`], or `web.listen_unprotected`.
     pub listen: SocketAddr,
+    /// TLS and basic auth of the HTTP endpoint.
+    pub web: WebSettings,
     /// Sockets on which trainers in other processes send JSON lines. Empty in embedded mode.
     pub ingest: Vec<IngestAddr>,
     pub auth: IngestAuth,
-    pub nvml: NvmlMode,
-    pub nvml_interval: Duration,
+    /// The sources' own settings (NVML's mode and poll interval), defined in their files.
+    pub sources: SourceSettings,
     /// How long a run keeps its series after its last event once nothing feeds it (a Goodbye, or its
     /// connection or embedded sink gone), before they are all removed.
     pub ttl: Duration,
@@ -103,10 +98,10 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            web: WebSettings::default(),
             ingest: Vec::new(),
             auth: IngestAuth::default(),
-            nvml: NvmlMode::Auto,
-            nvml_interval: Duration::from_secs(5),
+            sources: SourceSettings::default(),
             ttl: Duration::from_secs(300),
             metrics_max_age: Duration::from_secs(1),
             limits: Limits::default(),
@@ -138,7 +133,6 @@ impl DaemonConfig {
         let l = &self.limits;
         let durations = [
             ("ttl", self.ttl),
-            ("nvml-interval", self.nvml_interval),
             ("ingest-idle-timeout", l.idle_timeout),
             ("header-read-timeout", l.header_read_timeout),
         ];
@@ -171,6 +165,7 @@ impl DaemonConfig {
                 return Err(setting(name, format!("{n}, expected at least --max-line-bytes ({})", l.max_line_bytes)));
             }
         }
+        self.sources.validate()?;
         let tcp = self.ingest.iter().any(|a| matches!(a, IngestAddr::Tcp(_)));
         if tcp && self.auth.token_file.is_none() {
             return Err(setting(

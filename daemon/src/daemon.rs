@@ -28,10 +28,12 @@ use crate::runs::{Control, RunTable};
 use crate::scrape::{Exposition, ScrapeCache};
 use crate::selfmetrics::SelfMetrics;
 use crate::sources::{build_sources, Source};
+use crate::web::{check_exposure, Web};
 
 /// A running exporter. Stops on [`Daemon::shutdown`] or when dropped.
 pub struct Daemon {
     metrics_addr: SocketAddr,
+    tls: bool,
     ingest_addrs: Vec<IngestAddr>,
     socket_paths: Vec<PathBuf>,
     runtimes: Vec<tokio::runtime::Runtime>,
@@ -51,6 +53,8 @@ impl Daemon {
         config.validate()?;
         crate::sources::check_disabled(&config.disabled_sources)?;
         let token = read_token(&config)?;
+        let web = Web::load(&config.web)?;
+        check_exposure(config.listen, web.tls.is_some(), config.web.listen_unprotected)?;
         let listeners = Listeners::bind(&config)?;
         let registry = Arc::new(Registry::new());
         let metrics = SelfMetrics::new(registry.prometheus())?;
@@ -63,6 +67,7 @@ impl Daemon {
             .inspect_err(|_| sources.iter().for_each(|s| s.stop()))?;
         let mut daemon = Daemon {
             metrics_addr: listeners.metrics_addr,
+            tls: web.tls.is_some(),
             ingest_addrs: listeners.ingest_addrs.clone(),
             socket_paths: listeners.socket_paths.clone(),
             runtimes: Vec::new(),
@@ -75,12 +80,18 @@ impl Daemon {
             healthy,
         };
         // From here on, dropping `daemon` on an error stops what was started.
-        daemon.start_http(&config, listeners.http, registry)?;
+        daemon.start_http(&config, listeners.http, registry, web)?;
         daemon.start_ingest(&config, listeners.ingest, token)?;
         Ok(daemon)
     }
 
-    fn start_http(&mut self, config: &DaemonConfig, listener: std::net::TcpListener, registry: Arc<Registry>) -> Result<(), DaemonError> {
+    fn start_http(
+        &mut self,
+        config: &DaemonConfig,
+        listener: std::net::TcpListener,
+        registry: Arc<Registry>,
+        web: Web,
+    ) -> Result<(), DaemonError> {
         let limits = &config.limits;
         let exposition = Exposition { registry, metrics: self.metrics.clone() };
         let http = Arc::new(Http {
@@ -91,6 +102,7 @@ impl Daemon {
             // Scrapers all come from loopback here, so the per-peer share is the whole table.
             connections: ConnectionTable::new(limits.max_http_connections, limits.max_http_connections),
             header_read_timeout: limits.header_read_timeout,
+            web,
         });
         let rt = runtime("gainguard-http", 1, HTTP_NICE)?;
         {
@@ -149,6 +161,11 @@ impl Daemon {
     /// The address `/metrics` is actually served on (useful with port 0).
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// Whether the HTTP endpoint speaks TLS (a web config file with `tls_server_config`).
+    pub fn serves_tls(&self) -> bool {
+        self.tls
     }
 
     /// The ingest addresses actually bound (TCP port 0 resolved).

@@ -17,10 +17,14 @@ pub enum DaemonError {
     SocketDir { path: PathBuf, detail: String },
     #[error("--{setting} {detail}")]
     Setting { setting: String, detail: String },
+    /// `field` is the file's key path (`tls_server_config.cert_file`), or `the file` itself.
+    #[error("web config file {path}: {field}: {detail}")]
+    WebConfig { path: PathBuf, field: String, detail: String },
     #[error("ingest token file {path}: {detail}")]
     TokenFile { path: PathBuf, detail: String },
-    #[error("NVML was required (--nvml on) but is unavailable: {0}")]
-    Nvml(String),
+    /// A source the settings require could not start (NVML with `--nvml on` and no driver).
+    #[error("source {source_name}: {detail}")]
+    SourceUnavailable { source_name: &'static str, detail: String },
     #[error("unknown source `{name}` in the disabled list; known sources: {known}")]
     UnknownSource { name: String, known: String },
     #[error("metric registration failed: {0}")]
@@ -40,15 +44,16 @@ impl DaemonError {
     }
 
     /// True when the operator asked for something that cannot be (a setting out of range, an address in use,
-    /// a required NVML absent, an unusable token file): `gainguardd` exits with status 2 for these.
+    /// a required source (NVML) absent, an unusable token or web config file): `gainguardd` exits with status 2 for these.
     pub fn is_usage(&self) -> bool {
         self.is_addr_in_use()
             || matches!(
                 self,
                 DaemonError::Setting { .. }
                     | DaemonError::TokenFile { .. }
+                    | DaemonError::WebConfig { .. }
                     | DaemonError::SocketDir { .. }
-                    | DaemonError::Nvml(_)
+                    | DaemonError::SourceUnavailable { .. }
                     | DaemonError::UnknownSource { .. }
             )
     }

@@ -5,6 +5,9 @@
 //! its request head within the header-read timeout; open connections are capped (at the cap the oldest one
 //! without a request in progress is closed); at most `max_concurrent_scrapes` `/metrics` requests are served
 //! at once and the others get 503, like node_exporter's `--web.max-requests`.
+//!
+//! With a web config file ([`crate::web`]) every route asks for basic auth, and a TLS port completes the
+//! handshake within the same header-read timeout; a client that speaks plain HTTP to it gets a 400.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -22,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::admission::{accept_loop, BusyGuard, ConnectionTable, Peer, Slot};
 use crate::scrape::ScrapeCache;
 use crate::selfmetrics::SelfMetrics;
+use crate::web::{Web, PLAIN_HTTP_ANSWER, TLS_HANDSHAKE_RECORD};
 
 pub(crate) struct Http {
     pub cache: ScrapeCache,
@@ -30,6 +34,7 @@ pub(crate) struct Http {
     pub scrapes: Arc<Semaphore>,
     pub connections: Arc<ConnectionTable>,
     pub header_read_timeout: Duration,
+    pub web: Web,
 }
 
 /// A response body that keeps its connection marked busy, and its scrape permit taken, until it is sent.
@@ -86,6 +91,13 @@ fn accepts_gzip(req: &Request<Incoming>) -> bool {
 impl Http {
     async fn respond(&self, req: Request<Incoming>, slot: &Slot) -> Response<Reply> {
         let busy = slot.busy_guard();
+        let authorization = req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes());
+        if !self.web.auth.allows(authorization).await {
+            self.metrics.http_refused("unauthorized");
+            let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", Reply::new("Unauthorized\n"));
+            r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Basic"));
+            return r;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", Reply::new("only GET\n"));
         }
@@ -122,11 +134,43 @@ impl Http {
 
     async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream, slot: Slot) {
         let slot = Arc::new(slot);
+        let Some(acceptor) = self.web.tls.clone() else { return self.serve_http(stream, slot).await };
+        let handshake = async {
+            let mut first = [0u8; 1];
+            match stream.peek(&mut first).await {
+                Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => acceptor.accept(stream).await.map_err(|_| "tls_handshake_failed"),
+                Ok(1) => {
+                    answer_plain_http(stream).await;
+                    Err("plain_http")
+                }
+                _ => Err("tls_handshake_failed"),
+            }
+        };
+        let tls = tokio::select! {
+            r = tokio::time::timeout(self.header_read_timeout, handshake) => r.unwrap_or(Err("tls_handshake_failed")),
+            () = slot.evicted() => Err("evicted"),
+        };
+        match tls {
+            Ok(stream) => self.serve_http(stream, slot).await,
+            Err(reason) => self.metrics.http_refused(reason),
+        }
+    }
+
+    async fn serve_http<S>(self: Arc<Self>, stream: S, slot: Arc<Slot>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let http = Arc::clone(&self);
         let for_service = Arc::clone(&slot);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (http, slot) = (Arc::clone(&http), Arc::clone(&for_service));
-            async move { Ok::<_, Infallible>(http.respond(req, &slot).await) }
+            async move {
+                let mut r = http.respond(req, &slot).await;
+                for (name, value) in &http.web.headers {
+                    r.headers_mut().insert(name.clone(), value.clone());
+                }
+                Ok::<_, Infallible>(r)
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(self.header_read_timeout);
@@ -136,6 +180,26 @@ impl Http {
             () = slot.evicted() => self.metrics.http_refused("evicted"),
         }
     }
+}
+
+/// Answers 400 and closes. The request is read (up to 64 KiB, for at most a second) before closing, so that
+/// unread bytes do not make the kernel reset the connection before the client reads the answer.
+async fn answer_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.write_all(PLAIN_HTTP_ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        while total < 64 << 10 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, http: Arc<Http>) {

@@ -26,9 +26,12 @@ mod runs;
 mod scrape;
 pub mod selfmetrics;
 pub mod sources;
+pub mod web;
 
 pub use addr::{default_ingest_addr, IngestAddr};
-pub use config::{DaemonConfig, IngestAuth, Limits, NvmlMode};
+pub use config::{DaemonConfig, IngestAuth, Limits};
+pub use sources::nvml::{NvmlMode, NvmlSettings};
+pub use sources::SourceSettings;
 pub use daemon::Daemon;
 pub use error::DaemonError;
 pub use sink::{Sink, SinkError, SinkOptions};

@@ -8,7 +8,8 @@ use gainguard_protocol::wire::{event_type, RejectReason, EVENT_TYPES};
 /// Why the daemon closed an ingest connection it had admitted (`gainguard_ingest_connections_closed_total`).
 pub const CLOSE_REASONS: [&str; 2] = ["idle_timeout", "evicted"];
 /// Why an HTTP connection or request was turned away (`gainguard_http_refused_total`).
-pub const HTTP_REFUSALS: [&str; 3] = ["too_many_connections", "evicted", "too_many_scrapes"];
+pub const HTTP_REFUSALS: [&str; 6] =
+    ["too_many_connections", "evicted", "too_many_scrapes", "unauthorized", "plain_http", "tls_handshake_failed"];
 
 #[derive(Clone)]
 pub struct SelfMetrics {
@@ -56,7 +57,7 @@ impl SelfMetrics {
         let http_refused = counter_vec(
             registry,
             "gainguard_http_refused_total",
-            "HTTP connections closed or requests answered 503 to keep the exporter within its limits.",
+            "HTTP connections closed or requests refused: 503 to keep the exporter within its limits, 401 without the basic auth of the web config file, 400 for plain HTTP to its TLS port, or a failed TLS handshake.",
             "reason",
             &HTTP_REFUSALS,
         )?;

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{http_get, metrics, sample, tcp_ingest, token_file, wait_until};
-use gainguard_daemon::{Daemon, DaemonConfig, IngestAddr, IngestAuth, Limits, NvmlMode};
+use gainguard_daemon::{Daemon, DaemonConfig, IngestAddr, IngestAuth, Limits, NvmlSettings, SourceSettings};
 use gainguard_protocol::events::*;
 use gainguard_protocol::wire::encode_line;
 
@@ -22,7 +22,7 @@ fn start(limits: Limits) -> (Daemon, SocketAddr) {
         listen: "127.0.0.1:0".parse().unwrap(),
         ingest: vec!["tcp:127.0.0.1:0".parse().unwrap()],
         auth: IngestAuth { token_file: Some(token_file(dir.path())), ..Default::default() },
-        nvml: NvmlMode::Off,
+        sources: SourceSettings { nvml: NvmlSettings::off() },
         limits,
         ..Default::default()
     })

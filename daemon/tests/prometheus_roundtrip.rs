@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{gainguardd, socket_in, ChildGuard, Prometheus};
-use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode};
+use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode, NvmlSettings, SourceSettings};
 use gainguard_protocol::events::*;
 
 fn env(rank: u32, step: u64, event: Event) -> Envelope {
@@ -18,7 +18,7 @@ fn env(rank: u32, step: u64, event: Event) -> Envelope {
 fn an_embedded_daemon_round_trips_exact_values_through_a_real_prometheus() {
     let daemon = Daemon::spawn(DaemonConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        nvml: NvmlMode::Auto,
+        sources: SourceSettings { nvml: NvmlSettings { mode: NvmlMode::Auto, ..Default::default() } },
         ..Default::default()
     })
     .unwrap();

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, gainguardd, gainguardd_at, metrics, run_to_exit, sample, socket_in, wait_until};
-use gainguard_daemon::{Daemon, DaemonConfig, NvmlMode};
+use gainguard_daemon::{Daemon, DaemonConfig, NvmlSettings, SourceSettings};
 use gainguard_protocol::events::*;
 use gainguard_protocol::{Sink, SinkOptions};
 
@@ -163,7 +163,7 @@ fn a_restarted_daemon_relearns_the_run_within_5s_while_send_never_blocks() {
 fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
     let daemon = Daemon::spawn(DaemonConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        nvml: NvmlMode::Off,
+        sources: SourceSettings { nvml: NvmlSettings::off() },
         ttl: Duration::from_millis(800),
         ..Default::default()
     })
@@ -219,7 +219,7 @@ fn a_finished_run_keeps_its_series_for_the_ttl_then_loses_all_of_them() {
 
 #[test]
 fn the_exit_reason_follows_the_last_goodbye_and_a_new_hello_or_step_clears_it() {
-    let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), nvml: NvmlMode::Off, ..Default::default() }).unwrap();
+    let daemon = Daemon::spawn(DaemonConfig { listen: "127.0.0.1:0".parse().unwrap(), sources: SourceSettings { nvml: NvmlSettings::off() }, ..Default::default() }).unwrap();
     let addr = daemon.metrics_addr();
     let sink = daemon.sink();
     let e = |step, event| Envelope::new("exits", 0, "h", step, event);
@@ -335,7 +335,7 @@ fn get_metrics(addr: std::net::SocketAddr, headers: &str) -> (String, Vec<u8>) {
 fn a_scraper_that_accepts_gzip_gets_the_same_body_gzipped_and_others_get_it_plain() {
     let daemon = Daemon::spawn(DaemonConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        nvml: NvmlMode::Off,
+        sources: SourceSettings { nvml: NvmlSettings::off() },
         metrics_max_age: Duration::ZERO,
         ..Default::default()
     })

@@ -246,7 +246,7 @@ fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_val
     let daemon = gainguard::daemon::Daemon::spawn(gainguard::daemon::DaemonConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         ingest: vec![socket.clone()],
-        nvml: gainguard::daemon::NvmlMode::Off,
+        sources: gainguard::daemon::SourceSettings { nvml: gainguard::daemon::NvmlSettings::off() },
         ..Default::default()
     })
     .unwrap();

@@ -7,33 +7,34 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
-use gainguard_daemon::config::seconds;
-use gainguard_daemon::sources::source_names;
-use gainguard_daemon::{default_ingest_addr, Daemon, DaemonConfig, DaemonError, IngestAddr, IngestAuth, Limits, NvmlMode};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Nvml {
-    /// Use NVML when a driver and GPU are present; otherwise export gainguard_nvml_up 0.
-    Auto,
-    /// Require NVML: exit with status 2 when it is unavailable.
-    On,
-    /// Never touch NVML.
-    Off,
-}
+use clap::Parser;
+use gainguard_daemon::config::{seconds, WebSettings};
+use gainguard_daemon::sources::{source_names, SourceArgs};
+use gainguard_daemon::{default_ingest_addr, Daemon, DaemonConfig, DaemonError, IngestAddr, IngestAuth, Limits};
 
 /// Exports gainguard training, spectrum and NVML GPU metrics to Prometheus.
 ///
 /// Trainers send versioned JSON lines (docs/protocol.md) to the ingest sockets; Prometheus scrapes
 /// http://LISTEN/metrics. Everything binds to loopback by default. Exit status: 0 after SIGTERM/SIGINT,
-/// 2 when a setting is out of range, an address is in use or a requirement (--nvml on, a token file) is not
-/// met, 1 on other errors, including the run table failing while running.
+/// 2 when a setting is out of range, an address is in use, a requirement (--nvml on, a token file) is not
+/// met or the web config file is wrong (the message names its field), 1 on other errors, including the run table failing while running.
 #[derive(Parser, Debug)]
 #[command(name = "gainguardd", version)]
 struct Args {
-    /// HOST:PORT serving /metrics and /healthz.
+    /// HOST:PORT serving /metrics and /healthz. An address off loopback needs TLS (--web.config.file) or
+    /// --web.listen-unprotected.
     #[arg(long, default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
+
+    /// TLS and basic auth of the HTTP endpoint, in exporter-toolkit's web config format
+    /// (tls_server_config, basic_auth_users with bcrypt hashes; docs/monitoring.md). Default:
+    /// $GAINGUARD_WEB_CONFIG_FILE.
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    web_config_file: Option<PathBuf>,
+
+    /// Serve an address off loopback in plain HTTP, without TLS (the metrics carry run and parameter names).
+    #[arg(long = "web.listen-unprotected")]
+    web_listen_unprotected: bool,
 
     /// Where trainers connect: `unix:/path/to.sock` (created with mode 0600; a stale file is replaced, a
     /// live daemon is an error) or `tcp:127.0.0.1:PORT` (loopback only; needs --ingest-token-file).
@@ -52,13 +53,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     ingest_token_file: Option<PathBuf>,
 
-    /// GPU statistics through NVML.
-    #[arg(long, value_enum, default_value = "auto")]
-    nvml: Nvml,
-
-    /// Seconds between NVML polls.
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
-    nvml_interval: f64,
+    #[command(flatten)]
+    sources: SourceArgs,
 
     /// Seconds a run keeps its series after its last event once nothing feeds it (it said Goodbye, or its
     /// connection dropped), before all of them are removed.
@@ -160,16 +156,16 @@ fn config(args: Args) -> Result<DaemonConfig, DaemonError> {
     let ingest = if args.ingest.is_empty() { vec![default_ingest_addr()] } else { args.ingest };
     let metrics_max_age =
         if args.metrics_max_age == 0.0 { Duration::ZERO } else { seconds("metrics-max-age", args.metrics_max_age)? };
+    let web = WebSettings::default();
     Ok(DaemonConfig {
         listen: args.listen,
+        web: WebSettings {
+            config_file: args.web_config_file.or(web.config_file),
+            listen_unprotected: args.web_listen_unprotected || web.listen_unprotected,
+        },
         ingest,
         auth: IngestAuth { allow_uids: args.ingest_allow_uid, token_file: args.ingest_token_file },
-        nvml: match args.nvml {
-            Nvml::Auto => NvmlMode::Auto,
-            Nvml::On => NvmlMode::On,
-            Nvml::Off => NvmlMode::Off,
-        },
-        nvml_interval: seconds("nvml-interval", args.nvml_interval)?,
+        sources: args.sources.settings()?,
         ttl: seconds("ttl", args.ttl)?,
         metrics_max_age,
         limits: Limits {
@@ -194,7 +190,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let fault_after = args.inject_run_table_fault_after.map(|s| seconds("inject-run-table-fault-after", s)).transpose()?;
     let daemon = Daemon::spawn(config(args)?)?;
     let ingest: Vec<String> = daemon.ingest_addrs().iter().map(ToString::to_string).collect();
-    tracing::info!("serving http://{}/metrics; ingest on {}", daemon.metrics_addr(), ingest.join(", "));
+    let scheme = if daemon.serves_tls() { "https" } else { "http" };
+    tracing::info!("serving {scheme}://{}/metrics; ingest on {}", daemon.metrics_addr(), ingest.join(", "));
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("signal runtime")?;
     let failed = rt.block_on(async {

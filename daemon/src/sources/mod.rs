@@ -2,7 +2,9 @@
 //!
 //! A source registers its metric families with the registry when it is built and updates them from the
 //! events it observes (or from its own poller, like NVML). The HTTP layer only gathers the registry and
-//! knows none of them. Adding a source means adding a file with a `SPEC` and listing it in [`SOURCES`].
+//! knows none of them. Adding a source means adding a file with a `SPEC` and listing it in [`SOURCES`]; a
+//! source with settings defines them, and its `gainguardd` flags, in its own file, and lists them in
+//! [`SourceSettings`] and [`SourceArgs`].
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -19,6 +21,31 @@ pub mod nvml;
 pub mod optimizer;
 pub mod spectra;
 pub mod training;
+
+/// The settings of every source that has some, each defined in its source's file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceSettings {
+    pub nvml: nvml::NvmlSettings,
+}
+
+impl SourceSettings {
+    pub fn validate(&self) -> Result<(), DaemonError> {
+        self.nvml.validate()
+    }
+}
+
+/// `gainguardd`'s flags of every source that has some.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub nvml: nvml::NvmlArgs,
+}
+
+impl SourceArgs {
+    pub fn settings(&self) -> Result<SourceSettings, DaemonError> {
+        Ok(SourceSettings { nvml: self.nvml.settings()? })
+    }
+}
 
 /// Every known source, with its name and whether it runs unless disabled.
 pub const SOURCES: &[SourceSpec] = &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC];
@@ -64,7 +91,7 @@ pub struct SourceSpec {
 
 /// What a source may use while it is being built.
 pub struct SourceContext<'a> {
-    /// Run and parameter families go here; low-cardinality ones may use `registry.prometheus()`.
+    /// Every source's families go here.
     pub registry: &'a Registry,
     /// This machine's host name (for node-level series such as NVML's).
     pub host: String,
