@@ -10,7 +10,7 @@
 `optimizers` reads the base lr, weight decay, Adam's betas and eps, the warmup and the scheduler type from the
 `TrainingArguments`, as the Trainer's own optimizer would; the rule scales them per parameter. The callback
 attaches `gainguard.monitor` when training begins, reports each logged loss (set `logging_steps=1` for a loss
-per step), adds each class's learning rate to the logs and closes the monitor when training ends."""
+per step), adds the learning rates each class stepped with to the logs and closes the monitor when training ends."""
 
 import logging
 from typing import Dict, Optional, Tuple
@@ -72,7 +72,7 @@ def optimizers(
 
 
 def class_learning_rates(opt: AdamW) -> Dict[str, float]:
-    """The learning rates now, by class: `learning_rate/matrix_like` and `learning_rate/vector_like` where a
+    """The learning rates of the groups now, by class: `learning_rate/matrix_like` and `learning_rate/vector_like` where a
     class has one, else `learning_rate/CLASS/FIRST_PARAMETER` per group (the Trainer's own `learning_rate`
     is the first group's alone)."""
     by_class: Dict[str, list] = {}
@@ -111,6 +111,7 @@ class GainguardCallback(TrainerCallback):
         self.monitor: Optional[Monitor] = None
         self._opt: Optional[AdamW] = None
         self._tokens_seen = 0
+        self._rates: Dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._opt = _gainguard_optimizer(optimizer)
@@ -119,13 +120,18 @@ class GainguardCallback(TrainerCallback):
         self.monitor = monitor(self._opt, run=self.run, **kwargs)
         self._tokens_seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # The rates this step used, before the scheduler moves them (the Trainer logs its `learning_rate` so).
+        if self._opt is not None:
+            self._rates = class_learning_rates(self._opt)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is None or not logs or "loss" not in logs:
             return
         seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self.monitor.step(float(logs["loss"]), max(0, seen - self._tokens_seen))
         self._tokens_seen = seen
-        rates = class_learning_rates(self._opt)
+        rates = self._rates or class_learning_rates(self._opt)
         logs.update(rates)
         # The Trainer appended this log to its history before calling back.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -215,7 +215,7 @@ def test_mup_readout_of_something_else_raises_naming_it():
 
 
 def test_plan_rows_carry_each_parameters_class_m_lr_and_wd_and_print_as_the_table():
-    opt = gainguard.AdamW(GPT(64), base_shapes=shapes_of(), lr=LR, weight_decay=WD)
+    _, opt = plan_warnings(GPT(64), shapes_of())
     plan = opt.plan()
     row = plan["mlp.weight"]
     assert (row.cls, row.shape, row.base_shape) == ("matrix_like", (64, 64), (16, 16))
