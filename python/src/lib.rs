@@ -137,7 +137,8 @@ fn check_step(
         }
         _ => None,
     };
-    Ok((norm, nonfinite.clone(), nonfinite.is_some(), error))
+    let skip = nonfinite.is_some();
+    Ok((norm, nonfinite, skip, error))
 }
 
 fn decay_mode(decay: &str) -> PyResult<DecayMode> {
