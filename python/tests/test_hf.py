@@ -144,3 +144,19 @@ def test_a_llama_trains_under_trainer_with_gainguard_as_torch_adamw_on_the_same_
     svd = torch.linalg.matrix_norm(model.get_parameter(q_proj).detach().double(), ord=2).item()
     assert scrape.found["sigma_max"] == pytest.approx(svd, rel=0.05), (scrape.found, svd)
     assert watched.monitor is None, "the callback closes the monitor when training ends"
+
+
+# Bad input: a Python exception that names the culprit and the fix.
+
+
+def test_optimizers_without_a_number_of_steps_raise_naming_max_steps(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)  # max_steps = -1: epochs
+    with pytest.raises(ValueError, match="max_steps.*num_training_steps"):
+        gainguard.hf.optimizers(llama(128), args, gainguard.base_shapes(llama(64, "meta")))
+
+
+def test_the_callback_on_a_trainer_with_another_optimizer_raises_naming_the_fix(tmp_path):
+    model = llama(128)
+    callback = gainguard.hf.GainguardCallback(run="x", listen="127.0.0.1:0")
+    with pytest.raises(TypeError, match=r"AdamW.*gainguard\.hf\.optimizers"):
+        callback.on_train_begin(training_args(tmp_path, "x"), None, None, optimizer=torch.optim.AdamW(model.parameters()))

@@ -228,3 +228,8 @@ def test_plan_rows_carry_each_parameters_class_m_lr_and_wd_and_print_as_the_tabl
     assert table.splitlines()[1].split()[:6] == ["parameter", "shape", "class", "m", "lr", "wd"]
     assert "mlp.weight" in table and "possible_readout" in table
     assert '"mlp.weight"' in opt.plan_json()
+
+
+def test_mu_shared_readout_on_something_else_than_an_embeddings_weight_raises():
+    with pytest.raises(ValueError, match=r"\[vocab, d\] weight, got a tensor of shape \[40\]"):
+        gainguard.MuSharedReadout(nn.Parameter(torch.zeros(VOCAB)))
