@@ -14,7 +14,7 @@ class PlanWarning(UserWarning):
 
     def __init__(self, param: str, kind: str, message: str):
         hint = ""
-        if kind == "possible_readout" and param.endswith(".weight"):
+        if "possible_readout" in kind and param.endswith(".weight"):
             hint = f' (from PyTorch: gainguard.mup_readout(model, "{param[: -len(".weight")]}"))'
         super().__init__(f"gainguard plan: {kind}: {message}{hint}")
         self.param = param
@@ -77,7 +77,12 @@ class Plan:
 
     @property
     def warnings(self) -> List[PlanWarning]:
-        return [PlanWarning(r.name, kind, message) for r in self.rows for kind, message in r.warnings]
+        """One per parameter with something to look at (its kinds joined by ", ", its messages by "; ")."""
+        return [
+            PlanWarning(r.name, ", ".join(dict.fromkeys(k for k, _ in r.warnings)), "; ".join(m for _, m in r.warnings))
+            for r in self.rows
+            if r.warnings
+        ]
 
     def json(self) -> str:
         return self._native.json()

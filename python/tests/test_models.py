@@ -233,3 +233,14 @@ def test_plan_rows_carry_each_parameters_class_m_lr_and_wd_and_print_as_the_tabl
 def test_mu_shared_readout_on_something_else_than_an_embeddings_weight_raises():
     with pytest.raises(ValueError, match=r"\[vocab, d\] weight, got a tensor of shape \[40\]"):
         gainguard.MuSharedReadout(nn.Parameter(torch.zeros(VOCAB)))
+
+
+def test_a_parameter_with_several_findings_gets_one_plan_warning():
+    # Without delta shapes a 33/32 width ratio is suspicious (uneven_width_ratio, per dimension), and the head's
+    # only width dimension is its fan-in (possible_readout).
+    named = [("mlp.weight", nn.Parameter(torch.zeros(33, 33))), ("head.weight", nn.Parameter(torch.zeros(4, 33)))]
+    caught, _ = plan_warnings(named, gainguard.BaseShapes({"mlp.weight": [32, 32], "head.weight": [4, 32]}))
+    assert [(w.param, w.kind) for w in caught] == [
+        ("mlp.weight", "uneven_width_ratio"),
+        ("head.weight", "uneven_width_ratio, possible_readout"),
+    ]
