@@ -39,6 +39,13 @@ if ! "$venv/bin/python" -c 'import matplotlib' >/dev/null 2>&1; then
   echo "gainguard setup: installing matplotlib (gainguard.coord_check's figure) into .venv"
   "$venv/bin/python" -m pip install --disable-pip-version-check -q matplotlib || die "pip could not install matplotlib from PyPI"
 fi
+# Hugging Face transformers (and accelerate, which its Trainer needs) for gainguard.hf's Trainer test, pinned
+# as python/pyproject.toml's `hf` extra.
+if ! "$venv/bin/python" -c 'import transformers, accelerate; assert transformers.__version__ == "5.23.0" and accelerate.__version__ == "1.15.0"' >/dev/null 2>&1; then
+  echo "gainguard setup: installing transformers 5.23.0 and accelerate 1.15.0 (gainguard[hf]'s test) into .venv"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q "transformers==5.23.0" "accelerate==1.15.0" \
+    || die "pip could not install transformers==5.23.0 and accelerate==1.15.0 from PyPI"
+fi
 
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || die "libtorch_cpu.so not found under $torch_dir/lib"

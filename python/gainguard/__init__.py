@@ -3,7 +3,7 @@ Rust core as the `gainguard` crate.
 
     import gainguard
     base = gainguard.base_shapes(proxy_model, delta_model)        # or a path to the JSON the Rust side writes
-    opt = gainguard.AdamW(model.named_parameters(), base_shapes=base, lr=3e-3, weight_decay=0.1)
+    opt = gainguard.AdamW(model, base_shapes=base, lr=3e-3, weight_decay=0.1)   # or model.named_parameters()
     with gainguard.monitor(opt, run="wide", listen="127.0.0.1:9464") as mon:
         for batch in data:
             ...; loss.backward(); opt.step(); opt.zero_grad()
@@ -18,7 +18,25 @@ import torch  # noqa: F401  (loads libtorch before the extension, which links ag
 from . import _native
 from .monitor import Monitor, monitor
 from .coord_check import CoordCheckResult, coord_check
-from .optim import AdamW
+from .mup import MuReadout, MuSharedReadout, mup_readout
+from .optim import AdamW, StepOutcome
+from .plan import Plan, PlanRow, PlanWarning
 from .shapes import BaseShapes, base_shapes
 
-__all__ = ["AdamW", "BaseShapes", "Monitor", "base_shapes", "monitor", "_native"]
+__all__ = [
+    "AdamW",
+    "BaseShapes",
+    "CoordCheckResult",
+    "Monitor",
+    "MuReadout",
+    "MuSharedReadout",
+    "Plan",
+    "PlanRow",
+    "PlanWarning",
+    "StepOutcome",
+    "base_shapes",
+    "coord_check",
+    "monitor",
+    "mup_readout",
+    "_native",
+]

@@ -20,9 +20,21 @@ class Monitor:
     def __init__(self, opt: AdamW, native):
         self._opt = opt
         self._native = native
-        opt._observers.append(native)
+        # torch's step hooks: the pre-hook sees the parameters before the update, the post-hook the update and
+        # what the step decided (`opt.last_step`). A step that raises runs no post-hook.
+        self._hooks = [opt.register_step_pre_hook(self._before_step), opt.register_step_post_hook(self._after_step)]
         # A script that never calls close() still says goodbye and flushes its last events.
         atexit.register(self.close)
+
+    def _before_step(self, opt: AdamW, args, kwargs) -> None:
+        self._native.before_step(opt.step_calls + 1, opt._slots())
+
+    def _after_step(self, opt: AdamW, args, kwargs) -> None:
+        s = opt.last_step
+        self._native.after_step(
+            s.step, opt._slots(), s.lr_multiplier, s.wd_multiplier, s.grad_norm, s.nonfinite_grad, s.skipped,
+            s.skipped_steps_total, s.skipped_without_grad,
+        )
 
     @property
     def metrics_addr(self) -> Optional[str]:
@@ -45,8 +57,9 @@ class Monitor:
         """Drains the sampler, says goodbye, writes `record_profile` and stops an embedded daemon, after
         `linger` seconds in which Prometheus can still scrape the last values. Idempotent."""
         atexit.unregister(self.close)
-        if self._native in self._opt._observers:
-            self._opt._observers.remove(self._native)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._native.close(reason, float(linger))
 
     def __enter__(self) -> "Monitor":

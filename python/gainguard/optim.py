@@ -3,18 +3,21 @@ plan, and whose step is the Rust core's (the fused CPU loop on the CPU, ATen's f
 
 import json
 import warnings
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from . import _native
+from .plan import Plan
+from .roles import module_roles, role_overrides
 from .shapes import BaseShapes, base_shapes as _base_shapes
-
-_NONFINITE = ("skip", "step", "error")
 
 
 class AdamW(torch.optim.Optimizer):
-    """Width-scaled AdamW over `named_parameters` (pairs of name and tensor, as `model.named_parameters()`).
+    """Width-scaled AdamW over `params`: the model itself (an `nn.Module`, whose module tree also gives the
+    roles of its parameters: `nn.Embedding` weights are embeddings, `gainguard.MuReadout` ones readouts), or its
+    named parameters (pairs of name and tensor, as `model.named_parameters()`, with or without
+    `remove_duplicate=False`: a tensor given under two names, a tied head, is planned and stepped once).
 
     Each parameter's lr, weight decay and Adam epsilon come from the rule (`paper`, `mup-coupled`,
     `mup-fixed-wd`, `standard`, or `gamma=G[,lr_exponent=E]`) applied to its width multiplier against
@@ -26,11 +29,14 @@ class AdamW(torch.optim.Optimizer):
     `nonfinite_grad`: when a gradient holds NaN or Inf, `"skip"` (default) changes nothing and counts the step
     (`skipped_steps`), `"error"` raises FloatingPointError naming the parameter (nothing changed), `"step"`
     steps anyway, as torch does.
+
+    The plan's warnings (`possible_readout`, ...) are raised as `gainguard.PlanWarning`s, one per parameter;
+    `plan()` returns the plan's rows (`str(opt.plan())` is the table).
     """
 
     def __init__(
         self,
-        named_parameters: Iterable[Tuple[str, torch.Tensor]],
+        params: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]]],
         base_shapes,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
@@ -42,17 +48,25 @@ class AdamW(torch.optim.Optimizer):
         nonfinite_grad: str = "skip",
         fused: bool = True,
     ):
-        named = _named(named_parameters)
+        model = params if isinstance(params, torch.nn.Module) else None
+        named = _named(params.named_parameters(remove_duplicate=False) if model is not None else params)
         if decay not in ("coupled", "independent"):
             raise ValueError(f'decay = {decay!r}: expected "coupled" or "independent"')
-        if nonfinite_grad not in _NONFINITE:
-            raise ValueError(f"nonfinite_grad = {nonfinite_grad!r}: expected one of {', '.join(_NONFINITE)}")
+        _native.parse_nonfinite_grad(str(nonfinite_grad))
         beta1, beta2 = (float(b) for b in betas)
         for name, v, ok in (("beta1", beta1, 0 <= beta1 < 1), ("beta2", beta2, 0 <= beta2 < 1), ("eps", eps, eps >= 0)):
             if not ok:
                 raise ValueError(f"{name} = {v} is out of range")
         shapes = base_shapes if isinstance(base_shapes, BaseShapes) else _base_shapes(base_shapes)
-        plan = _native.build_plan(
+        tied_to = _tied(named)
+        shapes = shapes.for_params([n for n, _ in named], tied_to)
+        roles = dict(shapes.roles)
+        if model is not None:
+            roles.update(module_roles(model)[0])
+        given = {n for n, _ in named}
+        derived = role_overrides({n: r for n, r in roles.items() if n in given})
+        all_overrides = derived + list(overrides or [])
+        native_plan = _native.build_plan(
             [n for n, _ in named],
             [list(p.shape) for _, p in named],
             [_storage_id(p) for _, p in named],
@@ -61,12 +75,17 @@ class AdamW(torch.optim.Optimizer):
             float(lr),
             float(weight_decay),
             float(eps),
-            None if overrides is None else json.dumps(overrides),
+            json.dumps(all_overrides) if all_overrides else None,
         )
+        plan = Plan(native_plan)
+        if model is not None:
+            _set_readout_multipliers(model, plan)
+        for w in plan.warnings:
+            warnings.warn(w, stacklevel=2)
         groups = {}
         self._decision_of = {}
-        for index, ((name, p), (_, g_lr, g_wd, g_eps, cls, m, tied_to)) in enumerate(zip(named, plan.decisions())):
-            if tied_to is not None:
+        for index, ((name, p), (_, g_lr, g_wd, g_eps, cls, m, alias_of)) in enumerate(zip(named, native_plan.decisions())):
+            if alias_of is not None:
                 continue  # stepped once, under the name it is tied to
             key = (g_lr, g_wd, g_eps, cls)
             if key not in groups:
@@ -84,18 +103,19 @@ class AdamW(torch.optim.Optimizer):
             self._decision_of[name] = index
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), eps=eps)
         super().__init__(list(groups.values()), defaults)
-        self._plan = plan
+        self._plan = native_plan
+        self._rows = plan
         self.decay = decay
         self.nonfinite_grad = nonfinite_grad
         self.fused = bool(fused)
         self.step_calls = 0
         self.skipped_steps = 0
         self._skip_warned = False
-        self._observers = []
+        self.last_step: Optional[StepOutcome] = None
 
-    def plan(self) -> str:
-        """The rule table: each parameter's class, width multiplier, lr and wd."""
-        return self._plan.table()
+    def plan(self) -> Plan:
+        """The plan's rows: each parameter's class, width multiplier, lr, wd and warnings; `str()` is the table."""
+        return self._rows
 
     def plan_json(self) -> str:
         return self._plan.json()
@@ -166,8 +186,8 @@ class AdamW(torch.optim.Optimizer):
                 if g is None:
                     without_grad += 1
                     continue
-                if g.is_sparse:
-                    raise RuntimeError(f"gainguard.AdamW does not take sparse gradients (parameter {name!r})")
+                if type(g) is not torch.Tensor or g.layout != torch.strided:
+                    raise RuntimeError(f"gainguard.AdamW takes dense gradients; the gradient of {name!r} is a {_kind(g)}")
                 state = self.state[p]
                 if len(state) == 0:
                     moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -185,21 +205,11 @@ class AdamW(torch.optim.Optimizer):
                 batches.append((group, params, grads, exp_avgs, exp_avg_sqs, steps))
 
         t = self.step_calls + 1
-        grad_norm, bad = None, None
-        if self.nonfinite_grad != "step":
-            grad_norm, bad = _native.check_gradients(all_grads)
-        bad_name = None if bad is None else all_names[bad]
-        if bad_name is not None and self.nonfinite_grad == "error":
-            raise FloatingPointError(
-                f"step {t}: the gradient of {bad_name!r} holds NaN or Inf (global gradient norm {grad_norm}); "
-                "nothing was changed (nonfinite_grad='error')"
-            )
-        skip = bad_name is not None
+        grad_norm, bad_name, skip, error = _native.check_step(all_grads, all_names, t, self.nonfinite_grad)
+        if error is not None:
+            raise FloatingPointError(error)
         self.step_calls = t
         lr_m, wd_m = self._multipliers()
-        slots = self._slots() if self._observers else None
-        for o in self._observers:
-            o.before_step(t, slots)
         if skip:
             self.skipped_steps += 1
             if not self._skip_warned:
@@ -213,19 +223,89 @@ class AdamW(torch.optim.Optimizer):
         else:
             for group, params, grads, exp_avgs, exp_avg_sqs, steps in batches:
                 beta1, beta2 = group["betas"]
-                horizon = _native.adamw_step(
+                horizons = _native.adamw_step(
                     params, grads, exp_avgs, exp_avg_sqs, steps,
+                    [float(self.state[p].get("decay_horizon", 0.0)) for p in params],
                     float(group["lr"]), float(group["weight_decay"]), float(beta1), float(beta2), float(group["eps"]),
                     self.decay, self.fused,
                 )
-                # What this step's decay adds to each stepped parameter's decay horizon (lr*wd, coupled; wd, independent).
-                for p in params:
-                    self.state[p]["decay_horizon"] = self.state[p].get("decay_horizon", 0.0) + horizon
-        if self._observers:
-            slots = self._slots()
-        for o in self._observers:
-            o.after_step(t, slots, lr_m, wd_m, grad_norm, bad_name, skip, self.skipped_steps, without_grad)
+                for p, h in zip(params, horizons):
+                    self.state[p]["decay_horizon"] = h
+        self.last_step = StepOutcome(t, lr_m, wd_m, grad_norm, bad_name, skip, self.skipped_steps, without_grad)
         return loss
+
+
+class StepOutcome(NamedTuple):
+    """What the last `step()` did, for step hooks (the monitor's post-hook reads it): `nonfinite_grad` names the
+    first parameter whose gradient held NaN or Inf, `skipped_without_grad` counts parameters without `.grad`."""
+
+    step: int
+    lr_multiplier: float
+    wd_multiplier: float
+    grad_norm: Optional[float]
+    nonfinite_grad: Optional[str]
+    skipped: bool
+    skipped_steps_total: int
+    skipped_without_grad: int
+
+
+def _kind(p: torch.Tensor) -> str:
+    if type(p) not in (torch.Tensor, torch.nn.Parameter):
+        return f"{type(p).__module__}.{type(p).__qualname__} (a tensor subclass)"
+    if p.is_nested:
+        return "nested tensor"
+    if p.layout != torch.strided:
+        return f"{str(p.layout).replace('torch.', '')} tensor"
+    if p.is_quantized:
+        return "quantized tensor"
+    return "tensor"
+
+
+def _check_dense(name: str, p: torch.Tensor) -> None:
+    """The Rust core steps plain dense strided tensors; anything else is refused before it can reach it."""
+    plain = type(p) in (torch.Tensor, torch.nn.Parameter)
+    if plain and p.layout == torch.strided and not p.is_nested and not p.is_quantized:
+        return
+    hint = ""
+    if type(p).__name__ == "DTensor":
+        hint = " gainguard does not support DTensor parameters (FSDP2's fully_shard, tensor parallel) yet;"
+    raise ValueError(
+        f"parameter {name!r} is a {_kind(p)}:{hint} gainguard.AdamW steps plain dense (strided) tensors only "
+        "(torch.Tensor or nn.Parameter, not sparse, nested, quantized or a tensor subclass)"
+    )
+
+
+def _tied(named: List[Tuple[str, torch.Tensor]]) -> Dict[str, str]:
+    """Each name whose tensor an earlier name already gave -> that earlier name."""
+    first: Dict[int, str] = {}
+    tied = {}
+    for name, p in named:
+        key = _storage_id(p)
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
+def _set_readout_multipliers(model: torch.nn.Module, plan: Plan) -> None:
+    """Sets each `gainguard.MuReadout`'s m from the plan (its weight's width multiplier), or checks the one it
+    was given against it."""
+    from .mup import MuReadout
+
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, MuReadout) or id(module.weight) not in names:
+            continue
+        m = plan[names[id(module.weight)]].m
+        if module.width_mult is None:
+            module.width_mult = m
+        elif abs(module.width_mult - m) > 1e-9 * m:
+            raise ValueError(
+                f"MuReadout {module_name!r}: its width multiplier {module.width_mult} (from base_in_features) differs from "
+                f"the plan's {m} for {names[id(module.weight)]!r}; give the base model's width, or leave base_in_features "
+                "unset for gainguard.AdamW to set it"
+            )
 
 
 def _named(named_parameters) -> List[Tuple[str, torch.Tensor]]:
@@ -243,6 +323,7 @@ def _named(named_parameters) -> List[Tuple[str, torch.Tensor]]:
         name, p = item
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameter {name!r} is a {type(p).__name__}, expected a torch.Tensor")
+        _check_dense(name, p)
         if not p.is_leaf:
             raise ValueError(
                 f"parameter {name!r} is not a leaf tensor (it was computed from other tensors); an optimizer steps "

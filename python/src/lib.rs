@@ -7,7 +7,7 @@ use std::path::Path;
 use gainguard::fused::Buffers;
 use gainguard::optim::{gradient_norm, step_buffers, StepScalars};
 use gainguard::plan::ParamSpec;
-use gainguard::{BaseShapes, CpuKernel, DecayMode, Override, Rule, ScalingPlan};
+use gainguard::{BaseShapes, CpuKernel, DecayMode, NonFiniteGrad, OptimError, Override, Rule, ScalingPlan};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
@@ -97,11 +97,48 @@ fn build_plan(
     Ok(Plan { plan, eps })
 }
 
-/// The global 2-norm of `grads` (None for none) and the index of the first one holding NaN or Inf.
+fn nonfinite_mode(mode: &str) -> PyResult<NonFiniteGrad> {
+    serde_json::from_value(serde_json::Value::String(mode.to_string()))
+        .map_err(|_| PyValueError::new_err(format!("nonfinite_grad = {mode:?}: expected \"skip\", \"step\" or \"error\"")))
+}
+
+/// Checks `nonfinite_grad` (`skip`, `step`, `error`), as the optimizer does at construction.
 #[pyfunction]
-fn check_gradients(py: Python<'_>, grads: Vec<PyTensor>) -> (Option<f64>, Option<usize>) {
+fn parse_nonfinite_grad(mode: &str) -> PyResult<()> {
+    nonfinite_mode(mode).map(|_| ())
+}
+
+/// What step `step` does with its gradients, by the plugin's rules (`WidthScaledAdamW::try_step`), so that
+/// both languages decide alike: `(grad_norm, nonfinite, skip, error)`. The global 2-norm and the first
+/// gradient holding NaN or Inf come from [`gradient_norm`], named by `names`; `"step"` reads no gradient
+/// (both None, never skips), `"skip"` skips on a non-finite one, `"error"` returns the plugin's
+/// [`OptimError::NonFiniteGradient`] message for the caller to raise, nothing having changed.
+#[pyfunction]
+fn check_step(
+    py: Python<'_>,
+    grads: Vec<PyTensor>,
+    names: Vec<String>,
+    step: u64,
+    nonfinite_grad: &str,
+) -> PyResult<(Option<f64>, Option<String>, bool, Option<String>)> {
+    let mode = nonfinite_mode(nonfinite_grad)?;
+    if names.len() != grads.len() {
+        return Err(PyValueError::new_err("check_step: grads and names differ in length"));
+    }
+    if mode == NonFiniteGrad::Step {
+        return Ok((None, None, false, None));
+    }
     let grads: Vec<Option<Tensor>> = grads.into_iter().map(|g| Some(g.0)).collect();
-    py.allow_threads(move || gradient_norm(&grads))
+    let (norm, first) = py.allow_threads(move || gradient_norm(&grads));
+    let nonfinite = first.map(|i| names[i].clone());
+    let error = match (&nonfinite, mode) {
+        (Some(param), NonFiniteGrad::Error) => {
+            Some(OptimError::NonFiniteGradient { param: param.clone(), step, grad_norm: norm.unwrap_or(f64::NAN) }.to_string())
+        }
+        _ => None,
+    };
+    let skip = nonfinite.is_some();
+    Ok((norm, nonfinite, skip, error))
 }
 
 fn decay_mode(decay: &str) -> PyResult<DecayMode> {
@@ -114,9 +151,11 @@ fn decay_mode(decay: &str) -> PyResult<DecayMode> {
 
 /// One AdamW step of one group, in place: `steps` are torch's `state['step']` tensors (one per parameter,
 /// counting the steps applied to it), each incremented here. `lr` and `weight_decay` are the group's values
-/// now (a torch scheduler may have scaled them).
+/// now (a torch scheduler may have scaled them). Returns each parameter's decay horizon after the step:
+/// `horizons[i]` plus what this step's decay adds (`StepScalars::horizon`: `lr·wd` coupled, `wd`
+/// independent), as the plugin's optimizer accumulates it per stepped parameter.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps, decay, fused=true))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, horizons, lr, weight_decay, beta1, beta2, eps, decay, fused=true))]
 #[allow(clippy::too_many_arguments)]
 fn adamw_step(
     py: Python<'_>,
@@ -125,6 +164,7 @@ fn adamw_step(
     exp_avgs: Vec<PyTensor>,
     exp_avg_sqs: Vec<PyTensor>,
     steps: Vec<PyTensor>,
+    horizons: Vec<f64>,
     lr: f64,
     weight_decay: f64,
     beta1: f64,
@@ -132,10 +172,10 @@ fn adamw_step(
     eps: f64,
     decay: &str,
     fused: bool,
-) -> PyResult<f64> {
+) -> PyResult<Vec<f64>> {
     let n = params.len();
-    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
-        return Err(PyValueError::new_err("adamw_step: params, grads, exp_avgs, exp_avg_sqs and steps differ in length"));
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len(), horizons.len()].iter().any(|&l| l != n) {
+        return Err(PyValueError::new_err("adamw_step: params, grads, exp_avgs, exp_avg_sqs, steps and horizons differ in length"));
     }
     let mode = decay_mode(decay)?;
     let scalars = StepScalars::of(lr, weight_decay, beta1, beta2, eps, mode);
@@ -162,7 +202,7 @@ fn adamw_step(
             }
         });
     });
-    Ok(scalars.horizon)
+    Ok(horizons.into_iter().map(|h| h + scalars.horizon).collect())
 }
 
 #[pymodule]
@@ -170,7 +210,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_base_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(read_base_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(build_plan, m)?)?;
-    m.add_function(wrap_pyfunction!(check_gradients, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_nonfinite_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(check_step, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
     m.add_class::<Plan>()?;
     monitor::register(m)?;

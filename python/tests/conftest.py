@@ -10,6 +10,12 @@ from torch import nn
 BASE, DELTA, TARGET = 16, 32, 64
 
 
+def pytest_configure(config):
+    # MLP's `out` is a plain Linear readout, rightly warned about in every test that builds an optimizer on it;
+    # test_models checks the warnings themselves under its own filters.
+    config.addinivalue_line("filterwarnings", "ignore::gainguard.PlanWarning")
+
+
 class MLP(nn.Module):
     def __init__(self, width: int, d_in: int = 8, d_out: int = 4):
         super().__init__()

@@ -23,7 +23,7 @@ def test_param_groups_carry_the_paper_rules_width_scaled_lr_and_wd():
         for p in group["params"]:
             assert group["lr"] == pytest.approx(want[id(p)][0], rel=1e-12)
             assert group["weight_decay"] == pytest.approx(want[id(p)][1], rel=1e-12)
-    assert "matrix" in opt.plan() and "hidden.weight" in opt.plan()
+    assert "matrix_like" in str(opt.plan()) and "hidden.weight" in str(opt.plan())
 
 
 def test_matches_torch_adamw_with_the_paper_groups_over_200_steps_of_lambdalr_warmup():
@@ -136,7 +136,7 @@ def test_base_shapes_from_the_json_file_equal_those_from_the_models(tmp_path, sh
 
 
 def test_the_plan_classifies_and_scales_as_mups_set_base_shapes():
-    mup = pytest.importorskip("mup")
+    import mup  # installed by scripts/setup-libtorch.sh: a missing peer fails the test
     torch.manual_seed(0)
     model = MLP(TARGET)
     mup.set_base_shapes(model, MLP(BASE), delta=MLP(DELTA), do_assert=False)  # the readout is a plain Linear here
