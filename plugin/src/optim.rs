@@ -56,6 +56,22 @@ pub enum NonFiniteGrad {
     Error,
 }
 
+impl NonFiniteGrad {
+    /// What step `step` does, given the first parameter whose gradient holds NaN or Inf (None: all finite)
+    /// and the global gradient norm: `Ok(true)` skips it, `Ok(false)` steps, and under
+    /// [`NonFiniteGrad::Error`] the error to return, nothing having changed. The Rust optimizer and the
+    /// Python package both decide through this.
+    pub fn decide(self, nonfinite: Option<&str>, step: u64, grad_norm: Option<f64>) -> Result<bool, OptimError> {
+        match (nonfinite, self) {
+            (None, _) | (Some(_), NonFiniteGrad::Step) => Ok(false),
+            (Some(_), NonFiniteGrad::Skip) => Ok(true),
+            (Some(param), NonFiniteGrad::Error) => {
+                Err(OptimError::NonFiniteGradient { param: param.to_string(), step, grad_norm: grad_norm.unwrap_or(f64::NAN) })
+            }
+        }
+    }
+}
+
 /// Settings of the optimizer. `lr` and `weight_decay` are the proxy's tuned base values.
 #[derive(Clone, Debug)]
 pub struct AdamWConfig {
@@ -619,17 +635,13 @@ impl WidthScaledAdamW {
         };
         let t = self.step_t + 1;
         let nonfinite = check.nonfinite.map(|i| self.slots[i].name.clone());
-        let skip = match (&nonfinite, self.config.nonfinite_grad) {
-            (None, _) | (Some(_), NonFiniteGrad::Step) => false,
-            (Some(_), NonFiniteGrad::Skip) => true,
-            (Some(param), NonFiniteGrad::Error) => {
-                let error = OptimError::NonFiniteGradient { param: param.clone(), step: t, grad_norm: check.norm.unwrap_or(f64::NAN) };
-                if !skip_on_error {
-                    return Err(error);
-                }
+        let skip = match self.config.nonfinite_grad.decide(nonfinite.as_deref(), t, check.norm) {
+            Ok(skip) => skip,
+            Err(error) if skip_on_error => {
                 eprintln!("gainguard: {error}; step() skips it (try_step() returns this error)");
                 true
             }
+            Err(error) => return Err(error),
         };
         let lr_multiplier = self.config.schedule.multiplier(self.step_t);
         let wd_multiplier = if self.config.schedule_weight_decay { lr_multiplier } else { 1.0 };

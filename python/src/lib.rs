@@ -7,7 +7,7 @@ use std::path::Path;
 use gainguard::fused::Buffers;
 use gainguard::optim::{gradient_norm, step_buffers, StepScalars};
 use gainguard::plan::ParamSpec;
-use gainguard::{BaseShapes, CpuKernel, DecayMode, NonFiniteGrad, OptimError, Override, Rule, ScalingPlan};
+use gainguard::{BaseShapes, CpuKernel, DecayMode, NonFiniteGrad, Override, Rule, ScalingPlan};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
@@ -108,11 +108,11 @@ fn parse_nonfinite_grad(mode: &str) -> PyResult<()> {
     nonfinite_mode(mode).map(|_| ())
 }
 
-/// What step `step` does with its gradients, by the plugin's rules (`WidthScaledAdamW::try_step`), so that
-/// both languages decide alike: `(grad_norm, nonfinite, skip, error)`. The global 2-norm and the first
-/// gradient holding NaN or Inf come from [`gradient_norm`], named by `names`; `"step"` reads no gradient
-/// (both None, never skips), `"skip"` skips on a non-finite one, `"error"` returns the plugin's
-/// [`OptimError::NonFiniteGradient`] message for the caller to raise, nothing having changed.
+/// What step `step` does with its gradients, by the plugin's rule ([`NonFiniteGrad::decide`], which
+/// `WidthScaledAdamW` steps by), so that both languages decide alike: `(grad_norm, nonfinite, skip, error)`.
+/// The global 2-norm and the first gradient holding NaN or Inf come from [`gradient_norm`], named by `names`;
+/// `"step"` reads no gradient (both None, never skips), `"skip"` skips on a non-finite one, `"error"` returns
+/// the plugin's `OptimError::NonFiniteGradient` message for the caller to raise, nothing having changed.
 #[pyfunction]
 fn check_step(
     py: Python<'_>,
@@ -131,13 +131,10 @@ fn check_step(
     let grads: Vec<Option<Tensor>> = grads.into_iter().map(|g| Some(g.0)).collect();
     let (norm, first) = py.allow_threads(move || gradient_norm(&grads));
     let nonfinite = first.map(|i| names[i].clone());
-    let error = match (&nonfinite, mode) {
-        (Some(param), NonFiniteGrad::Error) => {
-            Some(OptimError::NonFiniteGradient { param: param.clone(), step, grad_norm: norm.unwrap_or(f64::NAN) }.to_string())
-        }
-        _ => None,
+    let (skip, error) = match mode.decide(nonfinite.as_deref(), step, norm) {
+        Ok(skip) => (skip, None),
+        Err(error) => (true, Some(error.to_string())),
     };
-    let skip = nonfinite.is_some();
     Ok((norm, nonfinite, skip, error))
 }
 
