@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _native
 from .optim import AdamW
 from .shapes import base_shapes as _base_shapes
 
@@ -120,58 +121,16 @@ def _spectrum(p: torch.Tensor) -> Tuple[float, float, float]:
     return sigma, frob, (frob / sigma) ** 2
 
 
-def _pooled_slope(points: List[Tuple[str, float, float]]):
-    """Least-squares slope of y on x with one intercept per group, its standard error
-    sqrt(RSS / (n − groups − 1) / Σ (x − x̄_group)²), and the number of distinct x."""
-    groups: Dict[str, list] = {}
-    for g, x, y in points:
-        groups.setdefault(g, []).append((x, y))
-    sxx = sxy = 0.0
-    centred = []
-    for pts in groups.values():
-        mx = sum(p[0] for p in pts) / len(pts)
-        my = sum(p[1] for p in pts) / len(pts)
-        for x, y in pts:
-            sxx += (x - mx) ** 2
-            sxy += (x - mx) * (y - my)
-            centred.append((x - mx, y - my))
-    dof = len(points) - len(groups) - 1
-    if dof < 1 or sxx <= 0:
-        raise ValueError(f"coord_check: {len(points)} points in {len(groups)} groups leave no degrees of freedom for the slope's error")
-    slope = sxy / sxx
-    rss = sum((y - slope * x) ** 2 for x, y in centred)
-    return slope, math.sqrt(rss / dof / sxx)
-
-
 def _calibrate(rows: List[dict]):
-    """gamma* as `calibrate_gamma` (plugin/src/fit/slope.rs) fits it: per-gamma pooled slopes s_i ± e_i, the
-    weighted line s = a + b·gamma (weights 1/e_i², covariance inflated by χ²/(k − 2) when k > 2 and above 1),
-    gamma* = −a/b with Var = (Var a + gamma*²·Var b + 2·gamma*·Cov(a, b)) / b²."""
-    by_gamma: Dict[float, list] = {}
-    for r in rows:
-        by_gamma.setdefault(r["gamma"], []).append((r["param"], math.log(r["width"]), math.log(r["sigma_max"])))
-    per = []
-    for g in sorted(by_gamma):
-        s, e = _pooled_slope(by_gamma[g])
-        per.append({"gamma": g, "slope": s, "slope_se": e, "implied_alpha": s + 0.5 * (1 + g)})
-    floor = 1e-9 * max([1e-3] + [abs(p["slope"]) for p in per])
-    w = [1.0 / max(p["slope_se"], floor) ** 2 for p in per]
-    sw = sum(w)
-    swx = sum(wi * p["gamma"] for wi, p in zip(w, per))
-    swxx = sum(wi * p["gamma"] ** 2 for wi, p in zip(w, per))
-    swy = sum(wi * p["slope"] for wi, p in zip(w, per))
-    swxy = sum(wi * p["gamma"] * p["slope"] for wi, p in zip(w, per))
-    det = sw * swxx - swx * swx
-    rate = (sw * swxy - swx * swy) / det
-    intercept = (swy - rate * swx) / sw
-    k = len(per)
-    chi2 = sum(wi * (p["slope"] - intercept - rate * p["gamma"]) ** 2 for wi, p in zip(w, per))
-    inflate = max(chi2 / (k - 2), 1.0) if k > 2 else 1.0
-    var_a, var_b, cov = inflate * swxx / det, inflate * sw / det, -inflate * swx / det
-    if abs(rate) < 1e-12 or abs(rate) < 0.5 * math.sqrt(var_b):
-        return None, None, per
-    gamma = -intercept / rate
-    se = math.sqrt(max((var_a + gamma * gamma * var_b + 2 * gamma * cov) / (rate * rate), 0.0))
+    """gamma* by `calibrate_gamma` (plugin/src/fit/slope.rs), through the extension: the fit `gainguard
+    calibrate` makes. Returns (gamma*, its standard error, the per-gamma slopes); gamma* and its error are None
+    where the slope does not move with gamma."""
+    points = [(r["param"], float(r["gamma"]), float(r["width"]), float(r["sigma_max"])) for r in rows]
+    try:
+        gamma, se, slopes = _native.calibrate_gamma(points)
+    except ValueError as e:
+        raise ValueError(f"coord_check: {e}") from None
+    per = [{"gamma": g, "slope": s, "slope_se": e, "implied_alpha": a} for g, s, e, a in slopes]
     return gamma, se, per
 
 

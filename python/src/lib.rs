@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use gainguard::fit::{self, FitError, MupPoint};
 use gainguard::fused::Buffers;
 use gainguard::optim::{gradient_norm, step_buffers, StepScalars};
 use gainguard::plan::ParamSpec;
@@ -138,6 +139,24 @@ fn check_step(
     Ok((norm, nonfinite, skip, error))
 }
 
+/// gamma* by the plugin's fit, the one `gainguard calibrate` makes ([`fit::calibrate_gamma`]), over
+/// `(group, gamma, width, sigma_max)` points: `(gamma, gamma_se, per_gamma)`, with per_gamma
+/// `(gamma, slope, slope_se, implied_alpha)` in ascending gamma, and gamma and its error None where the slope
+/// does not move with gamma. Points the fit cannot take raise ValueError naming them.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn calibrate_gamma(points: Vec<(String, f64, f64, f64)>) -> PyResult<(Option<f64>, Option<f64>, Vec<(f64, f64, f64, f64)>)> {
+    let points: Vec<MupPoint> =
+        points.into_iter().map(|(group, gamma, width, sigma_max)| MupPoint { group, gamma, width, sigma_max }).collect();
+    let per_gamma = fit::slopes_at_gammas(&points).map_err(value_error)?;
+    let slopes = per_gamma.iter().map(|s| (s.gamma, s.slope, s.slope_se, s.implied_alpha)).collect();
+    match fit::gamma_from_slopes(per_gamma) {
+        Ok(c) => Ok((Some(c.gamma), Some(c.gamma_se), slopes)),
+        Err(FitError::FlatInGamma(_)) => Ok((None, None, slopes)),
+        Err(e) => Err(value_error(e)),
+    }
+}
+
 fn decay_mode(decay: &str) -> PyResult<DecayMode> {
     match decay {
         "coupled" => Ok(DecayMode::Coupled),
@@ -209,6 +228,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_plan, m)?)?;
     m.add_function(wrap_pyfunction!(parse_nonfinite_grad, m)?)?;
     m.add_function(wrap_pyfunction!(check_step, m)?)?;
+    m.add_function(wrap_pyfunction!(calibrate_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
     m.add_class::<Plan>()?;
     monitor::register(m)?;

@@ -175,6 +175,13 @@ pub struct GammaCalibration {
 /// 3. `gamma* = −a/b`, and by the delta method
 ///    `Var(gamma*) = (Var(a) + gamma*²·Var(b) + 2·gamma*·Cov(a, b)) / b²`.
 pub fn calibrate_gamma(points: &[MupPoint]) -> Result<GammaCalibration, FitError> {
+    gamma_from_slopes(slopes_at_gammas(points)?)
+}
+
+/// Step 1 of [`calibrate_gamma`]: the [`pooled_slope`] of `ln sigma_max` on `ln d` at each gamma (≥ 2
+/// distinct gammas, ascending). Kept apart so that a caller can report these slopes when step 2 finds no
+/// zero crossing ([`FitError::FlatInGamma`]).
+pub fn slopes_at_gammas(points: &[MupPoint]) -> Result<Vec<SlopeAtGamma>, FitError> {
     let mut by_gamma: BTreeMap<i64, (f64, Vec<(String, f64, f64)>)> = BTreeMap::new();
     for p in points {
         if !p.gamma.is_finite() {
@@ -200,6 +207,15 @@ pub fn calibrate_gamma(points: &[MupPoint]) -> Result<GammaCalibration, FitError
             n: f.n,
             implied_alpha: f.slope + 0.5 * (1.0 + gamma),
         });
+    }
+    Ok(per_gamma)
+}
+
+/// Steps 2 and 3 of [`calibrate_gamma`]: the weighted line through the per-gamma slopes and its zero
+/// crossing, from [`slopes_at_gammas`]'s output.
+pub fn gamma_from_slopes(per_gamma: Vec<SlopeAtGamma>) -> Result<GammaCalibration, FitError> {
+    if per_gamma.len() < 2 {
+        return Err(FitError::TooFewGammas { found: per_gamma.len() });
     }
     // A noiseless slope has se 0; floor the errors so the weights stay finite (equal weights then).
     let floor = 1e-9 * per_gamma.iter().map(|s| s.slope.abs()).fold(1e-3, f64::max);
