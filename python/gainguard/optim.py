@@ -263,8 +263,7 @@ def _kind(p: torch.Tensor) -> str:
 
 def _check_dense(name: str, p: torch.Tensor) -> None:
     """The Rust core steps plain dense strided tensors; anything else is refused before it can reach it."""
-    plain = type(p) in (torch.Tensor, torch.nn.Parameter)
-    if plain and p.layout == torch.strided and not p.is_nested and not p.is_quantized:
+    if _kind(p) == "tensor":
         return
     hint = ""
     if type(p).__name__ == "DTensor":
