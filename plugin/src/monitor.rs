@@ -161,6 +161,8 @@ struct Round {
 enum Control {
     Pause(Sender<()>),
     Resume,
+    /// Process every round queued so far, then answer (the worker keeps running).
+    Drain(Sender<()>),
     Stop,
 }
 
@@ -249,6 +251,18 @@ impl SamplerHandle {
 
     pub fn resume(&self) {
         let _ = self.shared.control.send(Control::Resume);
+    }
+
+    /// Waits at most `timeout` until the worker has processed every round queued before this call, and
+    /// leaves it running. Returns true when it has (false on timeout, or once the sampler is finished or
+    /// paused). The trainer's thread never calls this on its own: it is for a caller that wants the last
+    /// sampled step on `/metrics` before it scrapes, checkpoints or ends.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let (tx, rx) = bounded(1);
+        if self.shared.finished.load(Ordering::SeqCst) || self.shared.control.send(Control::Drain(tx)).is_err() {
+            return false;
+        }
+        rx.recv_timeout(timeout).is_ok()
     }
 
     /// Stops the worker after it has drained the queue, waiting at most `timeout`; a worker still busy
@@ -731,6 +745,8 @@ impl Worker {
                     Ok(Control::Pause(ack)) => {
                         let _ = ack.send(());
                     }
+                    // A parked worker processes nothing: the drain's caller times out.
+                    Ok(Control::Drain(_)) => {}
                     Ok(Control::Stop) | Err(_) => break,
                 }
                 continue;
@@ -742,6 +758,13 @@ impl Worker {
                         let _ = ack.send(());
                     }
                     Ok(Control::Resume) => {}
+                    Ok(Control::Drain(ack)) => {
+                        // Every round sent before the drain is in the queue now (one sender, in order).
+                        while let Ok(round) = self.rounds.try_recv() {
+                            self.process(round);
+                        }
+                        let _ = ack.send(());
+                    }
                     Ok(Control::Stop) | Err(_) => break,
                 },
                 recv(self.rounds) -> round => match round {

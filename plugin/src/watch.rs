@@ -438,6 +438,20 @@ impl Monitor {
         self.telemetry.sink()
     }
 
+    /// Waits at most `timeout` until the sampler has processed every round queued so far and the sink has
+    /// delivered what was sent, without ending the run: afterwards `/metrics` shows the last sampled step's
+    /// spectra (the sampler runs behind the trainer, niced, and can be several rounds behind on a busy
+    /// machine). Returns false when either did not finish in time. The trainer never needs to call it.
+    pub fn flush(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let drained = match self.attached.as_ref().and_then(|a| a.sampler.as_ref()) {
+            Some(h) => h.drain(timeout),
+            None => true,
+        };
+        let flushed = self.telemetry.sink().flush(deadline.saturating_duration_since(Instant::now()));
+        drained && flushed
+    }
+
     /// The sampler's counters, pause/resume and listeners, once attached with spectra on.
     pub fn sampler(&self) -> Option<&SamplerHandle> {
         self.attached.as_ref().and_then(|a| a.sampler.as_ref())

@@ -291,3 +291,37 @@ fn a_full_sink_drops_and_counts_steps_instead_of_waiting() {
     let Event::Step(s) = &rx.try_recv().unwrap().event else { panic!("a Step") };
     assert_eq!(s.events_dropped_total, 4);
 }
+
+#[test]
+fn flush_waits_for_the_rounds_a_stalled_sampler_holds_and_the_run_goes_on() {
+    let (vs, plan) = model_and_plan();
+    let (sink, rx) = capture();
+    let mut mon = Monitor::builder("flush").planned_steps(6).sampler(every_step()).to_sink(sink).for_plan(&plan).unwrap();
+    let handle = mon.sampler().expect("spectra are on").clone();
+    let per_round = handle_rounds(&plan);
+    assert!(handle.pause(Duration::from_secs(10)), "the worker parks");
+    drive(&mut mon, &vs, 3);
+    assert_eq!(handle.emitted_total(), 0, "a parked worker emits nothing");
+    assert!(!mon.flush(Duration::from_millis(200)), "a parked worker cannot drain: flush says so when its time is up");
+    handle.resume();
+    assert!(mon.flush(Duration::from_secs(60)), "the resumed worker drains the three queued rounds");
+    assert_eq!(handle.emitted_total(), 3 * per_round, "every queued round processed, at flush's return");
+    let events: Vec<Envelope> = rx.try_iter().collect();
+    let mut steps: Vec<u64> = spectra(&events).iter().map(|(s, _)| *s).collect();
+    steps.dedup();
+    assert_eq!(steps, vec![1, 2, 3]);
+    assert!(!events.iter().any(|e| matches!(e.event, Event::Goodbye(_))), "flush does not end the run");
+    // The run goes on: the worker still samples, and finish still drains.
+    let vars = vs.variables();
+    let params: Vec<ParamRef> = vars.iter().map(|(n, t)| ParamRef { name: n, tensor: t, decay_horizon: Some(2.0) }).collect();
+    mon.before_step(4, &params);
+    mon.after_step(&StepReport { step: 4, lr_multiplier: 1.0, wd_multiplier: 1.0, ..Default::default() }, &params);
+    mon.finish().unwrap();
+    assert_eq!(handle.dropped_total(), 0);
+    assert_eq!(handle.emitted_total(), 4 * per_round);
+}
+
+/// Matrix-like parameters of the plan: one sample each per round under [`every_step`].
+fn handle_rounds(plan: &ScalingPlan) -> u64 {
+    plan.decisions.iter().filter(|d| d.class == ParamClass::MatrixLike && d.tied_to.is_none()).count() as u64
+}

@@ -49,6 +49,14 @@ class Monitor:
     def emitted_samples(self) -> int:
         return self._native.emitted_samples()
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits at most `timeout` seconds until the sampler has processed every round queued so far and its
+        events were delivered, without ending the run: afterwards `/metrics` shows the last sampled step's
+        spectra. The sampler runs behind the trainer on its own niced thread, so on a busy machine it can be
+        several rounds behind; call this before reading the final values (a scrape, a checkpoint's report).
+        Returns False on timeout or once closed."""
+        return self._native.flush(float(timeout))
+
     def step(self, loss, tokens: int = 0) -> None:
         """Reports the step the optimizer just took: its loss (a float or a 0-d tensor) and tokens."""
         self._native.step(float(loss), int(tokens))

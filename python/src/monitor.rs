@@ -187,6 +187,17 @@ impl NativeMonitor {
         }
     }
 
+    /// Waits at most `timeout` seconds until the sampler has processed what is queued and the sink has
+    /// delivered it; the run goes on. True when both finished in time; false when closed.
+    #[pyo3(signature = (timeout=10.0))]
+    fn flush(&mut self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        if !(timeout.is_finite() && timeout >= 0.0) {
+            return Err(PyValueError::new_err(format!("flush: timeout = {timeout} is not a number of seconds >= 0")));
+        }
+        let Some(m) = self.monitor.as_mut() else { return Ok(false) };
+        Ok(py.allow_threads(move || m.flush(Duration::from_secs_f64(timeout))))
+    }
+
     /// Parameter samples dropped because the sampler fell behind (`gainguard_spectrum_samples_dropped_total`).
     fn dropped_samples(&self) -> u64 {
         self.monitor.as_ref().and_then(|m| m.sampler()).map_or(0, |h| h.dropped_total())
