@@ -139,6 +139,25 @@ fn check_step(
     Ok((norm, nonfinite, skip, error))
 }
 
+/// What step `step` does by the plugin's rule ([`NonFiniteGrad::decide`]) when the caller found the gradient
+/// norm and the first non-finite gradient itself: the optimizer over DTensor shards, whose norm and flags are
+/// one all-reduce over the ranks. Returns `(grad_norm, nonfinite, skip, error)` as [`check_step`].
+#[pyfunction]
+#[pyo3(signature = (nonfinite_grad, nonfinite, step, grad_norm))]
+fn decide_step(
+    nonfinite_grad: &str,
+    nonfinite: Option<String>,
+    step: u64,
+    grad_norm: Option<f64>,
+) -> PyResult<(Option<f64>, Option<String>, bool, Option<String>)> {
+    let mode = nonfinite_mode(nonfinite_grad)?;
+    let (skip, error) = match mode.decide(nonfinite.as_deref(), step, grad_norm) {
+        Ok(skip) => (skip, None),
+        Err(error) => (true, Some(error.to_string())),
+    };
+    Ok((grad_norm, nonfinite, skip, error))
+}
+
 /// gamma* by the plugin's fit, the one `gainguard calibrate` makes ([`fit::calibrate_gamma`]), over
 /// `(group, gamma, width, sigma_max)` points: `(gamma, gamma_se, per_gamma)`, with per_gamma
 /// `(gamma, slope, slope_se, implied_alpha)` in ascending gamma, and gamma and its error None where the slope
@@ -228,6 +247,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_plan, m)?)?;
     m.add_function(wrap_pyfunction!(parse_nonfinite_grad, m)?)?;
     m.add_function(wrap_pyfunction!(check_step, m)?)?;
+    m.add_function(wrap_pyfunction!(decide_step, m)?)?;
     m.add_function(wrap_pyfunction!(calibrate_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
     m.add_class::<Plan>()?;

@@ -1,5 +1,5 @@
 """Parameters the Rust core cannot step are refused when the optimizer is built, with the parameter's name and
-type, instead of reaching native code: a DTensor (FSDP2, tensor parallel), a sparse tensor, a tensor subclass."""
+type, instead of reaching native code: a sparse tensor, a tensor subclass. A DTensor (FSDP2, tensor parallel) is stepped through its local shard."""
 
 import pytest
 import torch
@@ -23,11 +23,28 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-def test_a_dtensor_parameter_is_refused_naming_it_and_saying_dtensor_is_not_supported_yet(one_rank_group):
-    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), one_rank_group, [Replicate()]))
+def test_a_dtensor_parameter_is_planned_by_its_global_shape_and_stepped_as_torch_steps_it(one_rank_group):
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(8, 8), torch.zeros(8)
+    w = torch.nn.Parameter(distribute_tensor(w0.clone(), one_rank_group, [Replicate()]))
     assert type(w).__name__ == "DTensor"
-    with pytest.raises(ValueError, match=r"parameter 'w' is a torch\.distributed\.tensor.*DTensor.*not support DTensor"):
-        gainguard.AdamW([("w", w), ("b", torch.nn.Parameter(torch.zeros(8)))], base_shapes=BASE)
+    b = torch.nn.Parameter(b0.clone())
+    opt = gainguard.AdamW([("w", w), ("b", b)], base_shapes={"w": [4, 4], "b": [4]}, lr=1e-2, weight_decay=0.1)
+    assert opt.plan()["w"].shape == (8, 8) and opt.plan()["w"].cls == "matrix_like"
+    ref_w, ref_b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    ref = torch.optim.AdamW(
+        [{"params": [ref_w], "lr": opt.plan()["w"].lr, "weight_decay": opt.plan()["w"].weight_decay},
+         {"params": [ref_b], "lr": opt.plan()["b"].lr, "weight_decay": opt.plan()["b"].weight_decay}]
+    )
+    for t in range(5):
+        g = torch.randn(8, 8, generator=torch.Generator().manual_seed(t))
+        w.grad = distribute_tensor(g.clone(), one_rank_group, [Replicate()])
+        b.grad, ref_w.grad, ref_b.grad = g[0].clone(), g.clone(), g[0].clone()
+        opt.step()
+        ref.step()
+    assert type(opt.state[w]["exp_avg"]).__name__ == "DTensor"
+    assert torch.allclose(w.full_tensor(), ref_w.detach(), rtol=1e-6, atol=0)
+    assert torch.allclose(b.detach(), ref_b.detach(), rtol=1e-6, atol=0)
 
 
 def test_a_sparse_parameter_is_refused_naming_it():
