@@ -100,7 +100,7 @@ class GradReduction:
         if not dist.is_initialized():
             raise RuntimeError("gainguard.AdamW got DTensor parameters but torch.distributed has no process group")
         world = dist.get_world_size()
-        return cls(names, [_distinct_shards(p) / world for _, p in named])
+        return cls(names, [_distinct_shards(n, p) / world for n, p in named])
 
     def distributed(self) -> bool:
         return self._weights is not None
@@ -134,7 +134,7 @@ class GradReduction:
         return norm, bad
 
 
-def _distinct_shards(p: torch.Tensor) -> int:
+def _distinct_shards(name: str, p: torch.Tensor) -> int:
     """How many different shards of `p` the ranks hold: the product of the mesh dimensions it is sharded on."""
     if not is_dtensor(p):
         return 1
@@ -145,5 +145,5 @@ def _distinct_shards(p: torch.Tensor) -> int:
         if isinstance(placement, Shard):
             n *= size
         elif not isinstance(placement, Replicate):
-            raise ValueError(f"a DTensor parameter placed {p.placements}: gainguard.AdamW takes Shard and Replicate placements")
+            raise ValueError(f"parameter {name!r} is a DTensor placed {p.placements}: gainguard.AdamW takes Shard and Replicate placements")
     return n

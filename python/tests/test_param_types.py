@@ -66,3 +66,11 @@ def test_a_lazy_modules_uninitialized_parameter_is_refused_naming_it():
     lazy = torch.nn.LazyLinear(8)
     with pytest.raises(ValueError, match=r"parameter 'weight' is a .*UninitializedParameter"):
         gainguard.AdamW(lazy.named_parameters(), base_shapes={"weight": [8, 4], "bias": [8]})
+
+
+def test_a_partial_dtensor_parameter_is_refused_naming_it(one_rank_group):
+    from torch.distributed.tensor import DTensor, Partial
+
+    w = torch.nn.Parameter(DTensor.from_local(torch.randn(8, 8), one_rank_group, [Partial()], run_check=False))
+    with pytest.raises(ValueError, match=r"parameter 'w' is a DTensor placed .*Partial.*Shard and Replicate"):
+        gainguard.AdamW([("w", w), ("b", torch.nn.Parameter(torch.zeros(8)))], base_shapes=BASE)
