@@ -138,12 +138,12 @@ def _distinct_shards(name: str, p: torch.Tensor) -> int:
     """How many different shards of `p` the ranks hold: the product of the mesh dimensions it is sharded on."""
     if not is_dtensor(p):
         return 1
-    from torch.distributed.tensor import Replicate, Shard
-
     n = 1
     for size, placement in zip(p.device_mesh.shape, p.placements):
-        if isinstance(placement, Shard):
+        # A shard: Shard, or the strided shard of FSDP2 over a tensor-parallel shard of the same dimension
+        # (`_StridedShard`, whose is_shard() is False).
+        if placement.is_shard() or hasattr(placement, "split_factor"):
             n *= size
-        elif not isinstance(placement, Replicate):
+        elif not placement.is_replicate():
             raise ValueError(f"parameter {name!r} is a DTensor placed {p.placements}: gainguard.AdamW takes Shard and Replicate placements")
     return n

@@ -56,6 +56,15 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def data_index(kind, t, rank, world):
+    """Which batch a rank trains on: its own under data parallelism, the same on ranks of one TP group."""
+    if kind == "tp":
+        return t
+    if kind == "fsdp2_tp":
+        return t * (world // 2) + rank // 2
+    return t * world + rank
+
+
 def inject_nan(model, kind, rank):
     """A NaN in rank 1's gradient only: in its local shard (FSDP2, TP) or, under DDP, where gradients are
     all-reduced, in its input (the all-reduce then carries it to every rank)."""
@@ -70,7 +79,7 @@ def run_steps(model, opt, sched, kind, rank, world, steps, start=0, torch_ref=Fa
     CLIP; a NaN at NAN_STEP. torch's reference clips with clip_grad_norm_ and skips a non-finite step."""
     clipped = skipped = 0
     for t in range(start, start + steps):
-        x, y = batch(t if kind == "tp" else t * world + rank)
+        x, y = batch(data_index(kind, t, rank, world))
         if kind == "ddp" and t == NAN_STEP and rank == 1:
             x = x.clone()
             x[0, 0] = float("nan")
@@ -97,20 +106,23 @@ def run_steps(model, opt, sched, kind, rank, world, steps, start=0, torch_ref=Fa
 
 
 def torch_clip(model):
-    """torch.nn.utils.clip_grad_norm_ at CLIP; its total norm. Tensor parallel leaves `out` plain tensors beside
-    the DTensors, which clip_grad_norm_ cannot mix (`_foreach_norm`: "got mixed torch.Tensor and DTensor"):
-    there torch's own parts, get_total_norm per kind and clip_grads_with_norm_ per kind with the combined norm."""
+    """torch.nn.utils.clip_grad_norm_ at CLIP; its total norm. Where parameters live on different meshes (tensor
+    parallel leaves `out` plain tensors beside the DTensors; FSDP2 over TP puts `out` on the data-parallel mesh
+    alone), clip_grad_norm_ cannot mix them ("got mixed torch.Tensor and DTensor", "must have the same mesh"):
+    there torch's own parts, get_total_norm per mesh and clip_grads_with_norm_ per mesh with the combined norm."""
     params = [p for p in model.parameters() if p.grad is not None]
-    dts = [p for p in params if isinstance(p, DTensor)]
-    plain = [p for p in params if not isinstance(p, DTensor)]
-    if not (dts and plain):
-        return full(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
-    norms = [full(torch.nn.utils.get_total_norm([p.grad for p in dts])), torch.nn.utils.get_total_norm([p.grad for p in plain])]
+    groups = {}
+    for p in params:
+        groups.setdefault(id(p.device_mesh) if isinstance(p, DTensor) else None, []).append(p)
+    if len(groups) == 1:
+        return full(torch.nn.utils.clip_grad_norm_(params, CLIP))
+    norms = [full(torch.nn.utils.get_total_norm([p.grad for p in g])) for g in groups.values()]
     total = torch.linalg.vector_norm(torch.stack(norms))
-    torch.nn.utils.clip_grads_with_norm_(plain, CLIP, total)
     coef = torch.clamp(CLIP / (total + 1e-6), max=1.0)
-    for p in dts:
-        p.grad.to_local().mul_(coef)  # clip_grads_with_norm_'s scaling of the DTensors, by the combined norm
+    for g in groups.values():
+        # clip_grads_with_norm_'s scaling, by the combined norm (a plain tensor; DTensor grads by their shards).
+        for p in g:
+            (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
     return total
 
 
@@ -124,6 +136,12 @@ def parallel(kind, model, mesh):
         return model
     if kind == "tp":
         return parallelize_module(model, mesh, {"inp": ColwiseParallel(), "hidden": RowwiseParallel()})
+    if kind == "fsdp2_tp":
+        # A 2-D mesh: tensor parallel inside, FSDP2 across.
+        parallelize_module(model, mesh["tp"], {"inp": ColwiseParallel(), "hidden": RowwiseParallel()})
+        for m in (model.inp, model.hidden, model):
+            fully_shard(m, mesh=mesh["dp"])
+        return model
     raise ValueError(kind)
 
 
@@ -222,8 +240,14 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (world,))
     shapes = gainguard.base_shapes(MLP(BASE), MLP(DELTA))
+    if os.environ.get("GG_MESH") == "2d":
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        scenario("fsdp2_tp", out, rank, world, mesh, shapes)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    mesh = init_device_mesh("cpu", (world,))
     for kind in ("ddp", "fsdp2", "tp"):
         scenario(kind, out, rank, world, mesh, shapes)
     checkpoint(out, rank, world, mesh, shapes)

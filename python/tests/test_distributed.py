@@ -26,12 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::gainguard.PlanWarning")
+def torchrun(out, world, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::gainguard.PlanWarning", **env)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
         f"--master_port={free_port()}", "--local_addr=127.0.0.1", os.path.join(HERE, "distributed_worker.py"), str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -40,8 +38,13 @@ def job(tmp_path_factory):
     return out
 
 
-def found(out, name):
-    return [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("dist"), WORLD)
+
+
+def found(out, name, world=WORLD):
+    return [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "tp"])
@@ -59,6 +62,19 @@ def test_gainguard_adamw_equals_torch_adamw_on_the_same_parallel_model_with_clip
         assert "DTensor" in r["types"]["hidden.weight"] and "local [32, 64]" in r["types"]["hidden.weight"]
     if kind == "tp":
         assert "Shard(dim=1)" in r["types"]["hidden.weight"] and r["types"]["out.weight"] == "Parameter"
+
+
+def test_on_a_2d_mesh_fsdp2_over_tensor_parallel_on_4_ranks_equals_torch_adamw(tmp_path):
+    """FSDP2 across a data-parallel mesh dimension, tensor parallel inside: parameters sharded on both (strided
+    shards included), `out` on the data-parallel mesh alone. 50 steps, not 100: four ranks on this machine's two
+    cores take most of the test's time."""
+    out = torchrun(tmp_path, 4, GG_MESH="2d", GG_STEPS="50")
+    for rank, r in enumerate(found(out, "fsdp2_tp", 4)):
+        worst = max((d, n) for n, d in r["diffs"].items())
+        assert worst[0] <= 1e-6, f"rank {rank}: max relative difference {worst[0]:e} at {worst[1]} ({r['types']})"
+        assert r["skipped_ours"] == r["skipped_ref"] == 1, r
+        assert 0 < r["clipped_ours"] == r["clipped_ref"], r
+        assert "Shard(dim=0), Shard(dim=1)" in r["types"]["hidden.weight"], r["types"]
 
 
 def test_a_dcp_checkpoint_resumes_bit_for_bit_on_two_ranks(job):
