@@ -2,7 +2,7 @@
 `ddp` (DDP: every matrix replicated) serves /metrics on LISTEN from local rank 0, whose embedded daemon takes rank
 1's events on a Unix socket; run `tp` (tensor parallel: its matrices sharded) sends every rank's events to that
 socket too. After training each rank writes OUT/ready.rank{R} and keeps its monitors open until the test, having
-read Prometheus, writes OUT/release."""
+read Prometheus, writes OUT/release; OUT/die before that makes rank 1 exit at once, as a crashed rank."""
 
 import json
 import os
@@ -83,10 +83,12 @@ def main():
         json.dump(report, f)
     deadline = time.monotonic() + 120
     while not os.path.exists(os.path.join(out, "release")) and time.monotonic() < deadline:
+        if rank == 1 and os.path.exists(os.path.join(out, "die")):
+            os._exit(0)  # dies as a crashed rank does: no Goodbye, its connection simply goes away
         time.sleep(0.2)
     mon2.close()
     mon1.close()
-    dist.barrier()
+    # No collective after this point: rank 1 may be gone.
     dist.destroy_process_group()
 
 

@@ -71,6 +71,11 @@ def test_one_metrics_endpoint_per_node_with_each_matrix_once_and_rank_labels(tmp
             # Round-robin: the two matrices are exported by different ranks.
             ranks = {query(prom, f'gainguard_sigma_max{{run="{run}",param="{p}"}}')[0]["metric"]["rank"] for p in MATRICES}
             assert ranks == {"0", "1"}, (run, ranks)
+        # Rank 1 dies (no Goodbye): that rank shows as down, rank 0 stays up and its endpoint keeps serving.
+        wait_for(prom, 'gainguard_trainer_up{run="ddp",rank="1"}', lambda v: v == 1)
+        (out / "die").write_text("")
+        wait_for(prom, 'gainguard_trainer_up{run="ddp",rank="1"}', lambda v: v == 0, timeout=30)
+        assert wait_for(prom, 'gainguard_trainer_up{run="ddp",rank="0"}') == 1
     finally:
         (out / "release").write_text("")
         try:
