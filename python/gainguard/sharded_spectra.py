@@ -72,7 +72,12 @@ def estimate(
         work = dist.all_reduce(t, group=group, async_op=True)
         if timeout is None:
             work.wait()
-        elif not work.wait(timeout=_timedelta(timeout)):
+            return
+        try:
+            done = work.wait(timeout=_timedelta(timeout))
+        except RuntimeError as e:  # gloo raises "Operation timed out!"
+            raise RoundDropped(f"an all-reduce of the sharded estimate did not complete in {timeout} s: {e}") from e
+        if not done:
             raise RoundDropped(f"an all-reduce of the sharded estimate did not complete in {timeout} s")
 
     # Every rank needs the side of the other sharded dimension, which the shards share: n is the same.

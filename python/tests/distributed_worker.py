@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -233,6 +234,20 @@ def spectra(out, rank, world, mesh):
                     "local": list(p.to_local().shape), "global": list(p.shape), "dim": dim,
                 }
     write(out, "spectra", rank, found)
+
+    # A rank late beyond the deadline (stuck, or gone): the round is dropped on every rank, with RoundDropped,
+    # on the sampler's own group; the default group goes on.
+    group = dist.new_group(backend="gloo")
+    if rank == 1:
+        time.sleep(3)
+    start = time.perf_counter()
+    try:
+        sharded_spectra.estimate(torch.randn(32, 16), 0, group, timeout=1.0)
+        late = {"dropped": False}
+    except sharded_spectra.RoundDropped as e:
+        late = {"dropped": True, "seconds": time.perf_counter() - start, "why": str(e)}
+    dist.barrier()
+    write(out, "late", rank, late)
 
 
 def main():

@@ -116,3 +116,9 @@ def test_sigma_max_of_every_sharded_matrix_matches_a_float64_svd_of_the_gathered
     # Every rank computed the same estimate (the same decisions, the same collectives).
     for name in names:
         assert results[0][name]["est"] == results[1][name]["est"], name
+
+
+def test_a_round_a_rank_cannot_finish_in_time_is_dropped_on_every_rank(job):
+    for r in found(job, "late"):
+        assert r["dropped"], r
+        assert r["seconds"] < 10, r
