@@ -10,6 +10,7 @@ import tempfile
 from typing import Optional, Union
 
 from . import _native
+from ._distributed import local
 from .optim import AdamW
 
 PathLike = Union[str, os.PathLike]
@@ -19,14 +20,14 @@ class Monitor:
     """Attached to an optimizer by `gainguard.monitor`; call `.step(loss, tokens)` after each `opt.step()` and
     `.close()` at the end (or use it as a context manager)."""
 
-    def __init__(self, opt: AdamW, native, dist_info=None, interval: int = 10):
+    def __init__(self, opt: AdamW, native, dist_info=None, interval: int = 10, spectra: bool = True):
         self._opt = opt
         self._native = native
         self._interval = max(1, int(interval))
         self.rank, self.local_rank, self.world_size = dist_info or (0, 0, 1)
         self._assignment = None
         self._sharded = None
-        if self.world_size > 1:
+        if self.world_size > 1 and spectra:
             from ._dist_sampler import Assignment, ShardedSampler
 
             sampled = {i for i, d in enumerate(opt._plan.decisions()) if d[4] == "matrix_like"}
@@ -44,7 +45,9 @@ class Monitor:
         replicated matrices (and every non-matrix, which it does not sample), never a sharded DTensor."""
         slots = opt._slots()
         if self._assignment is None:
-            return slots
+            # One process: a DTensor (a one-rank mesh, or spectra off) is its local tensor; the native side
+            # takes plain tensors only.
+            return [(d, local(p), h) for d, p, h in slots]
         return self._assignment.native_slots(slots)
 
     def _before_step(self, opt: AdamW, args, kwargs) -> None:
@@ -170,7 +173,7 @@ def monitor(
         bool(spectra),
         ingest_unix,
     )
-    return Monitor(opt, native, (rank, local_rank, world_size) if spectra else (rank, local_rank, 1), int(interval))
+    return Monitor(opt, native, (rank, local_rank, world_size), int(interval), bool(spectra))
 
 
 def _ranks(rank, local_rank, world_size):

@@ -74,3 +74,35 @@ def test_a_partial_dtensor_parameter_is_refused_naming_it(one_rank_group):
     w = torch.nn.Parameter(DTensor.from_local(torch.randn(8, 8), one_rank_group, [Partial()], run_check=False))
     with pytest.raises(ValueError, match=r"parameter 'w' is a DTensor placed .*Partial.*Shard and Replicate"):
         gainguard.AdamW([("w", w), ("b", torch.nn.Parameter(torch.zeros(8)))], base_shapes=BASE)
+
+
+def test_fsdp2_on_one_rank_steps_and_is_monitored_without_reaching_native_code_as_a_dtensor(one_rank_group):
+    """What crashed the process before (a segfault in the native check, step and sampler): FSDP2's DTensor
+    parameters, stepped and sampled through their local tensors."""
+    import time
+
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import DELTA, MLP, TARGET, batch
+    from conftest import BASE as WIDTH
+
+    model = MLP(TARGET)
+    fully_shard(model, mesh=one_rank_group)
+    assert type(model.hidden.weight).__name__ == "DTensor"
+    opt = gainguard.AdamW(model.named_parameters(), base_shapes=gainguard.base_shapes(MLP(WIDTH), MLP(DELTA)), max_grad_norm=1.0)
+    mon = gainguard.monitor(opt, run="fsdp2-one-rank", listen="127.0.0.1:0", interval=2, budget_fraction=None)
+    try:
+        for t in range(6):
+            x, y = batch(t)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            mon.step(loss.item(), 32)
+        deadline = time.monotonic() + 10
+        while mon.emitted_samples == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mon.emitted_samples > 0
+        assert int(opt.state[model.hidden.weight]["step"]) == 6
+    finally:
+        mon.close()
