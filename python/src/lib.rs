@@ -98,6 +98,9 @@ fn build_plan(
     Ok(Plan { plan, eps })
 }
 
+/// What a step does with its gradients: `(grad_norm, nonfinite, skip, error)`.
+type StepDecision = (Option<f64>, Option<String>, bool, Option<String>);
+
 fn nonfinite_mode(mode: &str) -> PyResult<NonFiniteGrad> {
     serde_json::from_value(serde_json::Value::String(mode.to_string()))
         .map_err(|_| PyValueError::new_err(format!("nonfinite_grad = {mode:?}: expected \"skip\", \"step\" or \"error\"")))
@@ -121,7 +124,7 @@ fn check_step(
     names: Vec<String>,
     step: u64,
     nonfinite_grad: &str,
-) -> PyResult<(Option<f64>, Option<String>, bool, Option<String>)> {
+) -> PyResult<StepDecision> {
     let mode = nonfinite_mode(nonfinite_grad)?;
     if names.len() != grads.len() {
         return Err(PyValueError::new_err("check_step: grads and names differ in length"));
@@ -149,7 +152,7 @@ fn decide_step(
     nonfinite: Option<String>,
     step: u64,
     grad_norm: Option<f64>,
-) -> PyResult<(Option<f64>, Option<String>, bool, Option<String>)> {
+) -> PyResult<StepDecision> {
     let mode = nonfinite_mode(nonfinite_grad)?;
     let (skip, error) = match mode.decide(nonfinite.as_deref(), step, grad_norm) {
         Ok(skip) => (skip, None),
