@@ -34,6 +34,7 @@ class Assignment:
         goes to the native side on every rank (it samples none of them, and its update ratios need none)."""
         self.native: List[int] = []  # decision indices given to the native sampler here
         self.sharded: List[Tuple[int, int, int]] = []  # (decision index, shard dim, exporting rank)
+        self.replicas: Dict[int, int] = {}  # ranks holding each sharded matrix's same shard
         self.unsupported: Dict[int, str] = {}
         turn = 0
         for decision, p, _ in slots:
@@ -51,6 +52,11 @@ class Assignment:
                     self.native.append(decision)
             else:
                 self.sharded.append((decision, dim, owner))
+                shards = 1
+                for size, pl in zip(p.device_mesh.shape, p.placements):
+                    if not pl.is_replicate():
+                        shards *= size
+                self.replicas[decision] = world // shards
         self._native = set(self.native)
 
     def native_slots(self, slots):
@@ -137,8 +143,9 @@ class ShardedSampler:
                     shards = self._queue.pop(step)
                 for decision, dim, owner, t, h in shards:
                     start = time.perf_counter()
-                    fro2 = torch.tensor([float(t.double().pow(2).sum())], dtype=torch.float64)
-                    e = sharded_spectra.estimate(t, dim, self._group, k=self._k, timeout=self._timeout)
+                    r = self._a.replicas[decision]
+                    fro2 = torch.tensor([float(t.double().pow(2).sum()) / r], dtype=torch.float64)
+                    e = sharded_spectra.estimate(t, dim, self._group, k=self._k, timeout=self._timeout, replicas=r)
                     import torch.distributed as dist
 
                     work = dist.all_reduce(fro2, group=self._group, async_op=True)

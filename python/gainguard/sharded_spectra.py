@@ -52,9 +52,12 @@ def estimate(
     max_iters: int = 40,
     seed: int = 0x5EED,
     timeout: Optional[float] = None,
+    replicas: int = 1,
 ) -> ShardedEstimate:
     """Top-`k` singular values of the matrix whose shard this rank holds (`local`, sharded on `shard_dim`,
-    0 or 1; None: the whole matrix is here and nothing is reduced), over process group `group`. Every rank of
+    0 or 1; None: the whole matrix is here and nothing is reduced), over process group `group`. `replicas`:
+    how many ranks of `group` hold this same shard (a mesh smaller than the group, or a replicated mesh
+    dimension); each contributes `1/replicas` of its product, so the sum counts every shard once. Every rank of
     `group` must call this with its shard of the same matrix, in the same order as the others."""
     import torch.distributed as dist
 
@@ -92,6 +95,8 @@ def estimate(
     max_blocks = max(1, min(max_iters, -(-n // b)))
     for it in range(1, max_blocks + 1):
         w = a.t() @ (a @ q)  # this rank's part of (WᵀW)·Q
+        if replicas != 1:
+            w = w / replicas
         all_reduce(w)
         basis.append(q)
         products.append(w)

@@ -258,7 +258,11 @@ def main():
     shapes = gainguard.base_shapes(MLP(BASE), MLP(DELTA))
     if os.environ.get("GG_MESH") == "2d":
         mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
-        scenario("fsdp2_tp", out, rank, world, mesh, shapes)
+        model = scenario("fsdp2_tp", out, rank, world, mesh, shapes)
+        # `out` lives on the data-parallel mesh alone: each of its shards is held by the 2 ranks of a TP group.
+        w = model.out.weight
+        est = sharded_spectra.estimate(w.to_local(), 0, k=4, timeout=60, replicas=world // w.device_mesh.size())
+        write(out, "spectra2d", rank, {"est": est.sigma_max, "exact": float(torch.linalg.svdvals(w.full_tensor().double())[0])})
         dist.barrier()
         dist.destroy_process_group()
         return

@@ -75,6 +75,9 @@ def test_on_a_2d_mesh_fsdp2_over_tensor_parallel_on_4_ranks_equals_torch_adamw(t
         assert r["skipped_ours"] == r["skipped_ref"] == 1, r
         assert 0 < r["clipped_ours"] == r["clipped_ref"], r
         assert "Shard(dim=0), Shard(dim=1)" in r["types"]["hidden.weight"], r["types"]
+    # A matrix on a mesh smaller than the world (each shard on two ranks) is estimated over the world once.
+    for e in found(out, "spectra2d", 4):
+        assert abs(e["est"] - e["exact"]) <= 1e-3 * e["exact"], e
 
 
 def test_a_dcp_checkpoint_resumes_bit_for_bit_on_two_ranks(job):
