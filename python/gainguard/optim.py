@@ -2,12 +2,14 @@
 plan, and whose step is the Rust core's (the fused CPU loop on the CPU, ATen's fused AdamW on CUDA)."""
 
 import json
+import math
 import warnings
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import _native
+from . import _distributed, _native
+from ._distributed import canonical_names, local
 from .plan import Plan
 from .roles import module_roles, role_overrides
 from .shapes import BaseShapes, base_shapes as _base_shapes
@@ -47,6 +49,7 @@ class AdamW(torch.optim.Optimizer):
         overrides: Optional[List[dict]] = None,
         nonfinite_grad: str = "skip",
         fused: bool = True,
+        max_grad_norm: Optional[float] = None,
     ):
         model = params if isinstance(params, torch.nn.Module) else None
         named = _named(params.named_parameters(remove_duplicate=False) if model is not None else params)
@@ -57,17 +60,23 @@ class AdamW(torch.optim.Optimizer):
         for name, v, ok in (("beta1", beta1, 0 <= beta1 < 1), ("beta2", beta2, 0 <= beta2 < 1), ("eps", eps, eps >= 0)):
             if not ok:
                 raise ValueError(f"{name} = {v} is out of range")
+        if max_grad_norm is not None and not (float(max_grad_norm) > 0 and math.isfinite(float(max_grad_norm))):
+            raise ValueError(f"max_grad_norm = {max_grad_norm}: expected a positive finite number (or None: no clipping)")
         shapes = base_shapes if isinstance(base_shapes, BaseShapes) else _base_shapes(base_shapes)
         tied_to = _tied(named)
-        shapes = shapes.for_params([n for n, _ in named], tied_to)
+        # Wrappers (DDP, torch.compile, FSDP1, activation checkpointing) add prefixes to the names the base
+        # model's shapes were taken under: the plan sees the base model's names.
+        plan_name = canonical_names([n for n, _ in named], shapes.base, tied_to)
+        tied_to = {plan_name[a]: plan_name[f] for a, f in tied_to.items()}
+        shapes = shapes.for_params([plan_name[n] for n, _ in named], tied_to)
         roles = dict(shapes.roles)
         if model is not None:
-            roles.update(module_roles(model)[0])
-        given = {n for n, _ in named}
+            roles.update({plan_name.get(n, n): r for n, r in module_roles(model)[0].items()})
+        given = {plan_name[n] for n, _ in named}
         derived = role_overrides({n: r for n, r in roles.items() if n in given})
         all_overrides = derived + list(overrides or [])
         native_plan = _native.build_plan(
-            [n for n, _ in named],
+            [plan_name[n] for n, _ in named],
             [list(p.shape) for _, p in named],
             [_storage_id(p) for _, p in named],
             shapes.to_json(),
@@ -79,7 +88,7 @@ class AdamW(torch.optim.Optimizer):
         )
         plan = Plan(native_plan)
         if model is not None:
-            _set_readout_multipliers(model, plan)
+            _set_readout_multipliers(model, plan, plan_name)
         for w in plan.warnings:
             warnings.warn(w, stacklevel=2)
         groups = {}
@@ -108,6 +117,10 @@ class AdamW(torch.optim.Optimizer):
         self.decay = decay
         self.nonfinite_grad = nonfinite_grad
         self.fused = bool(fused)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._reduction = _distributed.GradReduction.of(
+            (name, p) for group in self.param_groups for name, p in zip(group["param_names"], group["params"])
+        )
         self.step_calls = 0
         self.skipped_steps = 0
         self._skip_warned = False
@@ -180,36 +193,39 @@ class AdamW(torch.optim.Optimizer):
         all_grads, all_names = [], []
         without_grad = 0
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            owners, params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
             for name, p in zip(group["param_names"], group["params"]):
                 g = p.grad
                 if g is None:
                     without_grad += 1
                     continue
-                if type(g) is not torch.Tensor or g.layout != torch.strided:
-                    raise RuntimeError(f"gainguard.AdamW takes dense gradients; the gradient of {name!r} is a {_kind(g)}")
+                g = _local_grad(name, p, g)
                 state = self.state[p]
                 if len(state) == 0:
                     moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    # A DTensor parameter's moments are DTensors placed as it is (what DCP saves and reshards).
                     state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-                params.append(p)
+                # The Rust core steps this rank's shard: the local tensors of a DTensor share its storage.
+                owners.append(p)
+                params.append(local(p))
                 grads.append(g)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
+                exp_avgs.append(local(state["exp_avg"]))
+                exp_avg_sqs.append(local(state["exp_avg_sq"]))
                 steps.append(state["step"])
                 all_names.append(name)
             all_grads.extend(grads)
             if params:
-                batches.append((group, params, grads, exp_avgs, exp_avg_sqs, steps))
+                batches.append((group, owners, params, grads, exp_avgs, exp_avg_sqs, steps))
 
         t = self.step_calls + 1
-        grad_norm, bad_name, skip, error = _native.check_step(all_grads, all_names, t, self.nonfinite_grad)
+        grad_norm, bad_name, skip, error = self._check(all_grads, all_names, t)
         if error is not None:
             raise FloatingPointError(error)
         self.step_calls = t
         lr_m, wd_m = self._multipliers()
+        clipped = False
         if skip:
             self.skipped_steps += 1
             if not self._skip_warned:
@@ -221,19 +237,36 @@ class AdamW(torch.optim.Optimizer):
                     stacklevel=2,
                 )
         else:
-            for group, params, grads, exp_avgs, exp_avg_sqs, steps in batches:
+            if self.max_grad_norm is not None and grad_norm is not None and math.isfinite(grad_norm):
+                clipped = _clip(all_grads, grad_norm, self.max_grad_norm)
+            for group, owners, params, grads, exp_avgs, exp_avg_sqs, steps in batches:
                 beta1, beta2 = group["betas"]
                 horizons = _native.adamw_step(
                     params, grads, exp_avgs, exp_avg_sqs, steps,
-                    [float(self.state[p].get("decay_horizon", 0.0)) for p in params],
+                    [float(self.state[p].get("decay_horizon", 0.0)) for p in owners],
                     float(group["lr"]), float(group["weight_decay"]), float(beta1), float(beta2), float(group["eps"]),
                     self.decay, self.fused,
                 )
-                for p, h in zip(params, horizons):
+                for p, h in zip(owners, horizons):
                     self.state[p]["decay_horizon"] = h
-        self.last_step = StepOutcome(t, lr_m, wd_m, grad_norm, bad_name, skip, self.skipped_steps, without_grad)
+        self.last_step = StepOutcome(t, lr_m, wd_m, grad_norm, bad_name, skip, self.skipped_steps, without_grad, clipped)
         return loss
 
+    def _check(self, grads, names, t):
+        """`(grad_norm, nonfinite, skip, error)` of step `t`: over this process's gradients by the native rule,
+        or, when the parameters are sharded over ranks, over the whole model by one all-reduce, so that every
+        rank takes the same decision."""
+        mode = self.nonfinite_grad
+        if mode == "step" and self.max_grad_norm is None:
+            return None, None, False, None
+        if self._reduction.distributed():
+            norm, bad = self._reduction.norm_and_first_nonfinite(grads, names)
+            return _native.decide_step(mode, bad, t, norm)
+        # Clipping needs the norm even when a non-finite gradient is stepped anyway.
+        norm, bad, skip, error = _native.check_step(grads, names, t, "skip" if mode == "step" else mode)
+        if mode == "step":
+            return norm, bad, False, None
+        return norm, bad, skip, error
 
 class StepOutcome(NamedTuple):
     """What the last `step()` did, for step hooks (the monitor's post-hook reads it): `nonfinite_grad` names the
@@ -247,9 +280,34 @@ class StepOutcome(NamedTuple):
     skipped: bool
     skipped_steps_total: int
     skipped_without_grad: int
+    clipped: bool = False
+
+
+def _local_grad(name: str, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The gradient's local tensor, checked dense; a DTensor parameter's gradient must be placed as it is."""
+    if _distributed.is_dtensor(p):
+        if not _distributed.is_dtensor(g) or tuple(g.placements) != tuple(p.placements):
+            where = g.placements if _distributed.is_dtensor(g) else "a plain tensor"
+            raise RuntimeError(f"the gradient of DTensor parameter {name!r} is placed {where}, the parameter {p.placements}")
+        g = g.to_local()
+    if type(g) is not torch.Tensor or g.layout != torch.strided:
+        raise RuntimeError(f"gainguard.AdamW takes dense gradients; the gradient of {name!r} is a {_kind(g)}")
+    return g
+
+
+def _clip(grads: List[torch.Tensor], norm: float, max_norm: float) -> bool:
+    """`torch.nn.utils.clip_grad_norm_`'s scaling by `max / (norm + 1e-6)` when below 1, in place."""
+    coef = max_norm / (norm + 1e-6)
+    if coef >= 1.0:
+        return False
+    torch._foreach_mul_(grads, coef)
+    return True
 
 
 def _kind(p: torch.Tensor) -> str:
+    if _distributed.is_dtensor(p):
+        inner = _kind(p._local_tensor)
+        return "DTensor" if inner == "tensor" else f"DTensor whose local shard is a {inner}"
     if type(p) not in (torch.Tensor, torch.nn.Parameter):
         return f"{type(p).__module__}.{type(p).__qualname__} (a tensor subclass)"
     if p.is_nested:
@@ -265,12 +323,12 @@ def _check_dense(name: str, p: torch.Tensor) -> None:
     """The Rust core steps plain dense strided tensors; anything else is refused before it can reach it."""
     if _kind(p) == "tensor":
         return
-    hint = ""
-    if type(p).__name__ == "DTensor":
-        hint = " gainguard does not support DTensor parameters (FSDP2's fully_shard, tensor parallel) yet;"
+    if _kind(p) == "DTensor":
+        return
     raise ValueError(
-        f"parameter {name!r} is a {_kind(p)}:{hint} gainguard.AdamW steps plain dense (strided) tensors only "
-        "(torch.Tensor or nn.Parameter, not sparse, nested, quantized or a tensor subclass)"
+        f"parameter {name!r} is a {_kind(p)}: gainguard.AdamW steps dense (strided) tensors only (torch.Tensor, "
+        "nn.Parameter, or a DTensor of FSDP2 / tensor parallel whose local shard is one; not sparse, nested, "
+        "quantized or another tensor subclass)"
     )
 
 
@@ -287,12 +345,12 @@ def _tied(named: List[Tuple[str, torch.Tensor]]) -> Dict[str, str]:
     return tied
 
 
-def _set_readout_multipliers(model: torch.nn.Module, plan: Plan) -> None:
+def _set_readout_multipliers(model: torch.nn.Module, plan: Plan, plan_name: Dict[str, str]) -> None:
     """Sets each `gainguard.MuReadout`'s m from the plan (its weight's width multiplier), or checks the one it
     was given against it."""
     from .mup import MuReadout
 
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names = {id(p): plan_name.get(n, n) for n, p in model.named_parameters(remove_duplicate=False)}
     for module_name, module in model.named_modules():
         if not isinstance(module, MuReadout) or id(module.weight) not in names:
             continue
@@ -336,5 +394,6 @@ def _named(named_parameters) -> List[Tuple[str, torch.Tensor]]:
 
 def _storage_id(p: torch.Tensor) -> int:
     """Tied parameters share one storage (and the same view of it); they are planned and stepped once."""
-    # data_ptr() is 0 for meta and empty tensors, which share nothing.
-    return p.data_ptr() or id(p)
+    # data_ptr() is 0 for meta and empty tensors, which share nothing; a DTensor's is its local shard's.
+    t = local(p)
+    return t.data_ptr() or id(p)

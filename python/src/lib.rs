@@ -98,6 +98,9 @@ fn build_plan(
     Ok(Plan { plan, eps })
 }
 
+/// What a step does with its gradients: `(grad_norm, nonfinite, skip, error)`.
+type StepDecision = (Option<f64>, Option<String>, bool, Option<String>);
+
 fn nonfinite_mode(mode: &str) -> PyResult<NonFiniteGrad> {
     serde_json::from_value(serde_json::Value::String(mode.to_string()))
         .map_err(|_| PyValueError::new_err(format!("nonfinite_grad = {mode:?}: expected \"skip\", \"step\" or \"error\"")))
@@ -121,7 +124,7 @@ fn check_step(
     names: Vec<String>,
     step: u64,
     nonfinite_grad: &str,
-) -> PyResult<(Option<f64>, Option<String>, bool, Option<String>)> {
+) -> PyResult<StepDecision> {
     let mode = nonfinite_mode(nonfinite_grad)?;
     if names.len() != grads.len() {
         return Err(PyValueError::new_err("check_step: grads and names differ in length"));
@@ -137,6 +140,25 @@ fn check_step(
         Err(error) => (true, Some(error.to_string())),
     };
     Ok((norm, nonfinite, skip, error))
+}
+
+/// What step `step` does by the plugin's rule ([`NonFiniteGrad::decide`]) when the caller found the gradient
+/// norm and the first non-finite gradient itself: the optimizer over DTensor shards, whose norm and flags are
+/// one all-reduce over the ranks. Returns `(grad_norm, nonfinite, skip, error)` as [`check_step`].
+#[pyfunction]
+#[pyo3(signature = (nonfinite_grad, nonfinite, step, grad_norm))]
+fn decide_step(
+    nonfinite_grad: &str,
+    nonfinite: Option<String>,
+    step: u64,
+    grad_norm: Option<f64>,
+) -> PyResult<StepDecision> {
+    let mode = nonfinite_mode(nonfinite_grad)?;
+    let (skip, error) = match mode.decide(nonfinite.as_deref(), step, grad_norm) {
+        Ok(skip) => (skip, None),
+        Err(error) => (true, Some(error.to_string())),
+    };
+    Ok((grad_norm, nonfinite, skip, error))
 }
 
 /// gamma* by the plugin's fit, the one `gainguard calibrate` makes ([`fit::calibrate_gamma`]), over
@@ -228,6 +250,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_plan, m)?)?;
     m.add_function(wrap_pyfunction!(parse_nonfinite_grad, m)?)?;
     m.add_function(wrap_pyfunction!(check_step, m)?)?;
+    m.add_function(wrap_pyfunction!(decide_step, m)?)?;
     m.add_function(wrap_pyfunction!(calibrate_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
     m.add_class::<Plan>()?;

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gainguard::daemon::{Daemon, DaemonConfig, IngestAddr};
 use gainguard::monitor::{ParamRef, SamplerConfig};
+use gainguard::protocol::events::{Envelope, Event, ParamClass, SpectrumSample};
 use gainguard::reference::ReferenceError;
 use gainguard::{Monitor, MonitorError, StepReport};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -50,8 +52,13 @@ fn monitor_error(e: MonitorError, reference: Option<&Path>) -> PyErr {
 struct NativeMonitor {
     /// None once closed.
     monitor: Option<Monitor>,
+    /// The embedded daemon when this process started it itself, to take other ranks' events on a Unix
+    /// socket besides serving `/metrics`; dropped after the monitor, whose sink sends to it.
+    daemon: Option<Daemon>,
     /// The plan's parameter names by decision index: the optimizer's slots come as `(decision, tensor, H)`.
     names: Vec<String>,
+    /// Class and layer by decision index, for the samples the Python side estimates itself.
+    classes: Vec<(ParamClass, Option<u32>)>,
     last_report: StepReport,
 }
 
@@ -78,7 +85,7 @@ fn param_refs<'a>(params: &'a [(&'a str, Tensor, Option<f64>)]) -> Vec<ParamRef<
 #[pymethods]
 impl NativeMonitor {
     #[new]
-    #[pyo3(signature = (plan, run, listen=None, connect=None, interval=10, planned_steps=None, alpha=0.75, reference=None, record_profile=None, budget_fraction=None))]
+    #[pyo3(signature = (plan, run, listen=None, connect=None, interval=10, planned_steps=None, alpha=0.75, reference=None, record_profile=None, budget_fraction=None, rank=None, spectra=true, ingest_unix=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -92,9 +99,15 @@ impl NativeMonitor {
         reference: Option<PathBuf>,
         record_profile: Option<PathBuf>,
         budget_fraction: Option<f64>,
+        rank: Option<u32>,
+        spectra: bool,
+        ingest_unix: Option<PathBuf>,
     ) -> PyResult<NativeMonitor> {
         let sampler = SamplerConfig { interval, budget_fraction, alpha, ..Default::default() };
-        let mut builder = Monitor::builder(run).sampler(sampler);
+        let mut builder = Monitor::builder(run).sampler(sampler).spectra(spectra);
+        if let Some(rank) = rank {
+            builder = builder.rank(rank);
+        }
         if let Some(n) = planned_steps {
             builder = builder.planned_steps(n);
         }
@@ -104,13 +117,30 @@ impl NativeMonitor {
         if let Some(path) = record_profile {
             builder = builder.record_profile(path);
         }
+        let mut daemon = None;
         let monitor = match (listen, connect) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err("monitor: give listen= (embedded daemon) or connect= (gainguardd), not both")),
             (Some(addr), None) => {
                 let listen: SocketAddr = addr
                     .parse()
                     .map_err(|e| PyValueError::new_err(format!("monitor: listen = {addr:?} is not an address such as 127.0.0.1:9464: {e}")))?;
-                builder.listen(listen).embedded()
+                match ingest_unix {
+                    // The node's other ranks send to this daemon over a Unix socket.
+                    Some(path) => {
+                        let config = DaemonConfig { listen, ingest: vec![IngestAddr::Unix(path.clone())], ..Default::default() };
+                        let d = Daemon::spawn(config).map_err(|e| {
+                            PyRuntimeError::new_err(format!(
+                                "monitor: cannot start the embedded gainguardd serving /metrics on listen = \"{listen}\" and taking the other ranks' events on unix:{}: {}",
+                                path.display(),
+                                with_sources(&e)
+                            ))
+                        })?;
+                        let monitor = builder.to_sink(d.sink());
+                        daemon = Some(d);
+                        Ok(monitor)
+                    }
+                    None => builder.listen(listen).embedded(),
+                }
             }
             (None, Some(addr)) => builder.connect(addr).map_err(|e| match e {
                 // The Python caller gave `connect=`, or monitor.py read $GAINGUARD_ADDR: not Monitor::connect.
@@ -125,14 +155,56 @@ impl NativeMonitor {
         let monitor = py.allow_threads(move || monitor.for_plan(plan)).map_err(|e| monitor_error(e, reference.as_deref()))?;
         Ok(NativeMonitor {
             monitor: Some(monitor),
+            daemon,
             names: plan.decisions.iter().map(|d| d.name.clone()).collect(),
+            classes: plan.decisions.iter().map(|d| (d.class, d.layer)).collect(),
             last_report: StepReport::default(),
         })
     }
 
     /// The embedded daemon's `/metrics` address, None when connected to a gainguardd (or closed).
     fn metrics_addr(&self) -> Option<String> {
+        if let Some(d) = &self.daemon {
+            return self.monitor.as_ref().map(|_| d.metrics_addr().to_string());
+        }
         self.monitor.as_ref().and_then(|m| m.metrics_addr()).map(|a| a.to_string())
+    }
+
+    /// Sends one spectrum sample that the Python side estimated itself (a matrix sharded over ranks, whose
+    /// estimate every rank computed together and this rank exports) for parameter `decision` at `step`.
+    #[pyo3(signature = (step, decision, sigma_max, top_k, iterations, frobenius_norm, duration_seconds, decay_horizon=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn emit_spectrum(
+        &self,
+        step: u64,
+        decision: usize,
+        sigma_max: Option<f64>,
+        top_k: Vec<f64>,
+        iterations: u32,
+        frobenius_norm: Option<f64>,
+        duration_seconds: f64,
+        decay_horizon: Option<f64>,
+    ) -> PyResult<bool> {
+        let Some(m) = self.monitor.as_ref() else { return Ok(false) };
+        let name = self.names.get(decision).ok_or_else(|| PyValueError::new_err(format!("no parameter {decision} in the plan")))?;
+        let (class, layer) = self.classes[decision];
+        let stable_rank = match (sigma_max, frobenius_norm) {
+            (Some(s), Some(f)) if s > 0.0 => Some(f * f / (s * s)),
+            _ => None,
+        };
+        let sample = SpectrumSample {
+            sigma_max,
+            top_k,
+            iterations,
+            frobenius_norm,
+            stable_rank,
+            nonfinite: sigma_max.is_none(),
+            duration_seconds,
+            decay_horizon,
+            ..SpectrumSample::empty(name.clone(), layer, class)
+        };
+        let id = m.identity();
+        Ok(m.sink().send(Envelope::new(id.run.as_str(), id.rank, id.host.as_str(), step, Event::Spectrum(sample))))
     }
 
     /// Before the optimizer changes the parameters of step `step` (1-based).
@@ -145,7 +217,7 @@ impl NativeMonitor {
     }
 
     /// After the optimizer's step `step`, with what it did.
-    #[pyo3(signature = (step, slots, lr_multiplier, wd_multiplier, grad_norm, nonfinite_grad, skipped, skipped_steps_total, skipped_without_grad))]
+    #[pyo3(signature = (step, slots, lr_multiplier, wd_multiplier, grad_norm, nonfinite_grad, skipped, skipped_steps_total, skipped_without_grad, clipped=false))]
     #[allow(clippy::too_many_arguments)]
     fn after_step(
         &mut self,
@@ -159,6 +231,7 @@ impl NativeMonitor {
         skipped: bool,
         skipped_steps_total: u64,
         skipped_without_grad: usize,
+        clipped: bool,
     ) -> PyResult<()> {
         let params = Self::params(&self.names, slots)?;
         let report = StepReport {
@@ -166,7 +239,7 @@ impl NativeMonitor {
             lr_multiplier,
             wd_multiplier,
             grad_norm,
-            clipped: false,
+            clipped,
             skipped_without_grad,
             nonfinite_grad,
             skipped,
@@ -221,6 +294,10 @@ impl NativeMonitor {
             drop(monitor);
             finished
         });
+        // A daemon this process started itself stops after the monitor that sent to it.
+        if let Some(d) = self.daemon.take() {
+            py.allow_threads(move || drop(d));
+        }
         finished.map_err(|e| match e {
             MonitorError::Reference(ReferenceError::File { path, reason }) => {
                 PyRuntimeError::new_err(format!("writing the profile {path}: {reason}"))

@@ -15,6 +15,15 @@
 //! The loop is generic over its [`Operand`]: a matrix in host memory ([`Krylov::estimate_host`], one fused
 //! pass over it per iteration, `crate::pass`), or whatever a caller supplies (the plugin's libtorch
 //! products on a GPU). The small float64 algebra of the Rayleigh–Ritz step runs on the host (`crate::dense`).
+//!
+//! A matrix whose rows are split over ranks (`A = [A_0; A_1; …]`, rank i holding `A_i`) has
+//! `AᵀA = Σ_i A_iᵀA_i`: [`Krylov::run_sharded`] runs the same loop on the local shard, and after each pass sums
+//! what the pass produced (`AᵀB`, `BᵀB`, `Σ a²`: an `n × width` block, `width²` and one value) over the ranks
+//! with a reduction the trainer provides, its own collective (`all_reduce_sum` of torch.distributed, NCCL, MPI,
+//! or an in-process one). A column-split matrix is the row split of its transpose, with the same singular
+//! values: the caller hands the transposed shard. Every rank then holds the same reduced block, so every rank
+//! takes the same decisions (another iteration, or stop) and calls the reduction the same number of times in
+//! the same order; no rank holds the whole matrix, and an estimate moves `O(n·k)` values per pass.
 
 use std::cell::RefCell;
 
@@ -122,6 +131,53 @@ pub trait Operand {
     /// `(rows, cols)`; the Krylov space lives in the columns' space.
     fn dims(&self) -> (usize, usize);
     fn pass(&mut self, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> Result<f64, Self::Error>;
+}
+
+/// An operand over a row shard whose passes are summed over the ranks by `reduce`: one call per pass, on one
+/// buffer holding the pass's outputs (`w_out` unless [`Mode::Forward`], `bb_out` unless [`Mode::Backward`], the
+/// sum of squares when asked), which `reduce` replaces by their sum over the ranks.
+struct Reduced<'r, O, R> {
+    local: O,
+    reduce: &'r mut R,
+    buffer: Vec<f64>,
+    /// The whole matrix's rows (the sum of the shards'): the loop's basis size and iteration cap follow from
+    /// it, and must be the same on every rank.
+    rows: usize,
+}
+
+impl<O: Operand, R: FnMut(&mut [f64]) -> Result<(), O::Error>> Operand for Reduced<'_, O, R> {
+    type Error = O::Error;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.local.dims().1)
+    }
+
+    fn pass(&mut self, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> Result<f64, Self::Error> {
+        let (mode, norm) = (req.mode, req.norm);
+        let s = self.local.pass(req, w_out, bb_out)?;
+        let buffer = &mut self.buffer;
+        buffer.clear();
+        if mode != Mode::Forward {
+            buffer.extend_from_slice(w_out);
+        }
+        if mode != Mode::Backward {
+            buffer.extend_from_slice(bb_out);
+        }
+        if norm {
+            buffer.push(s);
+        }
+        (self.reduce)(buffer)?;
+        let mut at = 0;
+        if mode != Mode::Forward {
+            w_out.copy_from_slice(&buffer[..w_out.len()]);
+            at = w_out.len();
+        }
+        if mode != Mode::Backward {
+            bb_out.copy_from_slice(&buffer[at..at + bb_out.len()]);
+            at += bb_out.len();
+        }
+        Ok(if norm { buffer[at] } else { s })
+    }
 }
 
 /// A matrix in host memory, read in place by the fused pass.
@@ -236,6 +292,53 @@ impl Krylov {
         match self.run(&mut HostOperand { a: *a }, key, threads, &nonfinite) {
             Ok(outcome) => outcome,
             Err(never) => match never {},
+        }
+    }
+
+    /// [`Krylov::run`] over a matrix whose rows are split over ranks, `operand` being this rank's rows (a
+    /// column split: this rank's columns, transposed). After each pass `reduce` replaces the buffer it is
+    /// given by its elementwise sum over the ranks (the trainer's all-reduce; the identity on one rank); every
+    /// rank must call this with the same settings (`seed` included) and its shard of the same matrix, in the
+    /// same order as the others. The reduced result is the unsharded estimate, up to the order of the sums. A
+    /// reduction that fails (a rank gone, a deadline passed) ends the estimate with its error; the estimator
+    /// then forgets its warm start, which the ranks no longer share.
+    pub fn run_sharded<O: Operand, R: FnMut(&mut [f64]) -> Result<(), O::Error>>(
+        &mut self,
+        operand: O,
+        key: WarmKey,
+        threads: usize,
+        nonfinite: &dyn Fn(f64) -> bool,
+        reduce: &mut R,
+    ) -> Result<Outcome, O::Error> {
+        // One reduction first: the total row count, which sizes the loop alike on every rank.
+        let mut rows = [operand.dims().0 as f64];
+        let outcome = reduce(&mut rows).and_then(|()| {
+            let mut reduced = Reduced { local: operand, reduce, buffer: Vec::new(), rows: rows[0].round() as usize };
+            self.run(&mut reduced, key, threads, nonfinite)
+        });
+        if outcome.is_err() {
+            self.warm = None;
+        }
+        outcome
+    }
+
+    /// [`Krylov::run_sharded`] over this rank's rows in host memory (`local`: `rows_i × cols`), with the
+    /// fused passes of [`Krylov::estimate_host`]. The iteration is used at every size: an exact solve of a
+    /// small side would need the whole Gram matrix of the other side. A NaN or Inf on any rank makes every
+    /// rank's outcome [`Outcome::NonFinite`] (the reduced sum of squares is not finite).
+    pub fn estimate_host_sharded<E, R: FnMut(&mut [f64]) -> Result<(), E>>(
+        &mut self,
+        local: &HostMatrix,
+        threads: usize,
+        reduce: &mut R,
+    ) -> Result<Outcome, E> {
+        let threads = threads.max(1);
+        let key = WarmKey { device: WarmKey::HOST, rows: local.rows, cols: local.cols, double: local.elem == Elem::F64 };
+        let mut reduce_infallible = |b: &mut [f64]| -> Result<(), ReduceFailed<E>> { reduce(b).map_err(ReduceFailed) };
+        let operand = Fallible { inner: HostOperand { a: *local }, _e: std::marker::PhantomData };
+        match self.run_sharded(operand, key, threads, &|fro2: f64| !fro2.is_finite(), &mut reduce_infallible) {
+            Ok(outcome) => Ok(outcome),
+            Err(ReduceFailed(e)) => Err(e),
         }
     }
 
@@ -381,6 +484,30 @@ impl Krylov {
     }
 }
 
+/// A reduction's error, carried through an operand whose own passes cannot fail.
+struct ReduceFailed<E>(E);
+
+/// An infallible operand seen as one whose error type is `ReduceFailed<E>`.
+struct Fallible<O, E> {
+    inner: O,
+    _e: std::marker::PhantomData<fn() -> E>,
+}
+
+impl<O: Operand<Error = std::convert::Infallible>, E> Operand for Fallible<O, E> {
+    type Error = ReduceFailed<E>;
+
+    fn dims(&self) -> (usize, usize) {
+        self.inner.dims()
+    }
+
+    fn pass(&mut self, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> Result<f64, Self::Error> {
+        match self.inner.pass(req, w_out, bb_out) {
+            Ok(s) => Ok(s),
+            Err(never) => match never {},
+        }
+    }
+}
+
 /// Singular values, descending, from the eigenvalues of the smaller Gram matrix, formed and solved in
 /// float64 (for the small sides [`Krylov::solves_exactly`] takes).
 fn gram_singular_values(a: &HostMatrix) -> Vec<f64> {
@@ -432,4 +559,178 @@ fn splitmix64(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod sharded_tests {
+    use std::sync::{Arc, Barrier, Mutex};
+
+    use super::*;
+
+    /// An in-process all-reduce between `ranks` threads: each adds its buffer into a shared sum, and after a
+    /// barrier copies the sum back; a last barrier lets the leader clear it for the next call.
+    struct ThreadReduce {
+        sum: Mutex<Vec<f64>>,
+        barrier: Barrier,
+        calls: Mutex<usize>,
+    }
+
+    impl ThreadReduce {
+        fn all_reduce_sum(&self, buf: &mut [f64]) {
+            {
+                let mut sum = self.sum.lock().unwrap();
+                if sum.is_empty() {
+                    sum.resize(buf.len(), 0.0);
+                }
+                assert_eq!(sum.len(), buf.len(), "the ranks reduce buffers of different lengths");
+                for (s, b) in sum.iter_mut().zip(buf.iter()) {
+                    *s += *b;
+                }
+            }
+            self.barrier.wait();
+            buf.copy_from_slice(&self.sum.lock().unwrap());
+            if self.barrier.wait().is_leader() {
+                self.sum.lock().unwrap().clear();
+                *self.calls.lock().unwrap() += 1;
+            }
+            self.barrier.wait();
+        }
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed;
+        // A spectrum with a slow decay, as trained weights have, and no exact gap at the top.
+        (0..rows * cols).map(|i| gauss(&mut state) * (1.0 + 0.5 * ((i % cols) as f64 / cols as f64))).collect()
+    }
+
+    fn host(data: &[f64], rows: usize, cols: usize) -> HostMatrix<'_> {
+        assert_eq!(data.len(), rows * cols);
+        // SAFETY: `data` holds rows·cols f64 values and outlives the matrix.
+        unsafe { HostMatrix::from_raw(data.as_ptr() as *const u8, rows, cols, Elem::F64) }
+    }
+
+    fn config() -> EstimatorConfig {
+        EstimatorConfig { tol: 1e-10, max_iters: 60, ..Default::default() }
+    }
+
+    /// Estimates of `shards` (row blocks of one matrix, as owned data) on one thread each.
+    fn sharded(shards: Vec<(Vec<f64>, usize)>, cols: usize) -> (Vec<Estimate>, usize) {
+        let reduce = Arc::new(ThreadReduce { sum: Mutex::new(Vec::new()), barrier: Barrier::new(shards.len()), calls: Mutex::new(0) });
+        let handles: Vec<_> = shards
+            .into_iter()
+            .map(|(data, rows)| {
+                let reduce = Arc::clone(&reduce);
+                std::thread::spawn(move || {
+                    let mut k = Krylov::new(config());
+                    let a = host(&data, rows, cols);
+                    let mut r = |b: &mut [f64]| -> Result<(), ()> {
+                        reduce.all_reduce_sum(b);
+                        Ok(())
+                    };
+                    match k.estimate_host_sharded(&a, 1, &mut r) {
+                        Ok(Outcome::Done(e)) => e,
+                        other => panic!("sharded estimate: {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let estimates = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let calls = *reduce.calls.lock().unwrap();
+        (estimates, calls)
+    }
+
+    fn unsharded(data: &[f64], rows: usize, cols: usize) -> Estimate {
+        match Krylov::new(config()).estimate_host(&host(data, rows, cols), 1) {
+            Outcome::Done(e) => e,
+            other => panic!("unsharded estimate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_row_shards_reduced_in_process_give_the_unsharded_estimate() {
+        let (rows, cols) = (120, 80);
+        let a = matrix(rows, cols, 7);
+        let top = a[..70 * cols].to_vec();
+        let bottom = a[70 * cols..].to_vec();
+        let (estimates, calls) = sharded(vec![(top, 70), (bottom, rows - 70)], cols);
+        let want = unsharded(&a, rows, cols);
+        assert!(calls >= 3, "the estimate reduced {calls} times (the row count, then once per pass)");
+        for e in &estimates {
+            assert_eq!(e.top_k.len(), want.top_k.len());
+            for (got, exp) in e.top_k.iter().zip(&want.top_k) {
+                assert!((got - exp).abs() <= 1e-8 * exp, "sharded {got} vs unsharded {exp}");
+            }
+            assert!((e.frobenius_norm - want.frobenius_norm).abs() <= 1e-12 * want.frobenius_norm);
+        }
+        // Both ranks took the same decisions: the same values to the last bit and the same iteration count.
+        assert_eq!(estimates[0], estimates[1]);
+    }
+
+    #[test]
+    fn a_column_split_is_the_row_split_of_the_transpose() {
+        let (rows, cols) = (64, 100);
+        let a = matrix(rows, cols, 11);
+        // Rank i holds columns [c0, c1) of A; it hands them transposed (cols_i × rows, row-major).
+        let shard = |c0: usize, c1: usize| -> (Vec<f64>, usize) {
+            let mut t = Vec::with_capacity((c1 - c0) * rows);
+            for c in c0..c1 {
+                for r in 0..rows {
+                    t.push(a[r * cols + c]);
+                }
+            }
+            (t, c1 - c0)
+        };
+        let (estimates, _) = sharded(vec![shard(0, 50), shard(50, cols)], rows);
+        let want = unsharded(&a, rows, cols);
+        // The two iterate in different spaces (rows' and columns'), each to its own stopping point.
+        for (got, exp) in estimates[0].top_k.iter().zip(&want.top_k) {
+            assert!((got - exp).abs() <= 1e-6 * exp, "column-sharded {got} vs unsharded {exp}");
+        }
+        assert_eq!(estimates[0], estimates[1]);
+    }
+
+    #[test]
+    fn a_nan_on_one_rank_is_nonfinite_on_every_rank() {
+        let (rows, cols) = (80, 48);
+        let mut a = matrix(rows, cols, 5);
+        a[75 * cols + 3] = f64::NAN;
+        let reduce = Arc::new(ThreadReduce { sum: Mutex::new(Vec::new()), barrier: Barrier::new(2), calls: Mutex::new(0) });
+        let halves = [a[..40 * cols].to_vec(), a[40 * cols..].to_vec()];
+        let outcomes: Vec<Outcome> = halves
+            .into_iter()
+            .map(|data| {
+                let reduce = Arc::clone(&reduce);
+                std::thread::spawn(move || {
+                    let mut r = |b: &mut [f64]| -> Result<(), ()> {
+                        reduce.all_reduce_sum(b);
+                        Ok(())
+                    };
+                    Krylov::new(config()).estimate_host_sharded(&host(&data, 40, cols), 1, &mut r).unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(outcomes.iter().all(|o| *o == Outcome::NonFinite), "{outcomes:?}");
+    }
+
+    #[test]
+    fn a_failed_reduction_ends_the_estimate_with_its_error_and_forgets_the_warm_start() {
+        let (rows, cols) = (60, 40);
+        let a = matrix(rows, cols, 3);
+        let mut k = Krylov::new(config());
+        // One rank: the identity reduction is the unsharded estimate, to the last bit.
+        let mut identity = |_: &mut [f64]| -> Result<(), &'static str> { Ok(()) };
+        let alone = k.estimate_host_sharded(&host(&a, rows, cols), 1, &mut identity);
+        assert_eq!(alone, Ok(Outcome::Done(unsharded(&a, rows, cols))));
+        assert!(k.is_warm());
+        let mut calls = 0;
+        let mut dead = |_: &mut [f64]| -> Result<(), &'static str> {
+            calls += 1;
+            if calls > 2 { Err("rank 1 is gone") } else { Ok(()) }
+        };
+        assert_eq!(k.estimate_host_sharded(&host(&a, rows, cols), 1, &mut dead), Err("rank 1 is gone"));
+        assert!(!k.is_warm());
+    }
 }
