@@ -27,6 +27,7 @@ class Monitor:
         self.rank, self.local_rank, self.world_size = dist_info or (0, 0, 1)
         self._assignment = None
         self._sharded = None
+        self._sharded_dropped_reported = 0
         if self.world_size > 1 and spectra:
             from ._dist_sampler import Assignment, ShardedSampler
 
@@ -67,6 +68,12 @@ class Monitor:
     def _emit_sharded(self) -> None:
         for step, decision, sigma, top_k, iters, fro, seconds, horizon in self._sharded.take_results():
             self._native.emit_spectrum(step, decision, sigma, top_k, iters, fro, seconds, horizon)
+        # Rounds of sharded matrices not estimated join the native sampler's drop count, which the step
+        # telemetry exports (`gainguard_spectrum_samples_dropped_total`).
+        dropped = self._sharded.dropped
+        if dropped > self._sharded_dropped_reported:
+            self._native.count_dropped(dropped - self._sharded_dropped_reported)
+            self._sharded_dropped_reported = dropped
 
     @property
     def metrics_addr(self) -> Optional[str]:
@@ -76,7 +83,10 @@ class Monitor:
     @property
     def dropped_samples(self) -> int:
         """Samples dropped by the native sampler, and rounds of sharded matrices not estimated."""
-        return self._native.dropped_samples() + (self._sharded.dropped if self._sharded is not None else 0)
+        return self._native.dropped_samples() + self._sharded_dropped_unreported()
+
+    def _sharded_dropped_unreported(self) -> int:
+        return 0 if self._sharded is None else self._sharded.dropped - self._sharded_dropped_reported
 
     @property
     def emitted_samples(self) -> int:

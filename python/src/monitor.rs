@@ -276,6 +276,19 @@ impl NativeMonitor {
         self.monitor.as_ref().and_then(|m| m.sampler()).map_or(0, |h| h.dropped_total())
     }
 
+    /// Adds `n` samples dropped outside the native sampler (rounds of sharded matrices that the Python
+    /// sampler could not estimate in time) to its drop count, which the step telemetry exports. Without a
+    /// native sampler (spectra off, or closed) there is nothing to add to: returns false.
+    fn count_dropped(&self, n: u64) -> bool {
+        match self.monitor.as_ref().and_then(|m| m.sampler()) {
+            Some(h) => {
+                h.dropped_counter().fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn emitted_samples(&self) -> u64 {
         self.monitor.as_ref().and_then(|m| m.sampler()).map_or(0, |h| h.emitted_total())
     }
