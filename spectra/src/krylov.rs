@@ -133,6 +133,35 @@ pub trait Operand {
     fn pass(&mut self, req: PassRequest, w_out: &mut [f64], bb_out: &mut [f64]) -> Result<f64, Self::Error>;
 }
 
+/// The sum over the ranks that hold shards of one matrix: the trainer's own collective (torch.distributed's
+/// `all_reduce`, NCCL, MPI, or an in-process one). [`Krylov::run_sharded`] calls it once to agree on the row
+/// count, then once per pass; every rank calls it the same number of times, in the same order, with buffers
+/// of the same length. A closure `FnMut(&mut [f64]) -> Result<(), E>` is one; [`Local`] is the one of a
+/// single rank.
+pub trait Reduction {
+    type Error;
+    /// Replaces `buffer` by its elementwise sum over the ranks.
+    fn all_reduce_sum(&mut self, buffer: &mut [f64]) -> Result<(), Self::Error>;
+}
+
+impl<E, F: FnMut(&mut [f64]) -> Result<(), E>> Reduction for F {
+    type Error = E;
+    fn all_reduce_sum(&mut self, buffer: &mut [f64]) -> Result<(), E> {
+        self(buffer)
+    }
+}
+
+/// One rank holding the whole matrix: the sum over the ranks is the buffer itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Local;
+
+impl Reduction for Local {
+    type Error = std::convert::Infallible;
+    fn all_reduce_sum(&mut self, _: &mut [f64]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
 /// An operand over a row shard whose passes are summed over the ranks by `reduce`: one call per pass, on one
 /// buffer holding the pass's outputs (`w_out` unless [`Mode::Forward`], `bb_out` unless [`Mode::Backward`], the
 /// sum of squares when asked), which `reduce` replaces by their sum over the ranks.
@@ -145,7 +174,7 @@ struct Reduced<'r, O, R> {
     rows: usize,
 }
 
-impl<O: Operand, R: FnMut(&mut [f64]) -> Result<(), O::Error>> Operand for Reduced<'_, O, R> {
+impl<O: Operand, R: Reduction<Error = O::Error>> Operand for Reduced<'_, O, R> {
     type Error = O::Error;
 
     fn dims(&self) -> (usize, usize) {
@@ -166,7 +195,7 @@ impl<O: Operand, R: FnMut(&mut [f64]) -> Result<(), O::Error>> Operand for Reduc
         if norm {
             buffer.push(s);
         }
-        (self.reduce)(buffer)?;
+        self.reduce.all_reduce_sum(buffer)?;
         let mut at = 0;
         if mode != Mode::Forward {
             w_out.copy_from_slice(&buffer[..w_out.len()]);
@@ -302,7 +331,7 @@ impl Krylov {
     /// same order as the others. The reduced result is the unsharded estimate, up to the order of the sums. A
     /// reduction that fails (a rank gone, a deadline passed) ends the estimate with its error; the estimator
     /// then forgets its warm start, which the ranks no longer share.
-    pub fn run_sharded<O: Operand, R: FnMut(&mut [f64]) -> Result<(), O::Error>>(
+    pub fn run_sharded<O: Operand, R: Reduction<Error = O::Error>>(
         &mut self,
         operand: O,
         key: WarmKey,
@@ -312,7 +341,7 @@ impl Krylov {
     ) -> Result<Outcome, O::Error> {
         // One reduction first: the total row count, which sizes the loop alike on every rank.
         let mut rows = [operand.dims().0 as f64];
-        let outcome = reduce(&mut rows).and_then(|()| {
+        let outcome = reduce.all_reduce_sum(&mut rows).and_then(|()| {
             let mut reduced = Reduced { local: operand, reduce, buffer: Vec::new(), rows: rows[0].round() as usize };
             self.run(&mut reduced, key, threads, nonfinite)
         });
@@ -326,15 +355,15 @@ impl Krylov {
     /// fused passes of [`Krylov::estimate_host`]. The iteration is used at every size: an exact solve of a
     /// small side would need the whole Gram matrix of the other side. A NaN or Inf on any rank makes every
     /// rank's outcome [`Outcome::NonFinite`] (the reduced sum of squares is not finite).
-    pub fn estimate_host_sharded<E, R: FnMut(&mut [f64]) -> Result<(), E>>(
+    pub fn estimate_host_sharded<R: Reduction>(
         &mut self,
         local: &HostMatrix,
         threads: usize,
         reduce: &mut R,
-    ) -> Result<Outcome, E> {
+    ) -> Result<Outcome, R::Error> {
         let threads = threads.max(1);
         let key = WarmKey { device: WarmKey::HOST, rows: local.rows, cols: local.cols, double: local.elem == Elem::F64 };
-        let mut reduce_infallible = |b: &mut [f64]| -> Result<(), ReduceFailed<E>> { reduce(b).map_err(ReduceFailed) };
+        let mut reduce_infallible = |b: &mut [f64]| -> Result<(), ReduceFailed<R::Error>> { reduce.all_reduce_sum(b).map_err(ReduceFailed) };
         let operand = Fallible { inner: HostOperand { a: *local }, _e: std::marker::PhantomData };
         match self.run_sharded(operand, key, threads, &|fro2: f64| !fro2.is_finite(), &mut reduce_infallible) {
             Ok(outcome) => Ok(outcome),
@@ -347,7 +376,7 @@ impl Krylov {
     /// first pass's sum of squares means NaN/Inf in the matrix. The caller has sent matrices that
     /// [`Krylov::solves_exactly`] elsewhere.
     ///
-    /// Kept as one function (issue 15 allows it for one algorithm): the loop's state (basis, projected
+    /// Kept as one function, the one algorithm of this file: the loop's state (basis, projected
     /// matrix, block width, previous Ritz values) is shared by every step, and split functions would pass
     /// all of it back and forth.
     pub fn run<O: Operand>(&mut self, operand: &mut O, key: WarmKey, threads: usize, nonfinite: &dyn Fn(f64) -> bool) -> Result<Outcome, O::Error> {
@@ -355,7 +384,7 @@ impl Krylov {
         let (k, block) = self.widths(m.min(n));
         // A warm start needs no oversampling: the last answer's top k Ritz vectors are already close to the
         // new top k, so its block is k columns, half the arithmetic per pass of a cold block of k + oversample
-        // (the warm path is compute-bound: issue 18's floor).
+        // (the warm path is compute-bound).
         let warm_width = k.min(n);
         let warm = self.warm.take().filter(|w| w.key == key && w.width == warm_width);
         let b = if warm.is_some() { warm_width } else { block.min(n) };
@@ -597,6 +626,18 @@ mod sharded_tests {
         }
     }
 
+    /// One rank's side of the in-process all-reduce, as a trainer implements [`Reduction`] over its own
+    /// collective.
+    struct Rank(Arc<ThreadReduce>);
+
+    impl Reduction for Rank {
+        type Error = ();
+        fn all_reduce_sum(&mut self, buffer: &mut [f64]) -> Result<(), ()> {
+            self.0.all_reduce_sum(buffer);
+            Ok(())
+        }
+    }
+
     fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
         let mut state = seed;
         // A spectrum with a slow decay, as trained weights have, and no exact gap at the top.
@@ -623,11 +664,7 @@ mod sharded_tests {
                 std::thread::spawn(move || {
                     let mut k = Krylov::new(config());
                     let a = host(&data, rows, cols);
-                    let mut r = |b: &mut [f64]| -> Result<(), ()> {
-                        reduce.all_reduce_sum(b);
-                        Ok(())
-                    };
-                    match k.estimate_host_sharded(&a, 1, &mut r) {
+                    match k.estimate_host_sharded(&a, 1, &mut Rank(reduce)) {
                         Ok(Outcome::Done(e)) => e,
                         other => panic!("sharded estimate: {other:?}"),
                     }
@@ -721,8 +758,7 @@ mod sharded_tests {
         let a = matrix(rows, cols, 3);
         let mut k = Krylov::new(config());
         // One rank: the identity reduction is the unsharded estimate, to the last bit.
-        let mut identity = |_: &mut [f64]| -> Result<(), &'static str> { Ok(()) };
-        let alone = k.estimate_host_sharded(&host(&a, rows, cols), 1, &mut identity);
+        let alone = k.estimate_host_sharded(&host(&a, rows, cols), 1, &mut Local);
         assert_eq!(alone, Ok(Outcome::Done(unsharded(&a, rows, cols))));
         assert!(k.is_warm());
         let mut calls = 0;

@@ -10,5 +10,5 @@ mod dense;
 mod krylov;
 mod pass;
 
-pub use krylov::{Estimate, EstimatorConfig, Krylov, Operand, Outcome, WarmKey};
+pub use krylov::{Estimate, EstimatorConfig, Krylov, Local, Operand, Outcome, Reduction, WarmKey};
 pub use pass::{distance_squares, kernels, set_parallel_runner, sum_squares, Elem, HostMatrix, Mode, ParallelRunner, PassRequest};
