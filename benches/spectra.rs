@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use gainguard::protocol::Sink;
 use gainguard::data::MarkovCorpus;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
+use gainguard::sampler::{SamplerConfig, SpectrumSampler};
 use gainguard::spectra::{frobenius_norm, kernels, Estimator, EstimatorConfig};
 use gainguard::{AdamWConfig, BaseShapes, WidthScaledAdamW};
 use tch::nn::VarStore;

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
+use gainguard::sampler::{SamplerConfig, SpectrumSampler};
 use gainguard::spectra::{full_spectrum, Estimator, EstimatorConfig, FullPrecision};
 use gainguard::{AdamWConfig, BaseShapes, DecayMode, Schedule, WidthScaledAdamW};
 use tch::nn::VarStore;

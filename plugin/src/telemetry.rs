@@ -10,7 +10,7 @@ use std::time::Instant;
 use gainguard_protocol::events::{Envelope, Event, Goodbye, Hello, ParamInfo, ParamsTable, StepEvent};
 use gainguard_protocol::Sink;
 
-use crate::monitor::SamplerHandle;
+use crate::sampler::SamplerHandle;
 use crate::optim::StepReport;
 use crate::plan::ScalingPlan;
 

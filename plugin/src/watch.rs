@@ -1,4 +1,4 @@
-//! [`Monitor`]: telemetry ([`crate::telemetry`]), the spectra sampler ([`crate::monitor`]) and an optional
+//! [`Monitor`]: telemetry ([`crate::telemetry`]), the spectra sampler ([`crate::sampler`]) and an optional
 //! reference profile ([`crate::reference`]) attached to an optimizer in one call, reporting to an embedded
 //! `gainguardd` or to a standalone one.
 //!
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use gainguard_protocol::sink::{Sink, SinkError, SinkOptions};
 
-use crate::monitor::{ParamRef, SamplerConfig, SamplerError, SamplerHandle, SpectrumSampler};
+use crate::sampler::{ParamRef, SamplerConfig, SamplerError, SamplerHandle, SpectrumSampler};
 use crate::optim::{StepReport, WidthScaledAdamW};
 use crate::plan::ScalingPlan;
 use crate::reference::{GainReference, ProfileRecorder, ReferenceError, ReferenceProfile};

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gainguard::monitor::{ParamRef, SamplerConfig};
+use gainguard::sampler::{ParamRef, SamplerConfig};
 use gainguard::protocol::events::{Envelope, Event, SpectrumSample};
 use gainguard::protocol::{Sink, SinkOptions};
 use gainguard::{AdamWConfig, BaseShapes, Monitor, MonitorError, ParamClass, ScalingPlan, StepReport, WidthScaledAdamW};

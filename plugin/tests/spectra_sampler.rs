@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use gainguard::protocol::events::{Envelope, Event, SpectrumSample};
 use gainguard::protocol::Sink;
 use gainguard::data::MarkovCorpus;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
+use gainguard::sampler::{SamplerConfig, SpectrumSampler};
 use gainguard::reference::GainReference;
 use gainguard::{AdamWConfig, BaseShapes, ParamClass, WidthScaledAdamW};
 use tch::nn::VarStore;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use gainguard::daemon::events::{Envelope, Event};
 use gainguard::daemon::Sink;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
+use gainguard::sampler::{SamplerConfig, SpectrumSampler};
 use gainguard::{AdamWConfig, BaseShapes, NonFiniteGrad, OptimError, Rule, Schedule, WidthScaledAdamW};
 use tch::{Device, Kind, Tensor};
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
 use gainguard::protocol::Sink;
-use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
+use gainguard::sampler::{SamplerConfig, SamplerHandle, SpectrumSampler};
 use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
 use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::steady_state::{mean, HorizonRate, SteadyStateTrace};
