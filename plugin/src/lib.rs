@@ -25,6 +25,7 @@ pub mod data;
 pub mod device;
 pub mod fit;
 pub mod fused;
+pub mod monitor;
 pub mod mup;
 pub mod optim;
 pub mod plan;
@@ -36,7 +37,6 @@ mod shim;
 pub mod spectra;
 pub mod steady_state;
 pub mod telemetry;
-pub mod watch;
 
 pub use classify::{BaseShapes, Override, ParamClass, ParamRole};
 pub use optim::{AdamWConfig, CpuKernel, DecayMode, NonFiniteGrad, OptimError, StepObserver, StepReport, WidthScaledAdamW};
@@ -44,7 +44,7 @@ pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};
 pub use schedule::Schedule;
 pub use telemetry::RunIdentity;
-pub use watch::{Monitor, MonitorBuilder, MonitorError};
+pub use monitor::{Monitor, MonitorBuilder, MonitorError};
 
 /// The events, their wire format and the sinks a trainer sends through (`protocol::Sink`), with or without
 /// the embedded daemon.

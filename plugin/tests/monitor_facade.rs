@@ -231,14 +231,14 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[test]
 fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_value() {
     // The only test in this binary that reads or sets the environment.
-    std::env::set_var(gainguard::watch::ADDR_ENV, "gainguardd.sock");
+    std::env::set_var(gainguard::monitor::ADDR_ENV, "gainguardd.sock");
     let err = Monitor::from_env("r").err().unwrap();
     assert!(err.to_string().contains("`gainguardd.sock`") && err.to_string().contains("$GAINGUARD_ADDR"), "{err}");
-    std::env::remove_var(gainguard::watch::ADDR_ENV);
-    std::env::set_var(gainguard::watch::LISTEN_ENV, "localhost");
+    std::env::remove_var(gainguard::monitor::ADDR_ENV);
+    std::env::set_var(gainguard::monitor::LISTEN_ENV, "localhost");
     let err = Monitor::from_env("r").err().unwrap();
     assert!(matches!(err, MonitorError::Listen { .. }) && err.to_string().contains("`localhost`"), "{err}");
-    std::env::remove_var(gainguard::watch::LISTEN_ENV);
+    std::env::remove_var(gainguard::monitor::LISTEN_ENV);
 
     // A standalone daemon (in this process, but reached only through its Unix ingest socket).
     let dir = temp_path("ingest");
@@ -250,9 +250,9 @@ fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_val
         ..Default::default()
     })
     .unwrap();
-    std::env::set_var(gainguard::watch::ADDR_ENV, socket.to_string());
+    std::env::set_var(gainguard::monitor::ADDR_ENV, socket.to_string());
     let mon = Monitor::builder("connected").planned_steps(3).sampler(every_step()).from_env();
-    std::env::remove_var(gainguard::watch::ADDR_ENV);
+    std::env::remove_var(gainguard::monitor::ADDR_ENV);
     let mon = mon.unwrap();
     assert!(mon.metrics_addr().is_none(), "no embedded daemon when GAINGUARD_ADDR is set");
     let (vs, plan) = model_and_plan();
