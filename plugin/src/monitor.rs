@@ -43,7 +43,8 @@ use crate::sampler::{ParamRef, SamplerConfig, SamplerError, SamplerHandle, Spect
 use crate::optim::{StepReport, WidthScaledAdamW};
 use crate::plan::ScalingPlan;
 use crate::reference::{GainReference, ProfileRecorder, ReferenceError, ReferenceProfile};
-use crate::telemetry::{RunIdentity, Telemetry};
+use crate::identity::RunIdentity;
+use crate::telemetry::Telemetry;
 
 /// The standalone daemon's ingest address, for [`Monitor::from_env`].
 pub const ADDR_ENV: &str = "GAINGUARD_ADDR";
@@ -96,8 +97,16 @@ pub struct MonitorBuilder {
     planned_steps: Option<u64>,
     reference_path: Option<PathBuf>,
     reference: Option<Arc<dyn GainReference>>,
-    record_profile: Option<PathBuf>,
+    record: Record,
     finish_timeout: Duration,
+}
+
+/// Whether a monitor records the run's sigma_max profile, and where it writes it.
+#[derive(Clone, Debug, PartialEq)]
+enum Record {
+    Off,
+    InMemory,
+    ToFile(PathBuf),
 }
 
 impl MonitorBuilder {
@@ -136,14 +145,20 @@ impl MonitorBuilder {
         self
     }
 
-    /// Records this run's sigma_max profile (a proxy run) and writes it here at [`Monitor::finish`].
+    /// Records this run's sigma_max profile (a proxy run) and writes it here at [`Monitor::finish`]; it is
+    /// also [`Monitor::recorded_profile`].
     pub fn record_profile(mut self, path: impl Into<PathBuf>) -> Self {
-        self.record_profile = Some(path.into());
+        self.record = Record::ToFile(path.into());
         self
     }
 
-    /// The spectra sampler's settings. Its `run`, `rank` and `host` are ignored (the identity is the
-    /// monitor's), and its `planned_steps` gives way to [`planned_steps`](Self::planned_steps).
+    /// Records this run's sigma_max profile for [`Monitor::recorded_profile`] alone, writing no file.
+    pub fn record_profile_in_memory(mut self) -> Self {
+        self.record = Record::InMemory;
+        self
+    }
+
+    /// The spectra sampler's settings (interval, budget, queue, estimator, `alpha`, worker thread).
     pub fn sampler(mut self, config: SamplerConfig) -> Self {
         self.sampler = config;
         self
@@ -227,11 +242,12 @@ impl MonitorBuilder {
     pub fn to_sink(self, sink: Sink) -> Monitor {
         Monitor {
             telemetry: Telemetry::new(sink, self.id),
-            sampler_config: SamplerConfig { planned_steps: self.planned_steps.or(self.sampler.planned_steps), ..self.sampler },
+            sampler_config: self.sampler,
+            planned_steps: self.planned_steps,
             spectra: self.spectra,
             reference_path: self.reference_path,
             reference: self.reference,
-            record_profile: self.record_profile,
+            record: self.record,
             finish_timeout: self.finish_timeout,
             attached: None,
             last_step: 0,
@@ -257,10 +273,11 @@ struct Attached {
 pub struct Monitor {
     telemetry: Telemetry,
     sampler_config: SamplerConfig,
+    planned_steps: Option<u64>,
     spectra: bool,
     reference_path: Option<PathBuf>,
     reference: Option<Arc<dyn GainReference>>,
-    record_profile: Option<PathBuf>,
+    record: Record,
     finish_timeout: Duration,
     attached: Option<Attached>,
     last_step: u64,
@@ -282,7 +299,7 @@ impl Monitor {
             planned_steps: None,
             reference_path: None,
             reference: None,
-            record_profile: None,
+            record: Record::Off,
             finish_timeout: Duration::from_secs(10),
         }
     }
@@ -342,15 +359,12 @@ impl Monitor {
             }
             None => self.reference.clone(),
         };
-        let recorder = self.record_profile.is_some().then(ProfileRecorder::new);
+        let recorder = (self.record != Record::Off).then(ProfileRecorder::new);
         let sampler = if self.spectra || recorder.is_some() {
             let id = self.telemetry.identity().clone();
-            let mut s = SpectrumSampler::for_run(self.sampler_config.clone(), id, plan, self.telemetry.sink().clone())?;
-            if let Some(r) = reference {
-                s = s.with_reference(r);
-            }
+            let s = SpectrumSampler::start(self.sampler_config.clone(), self.planned_steps, id, plan, self.telemetry.sink().clone(), reference)?;
             if let Some(rec) = &recorder {
-                s.add_listener(rec.listener());
+                s.handle().add_listener(rec.listener());
             }
             self.telemetry.attach_sampler(s.handle());
             Some(s)
@@ -358,7 +372,7 @@ impl Monitor {
             None
         };
         let reference_label = self.reference_path.as_ref().map(|p| p.display().to_string());
-        self.telemetry.start(plan, self.sampler_config.planned_steps, self.sampler_config.alpha, reference_label);
+        self.telemetry.start(plan, self.planned_steps, self.sampler_config.alpha, reference_label);
         self.attached = Some(Attached { plan: plan.clone(), sampler: sampler.as_ref().map(|s| s.handle()), recorder, driven: None });
         Ok(sampler)
     }
@@ -413,7 +427,7 @@ impl Monitor {
             }
             a.driven = None;
         }
-        if let (Some(path), Some(profile)) = (&self.record_profile, self.recorded_profile()) {
+        if let (Record::ToFile(path), Some(profile)) = (&self.record, self.recorded_profile()) {
             written = profile.write_json(path);
         }
         self.telemetry.finish(self.last_step, reason);
@@ -421,12 +435,13 @@ impl Monitor {
         Ok(written?)
     }
 
-    /// The sigma_max profile recorded so far (with [`MonitorBuilder::record_profile`]); after
+    /// The sigma_max profile recorded so far (with [`MonitorBuilder::record_profile`] or
+    /// [`MonitorBuilder::record_profile_in_memory`]); after
     /// [`finish`](Self::finish), the one written to the file.
     pub fn recorded_profile(&self) -> Option<ReferenceProfile> {
         let a = self.attached.as_ref()?;
         let rec = a.recorder.as_ref()?;
-        Some(rec.finish(&self.telemetry.identity().run, &a.plan, self.sampler_config.alpha, self.sampler_config.planned_steps))
+        Some(rec.finish(&self.telemetry.identity().run, &a.plan, self.sampler_config.alpha, self.planned_steps))
     }
 
     pub fn identity(&self) -> &RunIdentity {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gainguard::sampler::{ParamRef, SamplerConfig};
+use gainguard::{ParamRef, SamplerConfig};
 use gainguard::reference::ReferenceError;
 use gainguard::{Monitor, MonitorError, StepReport};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
