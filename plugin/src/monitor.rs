@@ -1,4 +1,4 @@
-//! [`Monitor`]: telemetry ([`crate::telemetry`]), the spectra sampler ([`crate::sampler`]) and an optional
+//! [`Monitor`]: telemetry (the training events), the spectra sampler ([`crate::sampler`]) and an optional
 //! reference profile ([`crate::reference`]) attached to an optimizer in one call, reporting to an embedded
 //! `gainguardd` or to a standalone one.
 //!
