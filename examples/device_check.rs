@@ -1,6 +1,6 @@
 //! Checks of the CUDA paths against independent CPU references, for a machine with a GPU. Not a test:
 //! CI has no GPU. `scripts/device-check.sh` runs it (with the optimizer benchmark, the example trainer
-//! on CUDA and gainguardd's NVML metrics); results go to BENCHMARKS.md and the issues' notes.
+//! on CUDA and gainguardd's NVML metrics); results go to BENCHMARKS.md.
 //!
 //! ```text
 //! cargo run --release --example device_check            # on a machine with CUDA; exits 1 without it
@@ -9,7 +9,7 @@
 //! Prints one line per check, `PASS`/`FAIL`, and exits 1 if any failed. Checked:
 //! 1. top-k singular values estimated on CUDA (fp32, bf16) against a float64 SVD on the CPU;
 //! 2. the full spectrum on CUDA (`linalg_svdvals`) against the same float64 SVD;
-//! 3. the sampler (`SpectrumSampler`) attached to a CUDA training run: its samples, taken off the
+//! 3. the sampler (through a `Monitor`) attached to a CUDA training run: its samples, taken off the
 //!    training thread from device-side snapshots, against a float64 CPU SVD of the same weights;
 //! 4. the fused step on CUDA (ATen's `_fused_adamw_`) against the reference path on CUDA, with fixed
 //!    gradients and over 200 training steps with a schedule and clipping, both decay conventions;
@@ -21,9 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
 use gainguard::spectra::{full_spectrum, Estimator, EstimatorConfig, FullPrecision};
-use gainguard::{AdamWConfig, BaseShapes, DecayMode, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, DecayMode, Monitor, SamplerConfig, Schedule, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -154,15 +153,14 @@ fn sampler(c: &mut Checks, device: Device) {
         shutdown_timeout: std::time::Duration::from_secs(60),
         ..Default::default()
     };
-    let mut s = SpectrumSampler::new(cfg, opt.plan(), gainguard::protocol::Sink::disabled()).unwrap();
+    let mon = Monitor::builder("device-check").sampler(cfg).to_sink(gainguard::protocol::Sink::disabled()).attach(&mut opt).unwrap();
+    let handle = mon.sampler().unwrap().clone();
     let seen = samples.clone();
-    s.add_listener(Box::new(move |sample, step| {
+    handle.add_listener(Box::new(move |sample, step| {
         if let Some(sigma) = sample.sigma_max {
             seen.lock().unwrap().push((step, sample.param.clone(), sigma));
         }
     }));
-    let handle = s.handle();
-    opt.add_observer(Box::new(s));
     let corpus = MarkovCorpus::new(48, 4, 1);
     for step in 0..100 {
         opt.zero_grad();

@@ -8,7 +8,7 @@
 use anyhow::Context;
 use clap::Parser;
 use gainguard::data::MarkovCorpus;
-use gainguard::monitor::SamplerConfig;
+use gainguard::sampler::SamplerConfig;
 use gainguard::protocol::Sink;
 use gainguard::{AdamWConfig, BaseShapes, Monitor, Override, ParamRole, Rule, Schedule, WidthScaledAdamW};
 use gainguard_examples::model;

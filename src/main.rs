@@ -17,7 +17,6 @@ use gainguard::daemon::{Daemon, DaemonConfig};
 use gainguard::data::MarkovCorpus;
 use gainguard::reference::{ReferenceProfile, PROFILE_FORMAT};
 use gainguard::steady_state::warmup_then_constant;
-use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::Rule;
 use gainguard_examples::plot;
 use gainguard_examples::train::{self, RunResult, RunSpec};
@@ -213,7 +212,7 @@ fn run_proxy(a: &Args, proxy: &RunSpec, corpus: &MarkovCorpus, planned: &str) ->
 fn run_target(label: &str, spec: &RunSpec, corpus: &MarkovCorpus, daemon: &Daemon, reference: &Arc<ReferenceProfile>) -> anyhow::Result<TargetRun> {
     println!("\n== {}: d_model {}, rule {}, the proxy's (lr, wd), seed {} ==", spec.name, spec.d_model, spec.rule, spec.seed);
     let monitoring = train::Monitoring {
-        telemetry: Some(Telemetry::new(daemon.sink(), RunIdentity::local(&spec.name))),
+        sink: Some(daemon.sink()),
         reference: Some(reference.clone()),
         record_profile: true,
         alpha: 0.75,

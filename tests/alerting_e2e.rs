@@ -19,7 +19,6 @@ use std::time::Duration;
 use gainguard::daemon::{Daemon, DaemonConfig, NvmlSettings, SourceSettings};
 use gainguard::data::MarkovCorpus;
 use gainguard::steady_state::warmup_then_constant;
-use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::Rule;
 use gainguard_examples::train;
 use gainguard_test_support::{promql, wait_until, workspace_root, Alertmanager, Prometheus, PrometheusConfig, Webhook};
@@ -103,10 +102,9 @@ fn at_steady_state_a_mis_scaled_weight_decay_pages_and_a_4x_paper_target_stays_m
     let profile = Arc::new(proxy.profile.expect("the proxy recorded a profile"));
     assert!(!profile.params.is_empty());
 
-    let identity = |run: &str| RunIdentity { run: run.into(), rank: 0, host: "e2e".into() };
     for (run, width, wd) in [("target-paper-4x", TARGET, base_wd), ("target-wd10", PROXY, base_wd * 10.0)] {
         let monitoring = train::Monitoring {
-            telemetry: Some(Telemetry::new(daemon.sink(), identity(run))),
+            sink: Some(daemon.sink()),
             reference: Some(profile.clone()),
             alpha: 0.75,
             ..Default::default()

@@ -47,8 +47,8 @@ fn metric(body: &str, name: &str, labels: &[&str]) -> Vec<f64> {
 #[test]
 fn the_readme_monitoring_snippet_runs_as_written_and_its_loss_and_sigma_max_reach_the_embedded_daemon() -> anyhow::Result<()> {
     // The only test in this binary, so that no other thread reads the environment meanwhile.
-    std::env::remove_var(gainguard::watch::ADDR_ENV);
-    std::env::set_var(gainguard::watch::LISTEN_ENV, "127.0.0.1:0");
+    std::env::remove_var(gainguard::monitor::ADDR_ENV);
+    std::env::set_var(gainguard::monitor::LISTEN_ENV, "127.0.0.1:0");
 
     tch::manual_seed(0);
     let config = |d| model::Config::new(48, d, 16, 2, 16);

@@ -1,4 +1,4 @@
-//! The width-transfer experiments on the LLaMA-style example model, at AdamW's steady state (issue 14).
+//! The width-transfer experiments on the LLaMA-style example model, at AdamW's steady state.
 //!
 //! ```text
 //! cargo run --release --example width_transfer -- --gamma-sweep --preset cpu --out docs/experiments/llama-gamma-cpu

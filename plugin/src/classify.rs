@@ -30,339 +30,23 @@
 //! divided by `m` (mup's `assert_hidden_size_inf` refuses a plain `Linear` so shaped). tch stores an embedding
 //! `[vocab, d]` the same way. Unless an override declares its `role` (`readout` or `embedding`), such a
 //! parameter carries a [`WarningKind::PossibleReadout`] warning.
+//!
+//! The files: this one classifies (the infinite-shape test, the warnings); `shapes` holds the base and delta
+//! shapes and their JSON, `overrides` the per-parameter overrides and their globs, `error` the errors.
 
-use regex::Regex;
+mod error;
+mod overrides;
+mod shapes;
+
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::path::Path;
 
+pub use error::ClassifyError;
+pub(crate) use error::quoted_list;
 pub use gainguard_protocol::events::ParamClass;
+pub use overrides::{Override, Overrides, ParamRole};
+pub use shapes::{BaseShapes, ShapeMap};
 
-/// `` `a`, `b`, `c` ``: names quoted for a message.
-pub(crate) fn quoted_list<S: AsRef<str>>(names: &[S]) -> String {
-    names.iter().map(|n| format!("`{}`", n.as_ref())).collect::<Vec<_>>().join(", ")
-}
-
-fn non_width_dims_message(shape: &[i64], base: &[i64], dims: &[usize]) -> String {
-    let each: Vec<String> = dims.iter().map(|&d| format!("dimension {d} is {} in the base and the delta shapes alike (so not a width) but {} in the target", base[d], shape[d])).collect();
-    format!(
-        "{} (target shape {shape:?}, base {base:?}): a different vocabulary or a typo? If it grows with width, give delta shapes that differ there; if it may differ without being a width, declare the width dimensions with an override (`width_dims`, or `fixed_size`)",
-        each.join("; ")
-    )
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClassifyError {
-    #[error("parameter `{name}` (shape {shape:?}) is missing in the base shapes; base has {base_count} parameters")]
-    MissingInBase { name: String, shape: Vec<i64>, base_count: usize },
-    #[error("parameter `{name}` (shape {shape:?}) is missing in the delta shapes; delta has {delta_count} parameters (delta shapes must name every parameter the base names)")]
-    MissingInDelta { name: String, shape: Vec<i64>, delta_count: usize },
-    #[error("parameter `{name}`: shape {shape:?} has rank {rank} but the base shape {base:?} has rank {base_rank}")]
-    RankMismatch { name: String, shape: Vec<i64>, rank: usize, base: Vec<i64>, base_rank: usize },
-    #[error("parameter `{name}`: delta shape {delta:?} has rank {} but the base shape {base:?} has rank {}", .delta.len(), .base.len())]
-    DeltaRankMismatch { name: String, delta: Vec<i64>, base: Vec<i64> },
-    #[error("parameter `{name}`: {which} shape {shape:?} has a zero-sized dimension {dim}")]
-    ZeroDim { name: String, which: &'static str, shape: Vec<i64>, dim: usize },
-    #[error("parameter `{name}`: {}", non_width_dims_message(.shape, .base, .dims))]
-    NonWidthDimDiffers { name: String, shape: Vec<i64>, base: Vec<i64>, dims: Vec<usize> },
-    #[error("parameter `{name}`: override sets fan_in_dim = {dim} but the shape {shape:?} has rank {rank}")]
-    FanInDimOutOfRange { name: String, dim: usize, shape: Vec<i64>, rank: usize },
-    #[error("parameter `{name}`: override declares width_dims {dims:?} but the shape {shape:?} has rank {}", .shape.len())]
-    WidthDimsOutOfRange { name: String, dims: Vec<usize>, shape: Vec<i64> },
-    #[error("parameter `{name}`: overrides declare it fixed_size and also width_dims {dims:?}; a fixed-size parameter has no width dimension")]
-    FixedSizeWithWidthDims { name: String, dims: Vec<usize> },
-    #[error("parameter `{name}`: width multiplier {m} must be finite and > 0")]
-    BadWidthMultiplier { name: String, m: f64 },
-    #[error("override pattern `{pattern}` is invalid: {reason}")]
-    BadPattern { pattern: String, reason: String },
-    #[error("{which} shapes file `{path}`: {reason}")]
-    ShapesFile { which: &'static str, path: String, reason: String },
-    #[error("the {which} shapes name {} parameter(s) that the model does not have: {} (a typo, or the shapes of another model?)", .names.len(), quoted_list(.names))]
-    UnusedShapes { which: &'static str, names: Vec<String> },
-    #[error("override pattern(s) that match no parameter: {} (a typo? an override that may match nothing on purpose says \"may_match_nothing\": true)", quoted_list(.patterns))]
-    UnmatchedPatterns { patterns: Vec<String> },
-    #[error("overrides from {origin}: {}", .problems.join("; "))]
-    Overrides { origin: String, problems: Vec<String> },
-    #[error(
-        "{} parameter(s) of rank >= 2 have no width dimension although other parameters have one: {}. They would be \
-         vector-like, with the base lr and no weight decay (a base that differs from the target only in its vocabulary \
-         or position table does this). Fix it either way: (1) give delta shapes, the same model at a second width \
-         (`BaseShapes::from_var_stores(base, delta)`, or a {{\"base\": ..., \"delta\": ...}} shapes file), so the width \
-         dimensions are known; or (2) declare each with an override, {{\"pattern\": \"{}\", \"class\": \"matrix_like\"}}, \
-         or {{\"pattern\": \"{}\", \"fixed_size\": true}} if it does not grow with width on purpose",
-        .params.len(),
-        .params.iter().map(|(n, s)| format!("`{n}` {s:?}")).collect::<Vec<_>>().join(", "),
-        .params[0].0,
-        .params[0].0
-    )]
-    HiddenWithoutWidth { params: Vec<(String, Vec<i64>)> },
-}
-
-pub type ShapeMap = BTreeMap<String, Vec<i64>>;
-
-/// The shapes of a base (proxy) model, and optionally of the same model at another width (delta).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct BaseShapes {
-    pub base: ShapeMap,
-    pub delta: Option<ShapeMap>,
-}
-
-fn shapes_of(vs: &tch::nn::VarStore) -> ShapeMap {
-    vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect()
-}
-
-impl BaseShapes {
-    pub fn new(base: ShapeMap) -> BaseShapes {
-        BaseShapes { base, delta: None }
-    }
-
-    pub fn from_var_store(vs: &tch::nn::VarStore) -> BaseShapes {
-        BaseShapes::new(shapes_of(vs))
-    }
-
-    /// Base shapes with delta shapes: `delta` is the same model at another width, which declares the
-    /// width dimensions (those whose size differs from `base`).
-    pub fn from_var_stores(base: &tch::nn::VarStore, delta: &tch::nn::VarStore) -> BaseShapes {
-        BaseShapes { base: shapes_of(base), delta: Some(shapes_of(delta)) }
-    }
-
-    /// Parses base shapes: either a JSON object mapping each parameter name to its shape (an array of
-    /// integers), or `{"base": {...}, "delta": {...}}` with two such objects (what
-    /// [`write_json`](Self::write_json) writes when delta shapes are known). Errors name `origin`.
-    pub fn from_json_str(text: &str, origin: &str) -> Result<BaseShapes, ClassifyError> {
-        Self::parse_json(text, origin, "base")
-    }
-
-    /// As [`from_json_str`](Self::from_json_str), with `which` (`base`, `target`) naming the file's part in
-    /// error messages.
-    pub fn parse_json(text: &str, origin: &str, which: &'static str) -> Result<BaseShapes, ClassifyError> {
-        let err = |reason: String| ClassifyError::ShapesFile { which, path: origin.to_string(), reason };
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| err("expected a JSON object mapping parameter names to shapes, or {\"base\": {...}, \"delta\": {...}}".into()))?;
-        // A shape is an array, so an object under `base` or `delta` can only mean the two-part form.
-        let two_part = ["base", "delta"].iter().any(|k| obj.get(*k).is_some_and(|v| v.is_object()));
-        if !two_part {
-            return Ok(BaseShapes::new(Self::shape_map(&value, origin, which, None)?));
-        }
-        let extra: Vec<&String> = obj.keys().filter(|k| *k != "base" && *k != "delta").collect();
-        if !extra.is_empty() {
-            return Err(err(format!("a {{\"base\": ..., \"delta\": ...}} file has no other keys, but this one also has {}", quoted_list(&extra))));
-        }
-        let part = |key: &'static str| {
-            obj.get(key)
-                .ok_or_else(|| err(format!("has no `{key}`: a {{\"base\": ..., \"delta\": ...}} file needs both, each mapping parameter names to shapes")))
-                .and_then(|v| Self::shape_map(v, origin, which, Some(key)))
-        };
-        Ok(BaseShapes { base: part("base")?, delta: Some(part("delta")?) })
-    }
-
-    fn shape_map(value: &serde_json::Value, origin: &str, which: &'static str, part: Option<&str>) -> Result<ShapeMap, ClassifyError> {
-        let prefix = part.map(|p| format!("{p}: ")).unwrap_or_default();
-        let err = |reason: String| ClassifyError::ShapesFile { which, path: origin.to_string(), reason: format!("{prefix}{reason}") };
-        let obj = value
-            .as_object()
-            .ok_or_else(|| err(format!("expected a JSON object mapping parameter names to shapes, got {value}")))?;
-        let mut shapes = BTreeMap::new();
-        for (name, shape) in obj {
-            let dims = shape
-                .as_array()
-                .ok_or_else(|| err(format!("`{name}`: expected an array of integers, got {shape}")))?;
-            let mut out = Vec::with_capacity(dims.len());
-            for d in dims {
-                match d.as_i64() {
-                    Some(v) if v >= 0 => out.push(v),
-                    _ => return Err(err(format!("`{name}`: dimension {d} is not a non-negative integer"))),
-                }
-            }
-            shapes.insert(name.clone(), out);
-        }
-        Ok(shapes)
-    }
-
-    pub fn from_json_file(path: &Path) -> Result<BaseShapes, ClassifyError> {
-        Self::read_json_file(path, "base")
-    }
-
-    /// Reads a shapes file; `which` (`base`, `target`) names the file's part in error messages.
-    pub fn read_json_file(path: &Path, which: &'static str) -> Result<BaseShapes, ClassifyError> {
-        let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| ClassifyError::ShapesFile { which, path: shown.clone(), reason: e.to_string() })?;
-        let text = String::from_utf8(bytes).map_err(|_| ClassifyError::ShapesFile {
-            which,
-            path: shown.clone(),
-            reason: "not a text file (not UTF-8); expected JSON mapping parameter names to shapes".into(),
-        })?;
-        BaseShapes::parse_json(&text, &shown, which)
-    }
-
-    pub fn to_json_string(&self) -> String {
-        let value = match &self.delta {
-            None => serde_json::to_value(&self.base),
-            Some(delta) => serde_json::to_value(serde_json::json!({ "base": self.base, "delta": delta })),
-        };
-        serde_json::to_string_pretty(&value.expect("shape maps serialize")).expect("JSON values serialize")
-    }
-
-    /// Writes the shapes as JSON, so that a proxy run leaves the base shapes for its targets.
-    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, self.to_json_string() + "\n")
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Vec<i64>> {
-        self.base.get(name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.base.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.base.is_empty()
-    }
-}
-
-/// What a parameter is in μP's terms, where its shape cannot tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamRole {
-    /// The output layer `[vocab, d]` (μP: vector-like, its output divided by `m`, as `MuReadout` does).
-    Readout,
-    /// The input embedding `[vocab, d]` (μP: vector-like, nothing divided).
-    Embedding,
-}
-
-impl ParamRole {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ParamRole::Readout => "readout",
-            ParamRole::Embedding => "embedding",
-        }
-    }
-}
-
-/// A per-parameter adjustment selected by a name pattern.
-///
-/// Patterns are globs over the full parameter name: `*` matches any run of characters (dots included),
-/// `?` one character. Every matching override applies, in order; a later one wins field by field. A pattern
-/// that matches no parameter is an error unless `may_match_nothing` is set; an unknown field is an error.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Override {
-    pub pattern: String,
-    #[serde(default)]
-    pub class: Option<ParamClass>,
-    #[serde(default)]
-    pub width_multiplier: Option<f64>,
-    #[serde(default)]
-    pub fan_in_dim: Option<usize>,
-    /// Multiplies the rule's learning rate.
-    #[serde(default)]
-    pub lr_multiplier: Option<f64>,
-    /// Multiplies the rule's weight decay (a vector-like param with wd 0 stays at 0: set `weight_decay`).
-    #[serde(default)]
-    pub wd_multiplier: Option<f64>,
-    /// Replaces the base weight decay `lambda` for this parameter before the rule scales it; lets a
-    /// vector-like parameter decay.
-    #[serde(default)]
-    pub weight_decay: Option<f64>,
-    /// Declares exactly which dimensions are widths, in place of the base/delta shape test; the others may
-    /// differ between base and target without being widths (a vocabulary). `[]` means no width dimension.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub width_dims: Option<Vec<usize>>,
-    /// Declares a parameter that does not grow with width, on purpose: no width dimension, vector-like
-    /// unless `class` says otherwise, and not refused as a rank ≥ 2 parameter without a width dimension.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fixed_size: Option<bool>,
-    /// Declares the parameter's role (`readout`, `embedding`): vector-like unless `class` says otherwise, and
-    /// no possible-readout warning.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<ParamRole>,
-    /// Set on an override that may match no parameter; otherwise a pattern matching nothing is an error.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub may_match_nothing: bool,
-}
-
-impl Override {
-    /// Every field an override object may have, as named in JSON.
-    pub const FIELDS: [&'static str; 11] = [
-        "pattern",
-        "class",
-        "width_multiplier",
-        "fan_in_dim",
-        "lr_multiplier",
-        "wd_multiplier",
-        "weight_decay",
-        "width_dims",
-        "fixed_size",
-        "role",
-        "may_match_nothing",
-    ];
-
-    pub fn new(pattern: &str) -> Override {
-        Override { pattern: pattern.to_string(), ..Default::default() }
-    }
-
-    pub fn matcher(&self) -> Result<Regex, ClassifyError> {
-        glob_regex(&self.pattern)
-    }
-
-    /// Parses overrides from JSON: an array of override objects, or a single one. Every problem of every
-    /// entry (unknown fields, wrong types, a missing pattern) is reported at once, unknown fields with the
-    /// list of valid ones. `origin` names the source in the message (`` `o.json` ``, `the --overrides argument`).
-    pub fn parse_list(text: &str, origin: &str) -> Result<Vec<Override>, ClassifyError> {
-        let err = |problems: Vec<String>| ClassifyError::Overrides { origin: origin.to_string(), problems };
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| err(vec![format!("not valid JSON: {e}")]))?;
-        let entries = match value {
-            serde_json::Value::Array(a) => a,
-            o @ serde_json::Value::Object(_) => vec![o],
-            other => return Err(err(vec![format!("expected a JSON array of override objects, got {other}")])),
-        };
-        let (mut problems, mut unknown_seen, mut overrides) = (Vec::new(), false, Vec::with_capacity(entries.len()));
-        for (i, entry) in entries.into_iter().enumerate() {
-            let label = match entry.get("pattern").and_then(|p| p.as_str()) {
-                Some(p) => format!("entry {i} (`{p}`)"),
-                None => format!("entry {i}"),
-            };
-            let Some(obj) = entry.as_object() else {
-                problems.push(format!("{label}: expected an object, got {entry}"));
-                continue;
-            };
-            let unknown: Vec<&String> = obj.keys().filter(|k| !Override::FIELDS.contains(&k.as_str())).collect();
-            if !unknown.is_empty() {
-                unknown_seen = true;
-                problems.push(format!("{label}: unknown field(s) {}", quoted_list(&unknown)));
-                continue;
-            }
-            match serde_json::from_value::<Override>(entry) {
-                Ok(o) => overrides.push(o),
-                Err(e) => problems.push(format!("{label}: {e}")),
-            }
-        }
-        if unknown_seen {
-            problems.push(format!("valid fields: {}", Override::FIELDS.join(", ")));
-        }
-        if problems.is_empty() {
-            Ok(overrides)
-        } else {
-            Err(err(problems))
-        }
-    }
-}
-
-fn glob_regex(pattern: &str) -> Result<Regex, ClassifyError> {
-    let mut re = String::from("^");
-    for c in pattern.chars() {
-        match c {
-            '*' => re.push_str(".*"),
-            '?' => re.push('.'),
-            c => re.push_str(&regex::escape(&c.to_string())),
-        }
-    }
-    re.push('$');
-    Regex::new(&re).map_err(|e| ClassifyError::BadPattern { pattern: pattern.to_string(), reason: e.to_string() })
-}
+use overrides::MergedOverride;
 
 /// Something about one parameter that the plan accepts but a person should look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -418,31 +102,6 @@ pub struct Classification {
 /// The first all-digit component of a dotted name, as the block index.
 pub fn layer_of(name: &str) -> Option<u32> {
     name.split('.').find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())).and_then(|p| p.parse().ok())
-}
-
-/// Compiled overrides, so a model's parameters are matched without recompiling patterns.
-pub struct Overrides {
-    rules: Vec<(Regex, Override)>,
-}
-
-impl Overrides {
-    pub fn new(overrides: &[Override]) -> Result<Overrides, ClassifyError> {
-        let rules = overrides.iter().map(|o| Ok((o.matcher()?, o.clone()))).collect::<Result<_, ClassifyError>>()?;
-        Ok(Overrides { rules })
-    }
-
-    fn matching<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Override> + 'a {
-        self.rules.iter().filter(move |(re, _)| re.is_match(name)).map(|(_, o)| o)
-    }
-
-    /// Patterns that match none of `names` and do not say `may_match_nothing`.
-    pub fn unmatched<'a>(&'a self, names: &[&str]) -> Vec<&'a str> {
-        self.rules
-            .iter()
-            .filter(|(re, o)| !o.may_match_nothing && !names.iter().any(|n| re.is_match(n)))
-            .map(|(_, o)| o.pattern.as_str())
-            .collect()
-    }
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -554,52 +213,6 @@ fn checked_shapes<'a>(name: &str, shape: &[i64], base: &'a BaseShapes) -> Result
         }
     }
     Ok((base_shape, delta_shape))
-}
-
-/// Every override matching a parameter, folded in order: a later override's field replaces an earlier one's.
-struct MergedOverride {
-    class: Option<ParamClass>,
-    fan_in_dim: Option<usize>,
-    width_multiplier: Option<f64>,
-    lr_multiplier: f64,
-    wd_multiplier: f64,
-    weight_decay: Option<f64>,
-    width_dims: Option<Vec<usize>>,
-    fixed_size: Option<bool>,
-    role: Option<ParamRole>,
-}
-
-impl MergedOverride {
-    fn of(name: &str, shape: &[i64], overrides: &Overrides) -> Result<MergedOverride, ClassifyError> {
-        let mut m = MergedOverride {
-            class: None,
-            fan_in_dim: None,
-            width_multiplier: None,
-            lr_multiplier: 1.0,
-            wd_multiplier: 1.0,
-            weight_decay: None,
-            width_dims: None,
-            fixed_size: None,
-            role: None,
-        };
-        for o in overrides.matching(name) {
-            if let Some(d) = o.fan_in_dim {
-                if d >= shape.len() {
-                    return Err(ClassifyError::FanInDimOutOfRange { name: name.to_string(), dim: d, shape: shape.to_vec(), rank: shape.len() });
-                }
-                m.fan_in_dim = Some(d);
-            }
-            m.class = o.class.or(m.class);
-            m.width_multiplier = o.width_multiplier.or(m.width_multiplier);
-            m.lr_multiplier = o.lr_multiplier.unwrap_or(m.lr_multiplier);
-            m.wd_multiplier = o.wd_multiplier.unwrap_or(m.wd_multiplier);
-            m.weight_decay = o.weight_decay.or(m.weight_decay);
-            m.width_dims = o.width_dims.clone().or(m.width_dims);
-            m.fixed_size = o.fixed_size.or(m.fixed_size);
-            m.role = o.role.or(m.role);
-        }
-        Ok(m)
-    }
 }
 
 /// The dimensions along which `name` grows with width: none when it is declared fixed-size, the declared
@@ -770,17 +383,6 @@ mod tests {
     }
 
     #[test]
-    fn base_shapes_json_round_trips_and_bad_json_names_the_culprit() {
-        let b = BaseShapes::from_json_str(r#"{"a.weight": [4, 8], "b": [3]}"#, "base.json").unwrap();
-        assert_eq!(b.get("a.weight"), Some(&vec![4, 8]));
-        let again = BaseShapes::from_json_str(&b.to_json_string(), "x").unwrap();
-        assert_eq!(again, b);
-        let e = BaseShapes::from_json_str(r#"{"a.weight": [4, "x"]}"#, "base.json").unwrap_err().to_string();
-        assert!(e.contains("base.json") && e.contains("`a.weight`"), "{e}");
-        assert!(BaseShapes::from_json_str("[1,2]", "f").unwrap_err().to_string().contains("JSON object"));
-    }
-
-    #[test]
     fn layer_is_the_first_numeric_path_component() {
         assert_eq!(layer_of("blocks.12.attn.o.weight"), Some(12));
         assert_eq!(layer_of("lm_head.weight"), None);
@@ -874,52 +476,5 @@ mod tests {
         let o = Overrides::new(&[Override { width_dims: Some(vec![0, 2]), ..Override::new("w") }]).unwrap();
         let e = classify("w", &[16, 16], &b, &o).unwrap_err().to_string();
         assert!(e.contains("`w`") && e.contains("width_dims [0, 2]") && e.contains("rank 2"), "{e}");
-    }
-
-    #[test]
-    fn override_lists_report_every_unknown_field_of_every_entry_with_the_valid_fields() {
-        let text = r#"[{"pattern": "a.*", "clas": "vector_like"}, {"pattern": "b", "lr_multiplier": 2}, {"pattern": "c", "wd_mult": 1, "rol": "readout"}]"#;
-        let e = Override::parse_list(text, "o.json").unwrap_err().to_string();
-        assert!(e.contains("o.json") && e.contains("entry 0 (`a.*`)") && e.contains("`clas`"), "{e}");
-        assert!(e.contains("entry 2 (`c`)") && e.contains("`wd_mult`") && e.contains("`rol`") && !e.contains("entry 1"), "{e}");
-        assert!(e.contains("valid fields: pattern, class,") && e.contains("may_match_nothing"), "{e}");
-        let e = Override::parse_list(r#"[{"pattern": "a", "class": "hidden"}, {"lr_multiplier": 1}]"#, "x").unwrap_err().to_string();
-        assert!(e.contains("entry 0 (`a`)") && e.contains("hidden") && e.contains("entry 1") && e.contains("pattern"), "{e}");
-        let one = Override::parse_list(r#"{"pattern": "a", "fixed_size": true}"#, "inline").unwrap();
-        assert_eq!(one, vec![Override { fixed_size: Some(true), ..Override::new("a") }]);
-    }
-
-    #[test]
-    fn the_list_of_valid_override_fields_is_every_field_of_the_struct() {
-        let full = Override {
-            pattern: "p".into(),
-            class: Some(ParamClass::MatrixLike),
-            width_multiplier: Some(1.0),
-            fan_in_dim: Some(0),
-            lr_multiplier: Some(1.0),
-            wd_multiplier: Some(1.0),
-            weight_decay: Some(0.0),
-            width_dims: Some(vec![]),
-            fixed_size: Some(false),
-            role: Some(ParamRole::Readout),
-            may_match_nothing: true,
-        };
-        let value = serde_json::to_value(&full).unwrap();
-        let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        let mut fields = Override::FIELDS.to_vec();
-        keys.sort_unstable();
-        fields.sort_unstable();
-        assert_eq!(keys, fields);
-        assert_eq!(Override::parse_list(&value.to_string(), "x").unwrap(), vec![full]);
-    }
-
-    #[test]
-    fn a_two_part_shapes_file_must_have_exactly_base_and_delta() {
-        let e = BaseShapes::parse_json(r#"{"base": {"w": [4]}}"#, "s.json", "target").unwrap_err().to_string();
-        assert!(e.starts_with("target shapes file `s.json`") && e.contains("no `delta`"), "{e}");
-        let e = BaseShapes::from_json_str(r#"{"base": {"w": [4]}, "delta": {"w": [8]}, "extra": {}}"#, "s.json").unwrap_err().to_string();
-        assert!(e.starts_with("base shapes file `s.json`") && e.contains("`extra`"), "{e}");
-        let e = BaseShapes::from_json_str(r#"{"base": {"w": [4]}, "delta": {"w": ["x"]}}"#, "s.json").unwrap_err().to_string();
-        assert!(e.contains("delta: `w`"), "{e}");
     }
 }

@@ -3,7 +3,7 @@
 //! scalars: the optimizer ([`crate::optim`]) computes the step's scalars, picks the kernel and calls it; this
 //! module knows nothing of groups, plans or the optimizer's state.
 //!
-//! Two kernels, both in the C++ shim (`csrc/fused_adamw.cpp`, reached through [`crate::shim`]):
+//! Two kernels, both in the C++ shim (`csrc/fused_adamw.cpp`, reached through the crate-private `shim` module):
 //! - **[`adamw_cpu`]**: one loop per call, parallel over libtorch's own OpenMP thread pool, that reads θ, g, m,
 //!   v once and writes θ, m, v once, in libtorch AdamW's order of operations and roundings (mul, add, mul,
 //!   add, sqrt, div, add, div, mul, sub, each rounded to the parameters' dtype), without FMA, with the

@@ -25,26 +25,28 @@ pub mod data;
 pub mod device;
 pub mod fit;
 pub mod fused;
+pub mod identity;
 pub mod monitor;
 pub mod mup;
 pub mod optim;
 pub mod plan;
 pub mod reference;
 pub mod rule;
+pub mod sampler;
 pub mod schedule;
 mod shim;
 pub mod spectra;
 pub mod steady_state;
-pub mod telemetry;
-pub mod watch;
+mod telemetry;
 
 pub use classify::{BaseShapes, Override, ParamClass, ParamRole};
 pub use optim::{AdamWConfig, CpuKernel, DecayMode, NonFiniteGrad, OptimError, StepObserver, StepReport, WidthScaledAdamW};
 pub use plan::{ParamDecision, ScalingPlan};
 pub use rule::{Preset, Rule};
 pub use schedule::Schedule;
-pub use telemetry::RunIdentity;
-pub use watch::{Monitor, MonitorBuilder, MonitorError};
+pub use identity::RunIdentity;
+pub use monitor::{Monitor, MonitorBuilder, MonitorError};
+pub use sampler::{ParamRef, SamplerConfig, SamplerHandle};
 
 /// The events, their wire format and the sinks a trainer sends through (`protocol::Sink`), with or without
 /// the embedded daemon.

@@ -1,891 +1,489 @@
-//! The spectra sampler: an optimizer observer that snapshots weights on their device and a worker
-//! thread that computes spectra and emits events (issue 3).
-//!
-//! ```text
-//! trainer thread (StepObserver)                 worker thread
-//! before_step: pick params, copy W on device    recv a round ─► per param: finite? top-k (warm start),
-//! after_step:  copy W again, try_send a round   ‖ΔW‖/‖W‖, full spectrum every K-th sample ─► Sink
-//!              full queue / byte budget: drop, count
-//! ```
-//!
-//! The training thread never waits: the only work on it is one device copy per sampled parameter
-//! (two where the update ratio is wanted) and an O(1) `try_send`. The one exception is a step whose gradients
-//! held NaN or Inf ([`StepReport::nonfinite_grad`]), the usual first sign of non-finite weights: then the
-//! sampler checks every parameter's weights at once, on the training thread, so that
-//! [`SamplerHandle::nonfinite_parameters`] (and `gainguard_nonfinite_parameters` through telemetry) says so in
-//! that very step, and each non-finite sampled matrix is sent as a non-finite sample, rather than waiting for
-//! the next scheduled round (thousands of steps away once the budget has stretched the interval). A round that does not fit in the
-//! queue or the in-flight byte budget is dropped *before* anything is copied, and every parameter
-//! sample in it is counted in [`SamplerHandle::dropped_total`].
-//!
-//! [`crate::Monitor`] wires it, telemetry and a reference into a trainer in one call. By hand:
+//! [`Monitor`]: telemetry (the training events), the spectra sampler ([`crate::sampler`]) and an optional
+//! reference profile ([`crate::reference`]) attached to an optimizer in one call, reporting to an embedded
+//! `gainguardd` or to a standalone one.
 //!
 //! ```no_run
-//! # use gainguard::{RunIdentity, WidthScaledAdamW, monitor::{SamplerConfig, SpectrumSampler}};
-//! # fn demo(opt: &mut WidthScaledAdamW, sink: gainguard::protocol::Sink) -> Result<(), Box<dyn std::error::Error>> {
-//! let config = SamplerConfig { planned_steps: Some(10_000), ..Default::default() };
-//! let sampler = SpectrumSampler::for_run(config, RunIdentity::local("target-w512"), opt.plan(), sink)?;
-//! let handle = sampler.handle(); // dropped_total(), nonfinite_parameters(), finish()
-//! opt.add_observer(Box::new(sampler));
-//! // … train …
-//! handle.finish(std::time::Duration::from_secs(5));
+//! # use gainguard::{AdamWConfig, BaseShapes, Monitor, WidthScaledAdamW};
+//! # fn demo(vs: &tch::nn::VarStore, base: &BaseShapes, losses: &mut dyn Iterator<Item = tch::Tensor>) -> anyhow::Result<()> {
+//! let mut opt = WidthScaledAdamW::new(vs, base, AdamWConfig::default())?;
+//! let mut mon = Monitor::from_env("my-run")?.attach(&mut opt)?;
+//! for loss in losses {
+//!     opt.zero_grad();
+//!     loss.backward();
+//!     mon.step(&opt.step(), loss.double_value(&[]), 4096);
+//! }
+//! mon.finish()?;
 //! # Ok(()) }
 //! ```
+//!
+//! Where the events go:
+//! - [`Monitor::embedded`]: a `gainguardd` inside the trainer serving `/metrics` on `$GAINGUARD_LISTEN`, else
+//!   127.0.0.1:9464 (or [`MonitorBuilder::listen`]); needs the default-on `embedded-daemon` feature.
+//! - [`Monitor::connect`]: a standalone `gainguardd` at `unix:/path` or `tcp:127.0.0.1:PORT` (TCP reads the
+//!   daemon's token from `$GAINGUARD_INGEST_TOKEN_FILE` or [`MonitorBuilder::sink_options`]).
+//! - [`Monitor::from_env`]: `connect($GAINGUARD_ADDR)` when that is set, else `embedded`: the same trainer
+//!   runs alone on a workstation and beside a node's daemon under a scheduler that sets the variable.
+//!
+//! Nothing here blocks the training thread: [`Monitor::step`] queues one event (a full queue drops and
+//! counts it), the sampler copies a few tensors on their device on sampling steps and does the rest on its
+//! own thread. Only [`Monitor::finish`] (and Drop) waits, for [`MonitorBuilder::finish_timeout`] at most, so
+//! that the last samples and the Goodbye reach the daemon.
+//!
+//! An optimizer that is not a [`WidthScaledAdamW`] (the Python package's) attaches with
+//! [`Monitor::for_plan`] and calls [`Monitor::before_step`] / [`Monitor::after_step`] around its own update.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
-use gainguard_protocol::events::{Event, ParamClass, SpectrumSample};
-use gainguard_protocol::sink::Sink;
-use tch::Tensor;
+use gainguard_protocol::sink::{Sink, SinkError, SinkOptions};
 
-use crate::optim::{ParamSlot, StepObserver, StepReport};
-use crate::plan::{ParamDecision, ScalingPlan};
-use crate::reference::GainReference;
-use crate::telemetry::RunIdentity;
-use crate::spectra::{all_finite, frobenius_distance, frobenius_norm, full_spectrum, Estimator, EstimatorConfig, FullPrecision, MatrixLayout, SpectraError};
+use crate::sampler::{ParamRef, SamplerConfig, SamplerError, SamplerHandle, SpectrumSampler};
+use crate::optim::{StepReport, WidthScaledAdamW};
+use crate::plan::ScalingPlan;
+use crate::reference::{GainReference, ProfileRecorder, ReferenceError, ReferenceProfile};
+use crate::identity::RunIdentity;
+use crate::telemetry::Telemetry;
 
-/// Settings of the sampler.
-#[derive(Clone, Debug)]
-pub struct SamplerConfig {
-    /// Identity carried by every event, for [`SpectrumSampler::new`] only: [`SpectrumSampler::for_run`] and
-    /// [`crate::Monitor`] take it from their [`RunIdentity`] and ignore these three.
-    pub run: String,
-    pub rank: u32,
-    pub host: String,
-    /// Sample every this many steps (at least; the budget may stretch it). Steps `interval`,
-    /// `2·interval`, … are sampled.
-    pub interval: u64,
-    /// Keep the worker's cost at or below this fraction of the measured step time by stretching the
-    /// interval. The cost of a round is the worker thread's CPU time for CPU tensors, its wall time for
-    /// device tensors. None: fixed interval.
-    pub budget_fraction: Option<f64>,
-    /// Parameters per sampling step; a model with more matrices is covered round-robin.
-    pub max_params_per_sample: usize,
-    /// Sample every parameter of rank ≥ 2, not only the matrix-like ones.
-    pub include_all_matrices: bool,
-    /// Every K-th sample of a parameter (the first included) also computes the full spectrum. 0: never.
-    pub full_spectrum_every: u64,
-    /// Sampling rounds that may wait for the worker.
-    pub queue_capacity: usize,
-    /// Device bytes the queued and in-process snapshots may hold.
-    pub max_in_flight_bytes: u64,
-    /// Copy the pre-step weights too, for `update_ratio = ‖W_t − W_{t−1}‖_F / ‖W_{t−1}‖_F`.
-    pub update_ratio: bool,
-    pub estimator: EstimatorConfig,
-    /// Exponent of `sigma_max_normalized = sigma_max / (sqrt(lr/wd) · m^alpha)`.
-    pub alpha: f64,
-    /// Planned optimizer steps, for `progress = step / planned_steps`.
-    pub planned_steps: Option<u64>,
-    /// How long `finish` (and Drop) lets the worker drain the queue before giving up on it.
-    pub shutdown_timeout: Duration,
-    /// libtorch intra-op (OpenMP and MKL) threads of the worker thread alone; the trainer's own setting is
-    /// untouched. 0 leaves libtorch's default (every core), which on a CPU-bound trainer makes the worker's
-    /// thread team fight the trainer's for the same cores.
-    pub worker_threads: usize,
-    /// Linux nice value of the worker thread (0–19; 0 leaves it as is). At 19 the scheduler gives the worker
-    /// about 1.5% of a core that the trainer also wants, and the whole core when the trainer leaves it idle
-    /// (GPU training): the trainer never waits for monitoring, and a worker that falls behind drops and
-    /// counts samples.
-    pub worker_nice: i32,
-}
+/// The standalone daemon's ingest address, for [`Monitor::from_env`].
+pub const ADDR_ENV: &str = "GAINGUARD_ADDR";
+/// Where an embedded daemon serves `/metrics` when the builder is given no address (`HOST:PORT`).
+pub const LISTEN_ENV: &str = "GAINGUARD_LISTEN";
+/// Where an embedded daemon serves `/metrics` otherwise: Prometheus's conventional exporter port.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 9464));
 
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        SamplerConfig {
-            run: "run".into(),
-            rank: 0,
-            host: crate::telemetry::hostname(),
-            interval: 10,
-            budget_fraction: Some(0.01),
-            max_params_per_sample: 16,
-            include_all_matrices: false,
-            full_spectrum_every: 10,
-            queue_capacity: 2,
-            max_in_flight_bytes: 1 << 30,
-            update_ratio: true,
-            estimator: EstimatorConfig::default(),
-            alpha: 0.75,
-            planned_steps: None,
-            shutdown_timeout: Duration::from_secs(5),
-            worker_threads: 1,
-            worker_nice: 19,
-        }
-    }
-}
-
-
+/// Why monitoring could not start or finish. Each names what was wrong: the address, the file, the setting.
 #[derive(Debug, thiserror::Error)]
-pub enum SamplerError {
-    #[error("sampler setting {0}")]
-    Config(String),
-    #[error("cannot start the spectra worker thread: {0}")]
-    Thread(std::io::Error),
+pub enum MonitorError {
+    #[error("gainguardd ingest address `{addr}` (from {origin})")]
+    Connect {
+        addr: String,
+        origin: String,
+        #[source]
+        source: SinkError,
+    },
+    #[error("metrics listen address `{value}` (from $GAINGUARD_LISTEN): expected HOST:PORT, such as 127.0.0.1:9464")]
+    Listen { value: String },
+    #[cfg(feature = "embedded-daemon")]
+    #[error("cannot start the embedded gainguardd serving /metrics on {listen} (if the port is taken: set $GAINGUARD_LISTEN or MonitorBuilder::listen; port 0 picks a free one)")]
+    Daemon {
+        listen: SocketAddr,
+        #[source]
+        source: gainguard_daemon::DaemonError,
+    },
+    #[error("no gainguardd to report to: $GAINGUARD_ADDR is not set and this build has no embedded daemon (the plugin's `embedded-daemon` feature is off)")]
+    NoEmbeddedDaemon,
+    /// An unreadable or invalid profile, one whose parameters are not the model's, or a profile that
+    /// could not be written; the message names the file or the parameters.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
+    #[error("this Monitor is already attached (to an optimizer or a plan); build one Monitor per optimizer")]
+    AlreadyAttached,
 }
 
-/// A listener sees every sample the worker emits, with its step (e.g. a reference-profile recorder).
-pub type SampleListener = Box<dyn FnMut(&SpectrumSample, u64) + Send>;
-
-/// What the worker needs to know about one sampled parameter.
-#[derive(Clone, Debug)]
-struct ParamInfo {
-    name: String,
-    class: ParamClass,
-    layer: Option<u32>,
-    layout: MatrixLayout,
-    width_multiplier: f64,
-}
-
-struct Snapshot {
-    info: Arc<ParamInfo>,
-    after: Tensor,
-    before: Option<Tensor>,
-    /// Effective lr and wd at the sampled step (width-scaled × schedule multipliers).
-    lr: f64,
-    weight_decay: f64,
-    /// The optimizer's decay horizon of the parameter after the sampled step (None: not counted there).
-    decay_horizon: Option<f64>,
-    full: bool,
-}
-
-struct Round {
-    step: u64,
-    snapshots: Vec<Snapshot>,
-    bytes: u64,
-}
-
-enum Control {
-    Pause(Sender<()>),
-    Resume,
-    /// Process every round queued so far, then answer (the worker keeps running).
-    Drain(Sender<()>),
-    Stop,
-}
-
-/// State shared by the sampler, its worker and every [`SamplerHandle`].
-struct Shared {
-    dropped: Arc<AtomicU64>,
-    /// Parameters whose latest check found NaN/Inf: the count of `nonfinite_checks` entries that say so.
-    nonfinite: Arc<AtomicU64>,
-    nonfinite_known: AtomicBool,
-    /// Per parameter name: the step of its latest check and whether it found NaN/Inf. A round the worker
-    /// finishes late does not overwrite a newer check.
-    nonfinite_checks: Mutex<HashMap<String, (u64, bool)>>,
-    emitted: AtomicU64,
-    in_flight_bytes: AtomicU64,
-    /// Exponential averages, in nanoseconds: worker time per round, trainer time per step.
-    worker_ns_per_round: AtomicU64,
-    step_ns: AtomicU64,
-    interval: AtomicU64,
-    listeners: Mutex<Vec<SampleListener>>,
-    reference: Mutex<Option<Arc<dyn GainReference>>>,
-    control: Sender<Control>,
-    done: Mutex<Option<Receiver<()>>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
-    finished: AtomicBool,
-}
-
-/// A cheap, cloneable view of a sampler that the trainer keeps after handing the sampler to the
-/// optimizer: counters for telemetry, the reference, listeners, pause/resume, and shutdown.
+/// Settings of a [`Monitor`] before it starts. From [`Monitor::builder`]; ends with
+/// [`embedded`](Self::embedded), [`connect`](Self::connect), [`from_env`](Self::from_env) or
+/// [`to_sink`](Self::to_sink).
 #[derive(Clone)]
-pub struct SamplerHandle {
-    shared: Arc<Shared>,
-}
-
-impl SamplerHandle {
-    /// Parameter samples dropped because the queue was full or the byte budget exhausted.
-    pub fn dropped_total(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
-    }
-
-    /// The drop counter itself, for a telemetry thread to read (`spectrum_samples_dropped_total`).
-    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.shared.dropped)
-    }
-
-    /// Parameters whose latest check found NaN/Inf weights (a sampled round, or the check of every parameter
-    /// after a step with a non-finite gradient); None before the first check.
-    pub fn nonfinite_parameters(&self) -> Option<u64> {
-        self.shared.nonfinite_known.load(Ordering::Acquire).then(|| self.shared.nonfinite.load(Ordering::Relaxed))
-    }
-
-    /// The non-finite gauge itself (valid once [`nonfinite_parameters`](Self::nonfinite_parameters) is Some).
-    pub fn nonfinite_gauge(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.shared.nonfinite)
-    }
-
-    /// Samples emitted so far.
-    pub fn emitted_total(&self) -> u64 {
-        self.shared.emitted.load(Ordering::Relaxed)
-    }
-
-    /// The sampling interval in force (the configured one, stretched by the budget).
-    pub fn current_interval(&self) -> u64 {
-        self.shared.interval.load(Ordering::Relaxed)
-    }
-
-    /// Compares every later sample with this reference (`reference_sigma_max`, `gain_ratio`).
-    pub fn set_reference(&self, reference: Option<Arc<dyn GainReference>>) {
-        *self.shared.reference.lock().unwrap_or_else(|e| e.into_inner()) = reference;
-    }
-
-    /// Calls `listener` on the worker thread with every sample emitted from now on.
-    pub fn add_listener(&self, listener: SampleListener) {
-        self.shared.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(listener);
-    }
-
-    /// Parks the worker (a test hook for a stalled worker). Returns true once it is parked, so that
-    /// every round sent afterwards stays in the queue; false if it did not park within `timeout`
-    /// (it was busy with a round, or has finished).
-    pub fn pause(&self, timeout: Duration) -> bool {
-        let (tx, rx) = bounded(1);
-        if self.shared.control.send(Control::Pause(tx)).is_err() {
-            return false;
-        }
-        rx.recv_timeout(timeout).is_ok()
-    }
-
-    pub fn resume(&self) {
-        let _ = self.shared.control.send(Control::Resume);
-    }
-
-    /// Waits at most `timeout` until the worker has processed every round queued before this call, and
-    /// leaves it running. Returns true when it has (false on timeout, or once the sampler is finished or
-    /// paused). The trainer's thread never calls this on its own: it is for a caller that wants the last
-    /// sampled step on `/metrics` before it scrapes, checkpoints or ends.
-    pub fn drain(&self, timeout: Duration) -> bool {
-        let (tx, rx) = bounded(1);
-        if self.shared.finished.load(Ordering::SeqCst) || self.shared.control.send(Control::Drain(tx)).is_err() {
-            return false;
-        }
-        rx.recv_timeout(timeout).is_ok()
-    }
-
-    /// Stops the worker after it has drained the queue, waiting at most `timeout`; a worker still busy
-    /// then is left to finish on its own (its rounds are counted as dropped). Returns true when it
-    /// stopped in time. Idempotent.
-    pub fn finish(&self, timeout: Duration) -> bool {
-        if self.shared.finished.swap(true, Ordering::SeqCst) {
-            return self.shared.worker.lock().unwrap_or_else(|e| e.into_inner()).is_none();
-        }
-        let _ = self.shared.control.send(Control::Stop);
-        let done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let stopped = done.is_some_and(|rx| rx.recv_timeout(timeout).is_ok());
-        if stopped {
-            if let Some(h) = self.shared.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                let _ = h.join();
-            }
-        }
-        stopped
-    }
-}
-
-/// The observer half, owned by the optimizer. See the module docs for how to wire it.
-pub struct SpectrumSampler {
-    config: SamplerConfig,
+pub struct MonitorBuilder {
     id: RunIdentity,
-    /// Parameter name → index into the plan's decisions, for parameters given by name ([`ParamRef`]).
-    decision_of: HashMap<String, usize>,
-    shared: Arc<Shared>,
-    /// For the non-finite samples of the check after a non-finite gradient (everything else goes through
-    /// the worker).
-    sink: Sink,
-    /// Whether the latest check of every parameter found NaN/Inf.
-    nonfinite_found: bool,
-    tx: Sender<Round>,
-    /// Per decision index: the parameter's info when it is eligible for sampling.
-    eligible: Vec<Option<Arc<ParamInfo>>>,
-    /// Round-robin cursor over eligible slots.
-    cursor: usize,
-    samples_of: HashMap<usize, u64>,
-    next_step: u64,
-    /// Chosen in `before_step` for the step in flight: (slot index, pre-step copy).
-    pending: Option<(u64, Vec<(usize, Option<Tensor>)>, u64)>,
-    last_after_step: Option<Instant>,
+    listen: Option<SocketAddr>,
+    sink_options: SinkOptions,
+    sampler: SamplerConfig,
+    spectra: bool,
+    planned_steps: Option<u64>,
+    reference_path: Option<PathBuf>,
+    reference: Option<Arc<dyn GainReference>>,
+    record: Record,
+    finish_timeout: Duration,
 }
 
-impl SpectrumSampler {
-    /// A sampler for the parameters of `plan` (the optimizer's [`crate::WidthScaledAdamW::plan`]),
-    /// emitting through `sink`. Starts its worker thread.
-    pub fn new(config: SamplerConfig, plan: &ScalingPlan, sink: Sink) -> Result<SpectrumSampler, SamplerError> {
-        let id = RunIdentity { run: config.run.clone(), rank: config.rank, host: config.host.clone() };
-        SpectrumSampler::for_run(config, id, plan, sink)
-    }
+/// Whether a monitor records the run's sigma_max profile, and where it writes it.
+#[derive(Clone, Debug, PartialEq)]
+enum Record {
+    Off,
+    InMemory,
+    ToFile(PathBuf),
+}
 
-    /// As [`new`](Self::new), with the identity every event carries given once as a [`RunIdentity`]
-    /// (`config.run`, `rank` and `host` are ignored).
-    pub fn for_run(config: SamplerConfig, id: RunIdentity, plan: &ScalingPlan, sink: Sink) -> Result<SpectrumSampler, SamplerError> {
-        if config.interval == 0 {
-            return Err(SamplerError::Config("interval = 0, expected at least 1".into()));
-        }
-        if config.queue_capacity == 0 {
-            return Err(SamplerError::Config("queue_capacity = 0, expected at least 1".into()));
-        }
-        if let Some(f) = config.budget_fraction {
-            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
-                return Err(SamplerError::Config(format!("budget_fraction = {f}, expected 0 < f <= 1")));
-            }
-        }
-        if !config.alpha.is_finite() {
-            return Err(SamplerError::Config(format!("alpha = {}, expected a finite number", config.alpha)));
-        }
-        let eligible = plan.decisions.iter().map(|d| eligible_info(d, config.include_all_matrices)).collect();
-        let (tx, rx) = bounded::<Round>(config.queue_capacity);
-        let (control_tx, control_rx) = crossbeam_channel::unbounded();
-        let (done_tx, done_rx) = bounded(1);
-        let shared = Arc::new(Shared {
-            dropped: Arc::new(AtomicU64::new(0)),
-            nonfinite: Arc::new(AtomicU64::new(0)),
-            nonfinite_known: AtomicBool::new(false),
-            nonfinite_checks: Mutex::new(HashMap::new()),
-            emitted: AtomicU64::new(0),
-            in_flight_bytes: AtomicU64::new(0),
-            worker_ns_per_round: AtomicU64::new(0),
-            step_ns: AtomicU64::new(0),
-            interval: AtomicU64::new(config.interval),
-            listeners: Mutex::new(Vec::new()),
-            reference: Mutex::new(None),
-            control: control_tx,
-            done: Mutex::new(Some(done_rx)),
-            worker: Mutex::new(None),
-            finished: AtomicBool::new(false),
-        });
-        let worker = Worker {
-            shared: Arc::clone(&shared),
-            sink: sink.clone(),
-            rounds: rx,
-            control: control_rx,
-            estimators: HashMap::new(),
-            estimator_config: config.estimator.clone(),
-            id: id.clone(),
-            alpha: config.alpha,
-            planned_steps: config.planned_steps,
-            shutdown_timeout: config.shutdown_timeout,
-        };
-        let (threads, nice) = (config.worker_threads, config.worker_nice);
-        let handle = std::thread::Builder::new()
-            .name("gainguard-spectra".into())
-            .spawn(move || {
-                configure_worker_thread(threads, nice);
-                worker.run();
-                let _ = done_tx.send(());
-            })
-            .map_err(SamplerError::Thread)?;
-        *shared.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
-        Ok(SpectrumSampler {
-            id,
-            decision_of: plan.decisions.iter().enumerate().map(|(i, d)| (d.name.clone(), i)).collect(),
-            sink,
-            nonfinite_found: false,
-            next_step: config.interval,
-            config,
-            shared,
-            tx,
-            eligible,
-            cursor: 0,
-            samples_of: HashMap::new(),
-            pending: None,
-            last_after_step: None,
-        })
-    }
-
-    pub fn handle(&self) -> SamplerHandle {
-        SamplerHandle { shared: Arc::clone(&self.shared) }
-    }
-
-    /// See [`SamplerHandle::add_listener`].
-    pub fn add_listener(&mut self, listener: SampleListener) {
-        self.handle().add_listener(listener);
-    }
-
-    /// See [`SamplerHandle::set_reference`].
-    pub fn with_reference(self, reference: Arc<dyn GainReference>) -> Self {
-        self.handle().set_reference(Some(reference));
+impl MonitorBuilder {
+    /// Rank (default `$RANK`, else 0) of this process in a multi-process run.
+    pub fn rank(mut self, rank: u32) -> Self {
+        self.id.rank = rank;
         self
     }
 
-    pub fn dropped_total(&self) -> u64 {
-        self.handle().dropped_total()
+    /// The whole identity every event carries (run, rank, host).
+    pub fn identity(mut self, id: RunIdentity) -> Self {
+        self.id = id;
+        self
     }
 
-    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
-        self.handle().dropped_counter()
+    /// Planned optimizer steps: the Hello's `planned_steps` (TrainerDown before the planned end) and the
+    /// samples' `progress`, which a reference profile is indexed by.
+    pub fn planned_steps(mut self, steps: u64) -> Self {
+        self.planned_steps = Some(steps);
+        self
     }
 
-    pub fn pause(&self, timeout: Duration) -> bool {
-        self.handle().pause(timeout)
+    /// Compares every sample with the proxy's profile at this path (a [`ReferenceProfile`] JSON written by
+    /// [`record_profile`](Self::record_profile)): `gain_ratio`. Read when the monitor attaches; an
+    /// unreadable file, or one whose matrix-like parameters are not the model's, is an error naming it.
+    pub fn reference(mut self, path: impl Into<PathBuf>) -> Self {
+        self.reference_path = Some(path.into());
+        self.reference = None;
+        self
     }
 
-    pub fn resume(&self) {
-        self.handle().resume()
+    /// Compares with a reference already in memory (a profile, or a [`crate::reference::SelfBaseline`]).
+    pub fn reference_from(mut self, reference: Arc<dyn GainReference>) -> Self {
+        self.reference = Some(reference);
+        self.reference_path = None;
+        self
     }
 
-    /// Names of the parameters the sampler covers, in round-robin order.
-    pub fn sampled_params(&self) -> Vec<String> {
-        self.eligible.iter().flatten().map(|i| i.name.clone()).collect()
+    /// Records this run's sigma_max profile (a proxy run) and writes it here at [`Monitor::finish`]; it is
+    /// also [`Monitor::recorded_profile`].
+    pub fn record_profile(mut self, path: impl Into<PathBuf>) -> Self {
+        self.record = Record::ToFile(path.into());
+        self
     }
 
-    /// The interval after the budget: `max(interval, worker cost / (budget · step time))`, rounded up.
-    fn adapt_interval(&self) -> u64 {
-        let base = self.config.interval;
-        let Some(fraction) = self.config.budget_fraction else { return base };
-        let worker = self.shared.worker_ns_per_round.load(Ordering::Relaxed) as f64;
-        let step = self.shared.step_ns.load(Ordering::Relaxed) as f64;
-        if worker <= 0.0 || step <= 0.0 {
-            return base;
-        }
-        let needed = (worker / (fraction * step)).ceil();
-        base.max(needed.min(1e9) as u64)
-    }
-}
-
-fn eligible_info(d: &ParamDecision, include_all: bool) -> Option<Arc<ParamInfo>> {
-    if d.tied_to.is_some() {
-        return None;
-    }
-    if !(include_all || d.class == ParamClass::MatrixLike) {
-        return None;
-    }
-    let layout = MatrixLayout::for_decision(d)?;
-    Some(Arc::new(ParamInfo { name: d.name.clone(), class: d.class, layer: d.layer, layout, width_multiplier: d.width_multiplier }))
-}
-
-fn tensor_bytes(t: &Tensor) -> u64 {
-    t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
-}
-
-/// A copy on the tensor's own device (no host transfer), detached from autograd.
-fn device_copy(t: &Tensor) -> Tensor {
-    tch::no_grad(|| {
-        let mut c = t.detach().empty_like();
-        c.copy_(t);
-        c
-    })
-}
-
-/// CPU time the calling thread has used (Linux `CLOCK_THREAD_CPUTIME_ID`); None elsewhere.
-fn thread_cpu_time() -> Option<Duration> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: writes into the timespec we own.
-        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
-            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
-        }
-    }
-    None
-}
-
-/// Applies [`SamplerConfig::worker_threads`] and [`SamplerConfig::worker_nice`] to the calling thread.
-/// Either can fail (no shim, a nice the process may not set); the worker then runs as it is, after one
-/// log line.
-fn configure_worker_thread(threads: usize, nice: i32) {
-    if threads > 0 && !crate::shim::limit_this_thread(threads) {
-        eprintln!("gainguard: cannot limit the spectra worker to {threads} libtorch thread(s) in this build; it uses libtorch's default");
-    }
-    #[cfg(target_os = "linux")]
-    if nice != 0 {
-        // SAFETY: setpriority on this thread's own id; no memory is shared.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-        if rc != 0 {
-            eprintln!("gainguard: cannot set the spectra worker's nice to {nice}: {}", std::io::Error::last_os_error());
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = nice;
-}
-
-/// One parameter of an optimizer that is not a [`crate::WidthScaledAdamW`], as its step hooks hand it to
-/// [`SpectrumSampler::before_step_of`] / [`SpectrumSampler::after_step_of`] (and [`crate::Monitor`]'s):
-/// its name in the plan, the live tensor (the sampler copies it on its device, never keeps it) and, where the
-/// optimizer counts it, the parameter's decay horizon `H = Σ lr_t·wd_t` (`None`: not counted, and then the
-/// alerts' horizon gate cannot hold GainDrift back during the transient).
-#[derive(Clone, Copy)]
-pub struct ParamRef<'a> {
-    pub name: &'a str,
-    pub tensor: &'a Tensor,
-    pub decay_horizon: Option<f64>,
-}
-
-/// What the sampler reads of the optimizer's parameters: the optimizer's own slots, or [`ParamRef`]s.
-trait ParamView {
-    fn count(&self) -> usize;
-    fn name(&self, i: usize) -> &str;
-    fn tensor(&self, i: usize) -> &Tensor;
-    /// Index into the plan's decisions; None for a name the plan does not hold.
-    fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize>;
-    /// The optimizer's decay horizon of the parameter; None where the optimizer does not count it.
-    fn decay_horizon(&self, i: usize) -> Option<f64>;
-}
-
-impl ParamView for [ParamSlot] {
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn name(&self, i: usize) -> &str {
-        &self[i].name
-    }
-    fn tensor(&self, i: usize) -> &Tensor {
-        &self[i].tensor
-    }
-    fn decision(&self, i: usize, _: &HashMap<String, usize>) -> Option<usize> {
-        Some(self[i].decision)
-    }
-    fn decay_horizon(&self, i: usize) -> Option<f64> {
-        Some(self[i].decay_horizon)
-    }
-}
-
-impl ParamView for [ParamRef<'_>] {
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn name(&self, i: usize) -> &str {
-        self[i].name
-    }
-    fn tensor(&self, i: usize) -> &Tensor {
-        self[i].tensor
-    }
-    fn decision(&self, i: usize, decision_of: &HashMap<String, usize>) -> Option<usize> {
-        decision_of.get(self[i].name).copied()
-    }
-    fn decay_horizon(&self, i: usize) -> Option<f64> {
-        self[i].decay_horizon
-    }
-}
-
-impl StepObserver for SpectrumSampler {
-    fn before_step(&mut self, step: u64, slots: &[ParamSlot]) {
-        self.observe_before(step, slots);
+    /// Records this run's sigma_max profile for [`Monitor::recorded_profile`] alone, writing no file.
+    pub fn record_profile_in_memory(mut self) -> Self {
+        self.record = Record::InMemory;
+        self
     }
 
-    fn after_step(&mut self, report: &StepReport, slots: &[ParamSlot], plan: &ScalingPlan) {
-        self.observe_after(report, slots, plan);
-    }
-}
-
-impl SpectrumSampler {
-    /// [`StepObserver::before_step`] for an optimizer that is not a [`crate::WidthScaledAdamW`]: call it
-    /// before the parameters change, with the step about to be taken (1-based) and every parameter of the
-    /// plan the sampler was built for (names not in the plan are ignored). Copies on the device at most,
-    /// on sampling steps only.
-    pub fn before_step_of(&mut self, step: u64, params: &[ParamRef<'_>]) {
-        self.observe_before(step, params);
+    /// The spectra sampler's settings (interval, budget, queue, estimator, `alpha`, worker thread).
+    pub fn sampler(mut self, config: SamplerConfig) -> Self {
+        self.sampler = config;
+        self
     }
 
-    /// [`StepObserver::after_step`] for such an optimizer: after the update, with the same parameters and
-    /// the step's report (at least `step`, `lr_multiplier` and `wd_multiplier`; `nonfinite_grad` and
-    /// `grad_norm` when known, for the check of every parameter).
-    pub fn after_step_of(&mut self, report: &StepReport, params: &[ParamRef<'_>], plan: &ScalingPlan) {
-        self.observe_after(report, params, plan);
+    /// Without spectra: telemetry only (no sampler thread, no `sigma_max`). On by default.
+    pub fn spectra(mut self, on: bool) -> Self {
+        self.spectra = on;
+        self
     }
 
-    fn observe_before<P: ParamView + ?Sized>(&mut self, step: u64, slots: &P) {
-        self.pending = None;
-        if step < self.next_step {
-            return;
-        }
-        self.next_step = step + self.adapt_interval();
-        self.shared.interval.store(self.next_step - step, Ordering::Relaxed);
-        // Round-robin: the next `max_params_per_sample` eligible slots after the cursor.
-        let candidates: Vec<usize> = (0..slots.count())
-            .filter(|&i| slots.decision(i, &self.decision_of).is_some_and(|d| self.eligible.get(d).is_some_and(|e| e.is_some())))
-            .collect();
-        if candidates.is_empty() {
-            return;
-        }
-        let take = self.config.max_params_per_sample.max(1).min(candidates.len());
-        let start = self.cursor % candidates.len();
-        let chosen: Vec<usize> = (0..take).map(|i| candidates[(start + i) % candidates.len()]).collect();
-        self.cursor = (start + take) % candidates.len();
-        let copies = if self.config.update_ratio { 2 } else { 1 };
-        let bytes: u64 = chosen.iter().map(|&i| copies * tensor_bytes(slots.tensor(i))).sum();
-        // Decide before copying anything: a round that cannot be queued costs the trainer nothing.
-        let over_budget = self.shared.in_flight_bytes.load(Ordering::Acquire) + bytes > self.config.max_in_flight_bytes;
-        if self.tx.is_full() || over_budget {
-            self.shared.dropped.fetch_add(chosen.len() as u64, Ordering::Relaxed);
-            return;
-        }
-        self.shared.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
-        let before = chosen
-            .into_iter()
-            .map(|i| (i, self.config.update_ratio.then(|| device_copy(slots.tensor(i)))))
-            .collect();
-        self.pending = Some((step, before, bytes));
+    /// Where an embedded daemon serves `/metrics` (port 0: any free port, see [`Monitor::metrics_addr`]).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
     }
 
-    fn observe_after<P: ParamView + ?Sized>(&mut self, report: &StepReport, slots: &P, plan: &ScalingPlan) {
-        let now = Instant::now();
-        if let Some(last) = self.last_after_step.replace(now) {
-            ema(&self.shared.step_ns, now.duration_since(last).as_nanos() as u64);
-        }
-        // After a check that found NaN/Inf, the first step with finite gradients checks again, so that weights
-        // repaired (e.g. by loading a checkpoint) are not counted forever.
-        let recovered = self.nonfinite_found && report.grad_norm.is_some_and(f64::is_finite);
-        if report.nonfinite_grad.is_some() || recovered {
-            self.check_every_parameter(report.step, slots);
-        }
-        let Some((step, chosen, bytes)) = self.pending.take() else { return };
-        if step != report.step {
-            self.shared.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return;
-        }
-        let every = self.config.full_spectrum_every;
-        let snapshots: Vec<Snapshot> = chosen
-            .into_iter()
-            .filter_map(|(si, before)| {
-                if si >= slots.count() {
-                    return None;
+    /// Options of the connection to a standalone daemon (buffer, backoff, the TCP token file).
+    pub fn sink_options(mut self, options: SinkOptions) -> Self {
+        self.sink_options = options;
+        self
+    }
+
+    /// How long [`Monitor::finish`] (or Drop) waits in all for the sampler to drain and the events to be
+    /// written. Default 10 s.
+    pub fn finish_timeout(mut self, timeout: Duration) -> Self {
+        self.finish_timeout = timeout;
+        self
+    }
+
+    /// Starts a daemon inside this process and reports to it.
+    #[cfg(feature = "embedded-daemon")]
+    pub fn embedded(self) -> Result<Monitor, MonitorError> {
+        let listen = match self.listen {
+            Some(addr) => addr,
+            None => match std::env::var(LISTEN_ENV) {
+                Ok(value) if !value.trim().is_empty() => {
+                    value.trim().parse().map_err(|_| MonitorError::Listen { value: value.clone() })?
                 }
-                let decision = slots.decision(si, &self.decision_of)?;
-                let info = self.eligible.get(decision)?.clone()?;
-                let d = plan.decisions.get(decision)?;
-                let count = self.samples_of.entry(decision).or_insert(0);
-                let full = every > 0 && *count % every == 0;
-                *count += 1;
-                Some(Snapshot {
-                    info,
-                    after: device_copy(slots.tensor(si)),
-                    before,
-                    lr: d.lr * report.lr_multiplier,
-                    weight_decay: d.weight_decay * report.wd_multiplier,
-                    decay_horizon: slots.decay_horizon(si),
-                    full,
-                })
-            })
-            .collect();
-        let n = snapshots.len() as u64;
-        if let Err(e) = self.tx.try_send(Round { step, snapshots, bytes }) {
-            // Only this thread sends and the queue was checked in before_step, so this is a worker
-            // that has stopped; count it all the same.
-            self.shared.in_flight_bytes.fetch_sub(e.into_inner().bytes, Ordering::AcqRel);
-            self.shared.dropped.fetch_add(n, Ordering::Relaxed);
-        }
+                _ => DEFAULT_LISTEN,
+            },
+        };
+        let config = gainguard_daemon::DaemonConfig { listen, ..Default::default() };
+        let daemon = gainguard_daemon::Daemon::spawn(config).map_err(|source| MonitorError::Daemon { listen, source })?;
+        let sink = daemon.sink();
+        let mut monitor = self.to_sink(sink);
+        monitor.daemon = Some(daemon);
+        Ok(monitor)
     }
-}
 
-impl SpectrumSampler {
-    /// Checks every parameter's weights for NaN/Inf now, records the result for
-    /// [`SamplerHandle::nonfinite_parameters`], and sends a non-finite sample for each sampled matrix that
-    /// holds them (the daemon then drops its stale spectrum series).
-    fn check_every_parameter<P: ParamView + ?Sized>(&mut self, step: u64, slots: &P) {
-        let results: Vec<(usize, bool)> = (0..slots.count()).map(|i| (i, !tch::no_grad(|| all_finite(slots.tensor(i))))).collect();
-        self.nonfinite_found = results.iter().any(|&(_, bad)| bad);
-        record_checks(&self.shared, step, results.iter().map(|&(i, bad)| (slots.name(i), bad)));
-        let progress = self.config.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64);
-        for (i, _) in results.into_iter().filter(|&(_, bad)| bad) {
-            let Some(info) = slots.decision(i, &self.decision_of).and_then(|d| self.eligible.get(d).cloned().flatten()) else { continue };
-            let sample = SpectrumSample {
-                nonfinite: true,
-                progress,
-                decay_horizon: slots.decay_horizon(i),
-                ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
-            };
-            self.sink.send(self.id.envelope(step, Event::Spectrum(sample)));
-            self.shared.emitted.fetch_add(1, Ordering::Relaxed);
-        }
+    /// Reports to a standalone `gainguardd` at `unix:/path` or `tcp:127.0.0.1:PORT`. Succeeds while the
+    /// daemon is down (events are buffered, then dropped and counted, and sent once it is up).
+    pub fn connect(self, addr: &str) -> Result<Monitor, MonitorError> {
+        self.connect_from(addr, "Monitor::connect")
     }
-}
 
-/// Records the checks of one step (parameter name, whether it holds NaN/Inf), unless a later step's check of
-/// that parameter is already recorded, and updates the count.
-fn record_checks<'a>(shared: &Shared, step: u64, checks: impl Iterator<Item = (&'a str, bool)>) {
-    let mut map = shared.nonfinite_checks.lock().unwrap_or_else(|e| e.into_inner());
-    for (name, bad) in checks {
-        match map.get_mut(name) {
-            Some(entry) if entry.0 > step => {}
-            Some(entry) => *entry = (step, bad),
-            None => {
-                map.insert(name.to_string(), (step, bad));
+    fn connect_from(self, addr: &str, origin: &str) -> Result<Monitor, MonitorError> {
+        let sink = Sink::connect(addr, self.sink_options.clone()).map_err(|source| MonitorError::Connect {
+            addr: addr.to_string(),
+            origin: origin.to_string(),
+            source,
+        })?;
+        Ok(self.to_sink(sink))
+    }
+
+    /// `connect($GAINGUARD_ADDR)` when the variable is set (and not empty), else [`embedded`](Self::embedded)
+    /// (an error without the `embedded-daemon` feature).
+    pub fn from_env(self) -> Result<Monitor, MonitorError> {
+        match std::env::var(ADDR_ENV) {
+            Ok(addr) if !addr.trim().is_empty() => self.connect_from(addr.trim(), &format!("${ADDR_ENV}")),
+            _ => {
+                #[cfg(feature = "embedded-daemon")]
+                return self.embedded();
+                #[cfg(not(feature = "embedded-daemon"))]
+                return Err(MonitorError::NoEmbeddedDaemon);
             }
         }
     }
-    shared.nonfinite.store(map.values().filter(|(_, bad)| *bad).count() as u64, Ordering::Relaxed);
-    shared.nonfinite_known.store(true, Ordering::Release);
-}
 
-impl Drop for SpectrumSampler {
-    fn drop(&mut self) {
-        let timeout = self.config.shutdown_timeout;
-        self.handle().finish(timeout);
+    /// Reports into a sink the caller made (a capture channel in tests, [`Sink::disabled`]).
+    pub fn to_sink(self, sink: Sink) -> Monitor {
+        Monitor {
+            telemetry: Telemetry::new(sink, self.id),
+            sampler_config: self.sampler,
+            planned_steps: self.planned_steps,
+            spectra: self.spectra,
+            reference_path: self.reference_path,
+            reference: self.reference,
+            record: self.record,
+            finish_timeout: self.finish_timeout,
+            attached: None,
+            last_step: 0,
+            finished: false,
+            #[cfg(feature = "embedded-daemon")]
+            daemon: None,
+        }
     }
 }
 
-/// Exponential moving average with weight 1/4 on the new value (the first value is taken as is).
-fn ema(cell: &AtomicU64, value: u64) {
-    let old = cell.load(Ordering::Relaxed);
-    let new = if old == 0 { value } else { (old * 3 + value) / 4 };
-    cell.store(new, Ordering::Relaxed);
+/// What a monitor holds once attached.
+struct Attached {
+    /// The plan it was attached with: the recorder's profile needs it at the end, and the external hooks
+    /// every step.
+    plan: ScalingPlan,
+    sampler: Option<SamplerHandle>,
+    recorder: Option<ProfileRecorder>,
+    /// The sampler itself when the caller drives it ([`Monitor::for_plan`]); the optimizer owns it otherwise.
+    driven: Option<SpectrumSampler>,
 }
 
-struct Worker {
-    shared: Arc<Shared>,
-    sink: Sink,
-    rounds: Receiver<Round>,
-    control: Receiver<Control>,
-    estimators: HashMap<String, Estimator>,
-    estimator_config: EstimatorConfig,
-    id: RunIdentity,
-    alpha: f64,
+/// Monitoring of one training run. See the module docs.
+pub struct Monitor {
+    telemetry: Telemetry,
+    sampler_config: SamplerConfig,
     planned_steps: Option<u64>,
-    shutdown_timeout: Duration,
+    spectra: bool,
+    reference_path: Option<PathBuf>,
+    reference: Option<Arc<dyn GainReference>>,
+    record: Record,
+    finish_timeout: Duration,
+    attached: Option<Attached>,
+    last_step: u64,
+    finished: bool,
+    /// Last, so that it stops after everything that sends to it has been dropped.
+    #[cfg(feature = "embedded-daemon")]
+    daemon: Option<gainguard_daemon::Daemon>,
 }
 
-impl Worker {
-    fn run(mut self) {
-        let mut paused = false;
-        loop {
-            if paused {
-                match self.control.recv() {
-                    Ok(Control::Resume) => paused = false,
-                    Ok(Control::Pause(ack)) => {
-                        let _ = ack.send(());
-                    }
-                    // A parked worker processes nothing: the drain's caller times out.
-                    Ok(Control::Drain(_)) => {}
-                    Ok(Control::Stop) | Err(_) => break,
-                }
-                continue;
-            }
-            select! {
-                recv(self.control) -> msg => match msg {
-                    Ok(Control::Pause(ack)) => {
-                        paused = true;
-                        let _ = ack.send(());
-                    }
-                    Ok(Control::Resume) => {}
-                    Ok(Control::Drain(ack)) => {
-                        // Every round sent before the drain is in the queue now (one sender, in order).
-                        while let Ok(round) = self.rounds.try_recv() {
-                            self.process(round);
-                        }
-                        let _ = ack.send(());
-                    }
-                    Ok(Control::Stop) | Err(_) => break,
-                },
-                recv(self.rounds) -> round => match round {
-                    Ok(round) => self.process(round),
-                    Err(_) => break,
-                },
-            }
+impl Monitor {
+    /// Settings first: `Monitor::builder(run).planned_steps(n).reference(path).from_env()?`.
+    pub fn builder(run: &str) -> MonitorBuilder {
+        MonitorBuilder {
+            id: RunIdentity::local(run),
+            listen: None,
+            sink_options: SinkOptions::default(),
+            sampler: SamplerConfig::default(),
+            spectra: true,
+            planned_steps: None,
+            reference_path: None,
+            reference: None,
+            record: Record::Off,
+            finish_timeout: Duration::from_secs(10),
         }
-        // Drain what is queued, within the shutdown timeout; what is left is counted as dropped.
-        let deadline = Instant::now() + self.shutdown_timeout;
-        while let Ok(round) = self.rounds.try_recv() {
-            if Instant::now() < deadline {
-                self.process(round);
-            } else {
-                self.shared.in_flight_bytes.fetch_sub(round.bytes, Ordering::AcqRel);
-                self.shared.dropped.fetch_add(round.snapshots.len() as u64, Ordering::Relaxed);
+    }
+
+    /// An embedded daemon; see [`MonitorBuilder::embedded`].
+    #[cfg(feature = "embedded-daemon")]
+    pub fn embedded(run: &str) -> Result<Monitor, MonitorError> {
+        Monitor::builder(run).embedded()
+    }
+
+    /// A standalone daemon; see [`MonitorBuilder::connect`].
+    pub fn connect(addr: &str, run: &str) -> Result<Monitor, MonitorError> {
+        Monitor::builder(run).connect(addr)
+    }
+
+    /// `$GAINGUARD_ADDR`, else embedded; see [`MonitorBuilder::from_env`].
+    pub fn from_env(run: &str) -> Result<Monitor, MonitorError> {
+        Monitor::builder(run).from_env()
+    }
+
+    /// Announces the run and its rule table, and adds the spectra sampler to the optimizer as an observer.
+    pub fn attach(mut self, opt: &mut WidthScaledAdamW) -> Result<Monitor, MonitorError> {
+        if let Some(sampler) = self.start(opt.plan())? {
+            opt.add_observer(Box::new(sampler));
+        }
+        Ok(self)
+    }
+
+    /// Attaches to a plan for an optimizer that steps by itself: the caller then calls
+    /// [`before_step`](Self::before_step) and [`after_step`](Self::after_step) around every update.
+    pub fn for_plan(mut self, plan: &ScalingPlan) -> Result<Monitor, MonitorError> {
+        let sampler = self.start(plan)?;
+        if let Some(a) = self.attached.as_mut() {
+            a.driven = sampler;
+        }
+        Ok(self)
+    }
+
+    fn start(&mut self, plan: &ScalingPlan) -> Result<Option<SpectrumSampler>, MonitorError> {
+        if self.attached.is_some() {
+            return Err(MonitorError::AlreadyAttached);
+        }
+        let started = self.start_unattached(plan);
+        if started.is_err() {
+            // It never said Hello: dropping it sends no Goodbye, and does not wait for a daemon that is down.
+            self.finished = true;
+        }
+        started
+    }
+
+    fn start_unattached(&mut self, plan: &ScalingPlan) -> Result<Option<SpectrumSampler>, MonitorError> {
+        let reference = match &self.reference_path {
+            Some(path) => {
+                let profile = ReferenceProfile::read_json(path)?;
+                profile.check_names(plan)?;
+                Some(Arc::new(profile) as Arc<dyn GainReference>)
+            }
+            None => self.reference.clone(),
+        };
+        let recorder = (self.record != Record::Off).then(ProfileRecorder::new);
+        let sampler = if self.spectra || recorder.is_some() {
+            let id = self.telemetry.identity().clone();
+            let s = SpectrumSampler::start(self.sampler_config.clone(), self.planned_steps, id, plan, self.telemetry.sink().clone(), reference)?;
+            if let Some(rec) = &recorder {
+                s.handle().add_listener(rec.listener());
+            }
+            self.telemetry.attach_sampler(s.handle());
+            Some(s)
+        } else {
+            None
+        };
+        let reference_label = self.reference_path.as_ref().map(|p| p.display().to_string());
+        self.telemetry.start(plan, self.planned_steps, self.sampler_config.alpha, reference_label);
+        self.attached = Some(Attached { plan: plan.clone(), sampler: sampler.as_ref().map(|s| s.handle()), recorder, driven: None });
+        Ok(sampler)
+    }
+
+    /// Reports one finished step: its loss and the tokens it consumed. Never blocks.
+    pub fn step(&mut self, report: &StepReport, loss: f64, tokens: u64) {
+        self.last_step = report.step;
+        self.telemetry.step(report, loss, tokens);
+    }
+
+    /// For [`for_plan`](Self::for_plan): before the parameters change, with the step about to be taken
+    /// (1-based) and the plan's parameters by name. Copies a few tensors on their device on sampling steps;
+    /// nothing otherwise. Does nothing for a monitor attached to a [`WidthScaledAdamW`] (its observer runs).
+    pub fn before_step(&mut self, step: u64, params: &[ParamRef<'_>]) {
+        if let Some(s) = self.attached.as_mut().and_then(|a| a.driven.as_mut()) {
+            s.before_step_of(step, params);
+        }
+    }
+
+    /// For [`for_plan`](Self::for_plan): after the update, with the step's report (`step`, `lr_multiplier`,
+    /// `wd_multiplier`; `grad_norm`, `nonfinite_grad` and `skipped_steps_total` when the optimizer knows
+    /// them) and the same parameters. Queues the sampled round for the worker; never waits for it.
+    pub fn after_step(&mut self, report: &StepReport, params: &[ParamRef<'_>]) {
+        if let Some(a) = self.attached.as_mut() {
+            if let Some(s) = a.driven.as_mut() {
+                s.after_step_of(report, params, &a.plan);
             }
         }
     }
 
-    fn process(&mut self, round: Round) {
-        let started = Instant::now();
-        let cpu_started = thread_cpu_time();
-        // What a round costs the trainer: on CPU the worker's own CPU time (a niced worker waiting for a
-        // core costs nothing, and its wall time would stretch the interval for that wait); on a GPU its
-        // wall time, which covers the device work it queued and waited for.
-        let on_cpu = round.snapshots.first().is_some_and(|s| s.after.device() == tch::Device::Cpu);
-        let mut checks = Vec::with_capacity(round.snapshots.len());
-        let bytes = round.bytes;
-        for snap in round.snapshots {
-            let sample = self.sample(&snap, round.step);
-            checks.push((snap.info.name.clone(), sample.nonfinite));
-            {
-                let mut listeners = self.shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
-                for l in listeners.iter_mut() {
-                    l(&sample, round.step);
-                }
-            }
-            let envelope = self.id.envelope(round.step, Event::Spectrum(sample));
-            self.sink.send(envelope);
-            self.shared.emitted.fetch_add(1, Ordering::Relaxed);
-        }
-        self.shared.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        record_checks(&self.shared, round.step, checks.iter().map(|(n, bad)| (n.as_str(), *bad)));
-        let cost = match (on_cpu, cpu_started, thread_cpu_time()) {
-            (true, Some(a), Some(b)) => b.saturating_sub(a),
-            _ => started.elapsed(),
-        };
-        ema(&self.shared.worker_ns_per_round, cost.as_nanos() as u64);
+    /// Lets the sampler drain, writes the recorded profile, says Goodbye (`finished`) and flushes, within
+    /// the finish timeout in all. An embedded daemon keeps serving `/metrics` until the monitor is dropped.
+    /// Idempotent; Drop calls it (with reason `error` while panicking, `interrupted` otherwise) when the trainer
+    /// did not.
+    pub fn finish(&mut self) -> Result<(), MonitorError> {
+        self.finish_with("finished")
     }
 
-    fn sample(&mut self, snap: &Snapshot, step: u64) -> SpectrumSample {
-        let started = Instant::now();
-        let info = &snap.info;
-        // The horizon goes on every sample, before the reference is asked: a SelfBaseline windows by it.
-        let mut sample = SpectrumSample {
-            progress: self.planned_steps.filter(|&p| p > 0).map(|p| step as f64 / p as f64),
-            decay_horizon: snap.decay_horizon,
-            ..SpectrumSample::empty(info.name.clone(), info.layer, info.class)
+    /// [`finish`](Self::finish) with the Goodbye's reason given (`error: ...` when the training loop
+    /// failed): the Python package's context manager says why the run ended.
+    pub fn finish_with(&mut self, reason: &str) -> Result<(), MonitorError> {
+        if std::mem::replace(&mut self.finished, true) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.finish_timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let mut written = Ok(());
+        if let Some(a) = self.attached.as_mut() {
+            // The sampler the caller drives stops when dropped; the handle stops either kind.
+            if let Some(h) = &a.sampler {
+                h.finish(left());
+            }
+            a.driven = None;
+        }
+        if let (Record::ToFile(path), Some(profile)) = (&self.record, self.recorded_profile()) {
+            written = profile.write_json(path);
+        }
+        self.telemetry.finish(self.last_step, reason);
+        self.telemetry.sink().flush(left());
+        Ok(written?)
+    }
+
+    /// The sigma_max profile recorded so far (with [`MonitorBuilder::record_profile`] or
+    /// [`MonitorBuilder::record_profile_in_memory`]); after
+    /// [`finish`](Self::finish), the one written to the file.
+    pub fn recorded_profile(&self) -> Option<ReferenceProfile> {
+        let a = self.attached.as_ref()?;
+        let rec = a.recorder.as_ref()?;
+        Some(rec.finish(&self.telemetry.identity().run, &a.plan, self.sampler_config.alpha, self.planned_steps))
+    }
+
+    pub fn identity(&self) -> &RunIdentity {
+        self.telemetry.identity()
+    }
+
+    /// The sink the events go through (its `dropped_total` counts events lost).
+    pub fn sink(&self) -> &Sink {
+        self.telemetry.sink()
+    }
+
+    /// Waits at most `timeout` until the sampler has processed every round queued so far and the sink has
+    /// delivered what was sent, without ending the run: afterwards `/metrics` shows the last sampled step's
+    /// spectra (the sampler runs behind the trainer, niced, and can be several rounds behind on a busy
+    /// machine). Returns false when either did not finish in time. The trainer never needs to call it.
+    pub fn flush(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let drained = match self.attached.as_ref().and_then(|a| a.sampler.as_ref()) {
+            Some(h) => h.drain(timeout),
+            None => true,
         };
-        let estimator = self.estimators.entry(info.name.clone()).or_insert_with(|| Estimator::new(self.estimator_config.clone()));
-        let matrix = match info.layout.apply(&snap.after) {
-            Ok(m) => m,
-            Err(_) => {
-                sample.duration_seconds = started.elapsed().as_secs_f64();
-                return sample;
-            }
-        };
-        if !all_finite(&matrix) {
-            estimator.reset();
-            sample.nonfinite = true;
-            sample.duration_seconds = started.elapsed().as_secs_f64();
-            return sample;
+        let flushed = self.telemetry.sink().flush(deadline.saturating_duration_since(Instant::now()));
+        drained && flushed
+    }
+
+    /// The sampler's counters, pause/resume and listeners, once attached with spectra on.
+    pub fn sampler(&self) -> Option<&SamplerHandle> {
+        self.attached.as_ref().and_then(|a| a.sampler.as_ref())
+    }
+
+    /// The embedded daemon's `/metrics` address (port 0 resolved); None when reporting elsewhere.
+    #[cfg(feature = "embedded-daemon")]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.daemon.as_ref().map(|d| d.metrics_addr())
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let reason = if std::thread::panicking() { "error" } else { "interrupted" };
+        if let Err(e) = self.finish_with(reason) {
+            eprintln!("gainguard: {e}");
         }
-        // The estimate's first pass sums ‖W‖_F as well (the matrix holds the snapshot's elements).
-        let mut fro = None;
-        match estimator.estimate(&matrix) {
-            Ok(e) => {
-                sample.sigma_max = Some(e.sigma_max);
-                sample.top_k = e.top_k;
-                sample.iterations = e.iterations;
-                fro = Some(e.frobenius_norm);
-            }
-            Err(SpectraError::NonFinite(_)) => sample.nonfinite = true,
-            Err(_) => {}
-        }
-        let fro = fro.unwrap_or_else(|| frobenius_norm(&snap.after));
-        sample.frobenius_norm = Some(fro);
-        if let Some(s) = sample.sigma_max {
-            if s > 0.0 {
-                sample.stable_rank = Some(fro * fro / (s * s));
-            }
-            // sigma_max / (sqrt(lr/wd) · m^alpha): the paper's steady-state scale removed.
-            if snap.weight_decay > 0.0 && snap.lr > 0.0 {
-                let scale = (snap.lr / snap.weight_decay).sqrt() * info.width_multiplier.powf(self.alpha);
-                sample.sigma_max_normalized = Some(s / scale);
-            }
-        }
-        if let Some(before) = &snap.before {
-            let norm_before = frobenius_norm(before);
-            if norm_before > 0.0 {
-                let delta = frobenius_distance(&snap.after, before);
-                sample.update_ratio = Some(delta / norm_before);
-            }
-        }
-        if snap.full && sample.sigma_max.is_some() {
-            if let Ok(f) = full_spectrum(&matrix, FullPrecision::Device) {
-                sample.effective_rank = Some(f.effective_rank);
-                sample.quantiles = Some(f.quantiles);
-            }
-        }
-        let reference = self.shared.reference.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let (Some(r), Some(s)) = (reference, sample.sigma_max) {
-            if let Some(rs) = r.reference_sigma_max(&sample).filter(|v| v.is_finite()) {
-                sample.reference_sigma_max = Some(rs);
-                if rs > 0.0 {
-                    sample.gain_ratio = Some(s / rs);
-                }
-            }
-        }
-        sample.duration_seconds = started.elapsed().as_secs_f64();
-        sample
     }
 }

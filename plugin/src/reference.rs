@@ -1,8 +1,8 @@
 //! Reference profiles and the gain ratio (docs/design.md §1.6, "matching top singular values").
 //!
-//! - A proxy run records each matrix-like parameter's `sigma_max` against training progress (the
-//!   fraction of planned steps) with a [`ProfileRecorder`], and writes a versioned JSON
-//!   [`ReferenceProfile`] that also records the widths, rule, lr, wd, gamma and alpha.
+//! - A proxy run's [`crate::Monitor`] ([`crate::MonitorBuilder::record_profile`]) records each matrix-like
+//!   parameter's `sigma_max` against training progress (the fraction of planned steps), and writes a versioned
+//!   JSON [`ReferenceProfile`] that also records the widths, rule, lr, wd, gamma and alpha.
 //! - A target run loads it; the spectra worker asks it for `sigma_reference` at the same progress
 //!   (linear interpolation between recorded points, clamped at the ends) and exports
 //!   `gain_ratio = sigma_target / sigma_reference`.
@@ -172,10 +172,10 @@ impl GainReference for ReferenceProfile {
     }
 }
 
-/// Collects a run's sigma_max samples into a [`ReferenceProfile`]. Subscribe [`ProfileRecorder::listener`]
-/// to the spectra sampler.
+/// Collects a run's sigma_max samples into a [`ReferenceProfile`]: the sampler's listener when a
+/// [`crate::Monitor`] records ([`crate::MonitorBuilder::record_profile`]).
 #[derive(Clone, Default)]
-pub struct ProfileRecorder {
+pub(crate) struct ProfileRecorder {
     /// Per parameter: (progress, sigma_max) and (progress, decay horizon) points.
     points: Arc<Mutex<BTreeMap<String, (Vec<(f64, f64)>, Vec<(f64, f64)>)>>>,
 }

@@ -45,16 +45,108 @@ pub enum Preset {
 impl Preset {
     pub const ALL: [Preset; 4] = [Preset::Paper, Preset::MupCoupled, Preset::MupFixedWd, Preset::Standard];
 
+    /// This preset's row of [`PRESETS`].
+    fn row(self) -> &'static PresetRow {
+        PRESETS.iter().find(|r| r.preset == self).expect("every preset has a row in PRESETS")
+    }
+
     pub fn name(&self) -> &'static str {
-        match self {
-            Preset::Paper => "paper",
-            Preset::MupCoupled => "mup-coupled",
-            Preset::MupFixedWd => "mup-fixed-wd",
-            Preset::Standard => "standard",
-            Preset::Custom => "custom",
-        }
+        self.row().name
     }
 }
+
+/// How one of a parameter's settings follows the width multiplier `m`, from its base value `x`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Scale {
+    /// `x`.
+    Base,
+    /// `0`.
+    Zero,
+    /// By the rule's exponent: `eta · m^(−lr_exponent)` for the learning rate, `lambda · m^gamma` for weight decay.
+    Exponent,
+    /// `x / m`.
+    InverseWidth,
+}
+
+/// What a preset gives one class of parameters.
+#[derive(Clone, Copy, Debug)]
+struct ClassRow {
+    lr: Scale,
+    weight_decay: Scale,
+    eps: Scale,
+}
+
+/// One preset: its name, its default exponents, what each class gets, and whether rank ≤ 1 and `*.bias`
+/// parameters go undecayed whatever their class (Megatron-LM's `get_standard_config_overrides`:
+/// `wd_mult = 0` for `len(param.shape) == 1` or `fnmatch(name, "*.bias")`).
+#[derive(Clone, Copy, Debug)]
+struct PresetRow {
+    preset: Preset,
+    name: &'static str,
+    gamma: f64,
+    lr_exponent: f64,
+    matrix: ClassRow,
+    vector: ClassRow,
+    no_decay_for_rank1_and_bias: bool,
+}
+
+const fn class(lr: Scale, weight_decay: Scale, eps: Scale) -> ClassRow {
+    ClassRow { lr, weight_decay, eps }
+}
+
+/// The presets, as the module docs' table lays them out: every function of [`Rule`] reads this.
+const PRESETS: [PresetRow; 5] = {
+    use Scale::{Base, Exponent, InverseWidth, Zero};
+    [
+        PresetRow {
+            preset: Preset::Paper,
+            name: "paper",
+            gamma: 0.5,
+            lr_exponent: 1.0,
+            matrix: class(Exponent, Exponent, Base),
+            vector: class(Base, Zero, Base),
+            no_decay_for_rank1_and_bias: false,
+        },
+        PresetRow {
+            preset: Preset::MupCoupled,
+            name: "mup-coupled",
+            gamma: 1.0,
+            lr_exponent: 1.0,
+            matrix: class(Exponent, Exponent, Base),
+            vector: class(Base, Base, Base),
+            no_decay_for_rank1_and_bias: false,
+        },
+        PresetRow {
+            preset: Preset::MupFixedWd,
+            name: "mup-fixed-wd",
+            gamma: 0.0,
+            lr_exponent: 1.0,
+            // Megatron-LM's get_mup_config_overrides scales the hidden layers' adam_eps by 1/mup_width_mult
+            // ("MuP Appendix B.3").
+            matrix: class(Exponent, Exponent, InverseWidth),
+            vector: class(Base, Base, Base),
+            no_decay_for_rank1_and_bias: true,
+        },
+        PresetRow {
+            preset: Preset::Standard,
+            name: "standard",
+            gamma: 0.0,
+            lr_exponent: 0.0,
+            matrix: class(Exponent, Exponent, Base),
+            vector: class(Base, Base, Base),
+            no_decay_for_rank1_and_bias: false,
+        },
+        PresetRow {
+            preset: Preset::Custom,
+            name: "custom",
+            gamma: 0.5,
+            lr_exponent: 1.0,
+            matrix: class(Exponent, Exponent, Base),
+            vector: class(Base, Zero, Base),
+            no_decay_for_rank1_and_bias: false,
+        },
+    ]
+};
 
 impl fmt::Display for Preset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -73,14 +165,7 @@ pub enum RuleError {
 impl FromStr for Preset {
     type Err = RuleError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "paper" => Ok(Preset::Paper),
-            "mup-coupled" => Ok(Preset::MupCoupled),
-            "mup-fixed-wd" => Ok(Preset::MupFixedWd),
-            "standard" => Ok(Preset::Standard),
-            "custom" => Ok(Preset::Custom),
-            other => Err(RuleError::UnknownPreset(other.to_string())),
-        }
+        PRESETS.iter().find(|r| r.name == s).map(|r| r.preset).ok_or_else(|| RuleError::UnknownPreset(s.to_string()))
     }
 }
 
@@ -101,15 +186,19 @@ impl Default for Rule {
 }
 
 impl Rule {
+    /// A preset with its exponents (a custom rule's default ones: the paper's).
     pub fn preset(preset: Preset) -> Rule {
-        let (gamma, lr_exponent) = match preset {
-            Preset::Paper => (0.5, 1.0),
-            Preset::MupCoupled => (1.0, 1.0),
-            Preset::MupFixedWd => (0.0, 1.0),
-            Preset::Standard => (0.0, 0.0),
-            Preset::Custom => (0.5, 1.0),
-        };
-        Rule { preset, gamma, lr_exponent }
+        let row = preset.row();
+        Rule { preset, gamma: row.gamma, lr_exponent: row.lr_exponent }
+    }
+
+    /// The row of [`PRESETS`] for parameters of `class`.
+    fn class_row(&self, class: ParamClass) -> ClassRow {
+        let row = self.preset.row();
+        match class {
+            ParamClass::MatrixLike => row.matrix,
+            ParamClass::VectorLike => row.vector,
+        }
     }
 
     /// A rule with a user-chosen weight-decay exponent and learning-rate exponent.
@@ -149,10 +238,7 @@ impl Rule {
     ///
     /// Matrix-like: `eta · m^(−lr_exponent)` (μP, Adam). Vector-like: `eta`.
     pub fn learning_rate(&self, class: ParamClass, eta: f64, m: f64) -> f64 {
-        match class {
-            ParamClass::MatrixLike => eta * m.powf(-self.lr_exponent),
-            ParamClass::VectorLike => eta,
-        }
+        self.class_row(class).lr.apply(eta, m, -self.lr_exponent)
     }
 
     /// Weight decay of parameter `name` of shape `shape` and `class`, with width multiplier `m`, from the base
@@ -163,29 +249,35 @@ impl Rule {
     /// takes no decay for any parameter of rank 1 or named `*.bias` (`get_standard_config_overrides`:
     /// `wd_mult = 0` for `len(param.shape) == 1` or `fnmatch(name, "*.bias")`) and `lambda` for the rest.
     pub fn weight_decay_for(&self, name: &str, shape: &[i64], class: ParamClass, lambda: f64, m: f64) -> f64 {
-        if self.preset == Preset::MupFixedWd && (shape.len() <= 1 || name.ends_with(".bias")) {
+        if self.preset.row().no_decay_for_rank1_and_bias && (shape.len() <= 1 || name.ends_with(".bias")) {
             return 0.0;
         }
-        match (class, self.preset) {
-            (ParamClass::MatrixLike, _) => lambda * m.powf(self.gamma),
-            (ParamClass::VectorLike, Preset::MupCoupled | Preset::MupFixedWd | Preset::Standard) => lambda,
-            (ParamClass::VectorLike, Preset::Paper | Preset::Custom) => 0.0,
-        }
+        self.weight_decay(class, lambda, m)
     }
 
-    /// [`weight_decay_for`](Self::weight_decay_for) of a parameter of rank ≥ 2 whose name does not end in
-    /// `.bias`, for callers that reason about classes rather than parameters (e.g. a matrix-like class).
+    /// The weight decay the rule gives the class `class` with width multiplier `m`, from the base `lambda`:
+    /// [`weight_decay_for`](Self::weight_decay_for) without the exception by name and rank, for callers that
+    /// reason about classes rather than parameters.
     pub fn weight_decay(&self, class: ParamClass, lambda: f64, m: f64) -> f64 {
-        self.weight_decay_for("", &[0, 0], class, lambda, m)
+        self.class_row(class).weight_decay.apply(lambda, m, self.gamma)
     }
 
     /// Adam's epsilon of a parameter of `class` with width multiplier `m`, from the base `eps`: `eps / m` for
     /// matrix-like parameters under `mup-fixed-wd` (Megatron-LM's `get_mup_config_overrides` scales the hidden
     /// layers' `adam_eps` by `1 / mup_width_mult`, "MuP Appendix B.3"), `eps` everywhere else.
     pub fn eps(&self, class: ParamClass, eps: f64, m: f64) -> f64 {
-        match (class, self.preset) {
-            (ParamClass::MatrixLike, Preset::MupFixedWd) => eps / m,
-            _ => eps,
+        self.class_row(class).eps.apply(eps, m, 0.0)
+    }
+}
+
+impl Scale {
+    /// The setting of base value `x` at width multiplier `m`; `exponent` is the one [`Scale::Exponent`] takes.
+    fn apply(self, x: f64, m: f64, exponent: f64) -> f64 {
+        match self {
+            Scale::Base => x,
+            Scale::Zero => 0.0,
+            Scale::Exponent => x * m.powf(exponent),
+            Scale::InverseWidth => x / m,
         }
     }
 }
@@ -298,6 +390,14 @@ mod tests {
         assert!((r.weight_decay(ParamClass::MatrixLike, 1.0, 4.0) - 4f64.powf(0.6)).abs() < 1e-12);
         assert!((r.learning_rate(ParamClass::MatrixLike, 1.0, 4.0) - 0.5).abs() < 1e-12);
         assert_eq!(Rule::parse("paper").unwrap(), Rule::default());
+    }
+
+    #[test]
+    fn every_preset_has_one_row_whose_name_parses_back_to_it() {
+        for p in Preset::ALL.into_iter().chain([Preset::Custom]) {
+            assert_eq!(PRESETS.iter().filter(|r| r.preset == p).count(), 1, "{p:?}");
+            assert_eq!(p.name().parse::<Preset>(), Ok(p));
+        }
     }
 
     #[test]

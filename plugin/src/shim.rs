@@ -1,7 +1,7 @@
 //! The C++ shim (`csrc/fused_adamw.cpp`, compiled by `build.rs`): every foreign call of the crate, and
 //! nothing else. Each entry point gets a safe wrapper here that states what the caller must hold; the rest
 //! of the crate uses the wrappers (the fused step in [`crate::fused`], `zero_grad` in [`crate::optim`], the
-//! spectra worker's thread limit in [`crate::monitor`]).
+//! spectra worker's thread limit in [`crate::sampler`]).
 //!
 //! A build without libtorch's headers has no shim (cfg `gainguard_fused_shim` unset): every wrapper then
 //! reports [`NO_SHIM`] (or false), and the callers take their libtorch fallbacks.

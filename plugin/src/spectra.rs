@@ -1,4 +1,4 @@
-//! Singular-value spectra of weight matrices (issue 3).
+//! Singular-value spectra of weight matrices.
 //!
 //! Two measurements, both on the tensor's own device and accumulated in fp32 (fp64 for fp64 weights),
 //! whatever the storage dtype (bf16 and fp16 weights are widened first):

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gainguard::monitor::{ParamRef, SamplerConfig};
+use gainguard::{ParamRef, SamplerConfig};
 use gainguard::protocol::events::{Envelope, Event, SpectrumSample};
 use gainguard::protocol::{Sink, SinkOptions};
 use gainguard::{AdamWConfig, BaseShapes, Monitor, MonitorError, ParamClass, ScalingPlan, StepReport, WidthScaledAdamW};
@@ -149,8 +149,8 @@ fn an_unreadable_or_mismatched_reference_is_an_error_naming_the_file_or_the_para
 
     // A profile of another model: its names are listed.
     let other = temp_path("other-profile.json");
-    let recorder = gainguard::reference::ProfileRecorder::new();
-    let mut profile = recorder.finish("proxy", &plan, 0.75, Some(1));
+    let recording = Monitor::builder("proxy").planned_steps(1).record_profile_in_memory().to_sink(Sink::disabled()).for_plan(&plan).unwrap();
+    let mut profile = recording.recorded_profile().unwrap();
     profile.params.insert("decoder.w".into(), gainguard::reference::ParamProfile { shape: vec![2, 2], width_multiplier: 1.0, lr: 1e-3, weight_decay: 0.1, points: vec![(0.0, 1.0)], decay_horizon: vec![] });
     profile.write_json(&other).unwrap();
     let err = Monitor::builder("r").reference(&other).to_sink(Sink::disabled()).for_plan(&plan).err().unwrap();
@@ -212,12 +212,12 @@ fn a_second_attach_is_refused() {
     assert!(matches!(mon.for_plan(&plan), Err(MonitorError::AlreadyAttached)));
 }
 
-/// A Python optimizer holds its Monitor across calls from any thread.
-#[test]
-fn a_monitor_can_move_between_threads() {
+/// A Python optimizer holds its Monitor across calls from any thread: this file does not compile unless a
+/// Monitor is `Send` (a check at compile time, not a test that cannot fail when it runs).
+const _: fn() = || {
     fn send<T: Send>() {}
     send::<Monitor>();
-}
+};
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
@@ -231,14 +231,14 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[test]
 fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_value() {
     // The only test in this binary that reads or sets the environment.
-    std::env::set_var(gainguard::watch::ADDR_ENV, "gainguardd.sock");
+    std::env::set_var(gainguard::monitor::ADDR_ENV, "gainguardd.sock");
     let err = Monitor::from_env("r").err().unwrap();
     assert!(err.to_string().contains("`gainguardd.sock`") && err.to_string().contains("$GAINGUARD_ADDR"), "{err}");
-    std::env::remove_var(gainguard::watch::ADDR_ENV);
-    std::env::set_var(gainguard::watch::LISTEN_ENV, "localhost");
+    std::env::remove_var(gainguard::monitor::ADDR_ENV);
+    std::env::set_var(gainguard::monitor::LISTEN_ENV, "localhost");
     let err = Monitor::from_env("r").err().unwrap();
     assert!(matches!(err, MonitorError::Listen { .. }) && err.to_string().contains("`localhost`"), "{err}");
-    std::env::remove_var(gainguard::watch::LISTEN_ENV);
+    std::env::remove_var(gainguard::monitor::LISTEN_ENV);
 
     // A standalone daemon (in this process, but reached only through its Unix ingest socket).
     let dir = temp_path("ingest");
@@ -250,9 +250,9 @@ fn from_env_sends_to_the_standalone_daemon_at_gainguard_addr_and_names_a_bad_val
         ..Default::default()
     })
     .unwrap();
-    std::env::set_var(gainguard::watch::ADDR_ENV, socket.to_string());
+    std::env::set_var(gainguard::monitor::ADDR_ENV, socket.to_string());
     let mon = Monitor::builder("connected").planned_steps(3).sampler(every_step()).from_env();
-    std::env::remove_var(gainguard::watch::ADDR_ENV);
+    std::env::remove_var(gainguard::monitor::ADDR_ENV);
     let mon = mon.unwrap();
     assert!(mon.metrics_addr().is_none(), "no embedded daemon when GAINGUARD_ADDR is set");
     let (vs, plan) = model_and_plan();

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use gainguard::protocol::events::{Envelope, Event, SpectrumSample};
 use gainguard::protocol::Sink;
 use gainguard::data::MarkovCorpus;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
 use gainguard::reference::GainReference;
-use gainguard::{AdamWConfig, BaseShapes, ParamClass, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, Monitor, ParamClass, RunIdentity, SamplerConfig, SamplerHandle, WidthScaledAdamW};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -32,6 +31,14 @@ fn optimizer(vs: &VarStore) -> WidthScaledAdamW {
 
 fn batch(corpus: &MarkovCorpus, step: u64) -> Tensor {
     Tensor::from_slice(&corpus.batch(step, 4, 16)).view([4, 16])
+}
+
+/// The sampler as a trainer gets it: a monitor attached to the optimizer, reporting into `sink`, and the
+/// monitor's handle on its sampler.
+fn monitor(opt: &mut WidthScaledAdamW, config: SamplerConfig, sink: Sink) -> (Monitor, SamplerHandle) {
+    let mon = Monitor::builder("sampler-test").sampler(config).to_sink(sink).attach(opt).unwrap();
+    let handle = mon.sampler().expect("spectra are on").clone();
+    (mon, handle)
 }
 
 fn capture() -> (Sink, crossbeam_channel::Receiver<Envelope>) {
@@ -87,10 +94,8 @@ fn a_stalled_worker_never_blocks_the_step_and_every_drop_is_counted_exactly() {
         queue_capacity: capacity as usize,
         ..Default::default()
     };
-    let sampler = SpectrumSampler::new(config, on.plan(), sink).unwrap();
-    let handle = sampler.handle();
+    let (_mon, handle) = monitor(&mut on, config, sink);
     assert!(handle.pause(Duration::from_secs(10)), "the worker parks");
-    on.add_observer(Box::new(sampler));
 
     // Interleave sampling-on and sampling-off steps so that machine noise hits both alike.
     let (mut t_on, mut t_off) = (Vec::new(), Vec::new());
@@ -134,29 +139,30 @@ fn events_carry_identity_sigma_max_normalization_update_ratio_and_full_spectrum_
     let mut opt = optimizer(&vs);
     let (sink, rx) = capture();
     let config = SamplerConfig {
-        run: "target-w64".into(),
-        rank: 3,
-        host: "node-a".into(),
         interval: 2,
         budget_fraction: None,
         max_params_per_sample: 100,
         full_spectrum_every: 2,
         queue_capacity: 8,
-        planned_steps: Some(20),
         ..Default::default()
     };
-    let mut sampler = SpectrumSampler::new(config, opt.plan(), sink).unwrap();
+    let _mon = Monitor::builder("unused")
+        .identity(RunIdentity { run: "target-w64".into(), rank: 3, host: "node-a".into() })
+        .planned_steps(20)
+        .sampler(config)
+        .reference_from(Arc::new(Fixed(0.5)))
+        .to_sink(sink)
+        .attach(&mut opt)
+        .unwrap();
+    let handle = _mon.sampler().unwrap().clone();
     let heard = Arc::new(AtomicU64::new(0));
     let h2 = Arc::clone(&heard);
-    sampler.add_listener(Box::new(move |_, step| {
+    handle.add_listener(Box::new(move |_, step| {
         assert_eq!(step % 2, 0);
         h2.fetch_add(1, Ordering::Relaxed);
     }));
-    let sampler = sampler.with_reference(Arc::new(Fixed(0.5)));
-    let handle = sampler.handle();
-    let names = sampler.sampled_params();
+    let names = handle.sampled_params();
     assert_eq!(names.len(), 14, "7 hidden matrices per block, 2 blocks: {names:?}");
-    opt.add_observer(Box::new(sampler));
 
     train(&mut opt, &m, &corpus, 7);
     let before: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
@@ -240,10 +246,8 @@ fn nan_weights_give_a_nonfinite_sample_and_count_for_telemetry_without_a_panic()
     let (named, mut opt) = hand_made();
     let (sink, rx) = capture();
     let config = SamplerConfig { interval: 1, budget_fraction: None, include_all_matrices: true, ..Default::default() };
-    let sampler = SpectrumSampler::new(config, opt.plan(), sink).unwrap();
-    let handle = sampler.handle();
-    assert_eq!(sampler.sampled_params(), vec!["a.weight", "b.weight", "conv.weight", "head.weight"]);
-    opt.add_observer(Box::new(sampler));
+    let (_mon, handle) = monitor(&mut opt, config, sink);
+    assert_eq!(handle.sampled_params().to_vec(), vec!["a.weight", "b.weight", "conv.weight", "head.weight"]);
     tch::no_grad(|| {
         let _ = named[1].1.get(5).get(7).fill_(f64::NAN);
     });
@@ -269,11 +273,9 @@ fn a_round_over_the_byte_budget_is_dropped_before_anything_is_copied() {
     let (named, mut opt) = hand_made();
     let (sink, rx) = capture();
     let config = SamplerConfig { interval: 1, budget_fraction: None, max_in_flight_bytes: 1000, ..Default::default() };
-    let sampler = SpectrumSampler::new(config, opt.plan(), sink).unwrap();
-    let handle = sampler.handle();
-    let per_round = sampler.sampled_params().len() as u64;
+    let (_mon, handle) = monitor(&mut opt, config, sink);
+    let per_round = handle.sampled_params().len() as u64;
     assert_eq!(per_round, 3, "matrix-like only by default");
-    opt.add_observer(Box::new(sampler));
     for _ in 0..5 {
         step_with_unit_grads(&mut opt, &named);
     }
@@ -287,9 +289,7 @@ fn round_robin_covers_every_matrix_when_a_round_holds_fewer() {
     let (named, mut opt) = hand_made();
     let (sink, rx) = capture();
     let config = SamplerConfig { interval: 1, budget_fraction: None, max_params_per_sample: 2, queue_capacity: 16, ..Default::default() };
-    let sampler = SpectrumSampler::new(config, opt.plan(), sink).unwrap();
-    let handle = sampler.handle();
-    opt.add_observer(Box::new(sampler));
+    let (_mon, handle) = monitor(&mut opt, config, sink);
     for _ in 0..3 {
         step_with_unit_grads(&mut opt, &named);
     }
@@ -304,9 +304,7 @@ fn the_budget_stretches_the_interval_when_the_worker_costs_more_than_its_share()
     let (named, mut opt) = hand_made();
     let (sink, rx) = capture();
     let config = SamplerConfig { interval: 1, budget_fraction: Some(1e-4), ..Default::default() };
-    let sampler = SpectrumSampler::new(config, opt.plan(), sink).unwrap();
-    let handle = sampler.handle();
-    opt.add_observer(Box::new(sampler));
+    let (_mon, handle) = monitor(&mut opt, config, sink);
     for _ in 0..30 {
         step_with_unit_grads(&mut opt, &named);
         std::thread::sleep(Duration::from_millis(2));
@@ -326,15 +324,14 @@ fn finish_returns_within_its_timeout_even_when_the_worker_is_stuck() {
     let (named, mut opt) = hand_made();
     let (sink, _rx) = capture();
     let config = SamplerConfig { interval: 1, budget_fraction: None, shutdown_timeout: Duration::from_millis(100), ..Default::default() };
-    let mut sampler = SpectrumSampler::new(config, opt.plan(), sink).unwrap();
-    sampler.add_listener(Box::new(|_, _| std::thread::sleep(Duration::from_secs(3))));
-    let handle = sampler.handle();
-    opt.add_observer(Box::new(sampler));
+    let (mon, handle) = monitor(&mut opt, config, sink);
+    handle.add_listener(Box::new(|_, _| std::thread::sleep(Duration::from_secs(3))));
     step_with_unit_grads(&mut opt, &named);
     std::thread::sleep(Duration::from_millis(100)); // the worker is now inside the slow listener
     let t = Instant::now();
     assert!(!handle.finish(Duration::from_millis(200)));
     drop(opt); // Drop of the sampler must not wait either
+    drop(mon); // nor the monitor's
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 

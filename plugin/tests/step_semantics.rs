@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use gainguard::daemon::events::{Envelope, Event};
 use gainguard::daemon::Sink;
-use gainguard::monitor::{SamplerConfig, SpectrumSampler};
-use gainguard::{AdamWConfig, BaseShapes, NonFiniteGrad, OptimError, Rule, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, Monitor, NonFiniteGrad, OptimError, Rule, SamplerConfig, Schedule, WidthScaledAdamW};
 use tch::{Device, Kind, Tensor};
 
 const NAN_PARAM: &str = "blocks.0.mlp.down.weight";
@@ -186,9 +185,8 @@ fn after_a_nan_gradient_the_sampler_reports_nonfinite_weights_in_that_same_step(
     let (tx, rx) = crossbeam_channel::bounded::<Envelope>(1000);
     // A sampling interval far away: only the check after the non-finite gradient can find the NaN.
     let config = SamplerConfig { interval: 1_000_000, budget_fraction: None, ..Default::default() };
-    let sampler = SpectrumSampler::new(config, run.opt.plan(), Sink::from_sender(tx)).unwrap();
-    let handle = sampler.handle();
-    run.opt.add_observer(Box::new(sampler));
+    let _mon = Monitor::builder("nan").sampler(config).to_sink(Sink::from_sender(tx)).attach(&mut run.opt).unwrap();
+    let handle = _mon.sampler().unwrap().clone();
     run.gradients(0, false);
     run.opt.step();
     assert_eq!(handle.nonfinite_parameters(), None, "no check has run yet");

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gainguard::daemon::{Daemon, DaemonConfig, IngestAddr};
-use gainguard::monitor::{ParamRef, SamplerConfig};
 use gainguard::protocol::events::{Envelope, Event, ParamClass, SpectrumSample};
+use gainguard::{ParamRef, SamplerConfig};
 use gainguard::reference::ReferenceError;
 use gainguard::{Monitor, MonitorError, StepReport};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};

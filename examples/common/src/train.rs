@@ -1,6 +1,6 @@
 //! The training loop shared by the example trainer, the demo, the width-transfer experiment and the
 //! end-to-end tests. Where gainguard enters: build the optimizer from the base shapes, call `step`,
-//! nothing else; monitoring is an observer on the optimizer and a sink, off the training thread.
+//! nothing else; monitoring is a [`Monitor`] attached to the optimizer, off the training thread.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,11 +8,9 @@ use std::time::Instant;
 
 use gainguard::data::MarkovCorpus;
 use gainguard::protocol::Sink;
-use gainguard::monitor::{SamplerConfig, SamplerHandle, SpectrumSampler};
-use gainguard::reference::{GainReference, ProfileRecorder, ReferenceProfile};
-use gainguard::telemetry::{RunIdentity, Telemetry};
+use gainguard::reference::{GainReference, ReferenceProfile};
 use gainguard::steady_state::{mean, HorizonRate, SteadyStateTrace};
-use gainguard::{AdamWConfig, BaseShapes, Override, ParamClass, ParamRole, Rule, ScalingPlan, Schedule, WidthScaledAdamW};
+use gainguard::{AdamWConfig, BaseShapes, Monitor, Override, ParamClass, ParamRole, Rule, SamplerConfig, ScalingPlan, Schedule, WidthScaledAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -136,7 +134,8 @@ impl RunSpec {
 /// How the run is monitored.
 #[derive(Default)]
 pub struct Monitoring {
-    pub telemetry: Option<Telemetry>,
+    /// Where the run's events go (an embedded daemon's sink, say), as the run the spec names; None: nowhere.
+    pub sink: Option<Sink>,
     pub reference: Option<Arc<dyn GainReference>>,
     /// Record this run's sigma_max profile (a proxy run).
     pub record_profile: bool,
@@ -170,68 +169,53 @@ pub fn train(spec: &RunSpec, corpus: &MarkovCorpus, monitoring: Monitoring) -> a
 /// Trains one model on any token source: `batch(step)` returns `spec.batch × spec.seq_len` ids,
 /// row-major, each below `spec.vocab` (a [`gainguard::data::TokenFile`], say). The base shapes carry
 /// delta shapes, so a run at the base width itself (m = 1) still classifies and decays its hidden matrices.
-pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, mut monitoring: Monitoring) -> anyhow::Result<RunResult> {
+pub fn train_on(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, monitoring: Monitoring) -> anyhow::Result<RunResult> {
+    let progress = monitoring.progress;
     tch::manual_seed(spec.seed as i64);
     let vs = VarStore::new(spec.device);
     let net = model::llama(vs.root(), &spec.model_config(spec.d_model));
     let mut opt = WidthScaledAdamW::new(&vs, &spec.base_shapes(), spec.optimizer_config())?;
     let table = opt.plan().to_table();
-    let recorder = monitoring.record_profile.then(ProfileRecorder::new);
-    let sampler = attach_sampler(spec, &mut opt, &mut monitoring, recorder.as_ref())?;
-    if let Some(t) = &monitoring.telemetry {
-        t.start(opt.plan(), Some(spec.steps), monitoring.alpha, None);
-    }
+    let mut monitor = attach_monitor(spec, &mut opt, monitoring)?;
 
-    let bar = progress_bar(spec, monitoring.progress);
+    let bar = progress_bar(spec, progress);
     let start = Instant::now();
-    let losses = run_steps(spec, &net, &mut opt, batch, &bar, monitoring.telemetry.as_mut(), &mut |_, _| {});
+    let losses = run_steps(spec, &net, &mut opt, batch, &bar, monitor.as_mut(), &mut |_, _| {});
     bar.finish_and_clear();
-    finish_monitoring(spec, sampler.as_ref(), monitoring.telemetry.as_ref());
+    let profile = finish_monitoring(monitor)?;
 
     let sigma_max = final_sigma_max(&vs, opt.plan());
-    let profile = recorder.map(|r| r.finish(&spec.name, opt.plan(), monitoring.alpha, Some(spec.steps)));
     Ok(RunResult { table, final_loss: tail_mean(&losses), losses, sigma_max, profile, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// Adds the spectra sampler to the optimizer when the spec samples and someone listens (telemetry or a
-/// profile recorder); its samples go to the telemetry's sink, or nowhere but the recorder.
-fn attach_sampler(
-    spec: &RunSpec,
-    opt: &mut WidthScaledAdamW,
-    monitoring: &mut Monitoring,
-    recorder: Option<&ProfileRecorder>,
-) -> anyhow::Result<Option<SamplerHandle>> {
-    if spec.sample_every == 0 || (monitoring.telemetry.is_none() && recorder.is_none()) {
+/// Attaches a [`Monitor`] to the optimizer when someone listens: a sink (telemetry, and spectra when the spec
+/// samples) or a profile recording (spectra into no sink but the recorder). None: nothing is monitored.
+fn attach_monitor(spec: &RunSpec, opt: &mut WidthScaledAdamW, monitoring: Monitoring) -> anyhow::Result<Option<Monitor>> {
+    let record = monitoring.record_profile && spec.sample_every > 0;
+    if monitoring.sink.is_none() && !record {
         return Ok(None);
     }
-    let (id, sink) = match &monitoring.telemetry {
-        Some(t) => (t.identity().clone(), t.sink().clone()),
-        None => (RunIdentity::local(&spec.name), Sink::disabled()),
-    };
-    let config = SamplerConfig {
-        run: id.run,
-        rank: id.rank,
-        host: id.host,
-        interval: spec.sample_every,
+    let sampler = SamplerConfig {
+        interval: spec.sample_every.max(1),
         // A fixed interval: reference profiles need the same progress points at every width.
         budget_fraction: None,
         alpha: monitoring.alpha,
-        planned_steps: Some(spec.steps),
         ..Default::default()
     };
-    let mut sampler = SpectrumSampler::new(config, opt.plan(), sink)?;
-    if let Some(r) = monitoring.reference.clone() {
-        sampler = sampler.with_reference(r);
+    let mut builder = Monitor::builder(&spec.name)
+        .planned_steps(spec.steps)
+        .sampler(sampler)
+        .spectra(spec.sample_every > 0)
+        // The sampler drains its queue (at most its shutdown timeout), then the Goodbye is flushed.
+        .finish_timeout(std::time::Duration::from_secs(65));
+    if let Some(r) = monitoring.reference {
+        builder = builder.reference_from(r);
     }
-    if let Some(rec) = recorder {
-        sampler.add_listener(rec.listener());
+    if record {
+        builder = builder.record_profile_in_memory();
     }
-    let handle = sampler.handle();
-    if let Some(t) = monitoring.telemetry.as_mut() {
-        t.attach_sampler(handle.clone());
-    }
-    opt.add_observer(Box::new(sampler));
-    Ok(Some(handle))
+    let monitor = builder.to_sink(monitoring.sink.unwrap_or_else(Sink::disabled));
+    Ok(Some(monitor.attach(opt)?))
 }
 
 /// A progress bar on stderr, or a hidden one.
@@ -254,7 +238,7 @@ fn run_steps(
     opt: &mut WidthScaledAdamW,
     batch: &dyn Fn(u64) -> Vec<i64>,
     bar: &ProgressBar,
-    mut telemetry: Option<&mut Telemetry>,
+    mut monitor: Option<&mut Monitor>,
     after_step: &mut dyn FnMut(u64, &WidthScaledAdamW),
 ) -> Vec<f64> {
     let mut losses = Vec::with_capacity(spec.steps as usize);
@@ -271,8 +255,8 @@ fn run_steps(
         losses.push(loss);
         bar.set_message(format!("loss {loss:.3}"));
         bar.inc(1);
-        if let Some(t) = telemetry.as_deref_mut() {
-            t.step(&report, loss, tokens);
+        if let Some(m) = monitor.as_deref_mut() {
+            m.step(&report, loss, tokens);
         }
         after_step(step, opt);
     }
@@ -410,16 +394,12 @@ pub fn train_steady(spec: &RunSpec, batch: &dyn Fn(u64) -> Vec<i64>, steady: &St
     Ok(SteadyRun { steps, final_loss: mean(tail), params, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// Lets the sampler drain its queue, then says goodbye and flushes the sink, so that every sample and
-/// the final step reach the daemon.
-fn finish_monitoring(spec: &RunSpec, sampler: Option<&SamplerHandle>, telemetry: Option<&Telemetry>) {
-    if let Some(h) = sampler {
-        h.finish(std::time::Duration::from_secs(60));
-    }
-    if let Some(t) = telemetry {
-        t.finish(spec.steps, "finished");
-        t.sink().flush(std::time::Duration::from_secs(5));
-    }
+/// Lets the sampler drain its queue, then says goodbye and flushes the sink, so that every sample and the
+/// final step reach the daemon; returns the recorded profile when the run recorded one.
+fn finish_monitoring(monitor: Option<Monitor>) -> anyhow::Result<Option<ReferenceProfile>> {
+    let Some(mut monitor) = monitor else { return Ok(None) };
+    monitor.finish()?;
+    Ok(monitor.recorded_profile())
 }
 
 /// The final sigma_max of every matrix-like parameter, from a float64 SVD on the CPU (independent of
