@@ -15,6 +15,8 @@ pub enum FitError {
     NoDegreesOfFreedom { what: String, n: usize, groups: usize },
     #[error("the slope of ln sigma_max vs ln d does not change with gamma (d slope / d gamma = {0:.3e}); no zero crossing")]
     FlatInGamma(f64),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
 }
 
 /// A slope shared by all groups, with its standard error.
