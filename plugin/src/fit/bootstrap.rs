@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use super::slope::{calibrate_gamma, pooled_slope, FitError, MupPoint};
+use super::slope::{calibrate_gamma, line_zero, pooled_slope, FitError, MupPoint};
 use crate::data::SplitMix64;
 
 /// Resamples the bootstrap draws unless told otherwise.
@@ -49,7 +49,8 @@ pub struct GammaBootstrap {
     pub interval: (f64, f64),
     /// Resamples drawn.
     pub resamples: usize,
-    /// Resamples whose slope did not move with gamma (no zero crossing), left out of the quantiles.
+    /// Resamples whose line through the per-gamma slopes is flat (rate 0: no zero crossing), left out of the
+    /// quantiles. A line that is sloped but not significantly so is kept: its far crossing is part of the spread.
     pub failed: usize,
     /// The kept resamples' gamma*, ascending.
     #[serde(skip)]
@@ -146,19 +147,19 @@ fn residual_model(points: &[MupPoint]) -> Result<(Vec<f64>, BTreeMap<i64, Vec<f6
 
 /// A `level` percentile-bootstrap interval on [`calibrate_gamma`]'s gamma* over `resamples` draws, `seeds[i]`
 /// being the seed of `points[i]`'s run. Seeds are resampled when every (gamma, width) cell has two or more,
-/// residuals otherwise (see the module). Resamples without a zero crossing are counted and left out; errors of
-/// the fit on the points themselves are returned as they are.
+/// residuals otherwise (see the module). Each resample's gamma* is [`line_zero`] (the same line, without
+/// [`calibrate_gamma`]'s test that it is significantly sloped); resamples with a flat line are counted and left
+/// out. Errors of the fit on the points themselves are returned as they are.
 pub fn bootstrap_gamma(points: &[MupPoint], seeds: &[u64], resamples: usize, level: f64, rng_seed: u64) -> Result<GammaBootstrap, FitError> {
     check_options(resamples, level)?;
     calibrate_gamma(points)?;
     let method = if has_replicate_seeds(points, seeds)? { BootstrapMethod::Seeds } else { BootstrapMethod::Residuals };
     let mut draws = Vec::with_capacity(resamples);
     let mut failed = 0;
-    let mut keep = |fit: Result<f64, FitError>| -> Result<(), FitError> {
-        match fit {
-            Ok(g) if g.is_finite() => draws.push(g),
-            Ok(_) | Err(FitError::FlatInGamma(_)) => failed += 1,
-            Err(e) => return Err(e),
+    let mut keep = |fit: Result<Option<f64>, FitError>| -> Result<(), FitError> {
+        match fit? {
+            Some(g) => draws.push(g),
+            None => failed += 1,
         }
         Ok(())
     };
@@ -166,7 +167,7 @@ pub fn bootstrap_gamma(points: &[MupPoint], seeds: &[u64], resamples: usize, lev
         BootstrapMethod::Seeds => {
             for drawn in seed_resamples(points, seeds, resamples, rng_seed)? {
                 let pts: Vec<MupPoint> = drawn.iter().map(|&i| points[i].clone()).collect();
-                keep(calibrate_gamma(&pts).map(|c| c.gamma))?;
+                keep(line_zero(&pts))?;
             }
         }
         BootstrapMethod::Residuals => {
@@ -181,7 +182,7 @@ pub fn bootstrap_gamma(points: &[MupPoint], seeds: &[u64], resamples: usize, lev
                         MupPoint { sigma_max: (f + pool[rng.below(pool.len() as u64) as usize]).exp(), ..p.clone() }
                     })
                     .collect();
-                keep(calibrate_gamma(&pts).map(|c| c.gamma))?;
+                keep(line_zero(&pts))?;
             }
         }
     }
@@ -268,7 +269,7 @@ mod tests {
         let mut direct: Vec<f64> = seed_resamples(&pts, &ss, 300, 11)
             .unwrap()
             .iter()
-            .map(|d| calibrate_gamma(&d.iter().map(|&i| pts[i].clone()).collect::<Vec<_>>()).unwrap().gamma)
+            .map(|d| line_zero(&d.iter().map(|&i| pts[i].clone()).collect::<Vec<_>>()).unwrap().unwrap())
             .collect();
         direct.sort_by(f64::total_cmp);
         assert_eq!(b.draws, direct);

@@ -33,6 +33,6 @@ pub use reliability::{
     MIN_RELIABLE_HORIZON,
 };
 pub use slope::{
-    calibrate_gamma, fit_alpha, gamma_from_slopes, pooled_slope, slopes_at_gammas, spread, zero_crossing, AlphaFit, FitError, GammaCalibration, MupPoint, SlopeAtGamma, SlopeFit,
+    calibrate_gamma, fit_alpha, gamma_from_slopes, line_zero, pooled_slope, slopes_at_gammas, spread, zero_crossing, AlphaFit, FitError, GammaCalibration, MupPoint, SlopeAtGamma, SlopeFit,
     WidthPoint,
 };
