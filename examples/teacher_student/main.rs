@@ -10,6 +10,7 @@
 //! cargo run --release --example teacher_student                       # 4 rules, widths 64..256, 3 seeds
 //! cargo run --release --example teacher_student -- --gamma-sweep --out DIR
 //! cargo run --release --example teacher_student -- --regime-map --out docs/experiments/teacher-student-regime
+//! cargo run --release --example teacher_student -- --regime-merge DIR1,DIR2 --out DIR   # join parts of one grid
 //! cargo run --release --example teacher_student -- --model rank-capped --gamma-sweep   # the rank-capped illustration
 //! ```
 //!
@@ -89,6 +90,10 @@ pub struct Args {
     /// Regime map: also run the 10×-smaller-init check on seed 0 of every cell.
     #[arg(long)]
     regime_checks: bool,
+    /// Join the regime.json of these --regime-map runs (each a part of the grid, e.g. one per process) into
+    /// one report and heatmaps in --out; give the full grid's --batches, --lr-wd and --horizons.
+    #[arg(long, value_delimiter = ',')]
+    regime_merge: Option<Vec<PathBuf>>,
     /// Decay horizon H = Σ lr_t·wd_t of the hidden matrix at which every run stops.
     #[arg(long, default_value_t = 8.0)]
     horizon: f64,
@@ -133,6 +138,9 @@ fn main() -> Result<()> {
     let base = *widths.first().context("--widths is empty")?;
     if widths.len() < 2 || a.seeds == 0 || !(a.horizon >= 2.0) {
         bail!("need at least 2 widths, 1 seed and --horizon >= 2 (the drift check compares the last two timescales)");
+    }
+    if let Some(parts) = &a.regime_merge {
+        return regime::merge(&a, &widths, parts);
     }
     let setup = Setup::new(a.model, base, a.warmup, a.beta2, a.double, a.steps);
     if a.regime_map {

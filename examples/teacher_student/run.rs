@@ -10,6 +10,8 @@ use crate::model::{network, spectrum, Model, D_IN, PARAM};
 
 /// sigma_max samples per timescale over the last two timescales of a run.
 const SAMPLES_PER_TIMESCALE: f64 = 16.0;
+/// The quarter-horizon windows' samples are every `COARSE`-th of that grid (4 per timescale), from `H/2` on.
+const COARSE: u64 = 4;
 
 /// The regime of a run: what sets the gradient noise (batch), the base `(lr, wd)` and how far it runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,6 +48,13 @@ pub struct RunResult {
     pub stable_rank: f64,
     /// sigma_max's last-timescale mean over the one before, minus 1.
     pub drift: f64,
+    /// sigma_max's mean over the timescale before the last (`H − 2 < h ≤ H − 1`).
+    pub previous_sigma: f64,
+    /// sigma_max's mean over the last quarter of the run's horizon (`3H/4 < h ≤ H`) and over the quarter
+    /// before (`H/2 < h ≤ 3H/4`), from a coarser grid of samples: a drift over windows of `H/4` timescales,
+    /// whose means average over more of the steady state's own fluctuation than one timescale does.
+    pub last_quarter_sigma: f64,
+    pub previous_quarter_sigma: f64,
     pub tail_loss: f64,
 }
 
@@ -115,6 +124,7 @@ impl Setup {
         let every = ((rate.timescale_steps() / SAMPLES_PER_TIMESCALE).floor() as u64).max(1);
         let weights = vs.variables()[PARAM].shallow_clone();
         let (mut sigma, mut frobenius, mut stable_rank) = (SteadyStateTrace::default(), SteadyStateTrace::default(), SteadyStateTrace::default());
+        let mut coarse = SteadyStateTrace::default();
         let mut tail = Vec::new();
         for step in 0..steps {
             let x = Tensor::randn([regime.batch, D_IN], (Kind::Float, Device::Cpu));
@@ -124,11 +134,18 @@ impl Setup {
             loss.backward();
             opt.step();
             let horizon = opt.decay_horizon(PARAM).context("the optimizer counts hidden.weight's horizon")?;
-            if horizon > final_horizon - 2.0 && ((steps - 1 - step) % every == 0) {
+            let dense = horizon > final_horizon - 2.0 && (steps - 1 - step) % every == 0;
+            let sparse = horizon > final_horizon / 2.0 && (steps - 1 - step) % (COARSE * every) == 0;
+            if dense || sparse {
                 let s = spectrum(&weights);
-                sigma.push(horizon, s.sigma_max);
-                frobenius.push(horizon, s.frobenius);
-                stable_rank.push(horizon, s.stable_rank);
+                if dense {
+                    sigma.push(horizon, s.sigma_max);
+                    frobenius.push(horizon, s.frobenius);
+                    stable_rank.push(horizon, s.stable_rank);
+                }
+                if sparse {
+                    coarse.push(horizon, s.sigma_max);
+                }
             }
             if horizon > final_horizon - 1.0 {
                 tail.push(loss.double_value(&[]));
@@ -147,6 +164,9 @@ impl Setup {
             frobenius: last(&frobenius)?,
             stable_rank: last(&stable_rank)?,
             drift: sigma.drift(horizon).unwrap_or(f64::NAN),
+            previous_sigma: sigma.mean_between(horizon - 2.0, horizon - 1.0).unwrap_or(f64::NAN),
+            last_quarter_sigma: coarse.mean_between(0.75 * horizon, horizon).unwrap_or(f64::NAN),
+            previous_quarter_sigma: coarse.mean_between(0.5 * horizon, 0.75 * horizon).unwrap_or(f64::NAN),
             tail_loss: mean(&tail),
         })
     }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use gainguard::steady_state::{bootstrap_interval, mean};
-use gainguard::Rule;
+use gainguard::{ParamClass, Rule};
 
 use crate::run::{Regime, RunResult, Setup, Variant};
 
@@ -131,12 +131,32 @@ pub fn run_rows(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<RuleRow>> {
     let mut rows = Vec::new();
+    // Runs that train the same model the same way are made once: the base width (m = 1) of every gamma of a
+    // gamma sweep, where each rule's lr and wd are the base values.
+    let mut memo: std::collections::BTreeMap<String, RunResult> = std::collections::BTreeMap::new();
+    let mut run = |rule: Rule, d: i64, seed: u64, variant: Variant| -> Result<RunResult> {
+        let m = d as f64 / setup.base as f64;
+        let key = format!(
+            "{}-{d}-{seed}-{variant:?}-{:e}-{:e}-{:e}-{:e}",
+            rule.preset.name(),
+            rule.learning_rate(ParamClass::MatrixLike, regime.lr, m),
+            rule.weight_decay(ParamClass::MatrixLike, regime.wd, m),
+            rule.learning_rate(ParamClass::VectorLike, regime.lr, m),
+            rule.weight_decay(ParamClass::VectorLike, regime.wd, m)
+        );
+        if let Some(r) = memo.get(&key) {
+            return Ok(r.clone());
+        }
+        let r = setup.run(rule, regime, d, seed, variant)?;
+        memo.insert(key, r.clone());
+        Ok(r)
+    };
     for (label, rule) in rules {
         let mut cells = Vec::new();
         for &d in widths {
-            let runs = (0..seeds).map(|s| setup.run(*rule, regime, d, s, Variant::Main)).collect::<Result<Vec<_>>>()?;
-            let small_init = if extra.small_init { Some(setup.run(*rule, regime, d, 0, Variant::SmallInit)?) } else { None };
-            let doubled = if extra.doubled { Some(setup.run(*rule, regime, d, 0, Variant::Doubled)?) } else { None };
+            let runs = (0..seeds).map(|s| run(*rule, d, s, Variant::Main)).collect::<Result<Vec<_>>>()?;
+            let small_init = if extra.small_init { Some(run(*rule, d, 0, Variant::SmallInit)?) } else { None };
+            let doubled = if extra.doubled { Some(run(*rule, d, 0, Variant::Doubled)?) } else { None };
             let cell = Cell { d, seeds: runs, small_init, doubled };
             progress(&cell_row(label, &cell, widths[0]));
             cells.push(cell);

@@ -81,6 +81,70 @@ pub struct Args {
     /// begin on different rules instead of queueing behind one.
     #[arg(long, default_value_t = 0)]
     first_rule: usize,
+    /// Experiment overrides of the preset (recorded in the report's command line): a search for a
+    /// configuration the protocol's checks accept.
+    #[command(flatten)]
+    overrides: PlanOverrides,
+}
+
+/// Overrides of a preset's sizes, for a search over configurations without a preset per try.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PlanOverrides {
+    /// Widths of the gamma sweep, the first the base: e.g. 16,32,64 (each a multiple of the first).
+    #[arg(long, value_delimiter = ',')]
+    widths: Option<Vec<i64>>,
+    /// Decay horizon every hidden matrix runs to.
+    #[arg(long)]
+    horizon: Option<f64>,
+    #[arg(long, value_delimiter = ',')]
+    gammas: Option<Vec<f64>>,
+    /// Base (proxy) lr and wd.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    wd: Option<f64>,
+    #[arg(long)]
+    batch: Option<i64>,
+    #[arg(long)]
+    seq_len: Option<i64>,
+    #[arg(long)]
+    layers: Option<i64>,
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// The Markov corpus of `--data markov`: VOCAB,ORDER,BRANCHING (default 64,2,4).
+    #[arg(long, value_delimiter = ',')]
+    markov: Option<Vec<usize>>,
+    /// Skip the (2·lr, 2·wd) check runs (not a reliability criterion; the init and drift checks stay).
+    #[arg(long)]
+    no_doubled_check: bool,
+}
+
+impl PlanOverrides {
+    fn apply(&self, plan: &mut Plan) -> Result<()> {
+        if let Some(w) = &self.widths {
+            let base = *w.first().context("--widths is empty")?;
+            if w.len() < 3 || base <= 0 || w.iter().any(|x| x % base != 0 || *x <= base && x != &base) {
+                bail!("--widths {w:?}: need 3 or more ascending multiples of the first");
+            }
+            plan.base_width = base;
+            plan.multipliers = w[1..].iter().map(|x| x / base).collect();
+        }
+        if let Some(g) = &self.gammas {
+            // One gamma runs the checks alone (a search for a steady state); gamma* needs two or more.
+            if g.is_empty() {
+                bail!("--gammas is empty");
+            }
+            plan.gammas = g.clone();
+        }
+        plan.horizon = self.horizon.unwrap_or(plan.horizon);
+        plan.lr = self.lr.unwrap_or(plan.lr);
+        plan.wd = self.wd.unwrap_or(plan.wd);
+        plan.batch = self.batch.unwrap_or(plan.batch);
+        plan.seq_len = self.seq_len.unwrap_or(plan.seq_len);
+        plan.layers = self.layers.unwrap_or(plan.layers);
+        plan.beta2 = self.beta2.unwrap_or(plan.beta2);
+        Ok(())
+    }
 }
 
 /// Sizes of one experiment.
@@ -229,9 +293,13 @@ pub enum Data {
 const MARKOV: (usize, usize, usize, u64) = (64, 2, 4, 0);
 
 impl Data {
-    fn parse(s: &str, min_tokens: usize) -> Result<Data> {
+    fn parse(s: &str, min_tokens: usize, markov: Option<&[usize]>) -> Result<Data> {
         if s == "markov" {
-            let (vocab, order, branching, seed) = MARKOV;
+            let (mut vocab, mut order, mut branching, seed) = MARKOV;
+            if let Some(m) = markov {
+                let [v, o, b] = m else { bail!("--markov {m:?}: expected VOCAB,ORDER,BRANCHING") };
+                (vocab, order, branching) = (*v, *o, *b);
+            }
             return Ok(Data::Markov(MarkovCorpus::with_order(vocab, order, branching, seed)));
         }
         if let Some(path) = s.strip_prefix("text:") {
@@ -271,7 +339,7 @@ impl Data {
         match self {
             Data::Markov(c) => format!(
                 "synthetic Markov source of order {} (vocab {}, {} successors per context, seed {}), entropy floor {:.4} nats/token",
-                c.order, c.vocab, MARKOV.2, c.seed, c.entropy_rate()
+                c.order, c.vocab, c.transitions.first().map_or(0, |t| t.len()), c.seed, c.entropy_rate()
             ),
             Data::File(f, s) => format!("`{s}`: {} tokens, vocab {}", f.tokens.len(), f.vocab),
         }
@@ -480,13 +548,14 @@ fn main() -> Result<()> {
     if let Some(s) = a.seeds {
         plan.seeds = s.max(1);
     }
+    a.overrides.apply(&mut plan)?;
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
     }
     if !a.gamma_sweep {
         plan.base_width = plan.transfer_base_width;
     }
-    let data = Data::parse(&a.data, plan.seq_len as usize)?;
+    let data = Data::parse(&a.data, plan.seq_len as usize, a.overrides.markov.as_deref())?;
     let device = gainguard::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     plot::ensure_font()?;

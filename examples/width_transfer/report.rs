@@ -49,17 +49,9 @@ pub fn kind_of(param: &str) -> &'static str {
 /// The title, the command that reproduces the report, the settings and the cost.
 pub fn setup_section(r: &mut String, title: &str, a: &Args, plan: &Plan, runner: &Runner, data: &Data) {
     let _ = writeln!(r, "# {title}: preset `{}`\n", plan.name);
-    let _ = writeln!(
-        r,
-        "Command: `cargo run --release --example width_transfer -- {}--preset {} --out {} --data {} --device {}{}{}`\n",
-        if a.gamma_sweep { "--gamma-sweep " } else { "" },
-        plan.name,
-        a.out.display(),
-        a.data,
-        a.device,
-        a.seeds.map(|s| format!(" --seeds {s}")).unwrap_or_default(),
-        a.shared_runs.as_ref().map(|d| format!(" --shared-runs {} --first-rule {} (one of several processes sharing the runs)", d.display(), a.first_rule)).unwrap_or_default()
-    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let _ = writeln!(r, "Command: `cargo run --release --example width_transfer -- {}`{}\n", args.join(" "),
+        a.shared_runs.as_ref().map(|_| " (one of several processes sharing the runs)").unwrap_or_default());
     let _ = writeln!(r, "- data: {}", data.describe());
     let _ = writeln!(
         r,

@@ -5,7 +5,8 @@
 //! microsoft/mup's coord check trains a few steps at several widths and plots activations; this one trains to
 //! AdamW's steady state (H ≥ 5) and reads each matrix's sigma_max, ‖W‖_F and stable rank `‖W‖_F²/sigma_max²`
 //! (float64 SVD, mean over the last timescale `H − 1 < h ≤ H`). gamma* is [`crate::fit::calibrate_gamma`]'s,
-//! the same fit `gainguard calibrate` makes, and [`CoordCheck::measurements`] writes its file.
+//! the same fit `gainguard calibrate` makes, with a percentile-bootstrap interval ([`crate::fit::bootstrap_gamma`]),
+//! and [`CoordCheck::measurements`] writes its file.
 //!
 //! ```no_run
 //! use gainguard::coord_check::{coord_check, CoordCheckConfig};
@@ -18,7 +19,7 @@
 //!         .add(nn::linear(vs / "hidden", d, d, Default::default())),
 //!     |model: &nn::Sequential, _step: u64| model.forward(&tch::Tensor::randn([32, 8], tch::kind::FLOAT_CPU)).square().mean(None),
 //! )?;
-//! println!("gamma* = {:.2} ± {:.2}", result.calibration.gamma, result.calibration.gamma_se);
+//! println!("gamma* = {:.2}, 95% bootstrap interval {:?}", result.calibration.gamma, result.interval);
 //! # Ok(()) }
 //! ```
 
@@ -98,6 +99,9 @@ impl Default for CoordCheckConfig {
     }
 }
 
+/// The bootstrap's generator seed: the interval is the same on every call with the same rows.
+pub const BOOTSTRAP_SEED: u64 = 2510;
+
 /// One matrix-like parameter at the end of one (width, gamma, seed) run.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct CoordCheckRow {
@@ -119,8 +123,11 @@ pub struct CoordCheck {
     pub rows: Vec<CoordCheckRow>,
     /// gamma* (`calibration.gamma`) with its standard error, from all matrix-like parameters pooled.
     pub calibration: GammaCalibration,
-    /// `gamma* ± 1.96·se`.
+    /// 95% percentile-bootstrap interval on gamma* ([`fit::bootstrap_gamma`]: seeds resampled within every
+    /// (gamma, width) cell when there are two or more, each gamma's residuals otherwise); `gamma* ± 1.96·se`
+    /// only where no resample has a zero crossing (then `bootstrap` is None).
     pub interval: (f64, f64),
+    pub bootstrap: Option<fit::GammaBootstrap>,
     /// Whether every run reached H ≥ 5 and no drift check failed, and if not, why (as `gainguard calibrate`).
     pub reliability: fit::Reliability,
     base_lr: f64,
@@ -271,8 +278,16 @@ where
     let points: Vec<MupPoint> = rows.iter().map(|r| MupPoint { group: r.param.clone(), gamma: r.gamma, width: r.width as f64, sigma_max: r.sigma_max }).collect();
     let calibration = fit::calibrate_gamma(&points)?;
     let ms: Vec<Measurement> = rows.iter().map(|r| to_measurement(r, c.lr, c.weight_decay)).collect();
-    let interval = (calibration.gamma - 1.96 * calibration.gamma_se, calibration.gamma + 1.96 * calibration.gamma_se);
-    Ok(CoordCheck { rows, calibration, interval, reliability: fit::reliability(&ms), base_lr: c.lr, base_weight_decay: c.weight_decay })
+    let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
+    let bootstrap = match fit::bootstrap_gamma(&points, &seeds, fit::DEFAULT_RESAMPLES, 0.95, BOOTSTRAP_SEED) {
+        Ok(b) => Some(b),
+        Err(FitError::Bootstrap(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let interval = bootstrap
+        .as_ref()
+        .map_or((calibration.gamma - 1.96 * calibration.gamma_se, calibration.gamma + 1.96 * calibration.gamma_se), |b| b.interval);
+    Ok(CoordCheck { rows, calibration, interval, bootstrap, reliability: fit::reliability(&ms), base_lr: c.lr, base_weight_decay: c.weight_decay })
 }
 
 #[cfg(test)]
@@ -348,7 +363,11 @@ mod tests {
         let (s0, s1) = (slope(0.0), slope(1.0));
         // Two gammas: the line through both points crosses zero at −s0 / (s1 − s0).
         assert!((r.calibration.gamma - (-s0 / (s1 - s0))).abs() < 1e-9, "{} vs {}", r.calibration.gamma, -s0 / (s1 - s0));
-        assert!(r.interval.0 <= r.calibration.gamma && r.calibration.gamma <= r.interval.1);
+        // The interval is the plugin's bootstrap on these rows (one seed per cell: residuals resampled).
+        let points: Vec<MupPoint> = r.rows.iter().map(|x| MupPoint { group: x.param.clone(), gamma: x.gamma, width: x.width as f64, sigma_max: x.sigma_max }).collect();
+        let b = fit::bootstrap_gamma(&points, &vec![0; points.len()], fit::DEFAULT_RESAMPLES, 0.95, BOOTSTRAP_SEED).unwrap();
+        assert_eq!((r.interval, b.method), (b.interval, fit::BootstrapMethod::Residuals));
+        assert!(r.interval.0 <= r.interval.1 && r.interval.0.is_finite() && r.interval.1.is_finite(), "{:?}", r.interval);
         assert_eq!(r.measurements().len(), r.rows.len());
     }
 

@@ -8,7 +8,9 @@ timescale H − 1 < h ≤ H) and finds gamma*, the gamma at which sigma_max is f
 
 gamma* is the fit `gainguard calibrate` makes (`plugin/src/fit/slope.rs`, `calibrate_gamma`): per gamma the
 slope of ln sigma_max on ln width with one intercept per matrix, then the weighted line through (gamma, slope)
-and its zero crossing, with a delta-method standard error. `result.measurements()` is calibrate's file format.
+and its zero crossing, with a delta-method standard error and a 95% percentile-bootstrap interval (`bootstrap_gamma`
+in `plugin/src/fit/bootstrap.rs`: seeds resampled within every (gamma, width) cell when `seeds >= 2`, each gamma's
+residuals otherwise, the fit redone per resample). `result.measurements()` is calibrate's file format.
 
     result = gainguard.coord_check(build_model, widths=[64, 128, 256], loss_fn=loss_fn, batches=batches,
                                    base_width=64, lr=1e-2, weight_decay=0.5, out="coord_check.png")
@@ -34,8 +36,9 @@ MAX_DRIFT = 0.03
 
 @dataclass
 class CoordCheckResult:
-    """gamma* with its 95% interval (gamma* ± 1.96·se), one row per matrix-like parameter per run, the slope of
-    ln sigma_max on ln width per gamma, and whether every run was at steady state."""
+    """gamma* with its 95% percentile-bootstrap interval (`interval_method`: "seeds" or "residuals"; "delta"
+    means gamma* ± 1.96·se where no resample had a zero crossing), one row per matrix-like parameter per run, the
+    slope of ln sigma_max on ln width per gamma, and whether every run was at steady state."""
 
     gamma_star: float
     interval: Tuple[float, float]
@@ -50,6 +53,7 @@ class CoordCheckResult:
     base_lr: float = 0.0
     base_weight_decay: float = 0.0
     extrapolated: bool = field(default=False)
+    interval_method: str = "seeds"
 
     def measurements(self) -> List[dict]:
         """The rows as a `gainguard calibrate MEASUREMENTS.json` file (json.dump it)."""
@@ -134,6 +138,23 @@ def _calibrate(rows: List[dict]):
     return gamma, se, per
 
 
+#: The bootstrap's generator seed (as the Rust counterpart's): the same rows give the same interval.
+BOOTSTRAP_SEED = 2510
+
+
+def _interval(rows: List[dict], gamma_star: float, se: float) -> Tuple[Tuple[float, float], str]:
+    """The 95% percentile-bootstrap interval on gamma* (`bootstrap_gamma`, plugin/src/fit/bootstrap.rs) and how it
+    resampled; gamma* ± 1.96·se, method "delta", where no resample has a zero crossing."""
+    points = [(r["param"], float(r["gamma"]), float(r["width"]), float(r["sigma_max"])) for r in rows]
+    try:
+        lo, hi, method, _failed = _native.bootstrap_gamma(points, [int(r["seed"]) for r in rows], 2000, 0.95, BOOTSTRAP_SEED)
+    except ValueError as e:
+        if "none of the" not in str(e):
+            raise ValueError(f"coord_check: {e}") from None
+        return (gamma_star - 1.96 * se, gamma_star + 1.96 * se), "delta"
+    return (lo, hi), method
+
+
 def coord_check(
     build_model: Callable[[int], torch.nn.Module],
     widths: Sequence[int],
@@ -198,9 +219,11 @@ def coord_check(
         problems.append(f"drift check failed in {len(drifting)} of {len(rows)} rows (bar {MAX_DRIFT:.0%}): {named}")
     if gamma_star is None:
         problems.append("the slope of ln sigma_max on ln width does not change with gamma: no zero crossing")
+    interval, method = ((float("nan"), float("nan")), "none") if gamma_star is None else _interval(rows, gamma_star, se)
     result = CoordCheckResult(
         gamma_star=float("nan") if gamma_star is None else gamma_star,
-        interval=(float("nan"), float("nan")) if gamma_star is None else (gamma_star - 1.96 * se, gamma_star + 1.96 * se),
+        interval=interval,
+        interval_method=method,
         gamma_se=float("nan") if se is None else se,
         rows=rows,
         slopes=per,

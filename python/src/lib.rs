@@ -179,6 +179,23 @@ fn calibrate_gamma(points: Vec<(String, f64, f64, f64)>) -> PyResult<(Option<f64
     }
 }
 
+/// A percentile-bootstrap interval on [`calibrate_gamma`]'s gamma* ([`fit::bootstrap_gamma`]) over the same
+/// points and one seed per point: `(lo, hi, method, failed)`, method `"seeds"` (resampled within every
+/// (gamma, width) cell) or `"residuals"` (one seed per cell), failed the resamples without a zero crossing.
+/// Raises ValueError naming bad input, or when no resample has a crossing.
+#[pyfunction]
+#[pyo3(signature = (points, seeds, resamples=fit::DEFAULT_RESAMPLES, level=0.95, rng_seed=0))]
+fn bootstrap_gamma(points: Vec<(String, f64, f64, f64)>, seeds: Vec<u64>, resamples: usize, level: f64, rng_seed: u64) -> PyResult<(f64, f64, &'static str, usize)> {
+    let points: Vec<MupPoint> =
+        points.into_iter().map(|(group, gamma, width, sigma_max)| MupPoint { group, gamma, width, sigma_max }).collect();
+    let b = fit::bootstrap_gamma(&points, &seeds, resamples, level, rng_seed).map_err(value_error)?;
+    let method = match b.method {
+        fit::BootstrapMethod::Seeds => "seeds",
+        fit::BootstrapMethod::Residuals => "residuals",
+    };
+    Ok((b.interval.0, b.interval.1, method, b.failed))
+}
+
 fn decay_mode(decay: &str) -> PyResult<DecayMode> {
     match decay {
         "coupled" => Ok(DecayMode::Coupled),
@@ -252,6 +269,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_step, m)?)?;
     m.add_function(wrap_pyfunction!(decide_step, m)?)?;
     m.add_function(wrap_pyfunction!(calibrate_gamma, m)?)?;
+    m.add_function(wrap_pyfunction!(bootstrap_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
     m.add_class::<Plan>()?;
     monitor::register(m)?;

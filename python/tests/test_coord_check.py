@@ -69,8 +69,39 @@ def independent_gamma_star(rows):
         gammas.append(g)
         slopes.append(slope[0])
         ses.append(math.sqrt(float(rss[0]) / dof / float(x @ x)))
-    b, a = np.polyfit(gammas, slopes, 1, w=1 / np.array(ses))
+    # A noiseless slope has se 0; the plugin floors the errors at 1e-9 of the largest |slope| (at least 1e-3).
+    floor = 1e-9 * max([1e-3] + [abs(x) for x in slopes])
+    b, a = np.polyfit(gammas, slopes, 1, w=1 / np.maximum(np.array(ses), floor))
     return -a / b
+
+
+def independent_residual_interval(rows, resamples=2000, level=0.95):
+    """Residual bootstrap of independent_gamma_star: per gamma, the one-intercept-per-parameter fit's residuals,
+    inflated by sqrt(n / (n - groups - 1)), drawn with replacement and added back to the fitted values; the
+    2.5% and 97.5% quantiles of the refitted gamma*."""
+    rng = np.random.default_rng(1)
+    fitted, pools = {}, {}
+    for g in sorted({r["gamma"] for r in rows}):
+        at = [i for i, r in enumerate(rows) if r["gamma"] == g]
+        x = np.array([math.log(rows[i]["width"]) for i in at])
+        y = np.array([math.log(rows[i]["sigma_max"]) for i in at])
+        names = np.array([rows[i]["param"] for i in at])
+        xc, yc = x.copy(), y.copy()
+        for n in set(names):
+            xc[names == n] -= x[names == n].mean()
+            yc[names == n] -= y[names == n].mean()
+        slope = float(xc @ yc / (xc @ xc))
+        fit = y - yc + slope * xc
+        inflate = math.sqrt(len(at) / (len(at) - len(set(names)) - 1))
+        pools[g] = inflate * (y - fit)
+        for i, f in zip(at, fit):
+            fitted[i] = f
+    draws = []
+    for _ in range(resamples):
+        drawn = [dict(r, sigma_max=math.exp(fitted[i] + rng.choice(pools[r["gamma"]]))) for i, r in enumerate(rows)]
+        draws.append(independent_gamma_star(drawn))
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def test_coord_check_reaches_the_horizon_and_its_gamma_star_is_the_zero_crossing_of_its_own_rows(tmp_path):
@@ -86,7 +117,11 @@ def test_coord_check_reaches_the_horizon_and_its_gamma_star_is_the_zero_crossing
         assert r["checks"]["horizon_ok"] is False  # H = 3 is a transient and the result says so
     assert result.gamma_star == pytest.approx(independent_gamma_star(result.rows), abs=1e-9)
     lo, hi = result.interval
-    assert lo < result.gamma_star < hi
+    # One seed per cell: the plugin resamples each gamma's residuals. An independent residual bootstrap here
+    # (numpy's generator, other draws) lands on the same percentiles up to Monte Carlo error.
+    assert result.interval_method == "residuals"
+    ilo, ihi = independent_residual_interval(result.rows)
+    assert lo <= hi and abs(lo - ilo) <= 0.25 * (ihi - ilo) + 1e-9 and abs(hi - ihi) <= 0.25 * (ihi - ilo) + 1e-9, (result.interval, (ilo, ihi))
     assert not result.reliable and "below decay horizon 5" in result.reason
     assert png.exists() and png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.figure == str(png)

@@ -18,18 +18,21 @@
 //!
 //! - [`slope`]: the fits.
 //! - [`measurement`]: the measurements file, its parsing and the checks that it can be fitted.
+//! - [`bootstrap`]: percentile-bootstrap intervals on gamma* (seeds or residuals resampled, the fit redone).
 //! - [`reliability`]: whether the entries were read at steady state (decay horizon, drift, init checks).
 
+pub mod bootstrap;
 pub mod measurement;
 pub mod reliability;
 pub mod slope;
 
+pub use bootstrap::{bootstrap_gamma, has_replicate_seeds, percentile_interval, seed_resamples, BootstrapMethod, GammaBootstrap, DEFAULT_RESAMPLES};
 pub use measurement::{check_measurements, parse_measurements, Measurement, MeasurementsError, MEASUREMENTS_EXAMPLE};
 pub use reliability::{
     failed_checks, horizon_reliability, reliability, FailedCheck, Reliability, SteadyStateChecks, MAX_DRIFT, MAX_INIT_DIFFERENCE,
     MIN_RELIABLE_HORIZON,
 };
 pub use slope::{
-    calibrate_gamma, fit_alpha, gamma_from_slopes, pooled_slope, slopes_at_gammas, spread, zero_crossing, AlphaFit, FitError, GammaCalibration, MupPoint, SlopeAtGamma, SlopeFit,
+    calibrate_gamma, fit_alpha, gamma_from_slopes, line_zero, pooled_slope, slopes_at_gammas, spread, zero_crossing, AlphaFit, FitError, GammaCalibration, MupPoint, SlopeAtGamma, SlopeFit,
     WidthPoint,
 };

@@ -15,6 +15,8 @@ pub enum FitError {
     NoDegreesOfFreedom { what: String, n: usize, groups: usize },
     #[error("the slope of ln sigma_max vs ln d does not change with gamma (d slope / d gamma = {0:.3e}); no zero crossing")]
     FlatInGamma(f64),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
 }
 
 /// A slope shared by all groups, with its standard error.
@@ -217,21 +219,13 @@ pub fn gamma_from_slopes(per_gamma: Vec<SlopeAtGamma>) -> Result<GammaCalibratio
     if per_gamma.len() < 2 {
         return Err(FitError::TooFewGammas { found: per_gamma.len() });
     }
-    // A noiseless slope has se 0; floor the errors so the weights stay finite (equal weights then).
-    let floor = 1e-9 * per_gamma.iter().map(|s| s.slope.abs()).fold(1e-3, f64::max);
-    let w: Vec<f64> = per_gamma.iter().map(|s| 1.0 / s.slope_se.max(floor).powi(2)).collect();
-    let (sw, swx, swxx, swy, swxy) = per_gamma.iter().zip(&w).fold((0.0, 0.0, 0.0, 0.0, 0.0), |acc, (s, w)| {
-        (acc.0 + w, acc.1 + w * s.gamma, acc.2 + w * s.gamma * s.gamma, acc.3 + w * s.slope, acc.4 + w * s.gamma * s.slope)
-    });
-    let det = sw * swxx - swx * swx;
-    let rate = (sw * swxy - swx * swy) / det;
-    let intercept = (swy - rate * swx) / sw;
+    let WeightedLine { w, sw, mean_gamma, sxx, intercept, rate } = weighted_line(&per_gamma);
     let k = per_gamma.len();
     let chi2: f64 = per_gamma.iter().zip(&w).map(|(s, w)| w * (s.slope - intercept - rate * s.gamma).powi(2)).sum();
     let inflate = if k > 2 { (chi2 / (k - 2) as f64).max(1.0) } else { 1.0 };
-    let var_a = inflate * swxx / det;
-    let var_b = inflate * sw / det;
-    let cov_ab = -inflate * swx / det;
+    let var_a = inflate * (1.0 / sw + mean_gamma * mean_gamma / sxx);
+    let var_b = inflate / sxx;
+    let cov_ab = -inflate * mean_gamma / sxx;
     let rate_se = var_b.sqrt();
     if rate.abs() < 1e-12 || rate.abs() < 0.5 * rate_se {
         return Err(FitError::FlatInGamma(rate));
@@ -251,6 +245,42 @@ pub fn gamma_from_slopes(per_gamma: Vec<SlopeAtGamma>) -> Result<GammaCalibratio
         rate,
         rate_se,
     })
+}
+
+/// The weighted least-squares line `slope = intercept + rate·gamma` through the per-gamma slopes (weights
+/// `1/se²`), from sums centred on the weighted mean gamma: a floored (noiseless) error gives its slope a weight
+/// many orders above the others', and the uncentred `Σw·Σwg² − (Σwg)²` would cancel to rounding noise.
+struct WeightedLine {
+    w: Vec<f64>,
+    sw: f64,
+    mean_gamma: f64,
+    /// `Σ w (gamma − mean_gamma)²`.
+    sxx: f64,
+    intercept: f64,
+    rate: f64,
+}
+
+fn weighted_line(per_gamma: &[SlopeAtGamma]) -> WeightedLine {
+    // A noiseless slope has se 0; floor the errors so the weights stay finite (equal weights then).
+    let floor = 1e-9 * per_gamma.iter().map(|s| s.slope.abs()).fold(1e-3, f64::max);
+    let w: Vec<f64> = per_gamma.iter().map(|s| 1.0 / s.slope_se.max(floor).powi(2)).collect();
+    let sw: f64 = w.iter().sum();
+    let mean_gamma = per_gamma.iter().zip(&w).map(|(s, w)| w * s.gamma).sum::<f64>() / sw;
+    let mean_slope = per_gamma.iter().zip(&w).map(|(s, w)| w * s.slope).sum::<f64>() / sw;
+    let sxx: f64 = per_gamma.iter().zip(&w).map(|(s, w)| w * (s.gamma - mean_gamma).powi(2)).sum();
+    let sxy: f64 = per_gamma.iter().zip(&w).map(|(s, w)| w * (s.gamma - mean_gamma) * (s.slope - mean_slope)).sum();
+    let rate = sxy / sxx;
+    WeightedLine { w, sw, mean_gamma, sxx, intercept: mean_slope - rate * mean_gamma, rate }
+}
+
+/// gamma* of [`calibrate_gamma`]'s line without its significance test: `−intercept/rate` whenever the rate is
+/// not zero, None otherwise. A bootstrap refits with this: leaving out the resamples whose line is not
+/// significantly sloped would cut the tails of gamma*'s distribution off and narrow the interval.
+pub fn line_zero(points: &[MupPoint]) -> Result<Option<f64>, FitError> {
+    let per_gamma = slopes_at_gammas(points)?;
+    let l = weighted_line(&per_gamma);
+    let g = -l.intercept / l.rate;
+    Ok((l.rate.abs() >= 1e-12 && g.is_finite()).then_some(g))
 }
 
 /// Where the piecewise-linear curve through `(x_i, y_i)` (sorted by x) first reaches zero: the gamma where the
