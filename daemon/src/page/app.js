@@ -34,9 +34,11 @@ function fmt(v, unit) {
   return unit ? s + " " + unit : s;
 }
 
-function clock(t) {
+// Wall-clock time; tenths of a second when the chart spans under two minutes.
+function clock(t, span) {
   const d = new Date(t * 1000);
-  return d.toTimeString().slice(0, 8);
+  const hms = d.toTimeString().slice(0, 8);
+  return span !== undefined && span < 120 ? `${hms}.${Math.floor(d.getMilliseconds() / 100)}` : hms;
 }
 
 // One chart: series = [{name, points: [[t, v|null]...], color, cls, gated: (t) => bool}].
@@ -79,7 +81,7 @@ function chart(opts, series) {
   }
   for (let i = 0; i <= 4; i++) {
     const t = t0 + (t1 - t0) * i / 4;
-    axis.appendChild(el("svg:text", { x: X(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, clock(t)));
+    axis.appendChild(el("svg:text", { x: X(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, clock(t, t1 - t0)));
   }
   svg.appendChild(axis);
   if (opts.band) {
@@ -156,6 +158,8 @@ async function getJSON(path) {
   return body;
 }
 
+// One line per alert, state and run: a gain-drift alert on 14 matrices is one line naming how many and the
+// extreme values, with the parameters in its tooltip.
 function renderAlerts(alerts) {
   const ul = document.getElementById("alerts");
   ul.replaceChildren();
@@ -163,12 +167,25 @@ function renderAlerts(alerts) {
     ul.appendChild(el("li", { class: "none" }, "None: no rule's condition holds on the history."));
     return;
   }
+  const groups = new Map();
   for (const a of alerts) {
-    const li = el("li", { class: `alert ${a.state} ${a.severity}`, "data-alert": a.alert, "data-state": a.state });
-    const where = ["run", "rank", "param", "gpu"].filter(k => a.labels[k] !== undefined).map(k => `${k}=${a.labels[k]}`).join(" ");
-    const held = Math.max(0, Date.now() / 1000 - a.active_since);
+    const where = ["run", "rank", "gpu"].filter(k => a.labels[k] !== undefined).map(k => `${k}=${a.labels[k]}`).join(" ");
+    const key = `${a.alert}|${a.state}|${where}`;
+    if (!groups.has(key)) groups.set(key, { a, where, items: [] });
+    groups.get(key).items.push(a);
+  }
+  for (const { a, where, items } of groups.values()) {
+    const li = el("li", { class: `alert ${a.state} ${a.severity}`, "data-alert": a.alert, "data-state": a.state, "data-count": String(items.length) });
+    const values = items.map(x => x.value).filter(v => v !== null && isFinite(v));
+    const range = values.length === 0 ? "" : values.length === 1 ? `value ${fmt(values[0])}` :
+      `values ${fmt(Math.min(...values))} to ${fmt(Math.max(...values))}`;
+    const held = Math.max(0, Date.now() / 1000 - Math.min(...items.map(x => x.active_since)));
+    const params = items.map(x => x.labels.param).filter(Boolean);
     li.appendChild(el("strong", {}, a.alert));
-    li.appendChild(document.createTextNode(` ${a.state} (${a.severity}) ${where}: value ${fmt(a.value)}, held ${held.toFixed(0)} s of ${a.for_seconds} s `));
+    li.appendChild(document.createTextNode(` ${a.state} (${a.severity}) ${where}` +
+      (params.length ? ` on ${params.length} parameter${params.length > 1 ? "s" : ""}` : "") +
+      `: ${range}, held ${held.toFixed(0)} s of ${a.for_seconds} s `));
+    if (params.length) li.setAttribute("title", params.join("\n"));
     if (a.runbook_url) li.appendChild(el("a", { href: a.runbook_url }, "runbook"));
     ul.appendChild(li);
   }
