@@ -7,7 +7,7 @@
 //! kept and is counted (`gainguard_daemon_history_series_refused_total`). The bytes held are exported as
 //! `gainguard_daemon_history_bytes` beside the cap, `gainguard_daemon_history_max_bytes`. The defaults (15 s,
 //! the scrape interval of dashboards/prometheus/prometheus.yml; one day; 64 MiB) hold a day of one run with
-//! up to 480 tracked parameters: 1 + 6 run series and 3 per parameter, 5760 points of 8 bytes each.
+//! up to 480 tracked parameters: 6 run series, 3 per parameter and NVML's, 5760 points of 8 bytes each.
 
 pub mod alerts;
 pub mod api;
@@ -386,5 +386,29 @@ impl Source for HistorySource {
 
     fn forget_run(&self, run: &RunKey, _params: &[ParamLabels]) {
         self.0.forget(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_history_settings_are_refused_naming_the_flag() {
+        let d = HistorySettings::default();
+        assert_eq!(points_per_series(&d), 5760);
+        assert!(d.validate().is_ok());
+        let cases = [
+            (HistorySettings { interval: Duration::from_millis(10), ..d.clone() }, "--history-interval"),
+            (HistorySettings { retention: Duration::from_secs(1), ..d.clone() }, "--history-retention"),
+            (HistorySettings { max_bytes: 100, ..d.clone() }, "--history-max-bytes"),
+        ];
+        for (s, flag) in cases {
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+        // The default cap holds a day of one run with 480 tracked parameters (3 series each, 7 run series).
+        let series = 480 * 3 + 7;
+        assert!(series * (5760 * store::POINT_BYTES + store::SERIES_OVERHEAD) <= d.max_bytes);
     }
 }
