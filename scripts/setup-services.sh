@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs the real Prometheus (with promtool) and Alertmanager that the tests run against, from Debian's
-# packages. The packages do not start services; tests start their own instances on loopback ports.
+# Installs the real Prometheus (with promtool) and Alertmanager that the tests run against, and the headless
+# Chromium that tests gainguardd's live page (tests/live_page.rs), from Debian's packages. The packages do
+# not start services; tests start their own instances on loopback ports.
 # Idempotent: does nothing when the binaries are already there.
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 pkgs="$(printf '%s\n' "${need[@]}" | sort -u | tr '\n' ' ')"
 sudo=""

@@ -1,9 +1,16 @@
 //! Soak benchmark (not a test): a release `gainguardd` fed by 8 senders × 1,000 parameters for a long time,
-//! scraped every 5 s like Prometheus would; its RSS is sampled every 10 s and must stay flat (within 10%)
-//! after the warm-up. Loopback only.
+//! scraped every 5 s like Prometheus would, its live page's JSON read as often (the overview with the alert
+//! judgement, and one rank's run); its RSS is sampled every 10 s and must stay flat (within 10%) after the
+//! warm-up. Loopback only.
+//!
+//! The live page's history is filled within the warm-up: one point per 0.5 s and 60 s of retention (120 points
+//! per series, 1,024 bytes each; a parameter is sampled every 0.5 s), under a 12 MiB cap that holds 12,288 of
+//! the 16,040 series (8 x (1,000 x gain ratio and sigma_max + 5 run series); the others are refused and
+//! counted), so that after the warm-up every kept ring is full and the cap binds.
 //!
 //! Run: cargo build --release -p gainguard-daemon --bins --examples &&
-//!      target/release/examples/daemon_soak [--minutes 10] [--warmup-seconds 60]
+//!      target/release/examples/daemon_soak [--minutes 10] [--warmup-seconds 90]
+//!      [--history-interval 0.5 --history-retention 60 --history-max-bytes 12582912]
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -78,11 +85,24 @@ fn sender(sock: String, rank: u32, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>, 
     dropped.fetch_add(sink.dropped_total(), Ordering::Relaxed);
 }
 
+/// The value of an unlabelled series in a /metrics body (0 when absent).
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |k: &str, d: &str| args.iter().position(|a| a == k).map(|i| args[i + 1].clone()).unwrap_or(d.into());
     let minutes: f64 = arg("--minutes", "10").parse().unwrap();
-    let warmup = Duration::from_secs_f64(arg("--warmup-seconds", "60").parse().unwrap());
+    let warmup = Duration::from_secs_f64(arg("--warmup-seconds", "90").parse().unwrap());
+    let history = [
+        ("--history-interval", arg("--history-interval", "0.5")),
+        ("--history-retention", arg("--history-retention", "60")),
+        ("--history-max-bytes", arg("--history-max-bytes", "12582912")),
+    ];
     let dir = std::env::temp_dir().join(format!("gainguard-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = format!("unix:{}", dir.join("d.sock").display());
@@ -90,6 +110,7 @@ fn main() {
     let daemon = Guard(
         die_with_parent(&mut Command::new(bin("gainguardd")))
             .args(["--listen", &metrics.to_string(), "--ingest", &sock, "--nvml", "off"])
+            .args(history.iter().flat_map(|(k, v)| [k.to_string(), v.clone()]))
             .stderr(Stdio::null())
             .spawn()
             .expect("target/release/gainguardd: build with --bins"),
@@ -108,17 +129,32 @@ fn main() {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(minutes * 60.0);
     let mut samples: Vec<(f64, f64)> = Vec::new();
-    let mut body_len;
     let mut next_rss = start;
-    println!("| t (s) | RSS (MiB) | /metrics bytes |");
-    println!("|---|---|---|");
+    let (mut json_bytes, mut json_ms) = (0usize, 0.0f64);
+    println!("| t (s) | RSS (MiB) | /metrics bytes | history bytes | history series (refused) | /api JSON bytes, ms |");
+    println!("|---|---|---|---|---|---|");
     while Instant::now() < end {
-        body_len = get(metrics, "/metrics").map_or(0, |b| b.len());
+        let body = get(metrics, "/metrics").unwrap_or_default();
+        let t0 = Instant::now();
+        json_bytes = ["/api/v1/overview", "/api/v1/run?run=soak&rank=3&host=node"]
+            .iter()
+            .map(|p| get(metrics, p).map_or(0, |b| b.len()))
+            .sum();
+        json_ms = t0.elapsed().as_secs_f64() * 1e3;
         if Instant::now() >= next_rss {
             let t = start.elapsed().as_secs_f64();
             let rss = status_mib(daemon.0.id(), "VmRSS:");
             samples.push((t, rss));
-            println!("| {t:.0} | {rss:.1} | {body_len} |");
+            let text = String::from_utf8_lossy(&body);
+            let value = |name: &str| metric(&text, name);
+            println!(
+                "| {t:.0} | {rss:.1} | {} | {:.0} of {:.0} | {:.0} ({:.0}) | {json_bytes}, {json_ms:.0} |",
+                body.len(),
+                value("gainguard_daemon_history_bytes"),
+                value("gainguard_daemon_history_max_bytes"),
+                value("gainguard_daemon_history_series"),
+                value("gainguard_daemon_history_series_refused_total"),
+            );
             next_rss += Duration::from_secs(10);
         }
         std::thread::sleep(Duration::from_secs(5));
@@ -135,9 +171,15 @@ fn main() {
         .sum();
     println!(
         "soak: {minutes} min, 8 senders x 1,000 params, {} events sent, {} dropped by senders, {accepted} accepted; \
+         history {} bytes of {} ({} series, {} refused; {:?}); last /api JSON {json_bytes} bytes in {json_ms:.0} ms; \
          RSS after {:.0} s warm-up: min {lo:.1} MiB, max {hi:.1} MiB, max/min {:.3} ({})",
         sent.load(Ordering::Relaxed),
         dropped.load(Ordering::Relaxed),
+        metric(&body, "gainguard_daemon_history_bytes"),
+        metric(&body, "gainguard_daemon_history_max_bytes"),
+        metric(&body, "gainguard_daemon_history_series"),
+        metric(&body, "gainguard_daemon_history_series_refused_total"),
+        history,
         warmup.as_secs_f64(),
         hi / lo,
         if hi / lo <= 1.10 { "flat within 10%" } else { "NOT flat within 10%" }

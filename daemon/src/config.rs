@@ -11,6 +11,7 @@ use gainguard_protocol::wire::DEFAULT_MAX_LINE_BYTES;
 
 use crate::error::DaemonError;
 use crate::sources::SourceSettings;
+pub use crate::history::HistorySettings;
 pub use crate::web::WebSettings;
 
 /// Caps that keep memory, file descriptors and cardinality bounded whatever the clients send. The defaults
@@ -92,6 +93,8 @@ pub struct DaemonConfig {
     pub limits: Limits,
     /// Names of sources (see [`crate::sources::SOURCES`]) not to run.
     pub disabled_sources: Vec<String>,
+    /// How much history the live page at `/` keeps ([`crate::history`]).
+    pub history: HistorySettings,
 }
 
 impl Default for DaemonConfig {
@@ -106,6 +109,7 @@ impl Default for DaemonConfig {
             metrics_max_age: Duration::from_secs(1),
             limits: Limits::default(),
             disabled_sources: Vec::new(),
+            history: HistorySettings::default(),
         }
     }
 }
@@ -166,6 +170,7 @@ impl DaemonConfig {
             }
         }
         self.sources.validate()?;
+        self.history.validate()?;
         let tcp = self.ingest.iter().any(|a| matches!(a, IngestAddr::Tcp(_)));
         if tcp && self.auth.token_file.is_none() {
             return Err(setting(

@@ -20,6 +20,7 @@ use crate::auth::{Token, UidPolicy};
 use crate::config::DaemonConfig;
 use crate::error::DaemonError;
 use crate::exposition::Registry;
+use crate::history::History;
 use crate::http::{self, Http};
 use crate::ingest::{self, Ingest};
 use crate::listeners::{BoundIngest, Listeners};
@@ -58,7 +59,10 @@ impl Daemon {
         let listeners = Listeners::bind(&config)?;
         let registry = Arc::new(Registry::new());
         let metrics = SelfMetrics::new(registry.prometheus())?;
-        let sources = build_sources(&config, &registry, host_name())?;
+        let nvml_enabled = config.sources.nvml.mode != crate::NvmlMode::Off
+            && !config.disabled_sources.iter().any(|s| s == crate::sources::nvml::SPEC.name);
+        let history = History::new(config.history.clone(), nvml_enabled, host_name(), registry.prometheus())?;
+        let sources = build_sources(&config, &registry, host_name(), &history)?;
         let (queue, receiver) = queue(config.limits.queue_bytes);
         let (control, control_rx) = crossbeam_channel::unbounded();
         let healthy = Arc::new(AtomicBool::new(true));
@@ -80,7 +84,7 @@ impl Daemon {
             healthy,
         };
         // From here on, dropping `daemon` on an error stops what was started.
-        daemon.start_http(&config, listeners.http, registry, web)?;
+        daemon.start_http(&config, listeners.http, registry, web, history)?;
         daemon.start_ingest(&config, listeners.ingest, token)?;
         Ok(daemon)
     }
@@ -91,6 +95,7 @@ impl Daemon {
         listener: std::net::TcpListener,
         registry: Arc<Registry>,
         web: Web,
+        history: Arc<History>,
     ) -> Result<(), DaemonError> {
         let limits = &config.limits;
         let exposition = Exposition { registry, metrics: self.metrics.clone() };
@@ -103,6 +108,7 @@ impl Daemon {
             connections: ConnectionTable::new(limits.max_http_connections, limits.max_http_connections),
             header_read_timeout: limits.header_read_timeout,
             web,
+            history,
         });
         let rt = runtime("gainguard-http", 1, HTTP_NICE)?;
         {

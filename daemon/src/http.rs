@@ -1,5 +1,6 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text format) and `/healthz`. It serves the body that
-//! [`ScrapeCache`] renders and knows nothing about the sources that fill the registry.
+//! The HTTP endpoint: `/metrics` (Prometheus text format), `/healthz`, the live page at `/` with its assets
+//! ([`crate::page`]) and the history it reads under `/api/v1/` ([`crate::history::api`]). It serves the body
+//! that [`ScrapeCache`] renders and knows nothing about the sources that fill the registry.
 //!
 //! Limits, so that slow or hostile clients cannot take the endpoint away from Prometheus: a client must send
 //! its request head within the header-read timeout; open connections are capped (at the cap the oldest one
@@ -22,6 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::history::{api, rules::Rules, History};
 use crate::admission::{accept_loop, BusyGuard, ConnectionTable, Peer, Slot};
 use crate::scrape::ScrapeCache;
 use crate::selfmetrics::SelfMetrics;
@@ -35,6 +37,7 @@ pub(crate) struct Http {
     pub connections: Arc<ConnectionTable>,
     pub header_read_timeout: Duration,
     pub web: Web,
+    pub history: Arc<History>,
 }
 
 /// A response body that keeps its connection marked busy, and its scrape permit taken, until it is sent.
@@ -72,6 +75,20 @@ fn reply(status: StatusCode, content_type: &'static str, body: Reply) -> Respons
     *r.status_mut() = status;
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     r
+}
+
+fn json_reply(body: Result<serde_json::Value, api::ApiError>) -> Response<Reply> {
+    match body {
+        Ok(v) => {
+            let mut r = reply(StatusCode::OK, "application/json", Reply::new(serde_json::to_vec(&v).unwrap_or_default()));
+            r.headers_mut().insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+            reply(status, "application/json", Reply::new(serde_json::to_vec(&serde_json::json!({"error": e.message})).unwrap_or_default()))
+        }
+    }
 }
 
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -121,14 +138,17 @@ impl Http {
             }
             "/healthz" if self.healthy.load(Ordering::Relaxed) => reply(StatusCode::OK, "text/plain", Reply::new("ok\n")),
             "/healthz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", Reply::new("the run table stopped\n")),
-            "/" => reply(
-                StatusCode::OK,
-                "text/html",
-                Reply::new(
-                    "<html><body><h1>gainguardd</h1><a href=\"/metrics\">/metrics</a> <a href=\"/healthz\">/healthz</a></body></html>\n",
-                ),
-            ),
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", Reply::new("not found\n")),
+            "/api/v1/overview" => json_reply(Ok(api::overview(&self.history, Rules::builtin()))),
+            "/api/v1/run" => json_reply(api::run(&self.history, Rules::builtin(), req.uri().query().unwrap_or(""))),
+            "/api/v1/gpus" => json_reply(api::gpus(&self.history, req.uri().query().unwrap_or(""))),
+            path => match crate::page::asset(path) {
+                Some((content_type, body)) => {
+                    let mut r = reply(StatusCode::OK, content_type, Reply::new(Bytes::from_static(body)));
+                    r.headers_mut().insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-cache"));
+                    r
+                }
+                None => reply(StatusCode::NOT_FOUND, "text/plain", Reply::new("not found\n")),
+            },
         }
     }
 

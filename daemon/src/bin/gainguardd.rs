@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use gainguard_daemon::config::{seconds, WebSettings};
+use gainguard_daemon::config::{seconds, HistorySettings, WebSettings};
 use gainguard_daemon::sources::{source_names, SourceArgs};
 use gainguard_daemon::{default_ingest_addr, Daemon, DaemonConfig, DaemonError, IngestAddr, IngestAuth, Limits};
 
@@ -117,6 +117,21 @@ struct Args {
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
     metrics_max_age: f64,
 
+    /// Seconds between the points the live page's history keeps per series (the latest sample of each
+    /// interval is kept).
+    #[arg(long, default_value_t = HistorySettings::default().interval.as_secs_f64(), value_name = "SECONDS")]
+    history_interval: f64,
+
+    /// Seconds of history a series keeps when it is sampled every interval (retention / interval points).
+    #[arg(long, default_value_t = HistorySettings::default().retention.as_secs_f64(), value_name = "SECONDS")]
+    history_retention: f64,
+
+    /// Bytes the live page's history may hold in all; a series that would pass it is not kept (counted in
+    /// gainguard_daemon_history_series_refused_total). The default holds a day of one run with up to 480
+    /// tracked parameters at the default interval.
+    #[arg(long, default_value_t = HistorySettings::default().max_bytes, value_name = "BYTES")]
+    history_max_bytes: usize,
+
     /// Source not to run. Repeatable.
     #[arg(long, value_name = "NAME", help = format!("Source not to run ({}). Repeatable.", source_names()))]
     disable_source: Vec<String>,
@@ -183,6 +198,11 @@ fn config(args: Args) -> Result<DaemonConfig, DaemonError> {
             max_concurrent_scrapes: args.max_concurrent_scrapes,
         },
         disabled_sources: args.disable_source,
+        history: HistorySettings {
+            interval: seconds("history-interval", args.history_interval)?,
+            retention: seconds("history-retention", args.history_retention)?,
+            max_bytes: args.history_max_bytes,
+        },
     })
 }
 
@@ -191,7 +211,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::spawn(config(args)?)?;
     let ingest: Vec<String> = daemon.ingest_addrs().iter().map(ToString::to_string).collect();
     let scheme = if daemon.serves_tls() { "https" } else { "http" };
-    tracing::info!("serving {scheme}://{}/metrics; ingest on {}", daemon.metrics_addr(), ingest.join(", "));
+    tracing::info!(
+        "serving {scheme}://{}/metrics and the live page at {scheme}://{}/; ingest on {}",
+        daemon.metrics_addr(),
+        daemon.metrics_addr(),
+        ingest.join(", ")
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("signal runtime")?;
     let failed = rt.block_on(async {

@@ -15,6 +15,7 @@ use gainguard_protocol::events::Envelope;
 use crate::config::DaemonConfig;
 use crate::error::DaemonError;
 use crate::exposition::{MetricVec, Registry, Value};
+use crate::history::History;
 
 pub mod liveness;
 pub mod nvml;
@@ -48,7 +49,8 @@ impl SourceArgs {
 }
 
 /// Every known source, with its name and whether it runs unless disabled.
-pub const SOURCES: &[SourceSpec] = &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC];
+pub const SOURCES: &[SourceSpec] =
+    &[training::SPEC, optimizer::SPEC, spectra::SPEC, liveness::SPEC, nvml::SPEC, crate::history::SPEC];
 
 /// The names of every known source, comma-separated (for messages and `--help`).
 pub fn source_names() -> String {
@@ -64,8 +66,13 @@ pub fn check_disabled(disabled: &[String]) -> Result<(), DaemonError> {
 }
 
 /// Builds every enabled source, in [`SOURCES`] order; stops those already built when one fails.
-pub fn build_sources(config: &DaemonConfig, registry: &Registry, host: String) -> Result<Vec<Arc<dyn Source>>, DaemonError> {
-    let ctx = SourceContext { registry, host, config };
+pub fn build_sources(
+    config: &DaemonConfig,
+    registry: &Registry,
+    host: String,
+    history: &Arc<History>,
+) -> Result<Vec<Arc<dyn Source>>, DaemonError> {
+    let ctx = SourceContext { registry, host, config, history };
     let mut sources: Vec<Arc<dyn Source>> = Vec::new();
     for spec in SOURCES {
         if !spec.default_enabled || config.disabled_sources.iter().any(|d| d == spec.name) {
@@ -96,6 +103,8 @@ pub struct SourceContext<'a> {
     /// This machine's host name (for node-level series such as NVML's).
     pub host: String,
     pub config: &'a DaemonConfig,
+    /// The live page's history, which the `history` source and NVML's poller write.
+    pub history: &'a Arc<History>,
 }
 
 /// The identity of one trainer process: the run labels `run, rank, host`.

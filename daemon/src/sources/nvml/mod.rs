@@ -16,6 +16,7 @@ use gainguard_protocol::events::{Envelope, Event};
 
 use super::{lock, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec};
 use crate::error::DaemonError;
+use crate::history::History;
 pub use backend::{GpuBackend, GpuReading, RealNvml, THROTTLE_REASONS};
 pub use mapping::GpuSeries;
 pub use settings::{NvmlArgs, NvmlMode, NvmlSettings};
@@ -25,6 +26,7 @@ pub const SPEC: SourceSpec = SourceSpec { name: "nvml", default_enabled: true, b
 /// The NVML source: its series and the thread that polls the driver into them.
 pub struct Nvml {
     series: Arc<GpuSeries>,
+    history: Arc<History>,
     stop: Arc<AtomicBool>,
     poller: Mutex<Option<JoinHandle<()>>>,
 }
@@ -33,6 +35,7 @@ fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
     let settings = &ctx.config.sources.nvml;
     let nvml = Nvml {
         series: Arc::new(GpuSeries::new(ctx.registry, ctx.host.clone())?),
+        history: Arc::clone(ctx.history),
         stop: Arc::new(AtomicBool::new(false)),
         poller: Mutex::new(None),
     };
@@ -56,7 +59,7 @@ impl Nvml {
     /// own stack until it stops. Returns once NVML answered or failed to.
     fn start_poller(&self, interval: Duration) -> Result<(), String> {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let (series, stop) = (Arc::clone(&self.series), Arc::clone(&self.stop));
+        let (series, stop, history) = (Arc::clone(&self.series), Arc::clone(&self.stop), Arc::clone(&self.history));
         let handle = std::thread::Builder::new()
             .name("gainguard-nvml".into())
             .spawn(move || {
@@ -69,7 +72,7 @@ impl Nvml {
                 };
                 let mut backend = RealNvml::new(&nvml);
                 let _ = ready_tx.send(Ok(()));
-                poll_loop(&series, &mut backend, interval, &stop);
+                poll_loop(&series, &history, &mut backend, interval, &stop);
             })
             .map_err(|e| format!("cannot start the NVML poller thread: {e}"))?;
         let ready = ready_rx.recv().unwrap_or_else(|_| Err("the NVML poller thread ended during start-up".into()));
@@ -84,9 +87,11 @@ impl Nvml {
 }
 
 /// Polls `backend` every `interval` until `stop`.
-fn poll_loop(series: &GpuSeries, backend: &mut dyn GpuBackend, interval: Duration, stop: &AtomicBool) {
+fn poll_loop(series: &GpuSeries, history: &History, backend: &mut dyn GpuBackend, interval: Duration, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        series.apply(backend.read());
+        let readings = backend.read();
+        record_history(history, &readings);
+        series.apply(readings);
         // Sleep in slices so that shutdown is prompt.
         let mut slept = Duration::ZERO;
         while slept < interval && !stop.load(Ordering::Relaxed) {
@@ -95,6 +100,24 @@ fn poll_loop(series: &GpuSeries, backend: &mut dyn GpuBackend, interval: Duratio
             slept += step;
         }
     }
+}
+
+/// What the live page shows of a poll: utilisation, memory used and total, power, in the exported units.
+fn record_history(history: &History, readings: &Result<Vec<GpuReading>, String>) {
+    let summary: Option<Vec<_>> = readings.as_ref().ok().map(|rs| {
+        rs.iter()
+            .map(|r| {
+                let values = [
+                    r.utilization_percent.map(|p| p as f64 / 100.0),
+                    r.memory_used_bytes.map(|b| b as f64),
+                    r.memory_total_bytes.map(|b| b as f64),
+                    r.power_milliwatts.map(|mw| mw as f64 / 1000.0),
+                ];
+                (r.index.to_string(), r.uuid.clone(), r.name.clone(), values)
+            })
+            .collect()
+    });
+    history.record_gpus(summary.as_deref());
 }
 
 impl Source for Nvml {
