@@ -20,14 +20,16 @@ use std::time::Duration;
 
 use gainguard::data::MarkovCorpus;
 use gainguard::steady_state::warmup_then_constant;
-use gainguard::telemetry::{RunIdentity, Telemetry};
 use gainguard::Rule;
 use gainguard_daemon::events::{Envelope, Event, Hello, StepEvent};
 use gainguard_daemon::{Daemon, DaemonConfig, HistorySettings, NvmlSettings, SourceSettings};
 use gainguard_examples::train;
 use gainguard_test_support::{http_get, required, wait_until};
 
-const HOST: &str = "live";
+/// The trained runs report as this machine (the monitor names its host); the failing twin uses it too.
+fn host() -> String {
+    gainguard::identity::hostname()
+}
 
 /// This checkout's root (this test's own package), where the screenshots go.
 fn workspace_root() -> PathBuf {
@@ -207,7 +209,7 @@ fn spec(name: &str, wd: f64, steps: u64) -> train::RunSpec {
 }
 
 fn url(daemon: &Daemon, view: &str, run: &str) -> String {
-    format!("http://{}/#view={view}&run={run}&rank=0&host={HOST}", daemon.metrics_addr())
+    format!("http://{}/#view={view}&run={run}&rank=0&host={}", daemon.metrics_addr(), host())
 }
 
 #[test]
@@ -218,17 +220,16 @@ fn the_live_page_in_chromium_shows_a_real_runs_charts_and_marks_the_matrix_outsi
     let corpus = MarkovCorpus::with_order(64, 2, 4, 0);
     // Long enough for the wd x10 run's hidden matrices to pass H = 3 (the proxy's stay below it).
     let steps = spec("x", 10.0, 0).steps_to_horizon(4.0).unwrap().max(60);
-    let identity = |run: &str| RunIdentity { run: run.into(), rank: 0, host: HOST.into() };
     let proxy = train::train(
         &spec("proxy", 1.0, steps),
         &corpus,
-        train::Monitoring { record_profile: true, alpha: 0.75, telemetry: Some(Telemetry::new(daemon.sink(), identity("proxy"))), ..Default::default() },
+        train::Monitoring { record_profile: true, alpha: 0.75, sink: Some(daemon.sink()), ..Default::default() },
     )
     .unwrap();
     let profile = Arc::new(proxy.profile.expect("the proxy recorded a profile"));
     for (run, wd) in [("target-wd10", 10.0), ("target-same", 1.0)] {
         let monitoring = train::Monitoring {
-            telemetry: Some(Telemetry::new(daemon.sink(), identity(run))),
+            sink: Some(daemon.sink()),
             reference: Some(profile.clone()),
             alpha: 0.75,
             ..Default::default()
@@ -237,7 +238,7 @@ fn the_live_page_in_chromium_shows_a_real_runs_charts_and_marks_the_matrix_outsi
     }
     let addr = daemon.metrics_addr();
     let run_json = |run: &str| {
-        let (status, body) = http_get(addr, &format!("/api/v1/run?run={run}&rank=0&host={HOST}")).unwrap();
+        let (status, body) = http_get(addr, &format!("/api/v1/run?run={run}&rank=0&host={}", host())).unwrap();
         assert_eq!(status, 200, "{body}");
         serde_json::from_str::<serde_json::Value>(&body).unwrap()
     };
@@ -295,7 +296,7 @@ fn the_page_check_fails_on_a_run_whose_loss_series_is_empty() {
     let daemon = daemon();
     let sink = daemon.sink();
     let hello = Hello { pid: std::process::id(), planned_steps: Some(10), rule: "paper".into(), gamma: None, alpha: None, reference: None };
-    sink.send(Envelope::new("no-loss", 0, HOST, 0, Event::Hello(hello)));
+    sink.send(Envelope::new("no-loss", 0, host().as_str(), 0, Event::Hello(hello)));
     for step in 1..=10u64 {
         // Steps that report tokens but never a loss.
         let s = StepEvent {
@@ -311,12 +312,12 @@ fn the_page_check_fails_on_a_run_whose_loss_series_is_empty() {
             nonfinite_parameters: None,
             skipped_steps_total: 0,
         };
-        sink.send(Envelope::new("no-loss", 0, HOST, step, Event::Step(s)));
+        sink.send(Envelope::new("no-loss", 0, host().as_str(), step, Event::Step(s)));
         std::thread::sleep(Duration::from_millis(120));
     }
     let addr = daemon.metrics_addr();
     wait_until(Duration::from_secs(5), "the run in the history", || {
-        let (_, body) = http_get(addr, &format!("/api/v1/run?run=no-loss&rank=0&host={HOST}")).ok()?;
+        let (_, body) = http_get(addr, &format!("/api/v1/run?run=no-loss&rank=0&host={}", host())).ok()?;
         body.contains("tokens_per_second").then_some(())
     });
     let dom = dump_dom(&url(&daemon, "training", "no-loss"));

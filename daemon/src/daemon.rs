@@ -62,7 +62,7 @@ impl Daemon {
         let nvml_enabled = config.sources.nvml.mode != crate::NvmlMode::Off
             && !config.disabled_sources.iter().any(|s| s == crate::sources::nvml::SPEC.name);
         let history = History::new(config.history.clone(), nvml_enabled, host_name(), registry.prometheus())?;
-        let sources = build_sources(&config, &registry, host_name(), &history)?;
+        let sources = build_sources(&config.disabled_sources, &config.sources, &registry, host_name(), &history)?;
         let (queue, receiver) = queue(config.limits.queue_bytes);
         let (control, control_rx) = crossbeam_channel::unbounded();
         let healthy = Arc::new(AtomicBool::new(true));

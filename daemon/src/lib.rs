@@ -14,6 +14,7 @@ pub use gainguard_protocol::{addr, events, sink, wire as protocol};
 mod admission;
 pub mod auth;
 pub mod config;
+mod duration;
 mod daemon;
 pub mod error;
 pub mod history;

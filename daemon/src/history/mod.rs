@@ -22,7 +22,7 @@ use prometheus::{IntCounter, IntGauge, Opts};
 
 use gainguard_protocol::events::{unix_now, Envelope, Event};
 
-use crate::config::MAX_DURATION;
+use crate::duration::MAX_DURATION;
 use crate::error::DaemonError;
 use crate::sources::{lock, ParamLabels, RunKey, RunView, Source, SourceContext, SourceSpec};
 use store::{Budget, Slot};

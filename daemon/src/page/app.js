@@ -67,8 +67,11 @@ function chart(opts, series) {
     for (const b of [opts.band.lower, opts.band.upper]) { y0 = Math.min(y0, f(b)); y1 = Math.max(y1, f(b)); }
   }
   if (opts.zero && !opts.log) y0 = Math.min(y0, 0);
+  // Padding never takes a non-negative quantity (counts, rates, norms) below zero on the axis.
+  const nonNegative = !opts.log && y0 >= 0;
   if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
   const pad = (y1 - y0) * 0.06; y0 -= pad; y1 += pad;
+  if (nonNegative) y0 = Math.max(y0, 0);
   if (t1 - t0 < 1e-9) { t0 -= 1; t1 += 1; }
   const X = t => PAD.l + (t - t0) / (t1 - t0) * (W - PAD.l - PAD.r);
   const Y = v => PAD.t + (1 - (f(v) - y0) / (y1 - y0)) * (H - PAD.t - PAD.b);

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use gainguard_protocol::events::Envelope;
 
-use crate::config::DaemonConfig;
 use crate::error::DaemonError;
 use crate::exposition::{MetricVec, Registry, Value};
 use crate::history::History;
@@ -67,15 +66,16 @@ pub fn check_disabled(disabled: &[String]) -> Result<(), DaemonError> {
 
 /// Builds every enabled source, in [`SOURCES`] order; stops those already built when one fails.
 pub fn build_sources(
-    config: &DaemonConfig,
+    disabled: &[String],
+    settings: &SourceSettings,
     registry: &Registry,
     host: String,
     history: &Arc<History>,
 ) -> Result<Vec<Arc<dyn Source>>, DaemonError> {
-    let ctx = SourceContext { registry, host, config, history };
+    let ctx = SourceContext { registry, host, settings, history };
     let mut sources: Vec<Arc<dyn Source>> = Vec::new();
     for spec in SOURCES {
-        if !spec.default_enabled || config.disabled_sources.iter().any(|d| d == spec.name) {
+        if !spec.default_enabled || disabled.iter().any(|d| d == spec.name) {
             continue;
         }
         match (spec.build)(&ctx) {
@@ -102,7 +102,8 @@ pub struct SourceContext<'a> {
     pub registry: &'a Registry,
     /// This machine's host name (for node-level series such as NVML's).
     pub host: String,
-    pub config: &'a DaemonConfig,
+    /// The sources' own settings (`--nvml`, ...).
+    pub settings: &'a SourceSettings,
     /// The live page's history, which the `history` source and NVML's poller write.
     pub history: &'a Arc<History>,
 }

@@ -3,7 +3,25 @@
 
 use std::collections::BTreeMap;
 
-use super::reliability::SteadyStateChecks;
+/// The steady-state protocol's checks of one run, as relative differences (`gainguard::steady_state`): each
+/// absent when it was not run.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteadyStateChecks {
+    /// sigma_max's mean over the last timescale (`H − 1 < h ≤ H`) over its mean over the one before, minus 1.
+    /// Steady when `|drift| <` [`MAX_DRIFT`](super::MAX_DRIFT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<f64>,
+    /// The same run from a 10× smaller init of the hidden matrices: its sigma_max over this run's, minus 1.
+    /// The initialisation is forgotten when `|small_init| <` [`MAX_INIT_DIFFERENCE`](super::MAX_INIT_DIFFERENCE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub small_init: Option<f64>,
+    /// The hidden matrices' lr and wd both doubled, run to the same H: its sigma_max over this run's, minus 1.
+    /// Within 5% when only `lr/wd` sets the scale, as the law says; reported, not a reliability criterion (a
+    /// steady state may depend on `lr·wd` too, which is what gamma* then measures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doubled_lr_wd: Option<f64>,
+}
 
 /// One entry of a calibration measurements file: the final sigma_max of one hidden matrix in one run on
 /// the μP path.

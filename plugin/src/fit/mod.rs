@@ -27,9 +27,9 @@ pub mod reliability;
 pub mod slope;
 
 pub use bootstrap::{bootstrap_gamma, has_replicate_seeds, percentile_interval, seed_resamples, BootstrapMethod, GammaBootstrap, DEFAULT_RESAMPLES};
-pub use measurement::{check_measurements, parse_measurements, Measurement, MeasurementsError, MEASUREMENTS_EXAMPLE};
+pub use measurement::{check_measurements, parse_measurements, Measurement, MeasurementsError, SteadyStateChecks, MEASUREMENTS_EXAMPLE};
 pub use reliability::{
-    failed_checks, horizon_reliability, reliability, FailedCheck, Reliability, SteadyStateChecks, MAX_DRIFT, MAX_INIT_DIFFERENCE,
+    failed_checks, horizon_reliability, reliability, FailedCheck, Reliability, MAX_DRIFT, MAX_INIT_DIFFERENCE,
     MIN_RELIABLE_HORIZON,
 };
 pub use slope::{

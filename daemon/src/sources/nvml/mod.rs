@@ -32,7 +32,7 @@ pub struct Nvml {
 }
 
 fn build(ctx: &SourceContext<'_>) -> Result<Arc<dyn Source>, DaemonError> {
-    let settings = &ctx.config.sources.nvml;
+    let settings = &ctx.settings.nvml;
     let nvml = Nvml {
         series: Arc::new(GpuSeries::new(ctx.registry, ctx.host.clone())?),
         history: Arc::clone(ctx.history),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::{seconds, MAX_DURATION};
+use crate::duration::{seconds, MAX_DURATION};
 use crate::error::DaemonError;
 
 /// Whether to read GPU statistics through NVML.
