@@ -196,12 +196,6 @@ pub fn bootstrap_gamma(points: &[MupPoint], seeds: &[u64], resamples: usize, lev
 mod tests {
     use super::*;
 
-    fn normal(rng: &mut SplitMix64) -> f64 {
-        let u1 = rng.next_f64().max(1e-300);
-        let u2 = rng.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
     const WIDTHS: [f64; 4] = [64.0, 128.0, 256.0, 512.0];
     const MATRICES: [(&str, f64); 3] = [("q", 0.7), ("up", 1.9), ("down", 3.1)];
 
@@ -217,11 +211,11 @@ mod tests {
         for &gamma in gammas {
             for &d in widths {
                 for seed in 0..seeds {
-                    let shared = normal(&mut rng);
+                    let shared = rng.next_normal();
                     for (name, c) in MATRICES {
                         let m = d / 64.0;
                         let (lr, wd) = (3e-3 / m, 0.1 * m.powf(gamma));
-                        let e = noise * (shared_var.sqrt() * shared + (1.0 - shared_var).sqrt() * normal(&mut rng));
+                        let e = noise * (shared_var.sqrt() * shared + (1.0 - shared_var).sqrt() * rng.next_normal());
                         pts.push(MupPoint { group: name.into(), gamma, width: d, sigma_max: c * (lr / wd).sqrt() * d.powf(alpha) * e.exp() });
                         ss.push(seed);
                     }

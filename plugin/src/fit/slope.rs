@@ -310,13 +310,6 @@ mod tests {
     use super::*;
     use crate::data::SplitMix64;
 
-    /// Standard normal by Box–Muller, from the crate's deterministic generator.
-    fn normal(rng: &mut SplitMix64) -> f64 {
-        let u1 = rng.next_f64().max(1e-300);
-        let u2 = rng.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
     const WIDTHS: [f64; 4] = [64.0, 128.0, 256.0, 512.0];
     const MATRICES: [(&str, f64); 3] = [("blocks.0.attn.q.weight", 0.7), ("blocks.0.mlp.up.weight", 1.9), ("blocks.1.mlp.down.weight", 3.1)];
 
@@ -327,7 +320,7 @@ mod tests {
         for (name, c) in MATRICES {
             for (lr, wd) in [(1e-3, 0.05), (4e-3, 0.1), (2e-3, 0.4)] {
                 for d in WIDTHS {
-                    let sigma = c * (lr / wd as f64).sqrt() * d.powf(alpha) * (noise * normal(&mut rng)).exp();
+                    let sigma = c * (lr / wd as f64).sqrt() * d.powf(alpha) * (noise * rng.next_normal()).exp();
                     out.push(WidthPoint { group: name.into(), width: d, lr, wd, sigma_max: sigma });
                 }
             }
@@ -344,7 +337,7 @@ mod tests {
                 for d in WIDTHS {
                     let m = d / 64.0;
                     let (lr, wd) = (3e-3 / m, 0.1 * m.powf(gamma));
-                    let sigma = c * (lr / wd).sqrt() * d.powf(alpha) * (noise * normal(&mut rng)).exp();
+                    let sigma = c * (lr / wd).sqrt() * d.powf(alpha) * (noise * rng.next_normal()).exp();
                     out.push(MupPoint { group: name.into(), gamma, width: d, sigma_max: sigma });
                 }
             }
