@@ -23,7 +23,7 @@ use gainguard_examples::plot;
 
 use crate::model::PARAM;
 use crate::run::{Regime, RunResult, Setup};
-use crate::sweep::{self, ExtraRuns, RuleRow, DRIFT_BELOW, SAME_WITHIN};
+use crate::sweep::{self, interpolate, ExtraRuns, RuleRow, DRIFT_BELOW, SAME_WITHIN};
 use crate::Args;
 
 const RESAMPLES: usize = 2000;
@@ -144,16 +144,6 @@ fn summarise(rows: &[RuleRow]) -> Vec<CellSummary> {
         .collect()
 }
 
-/// Piecewise-linear interpolation through `(xs, ys)`, extended linearly beyond both ends.
-fn interpolate(xs: &[f64], ys: &[f64], x: f64) -> f64 {
-    for i in 1..xs.len() {
-        if x <= xs[i] || i == xs.len() - 1 {
-            let t = (x - xs[i - 1]) / (xs[i] - xs[i - 1]);
-            return ys[i - 1] + t * (ys[i] - ys[i - 1]);
-        }
-    }
-    f64::NAN
-}
 
 /// gamma* by the plugin's fit and bootstrap, and the stable-rank exponent at gamma* on the same resamples.
 fn gamma(rows: &[RuleRow]) -> Result<Gamma> {

@@ -281,7 +281,8 @@ pub struct GammaStar {
     pub no_crossing: usize,
 }
 
-fn interpolate(xs: &[f64], ys: &[f64], x: f64) -> f64 {
+/// Piecewise-linear interpolation through `(xs, ys)`, extended linearly beyond both ends.
+pub(crate) fn interpolate(xs: &[f64], ys: &[f64], x: f64) -> f64 {
     for i in 1..xs.len() {
         if x <= xs[i] || i == xs.len() - 1 {
             let t = (x - xs[i - 1]) / (xs[i] - xs[i - 1]);
