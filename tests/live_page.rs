@@ -299,19 +299,7 @@ fn the_page_check_fails_on_a_run_whose_loss_series_is_empty() {
     sink.send(Envelope::new("no-loss", 0, host().as_str(), 0, Event::Hello(hello)));
     for step in 1..=10u64 {
         // Steps that report tokens but never a loss.
-        let s = StepEvent {
-            loss: None,
-            loss_nonfinite: false,
-            tokens: 512,
-            duration_seconds: Some(0.05),
-            timestamp_seconds: gainguard_daemon::events::unix_now(),
-            lr_multiplier: 1.0,
-            wd_multiplier: 1.0,
-            spectrum_samples_dropped_total: 0,
-            events_dropped_total: 0,
-            nonfinite_parameters: None,
-            skipped_steps_total: 0,
-        };
+        let s = StepEvent { tokens: 512, duration_seconds: Some(0.05), timestamp_seconds: gainguard_daemon::events::unix_now(), ..Default::default() };
         sink.send(Envelope::new("no-loss", 0, host().as_str(), step, Event::Step(s)));
         std::thread::sleep(Duration::from_millis(120));
     }

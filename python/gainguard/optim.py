@@ -321,12 +321,11 @@ def _kind(p: torch.Tensor) -> str:
 
 def _check_dense(name: str, p: torch.Tensor) -> None:
     """The Rust core steps plain dense strided tensors; anything else is refused before it can reach it."""
-    if _kind(p) == "tensor":
-        return
-    if _kind(p) == "DTensor":
+    kind = _kind(p)
+    if kind in ("tensor", "DTensor"):
         return
     raise ValueError(
-        f"parameter {name!r} is a {_kind(p)}: gainguard.AdamW steps dense (strided) tensors only (torch.Tensor, "
+        f"parameter {name!r} is a {kind}: gainguard.AdamW steps dense (strided) tensors only (torch.Tensor, "
         "nn.Parameter, or a DTensor of FSDP2 / tensor parallel whose local shard is one; not sparse, nested, "
         "quantized or another tensor subclass)"
     )

@@ -11,34 +11,14 @@ import time
 
 import pytest
 
-from test_monitor import free_port, prometheus_binary, query, wait_for
+from test_monitor import free_port, prometheus, query, wait_for  # noqa: F401 (prometheus: the fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MATRICES = ("h1.weight", "h2.weight")
 
 
-@pytest.fixture
-def prometheus_on(tmp_path):
-    target = free_port()
-    prom = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n"
-        f"scrape_configs:\n  - job_name: gainguard\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
-    )
-    proc = subprocess.Popen(
-        [prometheus_binary(), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{prom}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield f"127.0.0.1:{prom}", f"127.0.0.1:{target}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_one_metrics_endpoint_per_node_with_each_matrix_once_and_rank_labels(tmp_path, prometheus_on):
-    prom, listen = prometheus_on
+def test_one_metrics_endpoint_per_node_with_each_matrix_once_and_rank_labels(tmp_path, prometheus):
+    prom, listen = prometheus
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::gainguard.PlanWarning")
