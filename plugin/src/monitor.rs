@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gainguard_protocol::events::{Event, SpectrumSample};
 use gainguard_protocol::sink::{Sink, SinkError, SinkOptions};
 
 use crate::sampler::{ParamRef, SamplerConfig, SamplerError, SamplerHandle, SpectrumSampler};
@@ -91,6 +92,8 @@ pub enum MonitorError {
 pub struct MonitorBuilder {
     id: RunIdentity,
     listen: Option<SocketAddr>,
+    /// A Unix socket on which an embedded daemon also takes other processes' events.
+    ingest_unix: Option<PathBuf>,
     sink_options: SinkOptions,
     sampler: SamplerConfig,
     spectra: bool,
@@ -176,6 +179,13 @@ impl MonitorBuilder {
         self
     }
 
+    /// An embedded daemon also takes events on this Unix socket, from the node's other processes (the other
+    /// ranks of a torchrun job send there); ignored by [`connect`](Self::connect).
+    pub fn ingest_unix(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ingest_unix = Some(path.into());
+        self
+    }
+
     /// Options of the connection to a standalone daemon (buffer, backoff, the TCP token file).
     pub fn sink_options(mut self, options: SinkOptions) -> Self {
         self.sink_options = options;
@@ -201,7 +211,8 @@ impl MonitorBuilder {
                 _ => DEFAULT_LISTEN,
             },
         };
-        let config = gainguard_daemon::DaemonConfig { listen, ..Default::default() };
+        let ingest = self.ingest_unix.iter().map(|p| gainguard_daemon::IngestAddr::Unix(p.clone())).collect();
+        let config = gainguard_daemon::DaemonConfig { listen, ingest, ..Default::default() };
         let daemon = gainguard_daemon::Daemon::spawn(config).map_err(|source| MonitorError::Daemon { listen, source })?;
         let sink = daemon.sink();
         let mut monitor = self.to_sink(sink);
@@ -293,6 +304,7 @@ impl Monitor {
         MonitorBuilder {
             id: RunIdentity::local(run),
             listen: None,
+            ingest_unix: None,
             sink_options: SinkOptions::default(),
             sampler: SamplerConfig::default(),
             spectra: true,
@@ -465,6 +477,12 @@ impl Monitor {
         };
         let flushed = self.telemetry.sink().flush(deadline.saturating_duration_since(Instant::now()));
         drained && flushed
+    }
+
+    /// Sends a spectrum sample estimated outside the sampler (a matrix sharded over ranks, estimated by every
+    /// rank together and exported by this one) as this run's, at `step`. False when the sink dropped it.
+    pub fn send_spectrum(&self, step: u64, sample: SpectrumSample) -> bool {
+        self.telemetry.sink().send(self.telemetry.identity().envelope(step, Event::Spectrum(sample)))
     }
 
     /// The sampler's counters, pause/resume and listeners, once attached with spectra on.

@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gainguard::daemon::{Daemon, DaemonConfig, IngestAddr};
-use gainguard::protocol::events::{Envelope, Event, ParamClass, SpectrumSample};
+use gainguard::protocol::events::{ParamClass, SpectrumSample};
 use gainguard::{ParamRef, SamplerConfig};
 use gainguard::reference::ReferenceError;
 use gainguard::{Monitor, MonitorError, StepReport};
@@ -52,9 +51,6 @@ fn monitor_error(e: MonitorError, reference: Option<&Path>) -> PyErr {
 struct NativeMonitor {
     /// None once closed.
     monitor: Option<Monitor>,
-    /// The embedded daemon when this process started it itself, to take other ranks' events on a Unix
-    /// socket besides serving `/metrics`; dropped after the monitor, whose sink sends to it.
-    daemon: Option<Daemon>,
     /// The plan's parameter names by decision index: the optimizer's slots come as `(decision, tensor, H)`.
     names: Vec<String>,
     /// Class and layer by decision index, for the samples the Python side estimates itself.
@@ -117,45 +113,40 @@ impl NativeMonitor {
         if let Some(path) = record_profile {
             builder = builder.record_profile(path);
         }
-        let mut daemon = None;
         let monitor = match (listen, connect) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err("monitor: give listen= (embedded daemon) or connect= (gainguardd), not both")),
             (Some(addr), None) => {
                 let listen: SocketAddr = addr
                     .parse()
                     .map_err(|e| PyValueError::new_err(format!("monitor: listen = {addr:?} is not an address such as 127.0.0.1:9464: {e}")))?;
-                match ingest_unix {
-                    // The node's other ranks send to this daemon over a Unix socket.
-                    Some(path) => {
-                        let config = DaemonConfig { listen, ingest: vec![IngestAddr::Unix(path.clone())], ..Default::default() };
-                        let d = Daemon::spawn(config).map_err(|e| {
-                            PyRuntimeError::new_err(format!(
-                                "monitor: cannot start the embedded gainguardd serving /metrics on listen = \"{listen}\" and taking the other ranks' events on unix:{}: {}",
-                                path.display(),
-                                with_sources(&e)
-                            ))
-                        })?;
-                        let monitor = builder.to_sink(d.sink());
-                        daemon = Some(d);
-                        Ok(monitor)
-                    }
-                    None => builder.listen(listen).embedded(),
+                // The node's other ranks, if any, send to this daemon over a Unix socket.
+                if let Some(path) = &ingest_unix {
+                    builder = builder.ingest_unix(path);
                 }
+                builder.listen(listen).embedded().map_err(|e| match (e, &ingest_unix) {
+                    (MonitorError::Daemon { listen, source }, Some(path)) => PyRuntimeError::new_err(format!(
+                        "monitor: cannot start the embedded gainguardd serving /metrics on listen = \"{listen}\" and taking the other ranks' events on unix:{}: {}",
+                        path.display(),
+                        with_sources(&source)
+                    )),
+                    (e, _) => monitor_error(e, reference.as_deref()),
+                })
             }
-            (None, Some(addr)) => builder.connect(addr).map_err(|e| match e {
-                // The Python caller gave `connect=`, or monitor.py read $GAINGUARD_ADDR: not Monitor::connect.
-                MonitorError::Connect { addr, source, .. } => MonitorError::Connect { addr, origin: "connect= or $GAINGUARD_ADDR".into(), source },
-                e => e,
-            }),
+            (None, Some(addr)) => builder
+                .connect(addr)
+                .map_err(|e| match e {
+                    // The Python caller gave `connect=`, or monitor.py read $GAINGUARD_ADDR: not Monitor::connect.
+                    MonitorError::Connect { addr, source, .. } => MonitorError::Connect { addr, origin: "connect= or $GAINGUARD_ADDR".into(), source },
+                    e => e,
+                })
+                .map_err(|e| monitor_error(e, reference.as_deref())),
             (None, None) => return Err(PyValueError::new_err("monitor: give listen=\"127.0.0.1:9464\" (embedded daemon) or connect=\"unix:/path\" | \"tcp:127.0.0.1:PORT\"")),
-        }
-        .map_err(|e| monitor_error(e, reference.as_deref()))?;
+        }?;
         let plan = &plan.plan;
         // Reads and checks the reference profile, starts the sampler's thread and announces the run.
         let monitor = py.allow_threads(move || monitor.for_plan(plan)).map_err(|e| monitor_error(e, reference.as_deref()))?;
         Ok(NativeMonitor {
             monitor: Some(monitor),
-            daemon,
             names: plan.decisions.iter().map(|d| d.name.clone()).collect(),
             classes: plan.decisions.iter().map(|d| (d.class, d.layer)).collect(),
             last_report: StepReport::default(),
@@ -164,9 +155,6 @@ impl NativeMonitor {
 
     /// The embedded daemon's `/metrics` address, None when connected to a gainguardd (or closed).
     fn metrics_addr(&self) -> Option<String> {
-        if let Some(d) = &self.daemon {
-            return self.monitor.as_ref().map(|_| d.metrics_addr().to_string());
-        }
         self.monitor.as_ref().and_then(|m| m.metrics_addr()).map(|a| a.to_string())
     }
 
@@ -203,8 +191,7 @@ impl NativeMonitor {
             decay_horizon,
             ..SpectrumSample::empty(name.clone(), layer, class)
         };
-        let id = m.identity();
-        Ok(m.sink().send(Envelope::new(id.run.as_str(), id.rank, id.host.as_str(), step, Event::Spectrum(sample))))
+        Ok(m.send_spectrum(step, sample))
     }
 
     /// Before the optimizer changes the parameters of step `step` (1-based).
@@ -307,10 +294,6 @@ impl NativeMonitor {
             drop(monitor);
             finished
         });
-        // A daemon this process started itself stops after the monitor that sent to it.
-        if let Some(d) = self.daemon.take() {
-            py.allow_threads(move || drop(d));
-        }
         finished.map_err(|e| match e {
             MonitorError::Reference(ReferenceError::File { path, reason }) => {
                 PyRuntimeError::new_err(format!("writing the profile {path}: {reason}"))
